@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""Generate the Hugging Face reference fixtures under tests/fixtures/.
+
+Run from anywhere:
+
+    /root/.cache/pf-venv/bin/python scripts/make_fixtures.py [--out DIR] [--only NAME ...]
+
+Everything is built locally (configs, tokenizer); nothing is downloaded. The
+output is deterministic for a given torch / transformers / tokenizers version.
+See scripts/README.md and tests/fixtures/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures"
+
+SEQ_LEN = 10          # reference batch: [2, SEQ_LEN]
+ROW1_REAL = 6         # row 1 has 6 real tokens, then right padding
+PAD_ID = 0            # padding token id used in input_ids and for generate
+PROMPT_LEN = 5        # greedy-generation prompt length
+MAX_NEW = 12          # max_new_tokens for generation
+WEIGHT_STD = 0.15     # std of re-randomized weight matrices / embeddings
+MAX_FIXTURE_BYTES = 1_000_000
+
+# --------------------------------------------------------------------------
+# Tokenizer for the gpt2 fixture
+# --------------------------------------------------------------------------
+
+TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun, "
+    "and the fox runs back into the forest where the other foxes are waiting.",
+    "Tensor parallel inference splits every large matrix of a transformer "
+    "across several devices. Each device holds a slice of the attention heads "
+    "and a slice of the feed forward layer, and the partial results are "
+    "summed with an all-reduce after the output projection.",
+    "In the beginning there was a small village by the river. The people of "
+    "the village were farmers and fishers; they worked in the fields during "
+    "the day and told stories by the fire in the evening.",
+    "A language model predicts the next token given all of the previous "
+    "tokens. Greedy decoding always picks the token with the highest score, "
+    "and generation stops when the end of sequence token is produced or when "
+    "the maximum number of new tokens has been reached.",
+    "Numbers like 12, 345 and 6789 appear in text too, as do symbols such as "
+    "#, $, %, & and the occasional emoji or accented letter: cafe, naive, "
+    "resume. Whitespace   matters\tfor byte-level tokenizers.\n",
+    "She sells sea shells by the sea shore. The shells she sells are surely "
+    "sea shells. So if she sells shells on the sea shore, I am sure she sells "
+    "sea shore shells.",
+]
+
+ROUNDTRIP_SENTENCE = "The fox said: tensor parallel inference is 100% fun!\n  Ünïcødé too."
+GPT2_BATCH_TEXTS = [
+    "The quick brown fox jumps over the lazy dog and runs into the forest.",
+    "Greedy decoding picks the best token.",
+]
+GPT2_PROMPT_TEXT = "In the beginning there was"
+
+
+def build_byte_level_bpe(vocab_size: int = 300) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    return tok
+
+
+def encode_exact(tok: Tokenizer, text: str, n: int) -> list[int]:
+    ids = tok.encode(text).ids
+    if len(ids) < n:
+        raise RuntimeError(f"text {text!r} encodes to {len(ids)} < {n} tokens")
+    return ids[:n]
+
+
+# --------------------------------------------------------------------------
+# Model helpers
+# --------------------------------------------------------------------------
+
+
+def is_norm_weight(model: torch.nn.Module, name: str) -> bool:
+    mod_name, _, pname = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    cls = type(mod).__name__.lower()
+    return pname == "weight" and ("norm" in cls or isinstance(mod, torch.nn.LayerNorm))
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int, std: float = WEIGHT_STD) -> None:
+    """Re-randomize every (unique) parameter so the outputs are non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():  # shared (tied) params appear once
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        if name.endswith("bias"):
+            p.copy_(0.1 * noise)
+        elif is_norm_weight(model, name):
+            p.copy_(1.0 + 0.1 * noise)
+        else:
+            p.copy_(std * noise)
+
+
+def check_ties(model: torch.nn.Module, tied: bool, pairs: list[tuple[str, str]]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for a, b in pairs:
+        same = params[a].data_ptr() == params[b].data_ptr()
+        if same != tied:
+            raise RuntimeError(f"tie mismatch {a} vs {b}: tied={same}, expected {tied}")
+
+
+def make_batch(gen: torch.Generator, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, vocab, (2, SEQ_LEN), generator=gen, dtype=torch.int64)
+    mask = torch.ones(2, SEQ_LEN, dtype=torch.int64)
+    ids[1, ROW1_REAL:] = PAD_ID
+    mask[1, ROW1_REAL:] = 0
+    return ids, mask
+
+
+def greedy_config(eos, min_new_tokens=None, bos=None) -> GenerationConfig:
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=MAX_NEW,
+        min_new_tokens=min_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        eos_token_id=eos,
+        bos_token_id=bos,
+        pad_token_id=PAD_ID,
+    )
+
+
+@torch.no_grad()
+def generate_new(model, prompt: torch.Tensor, gc: GenerationConfig) -> torch.Tensor:
+    # Replace the model's own generation_config so that no default (e.g. a
+    # config-derived eos_token_id) is merged into ours.
+    model.generation_config = gc
+    out = model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        generation_config=gc,
+    )
+    if isinstance(out, torch.Tensor):
+        seq = out
+    else:
+        seq = out.sequences
+    assert torch.equal(seq[:, : prompt.shape[1]], prompt)
+    return seq[:, prompt.shape[1]:].clone()
+
+
+@torch.no_grad()
+def manual_greedy(model, prompt: torch.Tensor, n: int, eos=None, min_new=0) -> list[int]:
+    """Cache-free greedy loop: independent check of model.generate."""
+    ids = prompt.clone()
+    new = []
+    for step in range(n):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+        if eos is not None and step < min_new:
+            logits = logits.clone()
+            logits[eos] = -float("inf")
+        t = int(logits.argmax())
+        new.append(t)
+        ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+        if eos is not None and t == eos:
+            break
+    return new
+
+
+def pick_eos(new_tokens: list[int], avoid: set[int]) -> int | None:
+    """Index of the token used as eos: prefer position 3, it must first appear there.
+
+    Tokens in `avoid` (the padding id, the bos id) are never used as eos.
+    """
+    for pos in (3, 4, 2, 5, 6, 7, 8, 1):
+        if new_tokens[pos] not in new_tokens[:pos] and new_tokens[pos] not in avoid:
+            return pos
+    return None
+
+
+def dir_size(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+# --------------------------------------------------------------------------
+# Fixture specs
+# --------------------------------------------------------------------------
+
+
+def gpt2_spec(out: Path):
+    tok = build_byte_level_bpe(300)
+    # Round trip check.
+    enc = tok.encode(ROUNDTRIP_SENTENCE)
+    dec = tok.decode(enc.ids)
+    if dec != ROUNDTRIP_SENTENCE:
+        raise RuntimeError(f"tokenizer round trip failed: {ROUNDTRIP_SENTENCE!r} -> {dec!r}")
+    eot = tok.token_to_id("<|endoftext|>")
+    vocab = tok.get_vocab_size()
+    print(f"  tokenizer: vocab {vocab}, <|endoftext|> = {eot}, round trip OK "
+          f"({len(enc.ids)} tokens for {len(ROUNDTRIP_SENTENCE)} chars)")
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_embd=64,
+        n_head=4,
+        n_layer=2,
+        n_positions=64,
+        n_inner=None,
+        tie_word_embeddings=True,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+
+    def inputs(gen):
+        row0 = encode_exact(tok, GPT2_BATCH_TEXTS[0], SEQ_LEN)
+        row1 = encode_exact(tok, GPT2_BATCH_TEXTS[1], ROW1_REAL) + [PAD_ID] * (SEQ_LEN - ROW1_REAL)
+        ids = torch.tensor([row0, row1], dtype=torch.int64)
+        mask = torch.ones_like(ids)
+        mask[1, ROW1_REAL:] = 0
+        prompt = torch.tensor([encode_exact(tok, GPT2_PROMPT_TEXT, PROMPT_LEN)], dtype=torch.int64)
+        return ids, mask, prompt
+
+    def extra(d: Path):
+        tok.save(str(d / "tokenizer.json"))
+        # Reload and re-check the round trip from the saved file.
+        t2 = Tokenizer.from_file(str(d / "tokenizer.json"))
+        assert t2.decode(t2.encode(ROUNDTRIP_SENTENCE).ids) == ROUNDTRIP_SENTENCE
+        return {
+            "tokenizer": "tokenizer.json",
+            "endoftext_id": eot,
+            "roundtrip_text": ROUNDTRIP_SENTENCE,
+            "roundtrip_ids": enc.ids,
+            "batch_texts": GPT2_BATCH_TEXTS,
+            "prompt_text": GPT2_PROMPT_TEXT,
+        }
+
+    return dict(
+        cls=GPT2LMHeadModel, cfg=cfg, causal=True, output="logits",
+        max_ranks=4, tied=True, tie_pairs=[("lm_head.weight", "transformer.wte.weight")],
+        inputs=inputs, extra=extra, bos=eot,
+    )
+
+
+def llama_spec(out: Path):
+    cfg = LlamaConfig(
+        vocab_size=103, hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+        intermediate_size=100, num_hidden_layers=2, max_position_embeddings=128,
+        tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,
+    )
+    return dict(
+        cls=LlamaForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+        tied=False, tie_pairs=[("lm_head.weight", "model.embed_tokens.weight")],
+        shards=(2, 3),
+    )
+
+
+def smollm_spec(out: Path):
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=8, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128,
+        tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
+    )
+    return dict(
+        cls=LlamaForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=3,
+        tied=True, tie_pairs=[("lm_head.weight", "model.embed_tokens.weight")],
+    )
+
+
+def mistral_spec(out: Path):
+    cfg = MistralConfig(
+        vocab_size=101, hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=8, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128,
+        tie_word_embeddings=False, sliding_window=4, rope_theta=10000.0, rms_norm_eps=1e-5,
+    )
+    return dict(
+        cls=MistralForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+        tied=False, tie_pairs=[("lm_head.weight", "model.embed_tokens.weight")],
+        sliding_window=4,
+    )
+
+
+def qwen2_spec(out: Path):
+    cfg = Qwen2Config(
+        vocab_size=107, hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+        intermediate_size=80, num_hidden_layers=2, max_position_embeddings=128,
+        tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
+        use_sliding_window=False,
+    )
+    return dict(
+        cls=Qwen2ForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+        tied=True, tie_pairs=[("lm_head.weight", "model.embed_tokens.weight")],
+    )
+
+
+def bert_cfg() -> BertConfig:
+    return BertConfig(
+        vocab_size=99, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+        intermediate_size=96, max_position_embeddings=64, type_vocab_size=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+def bert_spec(out: Path):
+    return dict(cls=BertModel, cfg=bert_cfg(), causal=False, output="last_hidden_state",
+                max_ranks=4, tied=None, tie_pairs=[])
+
+
+def bert_mlm_spec(out: Path):
+    return dict(
+        cls=BertForMaskedLM, cfg=bert_cfg(), causal=False, output="logits", max_ranks=4,
+        tied=True, tie_pairs=[("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")],
+    )
+
+
+FIXTURES = {
+    # name: (spec builder, base seed)
+    "gpt2": (gpt2_spec, 1000),
+    "llama": (llama_spec, 2000),
+    "smollm_like": (smollm_spec, 3000),
+    "mistral": (mistral_spec, 4000),
+    "qwen2": (qwen2_spec, 5000),
+    "bert": (bert_spec, 6000),
+    "bert_mlm": (bert_mlm_spec, 7000),
+}
+
+MAX_SEED_TRIES = 20
+
+
+# --------------------------------------------------------------------------
+# Main per-fixture routine
+# --------------------------------------------------------------------------
+
+
+def build_model(spec, seed: int):
+    torch.manual_seed(seed)
+    cfg = spec["cfg"]
+    # The config object carries the attention implementation.
+    cfg._attn_implementation = "eager"
+    model = spec["cls"](cfg)
+    model.to(torch.float32)
+    randomize_(model, seed + 1)
+    if spec["tied"]:
+        model.tie_weights()
+    if spec["tie_pairs"]:
+        check_ties(model, bool(spec["tied"]), spec["tie_pairs"])
+    model.eval()
+    assert model.config._attn_implementation == "eager", model.config._attn_implementation
+    return model
+
+
+@torch.no_grad()
+def sliding_window_check(model, ids: torch.Tensor, window: int, n_layers: int) -> None:
+    """Changing token 0 must only influence positions < 1 + n_layers*(window-1)."""
+    a = ids[:1].clone()
+    b = a.clone()
+    b[0, 0] = (b[0, 0] % (model.config.vocab_size - 1)) + 1
+    if b[0, 0] == a[0, 0]:
+        b[0, 0] = 1 if a[0, 0] != 1 else 2
+    la = model(input_ids=a).logits[0]
+    lb = model(input_ids=b).logits[0]
+    reach = n_layers * (window - 1)  # positions 0..reach are affected
+    diff = (la - lb).abs().amax(-1)
+    assert (diff[: reach + 1] > 1e-6).all(), diff
+    assert (diff[reach + 1:] == 0).all(), diff
+    print(f"  sliding window check OK (token 0 affects positions 0..{reach} only)")
+
+
+def make_fixture(name: str, out_root: Path) -> Path:
+    builder, base_seed = FIXTURES[name]
+    d = out_root / name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    spec = builder(d)
+    print(f"[{name}] {spec['cls'].__name__}")
+
+    chosen = None
+    for attempt in range(MAX_SEED_TRIES):
+        seed = base_seed + 10 * attempt
+        model = build_model(spec, seed)
+        vocab = model.config.vocab_size
+        gen = torch.Generator().manual_seed(seed + 2)
+        if "inputs" in spec:
+            ids, mask, prompt = spec["inputs"](gen)
+        else:
+            ids, mask = make_batch(gen, vocab)
+            prompt = torch.randint(1, vocab, (1, PROMPT_LEN), generator=gen, dtype=torch.int64)
+
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask)
+        ref = getattr(out, spec["output"]).detach().clone().float()
+        pooled = getattr(out, "pooler_output", None)
+        if not torch.isfinite(ref).all():
+            raise RuntimeError("non-finite outputs")
+
+        if not spec["causal"]:
+            chosen = dict(seed=seed, model=model, ids=ids, mask=mask, ref=ref, pooled=pooled)
+            break
+
+        free = generate_new(model, prompt, greedy_config(None, bos=spec.get("bos")))[0].tolist()
+        assert len(free) == MAX_NEW, free
+        if len(set(free)) < 5:
+            print(f"  seed {seed}: generation too repetitive {free}, retrying")
+            continue
+        avoid = {PAD_ID, model.config.bos_token_id, spec.get("bos")} - {None}
+        pos = pick_eos(free, avoid)
+        if pos is None:
+            print(f"  seed {seed}: no suitable eos position in {free}, retrying")
+            continue
+        chosen = dict(seed=seed, model=model, ids=ids, mask=mask, ref=ref, prompt=prompt,
+                      free=free, eos_pos=pos, eos=free[pos])
+        break
+    if chosen is None:
+        raise RuntimeError(f"{name}: no suitable seed found")
+
+    model = chosen["model"]
+    ref = chosen["ref"]
+    tensors = {
+        "input_ids": chosen["ids"].contiguous(),
+        "attention_mask": chosen["mask"].contiguous(),
+        spec["output"]: ref.contiguous(),
+    }
+    meta_extra = {}
+    if chosen.get("pooled") is not None:  # BertModel: extra, optional check
+        tensors["pooler_output"] = chosen["pooled"].detach().clone().float().contiguous()
+
+    if spec.get("sliding_window"):
+        sliding_window_check(model, chosen["ids"], spec["sliding_window"], model.config.num_hidden_layers)
+
+    if spec["causal"]:
+        eos = chosen["eos"]
+        prompt = chosen["prompt"]
+        model.config.eos_token_id = eos
+        if spec.get("bos") is not None:
+            model.config.bos_token_id = spec["bos"]
+        stop = generate_new(model, prompt, greedy_config(eos, bos=spec.get("bos")))
+        mn = generate_new(model, prompt, greedy_config(eos, min_new_tokens=MAX_NEW, bos=spec.get("bos")))
+        # Checks.
+        exp_stop = chosen["free"][: chosen["eos_pos"] + 1]
+        assert stop[0].tolist() == exp_stop, (stop, exp_stop)
+        assert mn.shape == (1, MAX_NEW), mn.shape
+        assert eos not in mn[0].tolist()
+        assert manual_greedy(model, prompt, MAX_NEW) == chosen["free"], "generate != manual greedy"
+        assert manual_greedy(model, prompt, MAX_NEW, eos=eos) == exp_stop
+        assert manual_greedy(model, prompt, MAX_NEW, eos=eos, min_new=MAX_NEW) == mn[0].tolist()
+        tensors["generate_input_ids"] = prompt.contiguous()
+        tensors["generate_output_ids"] = stop.contiguous()
+        tensors["generate_min_output_ids"] = mn.contiguous()
+        # The generation config that will be saved alongside the checkpoint.
+        model.generation_config = greedy_config(eos, bos=spec.get("bos"))
+        model.generation_config.max_new_tokens = None  # not part of the checkpoint default
+        meta_extra.update(
+            eos_token_id=eos,
+            eos_position=chosen["eos_pos"],
+            generate_no_eos_ids=chosen["free"],
+        )
+        print(f"  greedy (no eos): {chosen['free']}")
+        print(f"  eos = {eos} (position {chosen['eos_pos']}), stop: {stop[0].tolist()}")
+        print(f"  min_new_tokens=12: {mn[0].tolist()}")
+
+    # ---- save checkpoint
+    save_kwargs = {}
+    if spec.get("shards"):
+        lo, hi = spec["shards"]
+        total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        for div in (2.5, 2.2, 2.8, 2.0, 3.0, 1.8):
+            cand = int(total / div)
+            tmp = d / "_shard_probe"
+            model.save_pretrained(tmp, max_shard_size=cand)
+            n = len(list(tmp.glob("model-*.safetensors")))
+            shutil.rmtree(tmp)
+            if lo <= n <= hi:
+                save_kwargs["max_shard_size"] = cand
+                break
+        else:
+            raise RuntimeError("could not find a max_shard_size giving the wanted shard count")
+    model.save_pretrained(d, **save_kwargs)
+    meta_extra["seed"] = chosen["seed"]
+    if save_kwargs:
+        meta_extra["max_shard_size"] = save_kwargs["max_shard_size"]
+
+    # ---- extra files (tokenizer)
+    if "extra" in spec:
+        meta_extra.update(spec["extra"](d))
+
+    save_file(tensors, str(d / "reference.safetensors"), metadata={"format": "pt"})
+
+    # ---- checks on what was written
+    cfg_json = json.loads((d / "config.json").read_text())
+    if spec["causal"]:
+        assert cfg_json.get("eos_token_id") == chosen["eos"], cfg_json.get("eos_token_id")
+        gcj = json.loads((d / "generation_config.json").read_text())
+        assert gcj.get("eos_token_id") == chosen["eos"] and not gcj.get("do_sample", False), gcj
+    shard_files = sorted(p.name for p in d.glob("*.safetensors") if p.name != "reference.safetensors")
+    if spec.get("shards"):
+        assert (d / "model.safetensors.index.json").exists()
+    keys = set()
+    for f in shard_files:
+        keys |= set(load_file(str(d / f)).keys())
+    reloaded = spec["cls"].from_pretrained(d, attn_implementation="eager", torch_dtype=torch.float32).eval()
+    if spec["tie_pairs"]:
+        check_ties(reloaded, bool(spec["tied"]), spec["tie_pairs"])
+    with torch.no_grad():
+        r2 = getattr(reloaded(input_ids=chosen["ids"], attention_mask=chosen["mask"]), spec["output"])
+    if not torch.equal(r2, ref):
+        raise RuntimeError(f"reloaded model output differs: max {float((r2 - ref).abs().max())}")
+    if spec["causal"]:
+        # Reloaded model with its saved generation_config must reproduce the stopping run.
+        with torch.no_grad():
+            seq = reloaded.generate(input_ids=chosen["prompt"], attention_mask=torch.ones_like(chosen["prompt"]),
+                                    max_new_tokens=MAX_NEW)
+        assert torch.equal(seq[:, PROMPT_LEN:], tensors["generate_output_ids"]), seq
+
+    ref_stats = ref.masked_select(chosen["mask"].bool()[..., None].expand_as(ref))
+    print(f"  {spec['output']} {tuple(ref.shape)}: std {ref_stats.std():.3f}, "
+          f"absmax {ref_stats.abs().max():.3f}; shards/weights: {shard_files}; "
+          f"{len(keys)} tensors saved")
+    if not (0.3 < float(ref_stats.std()) < 10.0):
+        raise RuntimeError(f"{name}: reference output std {float(ref_stats.std())} out of range")
+
+    meta = {
+        "architecture": spec["cls"].__name__,
+        "output": spec["output"],
+        "max_ranks": spec["max_ranks"],
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "tokenizers_version": __import__("tokenizers").__version__,
+        "pad_token_id": PAD_ID,
+        "output_std": round(float(ref_stats.std()), 4),
+        **meta_extra,
+    }
+    (d / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return d
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--only", nargs="*", choices=list(FIXTURES), default=None)
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    np.random.seed(0)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+    names = args.only or list(FIXTURES)
+    dirs = [make_fixture(n, args.out) for n in names]
+
+    print("\nFixture sizes:")
+    ok = True
+    for d in dirs:
+        size = dir_size(d)
+        flag = "OK" if size < MAX_FIXTURE_BYTES else "TOO BIG"
+        ok &= size < MAX_FIXTURE_BYTES
+        print(f"  {d.name:12s} {size:9d} bytes ({size / 1024:.1f} KiB)  {flag}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+//! `config.json` in two stages: [`RawConfig`], a serde mirror of what transformers 4.x and 5.x
+//! write (every field optional, several spellings), and [`ModelConfig`], the resolved values the
+//! model code uses. All defaults and family-specific spellings are decided here, once.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The block wiring a checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// GPT-2: learned positions, LayerNorm, fused `c_attn`, `Conv1D` layout.
+    Gpt2,
+    /// Llama, Mistral, Qwen2: RMSNorm, rotary positions, SwiGLU, grouped-query attention.
+    Llama,
+    /// BERT: bidirectional encoder with post-LayerNorm.
+    Bert,
+}
+
+/// What the model returns from a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum OutputKind {
+    /// Vocabulary logits from a language-modelling head, `[B, L, V]`.
+    Logits,
+    /// The encoder's last hidden state, `[B, L, H]`.
+    LastHiddenState,
+}
+
+/// Activation functions of the MLP blocks, named as transformers names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Activation {
+    /// `gelu`: the exact, erf-based GELU.
+    GeluErf,
+    /// `gelu_new`, `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    /// `silu` / `swish`.
+    Silu,
+    /// `relu`.
+    Relu,
+}
+
+impl Activation {
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+            "silu" | "swish" => Some(Activation::Silu),
+            "relu" => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+}
+
+/// One or several token ids, as `eos_token_id` may be written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    fn into_vec(self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![id],
+            TokenIds::Many(ids) => ids,
+        }
+    }
+}
+
+/// Rotary-embedding parameters: transformers 5.x nests them in `rope_parameters`,
+/// 4.x writes `rope_theta` at the top level and `rope_scaling` beside it.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct RawRope {
+    rope_theta: Option<f64>,
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
+}
+
+/// A serde mirror of `config.json`: every field optional, GPT-2's and BERT's spellings aliased.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    vocab_size: Option<usize>,
+    #[serde(alias = "n_embd")]
+    hidden_size: Option<usize>,
+    #[serde(alias = "n_layer")]
+    num_hidden_layers: Option<usize>,
+    #[serde(alias = "n_head")]
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(alias = "n_inner")]
+    intermediate_size: Option<usize>,
+    #[serde(alias = "n_positions")]
+    max_position_embeddings: Option<usize>,
+    #[serde(alias = "layer_norm_epsilon", alias = "layer_norm_eps")]
+    norm_eps: Option<f64>,
+    rms_norm_eps: Option<f64>,
+    #[serde(alias = "activation_function")]
+    hidden_act: Option<String>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RawRope>,
+    rope_scaling: Option<RawRope>,
+    tie_word_embeddings: Option<bool>,
+    eos_token_id: Option<TokenIds>,
+    bos_token_id: Option<u32>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    type_vocab_size: Option<usize>,
+}
+
+/// The resolved configuration the model code uses: no `Option` where a default exists.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelConfig {
+    /// Which block wiring to use.
+    pub family: Family,
+    /// The transformers class that selected the family (`architectures[0]`).
+    pub architecture: String,
+    /// `model_type` from the file.
+    pub model_type: String,
+    /// What `forward` returns.
+    pub output: OutputKind,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Number of transformer blocks.
+    pub num_layers: usize,
+    /// Number of query heads.
+    pub num_heads: usize,
+    /// Number of key/value heads (equal to `num_heads` without grouped-query attention).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: usize,
+    /// Longest sequence of learned positions (GPT-2, BERT), or the nominal context (rotary).
+    pub max_positions: usize,
+    /// Epsilon of the normalisation layers.
+    pub norm_eps: f64,
+    /// The MLP activation.
+    pub activation: Activation,
+    /// Rotary base frequency, for rotary families.
+    pub rope_theta: Option<f64>,
+    /// Whether the LM head shares the word-embedding matrix; `None` means "decide from the
+    /// checkpoint" (tied when it holds no separate head).
+    pub tie_word_embeddings: Option<bool>,
+    /// End-of-sequence ids.
+    pub eos_token_ids: Vec<u32>,
+    /// Beginning-of-sequence id.
+    pub bos_token_id: Option<u32>,
+    /// Mistral-style sliding attention window.
+    pub sliding_window: Option<usize>,
+    /// Whether q/k/v projections carry biases (Qwen2, `attention_bias`).
+    pub qkv_bias: bool,
+    /// Whether the attention output projection carries a bias.
+    pub attn_out_bias: bool,
+    /// Whether the MLP projections carry biases.
+    pub mlp_bias: bool,
+    /// Number of token types (BERT).
+    pub type_vocab_size: usize,
+}
+
+impl ModelConfig {
+    /// Reads and resolves `config.json` at `path`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let raw: RawConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+        raw.resolve().map_err(|message| Error::config(path, message))
+    }
+
+    /// Whether the model generates text (has a causal LM head).
+    pub fn is_causal(&self) -> bool {
+        self.family != Family::Bert
+    }
+}
+
+/// Maps `architectures[0]` (or `model_type`) to a family and an output kind.
+fn family_of(model_type: &str, architecture: &str) -> std::result::Result<(Family, OutputKind), String> {
+    let family = match model_type {
+        "gpt2" => Family::Gpt2,
+        "llama" | "mistral" | "qwen2" => Family::Llama,
+        "bert" => Family::Bert,
+        other => {
+            return Err(format!(
+                "model_type `{other}` is not supported (supported: gpt2, llama, mistral, qwen2, bert)"
+            ))
+        }
+    };
+    let output = match (family, architecture) {
+        (Family::Bert, "BertForMaskedLM") => OutputKind::Logits,
+        (Family::Bert, "BertModel") | (Family::Bert, "") => OutputKind::LastHiddenState,
+        (Family::Bert, other) => {
+            return Err(format!(
+                "architecture `{other}` is not supported for bert (supported: BertModel, BertForMaskedLM)"
+            ))
+        }
+        _ => OutputKind::Logits,
+    };
+    Ok((family, output))
+}
+
+impl RawConfig {
+    /// Resolves defaults and spellings into a [`ModelConfig`]; the error names the field.
+    pub fn resolve(self) -> std::result::Result<ModelConfig, String> {
+        let model_type = self
+            .model_type
+            .clone()
+            .ok_or("the field `model_type` is missing")?;
+        let architecture = self
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .unwrap_or_default();
+        let (family, output) = family_of(&model_type, &architecture)?;
+        let required = |value: Option<usize>, field: &str| -> std::result::Result<usize, String> {
+            match value {
+                Some(0) => Err(format!("the field `{field}` must be positive, got 0")),
+                Some(v) => Ok(v),
+                None => Err(format!("the field `{field}` is missing")),
+            }
+        };
+        let vocab_size = required(self.vocab_size, "vocab_size")?;
+        let hidden_size = required(self.hidden_size, "hidden_size")?;
+        let num_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
+        let num_heads = required(self.num_attention_heads, "num_attention_heads")?;
+        let num_kv_heads = required(self.num_key_value_heads.or(Some(num_heads)), "num_key_value_heads")?;
+        if num_heads % num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+            ));
+        }
+        let head_dim = match self.head_dim {
+            Some(d) => required(Some(d), "head_dim")?,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => {
+                return Err(format!(
+                    "hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_heads})"
+                ))
+            }
+        };
+        let intermediate_size = match (family, self.intermediate_size) {
+            (Family::Gpt2, None) => 4 * hidden_size,
+            (_, v) => required(v, "intermediate_size")?,
+        };
+        let default_act = match family {
+            Family::Gpt2 => "gelu_new",
+            Family::Llama => "silu",
+            Family::Bert => "gelu",
+        };
+        let act_name = self.hidden_act.as_deref().unwrap_or(default_act);
+        let activation = Activation::from_name(act_name)
+            .ok_or_else(|| format!("hidden_act `{act_name}` is not supported"))?;
+        let norm_eps = match family {
+            Family::Llama => self.rms_norm_eps.or(self.norm_eps).unwrap_or(1e-6),
+            Family::Gpt2 => self.norm_eps.unwrap_or(1e-5),
+            Family::Bert => self.norm_eps.unwrap_or(1e-12),
+        };
+        let rope_theta = if family == Family::Llama {
+            Some(resolve_rope(&self)?)
+        } else {
+            None
+        };
+        let max_positions = self.max_position_embeddings.unwrap_or(match family {
+            Family::Gpt2 => 1024,
+            Family::Bert => 512,
+            Family::Llama => 4096,
+        });
+        let sliding_window = match model_type.as_str() {
+            "mistral" => self.sliding_window,
+            "qwen2" if self.use_sliding_window == Some(true) => self.sliding_window,
+            _ => None,
+        };
+        let is_qwen2 = model_type == "qwen2";
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        Ok(ModelConfig {
+            family,
+            architecture,
+            model_type,
+            output,
+            vocab_size,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            intermediate_size,
+            max_positions,
+            norm_eps,
+            activation,
+            rope_theta,
+            tie_word_embeddings: self.tie_word_embeddings,
+            eos_token_ids: self.eos_token_id.map(TokenIds::into_vec).unwrap_or_default(),
+            bos_token_id: self.bos_token_id,
+            sliding_window,
+            qkv_bias: family != Family::Llama || is_qwen2 || attention_bias,
+            attn_out_bias: family != Family::Llama || attention_bias,
+            mlp_bias: family != Family::Llama || self.mlp_bias.unwrap_or(false),
+            type_vocab_size: self.type_vocab_size.unwrap_or(2),
+        })
+    }
+}
+
+/// Finds the rotary base in either layout; only the plain ("default") rotary is supported.
+fn resolve_rope(raw: &RawConfig) -> std::result::Result<f64, String> {
+    let nested = raw.rope_parameters.clone().unwrap_or_default();
+    let scaling = raw.rope_scaling.clone().unwrap_or_default();
+    for kind in [&nested.rope_type, &scaling.rope_type, &scaling.legacy_type]
+        .into_iter()
+        .flatten()
+    {
+        if kind != "default" {
+            return Err(format!("rope_type `{kind}` is not supported yet (only `default`)"));
+        }
+    }
+    Ok(nested.rope_theta.or(raw.rope_theta).unwrap_or(10_000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(json: &str) -> std::result::Result<ModelConfig, String> {
+        serde_json::from_str::<RawConfig>(json).unwrap().resolve()
+    }
+
+    const LLAMA_4X: &str = r#"{"model_type":"llama","architectures":["LlamaForCausalLM"],
+        "vocab_size":100,"hidden_size":64,"num_hidden_layers":2,"num_attention_heads":8,
+        "num_key_value_heads":4,"intermediate_size":96,"rms_norm_eps":1e-5,"rope_theta":500000.0,
+        "rope_scaling":null,"eos_token_id":[1,2]}"#;
+
+    const LLAMA_5X: &str = r#"{"model_type":"llama","architectures":["LlamaForCausalLM"],
+        "vocab_size":100,"hidden_size":64,"num_hidden_layers":2,"num_attention_heads":8,
+        "num_key_value_heads":4,"intermediate_size":96,"rms_norm_eps":1e-5,
+        "rope_parameters":{"rope_theta":500000.0,"rope_type":"default"},"eos_token_id":[1,2]}"#;
+
+    #[test]
+    fn transformers_4_and_5_layouts_resolve_to_the_same_config() {
+        let old = resolve(LLAMA_4X).unwrap();
+        let new = resolve(LLAMA_5X).unwrap();
+        assert_eq!(old, new);
+        assert_eq!(old.rope_theta, Some(500000.0));
+        assert_eq!(old.head_dim, 8);
+        assert_eq!(old.eos_token_ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn gpt2_spellings_and_defaults_are_understood() {
+        let c = resolve(
+            r#"{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"vocab_size":50,
+            "n_embd":32,"n_layer":2,"n_head":4,"n_positions":16,"eos_token_id":7}"#,
+        )
+        .unwrap();
+        assert_eq!(c.family, Family::Gpt2);
+        assert_eq!(c.intermediate_size, 128);
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert_eq!(c.max_positions, 16);
+        assert_eq!(c.eos_token_ids, vec![7]);
+        assert!(c.qkv_bias && c.mlp_bias);
+    }
+
+    #[test]
+    fn unknown_model_type_is_named_in_the_error() {
+        let err = resolve(r#"{"model_type":"mamba"}"#).unwrap_err();
+        assert!(err.contains("`mamba`"), "{err}");
+    }
+
+    #[test]
+    fn missing_field_is_named_in_the_error() {
+        let err = resolve(r#"{"model_type":"llama","vocab_size":10}"#).unwrap_err();
+        assert!(err.contains("hidden_size"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_rope_scaling_is_refused() {
+        let json = LLAMA_4X.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"rope_type":"yarn","factor":4.0}"#);
+        assert!(resolve(&json).unwrap_err().contains("yarn"));
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_llama_does_not() {
+        let qwen = resolve(&LLAMA_5X.replace("\"llama\"", "\"qwen2\"")).unwrap();
+        let llama = resolve(LLAMA_5X).unwrap();
+        assert!(qwen.qkv_bias && !qwen.attn_out_bias);
+        assert!(!llama.qkv_bias);
+    }
+}

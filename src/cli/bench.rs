@@ -1,0 +1,79 @@
+//! `parallelformers bench`: prefill latency of a fixed-length prompt, greedy decode speed at
+//! batch 1, and each rank's peak memory.
+
+use clap::Args;
+use parallelformers::{parallelize, GenerateParams};
+
+use super::ModelArgs;
+
+/// Arguments of `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// New tokens to decode (end-of-sequence is suppressed).
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Measured repetitions; the fastest is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A deterministic prompt of `len` ids spread over the vocabulary.
+fn prompt(len: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+}
+
+/// Runs `bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
+    let mut model = parallelize(&args.model.model, args.model.options())?;
+    let ids = prompt(args.prompt_len, model.config().vocab_size);
+    let params = GenerateParams {
+        max_new_tokens: args.new_tokens,
+        min_new_tokens: args.new_tokens,
+        eos_token_ids: Some(Vec::new()),
+    };
+    // Warm-up: page in code and weights, size the allocator.
+    model.generate(&ids, &GenerateParams { max_new_tokens: 2, ..params.clone() })?;
+    let mut prefill = f64::INFINITY;
+    let mut decode = f64::INFINITY;
+    for _ in 0..args.repeats.max(1) {
+        let run = model.generate(&ids, &params)?;
+        prefill = prefill.min(run.prefill_seconds);
+        decode = decode.min(run.decode_seconds / (run.ids.len() - 1) as f64);
+    }
+    let memory = model.memory_report()?;
+    model.deparallelize();
+    let peaks: Vec<u64> = memory.iter().map(|m| m.peak_bytes).collect();
+    let prefill_ms = prefill * 1e3;
+    let decode_tokens_per_s = 1.0 / decode;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": args.model.model,
+                "ranks": args.model.ranks,
+                "dtype": format!("{:?}", args.model.dtype).to_lowercase(),
+                "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
+                "prefill_ms": prefill_ms,
+                "decode_tokens_per_s": decode_tokens_per_s,
+                "peak_memory_bytes": peaks,
+            })
+        );
+    } else {
+        println!("prefill ({} tokens): {prefill_ms:.1} ms", args.prompt_len);
+        println!("greedy decode: {decode_tokens_per_s:.1} tokens/s");
+        for m in &memory {
+            println!("{}", m.simple_line());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! `parallelformers inspect`: the slicing plan and per-rank weight memory, from the headers only.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use parallelformers::checkpoint::{ModelConfig, SafetensorsCheckpoint};
+use parallelformers::parallel::engine::plan_slice;
+use parallelformers::parallel::memory::human;
+use parallelformers::parallel::Plan;
+use parallelformers::policy::Policy;
+use parallelformers::WeightDType;
+
+/// Arguments of `inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Checkpoint directory.
+    #[arg(long, env = "PARALLELFORMERS_MODEL")]
+    model: PathBuf,
+    /// Number of ranks to plan for.
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
+    /// Weight dtype the ranks would hold.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: WeightDType,
+}
+
+/// Runs `inspect`.
+pub fn run(args: InspectArgs) -> anyhow::Result<()> {
+    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
+    let checkpoint = SafetensorsCheckpoint::open(&args.model)?;
+    let plan = Plan::new(&config, args.ranks)?;
+    let policy = Policy::for_config(&config);
+    let element = candle_core::DType::from(args.dtype).size_in_bytes() as u64;
+    println!(
+        "{} ({}), {} layers, {} ranks, policy `{}`, dtype {:?}",
+        config.architecture, config.model_type, config.num_layers, args.ranks, policy.name, args.dtype
+    );
+    println!(
+        "split: heads {:?}, kv heads {:?}, intermediate {:?}, vocab {:?}",
+        plan.heads.counts(),
+        plan.kv_heads.counts(),
+        plan.intermediate.counts(),
+        plan.vocab.counts()
+    );
+    println!();
+    let mut sliced = vec![0u64; args.ranks];
+    let mut replicated = vec![0u64; args.ranks];
+    let mut unused = Vec::new();
+    for (name, info) in checkpoint.tensors() {
+        let Some(role) = policy.role_of(name) else {
+            unused.push(name.to_string());
+            continue;
+        };
+        let mut shapes = Vec::with_capacity(args.ranks);
+        for rank in 0..args.ranks {
+            let slice = plan_slice(name, role, &info.shape, &plan, rank)?;
+            let bytes = slice.shape.iter().product::<usize>() as u64 * element;
+            if role.is_sliced() {
+                sliced[rank] += bytes;
+            } else {
+                replicated[rank] += bytes;
+            }
+            shapes.push(format!("{:?}", slice.shape));
+        }
+        println!("{name:<52} {:<14} {:<32} {}", format!("{:?}", info.shape), role.to_string(), shapes.join(" "));
+    }
+    println!();
+    for rank in 0..args.ranks {
+        println!(
+            "rank {rank}: weights {} (sliced {}, replicated {})",
+            human(sliced[rank] + replicated[rank]),
+            human(sliced[rank]),
+            human(replicated[rank])
+        );
+    }
+    if !unused.is_empty() {
+        println!("not loaded: {}", unused.join(", "));
+    }
+    Ok(())
+}

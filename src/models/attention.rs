@@ -1,0 +1,266 @@
+//! Attention over this rank's heads: masks (causal, padding, sliding window), rotary positions,
+//! the per-rank key/value cache, and grouped-query attention.
+//!
+//! Scores, masks and softmax are computed in f32 whatever the weights' dtype.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::models::layers::softmax_last;
+
+/// The additive mask value for a hidden key: finite, so that a row with every key hidden gives
+/// a uniform distribution instead of NaN (as transformers does with `finfo.min`).
+const HIDDEN: f32 = f32::MIN;
+
+/// Which keys each query may see.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskSpec<'a> {
+    /// Batch size.
+    pub batch: usize,
+    /// Number of new (query) positions.
+    pub query_len: usize,
+    /// Number of cached positions before them.
+    pub past_len: usize,
+    /// `[batch, past_len + query_len]`, 1 = token, 0 = padding; `None` = all tokens.
+    pub attention_mask: Option<&'a [u32]>,
+    /// Queries see only earlier keys.
+    pub causal: bool,
+    /// Queries see only the last `window` keys (themselves included).
+    pub sliding_window: Option<usize>,
+}
+
+impl MaskSpec<'_> {
+    /// The additive mask `[batch, 1, query_len, key_len]` in f32, or `None` when nothing is hidden.
+    pub fn build(&self) -> Result<Option<Tensor>> {
+        let key_len = self.past_len + self.query_len;
+        let mut values = vec![0f32; self.batch * self.query_len * key_len];
+        let mut any_hidden = false;
+        for b in 0..self.batch {
+            for q in 0..self.query_len {
+                let q_pos = self.past_len + q;
+                for k in 0..key_len {
+                    let padded = self.attention_mask.is_some_and(|m| m[b * key_len + k] == 0);
+                    let future = self.causal && k > q_pos;
+                    let outside_window = self.sliding_window.is_some_and(|w| q_pos >= k + w);
+                    if padded || future || outside_window {
+                        values[(b * self.query_len + q) * key_len + k] = HIDDEN;
+                        any_hidden = true;
+                    }
+                }
+            }
+        }
+        if !any_hidden {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::from_vec(values, (self.batch, 1, self.query_len, key_len), &Device::Cpu)?))
+    }
+}
+
+/// Rotary position embedding (the `rotate_half` layout of transformers' Llama).
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    /// For heads of width `head_dim` and base frequency `theta`.
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        Rotary { inv_freq }
+    }
+
+    /// Rotates `x` `[B, H, L, D]` whose positions start at `offset`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let len = x.dim(2)?;
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for pos in offset..offset + len {
+            for &f in &self.inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (len, half), &Device::Cpu)?.to_dtype(x.dtype())?;
+        let sin = Tensor::from_vec(sin, (len, half), &Device::Cpu)?.to_dtype(x.dtype())?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+/// Keys and values of earlier positions for this rank's heads, `[B, kv_heads, T, D]` each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    keys: Option<Tensor>,
+    values: Option<Tensor>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.keys.as_ref().and_then(|k| k.dim(2).ok()).unwrap_or(0)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held by the cache.
+    pub fn bytes(&self) -> usize {
+        [&self.keys, &self.values]
+            .into_iter()
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Appends new keys and values and returns the whole history.
+    fn append(&mut self, keys: Tensor, values: Tensor) -> Result<(Tensor, Tensor)> {
+        let keys = match &self.keys {
+            Some(old) => Tensor::cat(&[old, &keys], 2)?,
+            None => keys,
+        };
+        let values = match &self.values {
+            Some(old) => Tensor::cat(&[old, &values], 2)?,
+            None => values,
+        };
+        self.keys = Some(keys.clone());
+        self.values = Some(values.clone());
+        Ok((keys, values))
+    }
+}
+
+/// This rank's share of one attention layer's heads.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLayout {
+    /// Query heads on this rank.
+    pub heads: usize,
+    /// Key/value heads on this rank.
+    pub kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// Projections already applied: `q` `[B, L, heads*D]`, `k`/`v` `[B, L, kv_heads*D]`.
+pub struct Projected {
+    /// Queries.
+    pub q: Tensor,
+    /// Keys.
+    pub k: Tensor,
+    /// Values.
+    pub v: Tensor,
+}
+
+/// Scaled dot-product attention of the projected heads, with rotary positions when given and
+/// the cache extended when given. Returns `[B, L, heads*D]` in the input's dtype.
+pub fn attend(
+    projected: Projected,
+    layout: HeadLayout,
+    rotary: Option<&Rotary>,
+    cache: Option<&mut KvCache>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (batch, len, _) = projected.q.dims3()?;
+    let dtype = projected.q.dtype();
+    let split = |t: &Tensor, heads: usize| -> Result<Tensor> {
+        Ok(t.reshape((batch, len, heads, layout.head_dim))?.transpose(1, 2)?.contiguous()?)
+    };
+    let mut q = split(&projected.q, layout.heads)?;
+    let mut k = split(&projected.k, layout.kv_heads)?;
+    let v = split(&projected.v, layout.kv_heads)?;
+    let offset = cache.as_ref().map_or(0, |c| c.len());
+    if let Some(rotary) = rotary {
+        q = rotary.apply(&q, offset)?;
+        k = rotary.apply(&k, offset)?;
+    }
+    let (k, v) = match cache {
+        Some(cache) => cache.append(k, v)?,
+        None => (k, v),
+    };
+    let group = layout.heads / layout.kv_heads.max(1);
+    let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
+    let q = q.to_dtype(DType::F32)?;
+    let k = k.to_dtype(DType::F32)?;
+    let v = v.to_dtype(DType::F32)?;
+    let scale = 1.0 / (layout.head_dim as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let probs = softmax_last(&scores)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    Ok(out
+        .transpose(1, 2)?
+        .reshape((batch, len, layout.heads * layout.head_dim))?
+        .to_dtype(dtype)?)
+}
+
+/// Repeats each key/value head `group` times for grouped-query attention.
+fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.expand((b, h, group, t, d))?.reshape((b, h * group, t, d))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask_values(spec: MaskSpec) -> Vec<Vec<bool>> {
+        let mask = spec.build().unwrap().unwrap();
+        let (_, _, q, k) = mask.dims4().unwrap();
+        let flat: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
+        (0..q).map(|i| (0..k).map(|j| flat[i * k + j] == 0.0).collect()).collect()
+    }
+
+    #[test]
+    fn causal_mask_with_a_sliding_window_of_two_sees_itself_and_one_before() {
+        let visible = mask_values(MaskSpec {
+            batch: 1,
+            query_len: 3,
+            past_len: 0,
+            attention_mask: None,
+            causal: true,
+            sliding_window: Some(2),
+        });
+        assert_eq!(visible, vec![vec![true, false, false], vec![true, true, false], vec![false, true, true]]);
+    }
+
+    #[test]
+    fn padding_hides_keys_for_bidirectional_attention() {
+        let visible = mask_values(MaskSpec {
+            batch: 1,
+            query_len: 2,
+            past_len: 0,
+            attention_mask: Some(&[1, 0]),
+            causal: false,
+            sliding_window: None,
+        });
+        assert_eq!(visible, vec![vec![true, false], vec![true, false]]);
+    }
+
+    #[test]
+    fn nothing_hidden_means_no_mask() {
+        let spec = MaskSpec {
+            batch: 2,
+            query_len: 1,
+            past_len: 4,
+            attention_mask: None,
+            causal: true,
+            sliding_window: None,
+        };
+        assert!(spec.build().unwrap().is_none());
+    }
+
+    #[test]
+    fn repeat_kv_repeats_each_head_in_place() {
+        let x = Tensor::arange(0f32, 4.0, &Device::Cpu).unwrap().reshape((1, 2, 1, 2)).unwrap();
+        let y: Vec<f32> = repeat_kv(&x, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(y, vec![0.0, 1.0, 0.0, 1.0, 2.0, 3.0, 2.0, 3.0]);
+    }
+}

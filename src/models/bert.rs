@@ -1,0 +1,161 @@
+//! BERT: a bidirectional encoder with post-LayerNorm blocks; `BertModel` returns the last hidden
+//! state, `BertForMaskedLM` adds the prediction head whose decoder is tied to the word embedding.
+
+use candle_core::{Device, Tensor};
+
+use crate::checkpoint::{Activation, ModelConfig, OutputKind};
+use crate::comm::Communicator;
+use crate::error::Result;
+use crate::models::attention::{attend, HeadLayout, MaskSpec, Projected};
+use crate::models::layers::{activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead};
+use crate::models::{apply_head, check_positions, last_position, layer_norm, weight_and_bias, Batch, ShardedModel};
+use crate::parallel::engine::ShardLoader;
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: RowParallelLinear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: RowParallelLinear,
+    output_norm: LayerNorm,
+}
+
+/// The masked-LM prediction head.
+struct MlmHead {
+    transform: Linear,
+    norm: LayerNorm,
+    decoder: VocabParallelHead,
+}
+
+/// A rank's shard of `BertModel` or `BertForMaskedLM`.
+pub struct Bert {
+    word: VocabParallelEmbedding,
+    position: Tensor,
+    token_type: Tensor,
+    embed_norm: LayerNorm,
+    layers: Vec<Layer>,
+    mlm: Option<MlmHead>,
+    layout: HeadLayout,
+    activation: Activation,
+    max_positions: usize,
+}
+
+impl Bert {
+    /// Loads the rank's shard.
+    pub fn load(loader: &mut ShardLoader, c: &ModelConfig) -> Result<Self> {
+        let (h, inner, eps) = (c.hidden_size, c.intermediate_size, c.norm_eps);
+        let plan = loader.plan().clone();
+        let rank = loader.rank();
+        let word = loader.load("embeddings.word_embeddings.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("encoder.layer.{i}");
+            let linear = |loader: &mut ShardLoader, name: &str, out: usize, inp: usize| -> Result<Linear> {
+                let (w, b) = weight_and_bias(loader, &format!("{p}.{name}"), out, inp, true)?;
+                Ok(Linear::new(w, b))
+            };
+            let row = |loader: &mut ShardLoader, name: &str, out: usize, inp: usize| -> Result<RowParallelLinear> {
+                let (w, b) = weight_and_bias(loader, &format!("{p}.{name}"), out, inp, true)?;
+                Ok(RowParallelLinear::new(w, b))
+            };
+            layers.push(Layer {
+                query: linear(loader, "attention.self.query", h, h)?,
+                key: linear(loader, "attention.self.key", h, h)?,
+                value: linear(loader, "attention.self.value", h, h)?,
+                attn_out: row(loader, "attention.output.dense", h, h)?,
+                attn_norm: layer_norm(loader, &format!("{p}.attention.output.LayerNorm"), h, eps)?,
+                intermediate: linear(loader, "intermediate.dense", inner, h)?,
+                output: row(loader, "output.dense", h, inner)?,
+                output_norm: layer_norm(loader, &format!("{p}.output.LayerNorm"), h, eps)?,
+            });
+        }
+        let mlm = if c.output == OutputKind::Logits {
+            let (tw, tb) = weight_and_bias(loader, "cls.predictions.transform.dense", h, h, true)?;
+            let decoder = match loader.try_load("cls.predictions.decoder.weight", &[c.vocab_size, h])? {
+                Some(w) if c.tie_word_embeddings == Some(false) => w,
+                _ => word.clone(),
+            };
+            let bias = match loader.try_load("cls.predictions.bias", &[c.vocab_size])? {
+                Some(b) => Some(b),
+                None => loader.try_load("cls.predictions.decoder.bias", &[c.vocab_size])?,
+            };
+            Some(MlmHead {
+                transform: Linear::new(tw, tb),
+                norm: layer_norm(loader, "cls.predictions.transform.LayerNorm", h, eps)?,
+                decoder: VocabParallelHead::new(decoder, bias, plan.vocab.counts().to_vec()),
+            })
+        } else {
+            None
+        };
+        Ok(Bert {
+            word: VocabParallelEmbedding::new(word, plan.vocab.elements(rank).start),
+            position: loader.load("embeddings.position_embeddings.weight", &[c.max_positions, h])?,
+            token_type: loader.load("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?,
+            embed_norm: layer_norm(loader, "embeddings.LayerNorm", h, eps)?,
+            layers,
+            mlm,
+            layout: HeadLayout {
+                heads: plan.heads.count(rank),
+                kv_heads: plan.heads.count(rank),
+                head_dim: c.head_dim,
+            },
+            activation: c.activation,
+            max_positions: c.max_positions,
+        })
+    }
+}
+
+impl ShardedModel for Bert {
+    fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
+        check_positions(input.seq_len, self.max_positions)?;
+        let positions = Tensor::arange(0u32, input.seq_len as u32, &Device::Cpu)?;
+        let x = self
+            .word
+            .forward(input.ids, &[input.batch, input.seq_len], comm)?
+            .broadcast_add(&self.position.index_select(&positions, 0)?)?
+            .broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
+        let mut x = self.embed_norm.forward(&x)?;
+        let mask = MaskSpec {
+            batch: input.batch,
+            query_len: input.seq_len,
+            past_len: 0,
+            attention_mask: input.attention_mask,
+            causal: false,
+            sliding_window: None,
+        }
+        .build()?;
+        for layer in &self.layers {
+            let projected = Projected {
+                q: layer.query.forward(&x)?,
+                k: layer.key.forward(&x)?,
+                v: layer.value.forward(&x)?,
+            };
+            let attn = attend(projected, self.layout, None, None, mask.as_ref())?;
+            x = layer.attn_norm.forward(&(layer.attn_out.forward(&attn, comm)? + &x)?)?;
+            let hidden = activate(self.activation, &layer.intermediate.forward(&x)?)?;
+            x = layer.output_norm.forward(&(layer.output.forward(&hidden, comm)? + &x)?)?;
+        }
+        if input.last_only {
+            x = last_position(&x)?;
+        }
+        match &self.mlm {
+            Some(head) => {
+                let t = head.norm.forward(&activate(self.activation, &head.transform.forward(&x)?)?)?;
+                apply_head(&head.decoder, &t, comm)
+            }
+            None => Ok(x.to_dtype(candle_core::DType::F32)?),
+        }
+    }
+
+    fn clear_cache(&mut self) {}
+
+    fn kv_cache_bytes(&self) -> usize {
+        0
+    }
+
+    fn cached_len(&self) -> usize {
+        0
+    }
+}

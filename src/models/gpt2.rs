@@ -1,0 +1,139 @@
+//! GPT-2: learned positions, pre-LayerNorm blocks, fused q/k/v in `c_attn`, tanh GELU, LM head
+//! tied to the word embedding.
+
+use candle_core::{Device, Tensor};
+
+use crate::checkpoint::{Activation, ModelConfig};
+use crate::comm::Communicator;
+use crate::error::Result;
+use crate::models::attention::{attend, HeadLayout, KvCache, MaskSpec, Projected};
+use crate::models::layers::{activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead};
+use crate::models::{apply_head, check_positions, last_position, layer_norm, Batch, ShardedModel};
+use crate::parallel::engine::ShardLoader;
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    attn_proj: RowParallelLinear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: RowParallelLinear,
+    cache: KvCache,
+}
+
+/// A rank's shard of `GPT2LMHeadModel`.
+pub struct Gpt2 {
+    wte: VocabParallelEmbedding,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    head: VocabParallelHead,
+    layout: HeadLayout,
+    activation: Activation,
+    max_positions: usize,
+}
+
+impl Gpt2 {
+    /// Loads the rank's shard.
+    pub fn load(loader: &mut ShardLoader, c: &ModelConfig) -> Result<Self> {
+        let (h, inner, eps) = (c.hidden_size, c.intermediate_size, c.norm_eps);
+        let plan = loader.plan().clone();
+        let rank = loader.rank();
+        let wte = loader.load("wte.weight", &[c.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("h.{i}");
+            blocks.push(Block {
+                ln_1: layer_norm(loader, &format!("{p}.ln_1"), h, eps)?,
+                c_attn: Linear::new(
+                    loader.load(&format!("{p}.attn.c_attn.weight"), &[h, 3 * h])?,
+                    Some(loader.load(&format!("{p}.attn.c_attn.bias"), &[3 * h])?),
+                ),
+                attn_proj: RowParallelLinear::new(
+                    loader.load(&format!("{p}.attn.c_proj.weight"), &[h, h])?,
+                    Some(loader.load(&format!("{p}.attn.c_proj.bias"), &[h])?),
+                ),
+                ln_2: layer_norm(loader, &format!("{p}.ln_2"), h, eps)?,
+                c_fc: Linear::new(
+                    loader.load(&format!("{p}.mlp.c_fc.weight"), &[h, inner])?,
+                    Some(loader.load(&format!("{p}.mlp.c_fc.bias"), &[inner])?),
+                ),
+                mlp_proj: RowParallelLinear::new(
+                    loader.load(&format!("{p}.mlp.c_proj.weight"), &[inner, h])?,
+                    Some(loader.load(&format!("{p}.mlp.c_proj.bias"), &[h])?),
+                ),
+                cache: KvCache::default(),
+            });
+        }
+        let head_weight = match loader.try_load("lm_head.weight", &[c.vocab_size, h])? {
+            Some(w) if c.tie_word_embeddings != Some(true) => w,
+            _ => wte.clone(),
+        };
+        Ok(Gpt2 {
+            wte: VocabParallelEmbedding::new(wte, plan.vocab.elements(rank).start),
+            wpe: loader.load("wpe.weight", &[c.max_positions, h])?,
+            blocks,
+            ln_f: layer_norm(loader, "ln_f", h, eps)?,
+            head: VocabParallelHead::new(head_weight, None, plan.vocab.counts().to_vec()),
+            layout: HeadLayout {
+                heads: plan.heads.count(rank),
+                kv_heads: plan.heads.count(rank),
+                head_dim: c.head_dim,
+            },
+            activation: c.activation,
+            max_positions: c.max_positions,
+        })
+    }
+}
+
+impl ShardedModel for Gpt2 {
+    fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
+        let past = if input.use_cache { self.cached_len() } else { 0 };
+        check_positions(past + input.seq_len, self.max_positions)?;
+        let positions = Tensor::arange(past as u32, (past + input.seq_len) as u32, &Device::Cpu)?;
+        let mut x = self
+            .wte
+            .forward(input.ids, &[input.batch, input.seq_len], comm)?
+            .broadcast_add(&self.wpe.index_select(&positions, 0)?)?;
+        let mask = MaskSpec {
+            batch: input.batch,
+            query_len: input.seq_len,
+            past_len: past,
+            attention_mask: input.attention_mask,
+            causal: true,
+            sliding_window: None,
+        }
+        .build()?;
+        let width = self.layout.heads * self.layout.head_dim;
+        for block in &mut self.blocks {
+            let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?;
+            let projected = Projected {
+                q: qkv.narrow(2, 0, width)?,
+                k: qkv.narrow(2, width, width)?,
+                v: qkv.narrow(2, 2 * width, width)?,
+            };
+            let cache = input.use_cache.then_some(&mut block.cache);
+            let attn = attend(projected, self.layout, None, cache, mask.as_ref())?;
+            x = (x + block.attn_proj.forward(&attn, comm)?)?;
+            let hidden = activate(self.activation, &block.c_fc.forward(&block.ln_2.forward(&x)?)?)?;
+            x = (x + block.mlp_proj.forward(&hidden, comm)?)?;
+        }
+        let mut x = self.ln_f.forward(&x)?;
+        if input.last_only {
+            x = last_position(&x)?;
+        }
+        apply_head(&self.head, &x, comm)
+    }
+
+    fn clear_cache(&mut self) {
+        self.blocks.iter_mut().for_each(|b| b.cache = KvCache::default());
+    }
+
+    fn kv_cache_bytes(&self) -> usize {
+        self.blocks.iter().map(|b| b.cache.bytes()).sum()
+    }
+
+    fn cached_len(&self) -> usize {
+        self.blocks.first().map_or(0, |b| b.cache.len())
+    }
+}

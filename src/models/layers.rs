@@ -1,0 +1,227 @@
+//! The tensor-parallel building blocks every family is wired from: column- and row-parallel
+//! linears, the vocabulary-parallel embedding and LM head, norms and activations.
+//!
+//! A column-parallel linear needs no communication; a row-parallel one ends in an all-reduce and
+//! adds its (replicated) bias afterwards, once. With one rank the communicator is a no-op, so the
+//! same code runs unsplit.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::checkpoint::Activation;
+use crate::comm::Communicator;
+use crate::error::Result;
+
+/// Sums `t` across ranks (through f32, whatever its dtype).
+pub fn all_reduce(t: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+    if comm.world_size() == 1 {
+        return Ok(t.clone());
+    }
+    let mut values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    comm.all_reduce_sum(&mut values)?;
+    Ok(Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?)
+}
+
+/// `x @ weight.T + bias` for `x` of shape `[.., in]` and `weight` of shape `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A linear layer from a weight `[out, in]` and an optional bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    /// Applies the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let features = dims[dims.len() - 1];
+        let y = x.reshape((rows, features))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// A linear whose input features are split among ranks; partial outputs are summed by an
+/// all-reduce and the bias is added after it.
+#[derive(Debug, Clone)]
+pub struct RowParallelLinear {
+    linear: Linear,
+    bias: Option<Tensor>,
+}
+
+impl RowParallelLinear {
+    /// From this rank's weight slice `[out, in_r]` and the whole bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        RowParallelLinear {
+            linear: Linear::new(weight, None),
+            bias,
+        }
+    }
+
+    /// Applies the layer; every rank returns the same full output.
+    pub fn forward(&self, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+        let y = all_reduce(&self.linear.forward(x)?, comm)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// A word embedding whose rows (vocabulary entries) are split among ranks: each rank looks up
+/// the ids it owns, zeros elsewhere, and an all-reduce assembles the full embedding.
+#[derive(Debug, Clone)]
+pub struct VocabParallelEmbedding {
+    weight: Tensor,
+    first_id: u32,
+}
+
+impl VocabParallelEmbedding {
+    /// From this rank's rows `[v_r, hidden]`, which start at vocabulary id `first_id`.
+    pub fn new(weight: Tensor, first_id: usize) -> Self {
+        VocabParallelEmbedding {
+            weight,
+            first_id: first_id as u32,
+        }
+    }
+
+    /// This rank's rows, for a tied LM head.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Embeds `ids` (any shape given by `shape`), returning `[shape.., hidden]` on every rank.
+    pub fn forward(&self, ids: &[u32], shape: &[usize], comm: &dyn Communicator) -> Result<Tensor> {
+        let rows = self.weight.dim(0)? as u32;
+        let (local, owned): (Vec<u32>, Vec<f32>) = ids
+            .iter()
+            .map(|&id| match id.checked_sub(self.first_id) {
+                Some(local) if local < rows => (local, 1.0),
+                _ => (0, 0.0),
+            })
+            .unzip();
+        let index = Tensor::from_vec(local, ids.len(), &Device::Cpu)?;
+        let owned = Tensor::from_vec(owned, (ids.len(), 1), &Device::Cpu)?.to_dtype(self.weight.dtype())?;
+        let rows = self.weight.index_select(&index, 0)?.broadcast_mul(&owned)?;
+        let mut out_shape = shape.to_vec();
+        out_shape.push(self.weight.dim(1)?);
+        all_reduce(&rows.reshape(out_shape)?, comm)
+    }
+}
+
+/// The LM head over a vocabulary split among ranks: each rank computes its logits, an
+/// all-gather concatenates them in vocabulary order.
+#[derive(Debug, Clone)]
+pub struct VocabParallelHead {
+    linear: Linear,
+    widths: Vec<usize>,
+}
+
+impl VocabParallelHead {
+    /// From this rank's rows `[v_r, hidden]`, optional bias slice `[v_r]`, and every rank's
+    /// vocabulary width (to reassemble the gathered logits).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, widths: Vec<usize>) -> Self {
+        VocabParallelHead {
+            linear: Linear::new(weight, bias),
+            widths,
+        }
+    }
+
+    /// Logits `[rows, V]` in f32 for hidden states `[rows, hidden]`, identical on every rank.
+    pub fn forward(&self, hidden: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+        let local = self.linear.forward(hidden)?.to_dtype(DType::F32)?;
+        if comm.world_size() == 1 {
+            return Ok(local);
+        }
+        let rows = local.dim(0)?;
+        let gathered = comm.all_gather(&local.flatten_all()?.to_vec1::<f32>()?)?;
+        let expected = rows * self.widths.iter().sum::<usize>();
+        if gathered.len() != expected {
+            return Err(crate::error::Error::InvalidInput(format!(
+                "gathered {} logits from the ranks, expected {expected}",
+                gathered.len()
+            )));
+        }
+        let mut pieces = Vec::with_capacity(self.widths.len());
+        let mut start = 0;
+        for &width in &self.widths {
+            let len = rows * width;
+            pieces.push(Tensor::from_slice(&gathered[start..start + len], (rows, width), &Device::Cpu)?);
+            start += len;
+        }
+        Ok(Tensor::cat(&pieces, 1)?)
+    }
+}
+
+/// LayerNorm with weight and bias, computed in f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// From the (replicated) weight and bias.
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        LayerNorm {
+            weight: weight.to_dtype(DType::F32).unwrap_or(weight),
+            bias: bias.to_dtype(DType::F32).unwrap_or(bias),
+            eps: eps as f32,
+        }
+    }
+
+    /// Normalises over the last dimension, returning `x`'s dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = candle_nn::ops::layer_norm(&x.to_dtype(DType::F32)?.contiguous()?, &self.weight, &self.bias, self.eps)?;
+        Ok(y.to_dtype(x.dtype())?)
+    }
+}
+
+/// RMSNorm (Llama), computed in f32 as transformers does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// From the (replicated) weight.
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm {
+            weight: weight.to_dtype(DType::F32).unwrap_or(weight),
+            eps: eps as f32,
+        }
+    }
+
+    /// Normalises over the last dimension, returning `x`'s dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, &self.weight, self.eps)?;
+        Ok(y.to_dtype(x.dtype())?)
+    }
+}
+
+/// Applies an activation function.
+pub fn activate(activation: Activation, x: &Tensor) -> Result<Tensor> {
+    Ok(match activation {
+        Activation::GeluErf => x.gelu_erf()?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Silu => candle_nn::Activation::Silu.forward(x)?,
+        Activation::Relu => x.relu()?,
+    })
+}
+
+/// Softmax over the last dimension in f32.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}

@@ -1,0 +1,143 @@
+//! The Llama family (Llama, Mistral, Qwen2): RMSNorm, rotary positions, SwiGLU MLP with gate and
+//! up projections split together, grouped-query attention split by KV group, optional q/k/v
+//! biases (Qwen2) and sliding-window attention (Mistral).
+
+use candle_core::Tensor;
+
+use crate::checkpoint::{Activation, ModelConfig};
+use crate::comm::Communicator;
+use crate::error::Result;
+use crate::models::attention::{attend, HeadLayout, KvCache, MaskSpec, Projected, Rotary};
+use crate::models::layers::{activate, Linear, RmsNorm, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead};
+use crate::models::{apply_head, last_position, weight_and_bias, Batch, ShardedModel};
+use crate::parallel::engine::ShardLoader;
+
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: RowParallelLinear,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: RowParallelLinear,
+    cache: KvCache,
+}
+
+/// A rank's shard of `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
+pub struct Llama {
+    embed: VocabParallelEmbedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    head: VocabParallelHead,
+    rotary: Rotary,
+    layout: HeadLayout,
+    activation: Activation,
+    sliding_window: Option<usize>,
+}
+
+fn linear(loader: &mut ShardLoader, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let (weight, bias) = weight_and_bias(loader, name, out, inp, bias)?;
+    Ok(Linear::new(weight, bias))
+}
+
+fn row_linear(loader: &mut ShardLoader, name: &str, out: usize, inp: usize, bias: bool) -> Result<RowParallelLinear> {
+    let (weight, bias) = weight_and_bias(loader, name, out, inp, bias)?;
+    Ok(RowParallelLinear::new(weight, bias))
+}
+
+impl Llama {
+    /// Loads the rank's shard.
+    pub fn load(loader: &mut ShardLoader, c: &ModelConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let plan = loader.plan().clone();
+        let rank = loader.rank();
+        let embed = loader.load("embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("layers.{i}");
+            let norm = |loader: &mut ShardLoader, name: &str| -> Result<RmsNorm> {
+                Ok(RmsNorm::new(loader.load(&format!("{p}.{name}.weight"), &[h])?, c.norm_eps))
+            };
+            layers.push(Layer {
+                input_norm: norm(loader, "input_layernorm")?,
+                q: linear(loader, &format!("{p}.self_attn.q_proj"), q_width, h, c.qkv_bias)?,
+                k: linear(loader, &format!("{p}.self_attn.k_proj"), kv_width, h, c.qkv_bias)?,
+                v: linear(loader, &format!("{p}.self_attn.v_proj"), kv_width, h, c.qkv_bias)?,
+                o: row_linear(loader, &format!("{p}.self_attn.o_proj"), h, q_width, c.attn_out_bias)?,
+                post_norm: norm(loader, "post_attention_layernorm")?,
+                gate: linear(loader, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                up: linear(loader, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                down: row_linear(loader, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                cache: KvCache::default(),
+            });
+        }
+        let head_weight = match loader.try_load("lm_head.weight", &[c.vocab_size, h])? {
+            Some(w) if c.tie_word_embeddings != Some(true) => w,
+            _ => embed.clone(),
+        };
+        Ok(Llama {
+            embed: VocabParallelEmbedding::new(embed, plan.vocab.elements(rank).start),
+            layers,
+            norm: RmsNorm::new(loader.load("norm.weight", &[h])?, c.norm_eps),
+            head: VocabParallelHead::new(head_weight, None, plan.vocab.counts().to_vec()),
+            rotary: Rotary::new(c.head_dim, c.rope_theta.unwrap_or(10_000.0)),
+            layout: HeadLayout {
+                heads: plan.heads.count(rank),
+                kv_heads: plan.kv_heads.count(rank),
+                head_dim: c.head_dim,
+            },
+            activation: c.activation,
+            sliding_window: c.sliding_window,
+        })
+    }
+}
+
+impl ShardedModel for Llama {
+    fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
+        let past = if input.use_cache { self.cached_len() } else { 0 };
+        let mut x = self.embed.forward(input.ids, &[input.batch, input.seq_len], comm)?;
+        let mask = MaskSpec {
+            batch: input.batch,
+            query_len: input.seq_len,
+            past_len: past,
+            attention_mask: input.attention_mask,
+            causal: true,
+            sliding_window: self.sliding_window,
+        }
+        .build()?;
+        for layer in &mut self.layers {
+            let normed = layer.input_norm.forward(&x)?;
+            let projected = Projected {
+                q: layer.q.forward(&normed)?,
+                k: layer.k.forward(&normed)?,
+                v: layer.v.forward(&normed)?,
+            };
+            let cache = input.use_cache.then_some(&mut layer.cache);
+            let attn = attend(projected, self.layout, Some(&self.rotary), cache, mask.as_ref())?;
+            x = (x + layer.o.forward(&attn, comm)?)?;
+            let normed = layer.post_norm.forward(&x)?;
+            let gated = (activate(self.activation, &layer.gate.forward(&normed)?)? * layer.up.forward(&normed)?)?;
+            x = (x + layer.down.forward(&gated, comm)?)?;
+        }
+        let mut x = self.norm.forward(&x)?;
+        if input.last_only {
+            x = last_position(&x)?;
+        }
+        apply_head(&self.head, &x, comm)
+    }
+
+    fn clear_cache(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.cache = KvCache::default());
+    }
+
+    fn kv_cache_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.cache.bytes()).sum()
+    }
+
+    fn cached_len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.cache.len())
+    }
+}

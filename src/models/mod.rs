@@ -1,0 +1,108 @@
+//! Models assembled from tensor-parallel blocks: one file per family wires its blocks from the
+//! parts in [`layers`] and [`attention`].
+
+pub mod attention;
+pub mod bert;
+pub mod gpt2;
+pub mod layers;
+pub mod llama;
+
+use candle_core::Tensor;
+
+use crate::checkpoint::{Family, ModelConfig};
+use crate::comm::Communicator;
+use crate::error::{Error, Result};
+use crate::parallel::engine::ShardLoader;
+
+/// One forward request as the model sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    /// Token ids, `[batch, seq_len]` row-major.
+    pub ids: &'a [u32],
+    /// Number of sequences.
+    pub batch: usize,
+    /// New positions per sequence.
+    pub seq_len: usize,
+    /// `[batch, cached + seq_len]`, 1 = token, 0 = padding; `None` = all tokens.
+    pub attention_mask: Option<&'a [u32]>,
+    /// Extend and use the key/value cache (incremental decoding).
+    pub use_cache: bool,
+    /// Compute the head only for the last position of each sequence.
+    pub last_only: bool,
+}
+
+/// A rank's shard of a model.
+pub trait ShardedModel: Send {
+    /// Runs the shard; every rank returns the same `[batch, L, D]` f32 tensor, where `D` is the
+    /// vocabulary (LM heads) or the hidden size (encoders) and `L` is 1 with `last_only`.
+    fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor>;
+    /// Forgets every cached key and value.
+    fn clear_cache(&mut self);
+    /// Bytes held by the key/value cache.
+    fn kv_cache_bytes(&self) -> usize;
+    /// Positions currently cached.
+    fn cached_len(&self) -> usize;
+}
+
+/// Builds the rank's shard of the model `config` describes.
+pub fn load(loader: &mut ShardLoader, config: &ModelConfig) -> Result<Box<dyn ShardedModel>> {
+    Ok(match config.family {
+        Family::Gpt2 => Box::new(gpt2::Gpt2::load(loader, config)?),
+        Family::Llama => Box::new(llama::Llama::load(loader, config)?),
+        Family::Bert => Box::new(bert::Bert::load(loader, config)?),
+    })
+}
+
+/// Refuses positions beyond a learned position table.
+pub(crate) fn check_positions(end: usize, max_positions: usize) -> Result<()> {
+    if end > max_positions {
+        return Err(Error::InvalidInput(format!(
+            "the sequence needs {end} positions but the model has only {max_positions} (max_position_embeddings)"
+        )));
+    }
+    Ok(())
+}
+
+/// Keeps only the last position of each sequence: `[B, L, H]` -> `[B, 1, H]`.
+pub(crate) fn last_position(hidden: &Tensor) -> Result<Tensor> {
+    let len = hidden.dim(1)?;
+    Ok(hidden.narrow(1, len - 1, 1)?)
+}
+
+/// Applies a vocabulary head to `[B, L, H]`, returning `[B, L, V]`.
+pub(crate) fn apply_head(
+    head: &layers::VocabParallelHead,
+    hidden: &Tensor,
+    comm: &dyn Communicator,
+) -> Result<Tensor> {
+    let (b, l, h) = hidden.dims3()?;
+    let logits = head.forward(&hidden.reshape((b * l, h))?, comm)?;
+    let v = logits.dim(1)?;
+    Ok(logits.reshape((b, l, v))?)
+}
+
+/// Loads `name.weight` (stored `[out, in]`) and, when `bias`, `name.bias` (`[out]`).
+pub(crate) fn weight_and_bias(
+    loader: &mut ShardLoader,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let weight = loader.load(&format!("{name}.weight"), &[out, inp])?;
+    let bias = if bias {
+        Some(loader.load(&format!("{name}.bias"), &[out])?)
+    } else {
+        None
+    };
+    Ok((weight, bias))
+}
+
+/// Loads a LayerNorm's `prefix.weight` and `prefix.bias`, both `[hidden]`.
+pub(crate) fn layer_norm(loader: &mut ShardLoader, prefix: &str, hidden: usize, eps: f64) -> Result<layers::LayerNorm> {
+    Ok(layers::LayerNorm::new(
+        loader.load(&format!("{prefix}.weight"), &[hidden])?,
+        loader.load(&format!("{prefix}.bias"), &[hidden])?,
+        eps,
+    ))
+}

@@ -1,0 +1,90 @@
+//! The options of [`parallelize`](crate::parallelize), mirroring the seed's arguments
+//! (`num_gpus`, `fp16`, `verbose`, `backend`, `seed`) plus the process-level knobs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The dtype weights are stored in and activations computed in (norms, attention and
+/// reductions always run in f32).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum WeightDType {
+    /// 32-bit floats: the reference precision.
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl From<WeightDType> for candle_core::DType {
+    fn from(d: WeightDType) -> Self {
+        match d {
+            WeightDType::F32 => candle_core::DType::F32,
+            WeightDType::F16 => candle_core::DType::F16,
+            WeightDType::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// How much to print about each rank after parallelization (the seed's `verbose`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Verbosity {
+    /// Nothing.
+    #[default]
+    None,
+    /// One line per rank.
+    Simple,
+    /// A breakdown per rank.
+    Detail,
+}
+
+/// How ranks communicate (the seed's `backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Shared memory between processes on one host.
+    #[default]
+    Shm,
+}
+
+/// Options of [`parallelize`](crate::parallelize).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Number of ranks (worker processes).
+    pub ranks: usize,
+    /// Weight dtype.
+    pub dtype: WeightDType,
+    /// Memory summary after parallelization, printed to standard error.
+    pub verbose: Verbosity,
+    /// Communication backend.
+    pub backend: Backend,
+    /// Seed for sampling; `None` draws one.
+    pub seed: Option<u64>,
+    /// Compute threads per rank; `None` = available cores ÷ ranks.
+    pub threads_per_rank: Option<usize>,
+    /// The program started for each rank; `None` = this executable. It must call
+    /// [`run_worker_if_requested`](crate::run_worker_if_requested) at the top of `main`.
+    pub worker_program: Option<PathBuf>,
+    /// Longest wait for the ranks to connect.
+    pub startup_timeout: Duration,
+    /// Longest wait for the ranks to load their shards.
+    pub load_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ranks: 1,
+            dtype: WeightDType::F32,
+            verbose: Verbosity::None,
+            backend: Backend::Shm,
+            seed: None,
+            threads_per_rank: None,
+            worker_program: None,
+            startup_timeout: Duration::from_secs(30),
+            load_timeout: Duration::from_secs(600),
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Building one rank's shard of a model: resolve each tensor name in the checkpoint, look up its
+//! role in the policy, check its shape against the configuration, and read only the rank's slice.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::{ModelConfig, SafetensorsCheckpoint, TensorInfo};
+use crate::error::{Error, Result};
+use crate::parallel::slicing::Plan;
+use crate::policy::{Policy, Role};
+
+/// Bytes of weights a rank holds, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WeightBytes {
+    /// Bytes of tensors split among ranks (this rank's slices only).
+    pub sliced: u64,
+    /// Bytes of tensors every rank holds whole.
+    pub replicated: u64,
+}
+
+/// One contiguous block of a stored 2-D (or 1-D) tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Block {
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
+/// How a rank's slice of one tensor is assembled from stored blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePlan {
+    blocks: Vec<Block>,
+    /// Blocks are concatenated along this stored dimension.
+    concat_dim: usize,
+    /// The slice is transposed after assembly (stored `[in, out]`).
+    transpose: bool,
+    /// Shape of the slice as the model receives it.
+    pub shape: Vec<usize>,
+}
+
+/// Plans which stored blocks make up `rank`'s slice of a tensor of `stored_shape` with `role`.
+pub fn plan_slice(name: &str, role: &Role, stored_shape: &[usize], plan: &Plan, rank: usize) -> Result<SlicePlan> {
+    let (rows, cols, two_d) = match stored_shape {
+        [c] => (1, *c, false),
+        [r, c] => (*r, *c, true),
+        _ if !role.is_sliced() => {
+            return Ok(SlicePlan {
+                blocks: vec![],
+                concat_dim: 0,
+                transpose: false,
+                shape: stored_shape.to_vec(),
+            })
+        }
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "tensor `{name}` has {} dimensions and cannot be split",
+                other.len()
+            )))
+        }
+    };
+    let whole = Block { rows: 0..rows, cols: 0..cols };
+    // For a 1-D tensor the split dimension is its only one: model it as a row vector.
+    let (blocks, concat_dim, transpose) = match role {
+        Role::Replicate => (vec![whole], 0, false),
+        Role::Column { parts, transposed } => {
+            let split_dim = if *transposed || !two_d { 1 } else { 0 };
+            let stored_len = if split_dim == 0 { rows } else { cols };
+            let total: usize = parts.iter().map(|p| plan.split(*p).total_elements()).sum();
+            if total != stored_len {
+                return Err(Error::TensorShape {
+                    name: name.to_string(),
+                    actual: stored_shape.to_vec(),
+                    expected: expected_shape(stored_shape, split_dim, two_d, total),
+                });
+            }
+            let mut offset = 0;
+            let mut blocks = Vec::new();
+            for part in parts {
+                let split = plan.split(*part);
+                let range = split.elements(rank);
+                let range = offset + range.start..offset + range.end;
+                offset += split.total_elements();
+                blocks.push(if split_dim == 0 {
+                    Block { rows: range, cols: 0..cols }
+                } else {
+                    Block { rows: 0..rows, cols: range }
+                });
+            }
+            (blocks, split_dim, *transposed)
+        }
+        Role::Row { partition, transposed } => {
+            let split = plan.split(*partition);
+            let split_dim = if *transposed { 0 } else { 1 };
+            let stored_len = if split_dim == 0 { rows } else { cols };
+            if !two_d || split.total_elements() != stored_len {
+                return Err(Error::TensorShape {
+                    name: name.to_string(),
+                    actual: stored_shape.to_vec(),
+                    expected: expected_shape(stored_shape, split_dim, true, split.total_elements()),
+                });
+            }
+            let range = split.elements(rank);
+            let block = if split_dim == 0 {
+                Block { rows: range, cols: 0..cols }
+            } else {
+                Block { rows: 0..rows, cols: range }
+            };
+            (vec![block], split_dim, *transposed)
+        }
+    };
+    let stored_rows: usize = if concat_dim == 0 { blocks.iter().map(|b| b.rows.len()).sum() } else { rows };
+    let stored_cols: usize = if concat_dim == 1 { blocks.iter().map(|b| b.cols.len()).sum() } else { cols };
+    let shape = match (two_d, transpose) {
+        (false, _) => vec![stored_cols],
+        (true, false) => vec![stored_rows, stored_cols],
+        (true, true) => vec![stored_cols, stored_rows],
+    };
+    Ok(SlicePlan {
+        blocks,
+        concat_dim,
+        transpose,
+        shape,
+    })
+}
+
+fn expected_shape(stored: &[usize], split_dim: usize, two_d: bool, total: usize) -> Vec<usize> {
+    let mut shape = stored.to_vec();
+    let dim = if two_d { split_dim } else { 0 };
+    shape[dim] = total;
+    shape
+}
+
+/// Reads one rank's slices from a checkpoint, according to a policy, into candle tensors.
+pub struct ShardLoader<'a> {
+    checkpoint: &'a SafetensorsCheckpoint,
+    policy: &'a Policy,
+    plan: &'a Plan,
+    rank: usize,
+    dtype: DType,
+    bytes: WeightBytes,
+}
+
+impl<'a> ShardLoader<'a> {
+    /// A loader for `rank` that converts every tensor to `dtype`.
+    pub fn new(checkpoint: &'a SafetensorsCheckpoint, policy: &'a Policy, plan: &'a Plan, rank: usize, dtype: DType) -> Self {
+        ShardLoader {
+            checkpoint,
+            policy,
+            plan,
+            rank,
+            dtype,
+            bytes: WeightBytes::default(),
+        }
+    }
+
+    /// The split arithmetic this loader follows.
+    pub fn plan(&self) -> &Plan {
+        self.plan
+    }
+
+    /// This loader's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The dtype weights are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes loaded so far.
+    pub fn bytes(&self) -> WeightBytes {
+        self.bytes
+    }
+
+    /// Finds `name` in the checkpoint, as given or behind one of the policy's prefixes.
+    pub fn resolve(&self, name: &str) -> Option<(String, &'a TensorInfo)> {
+        std::iter::once("")
+            .chain(self.policy.prefixes.iter().map(String::as_str))
+            .map(|prefix| format!("{prefix}{name}"))
+            .find_map(|full| self.checkpoint.info(&full).map(|info| (full, info)))
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    /// Loads this rank's slice of `name`, whose stored shape must be `stored_shape`.
+    pub fn load(&mut self, name: &str, stored_shape: &[usize]) -> Result<Tensor> {
+        self.try_load(name, stored_shape)?.ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            dir: self.checkpoint.dir().to_path_buf(),
+        })
+    }
+
+    /// Like [`ShardLoader::load`], but `None` when the checkpoint lacks the tensor.
+    pub fn try_load(&mut self, name: &str, stored_shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some((full, info)) = self.resolve(name) else {
+            return Ok(None);
+        };
+        if info.shape != stored_shape {
+            return Err(Error::TensorShape {
+                name: full,
+                actual: info.shape.clone(),
+                expected: stored_shape.to_vec(),
+            });
+        }
+        let role = self.policy.role_of(&full).cloned().ok_or_else(|| {
+            Error::UnsupportedModel(format!("policy `{}` has no rule for tensor `{full}`", self.policy.name))
+        })?;
+        let slice = plan_slice(&full, &role, &info.shape, self.plan, self.rank)?;
+        let source = source_dtype(&full, info)?;
+        let tensor = if slice.blocks.is_empty() {
+            let bytes = self.checkpoint.read_all(&full)?;
+            Tensor::from_raw_buffer(&bytes, source, &info.shape, &Device::Cpu)?
+        } else {
+            let two_d = info.shape.len() == 2;
+            let mut pieces = Vec::with_capacity(slice.blocks.len());
+            for block in &slice.blocks {
+                let bytes = self.checkpoint.read_block(&full, block.rows.clone(), block.cols.clone())?;
+                let shape = if two_d { vec![block.rows.len(), block.cols.len()] } else { vec![block.cols.len()] };
+                pieces.push(Tensor::from_raw_buffer(&bytes, source, &shape, &Device::Cpu)?);
+            }
+            let dim = if two_d { slice.concat_dim } else { 0 };
+            let joined = Tensor::cat(&pieces, dim)?;
+            if slice.transpose {
+                joined.t()?.contiguous()?
+            } else {
+                joined
+            }
+        };
+        let tensor = tensor.to_dtype(self.dtype)?;
+        let size = (tensor.elem_count() * self.dtype.size_in_bytes()) as u64;
+        if role.is_sliced() {
+            self.bytes.sliced += size;
+        } else {
+            self.bytes.replicated += size;
+        }
+        Ok(Some(tensor))
+    }
+}
+
+/// The candle dtype of a stored tensor; integer weights are refused.
+fn source_dtype(name: &str, info: &TensorInfo) -> Result<DType> {
+    use safetensors::Dtype as S;
+    match info.dtype {
+        S::F32 => Ok(DType::F32),
+        S::F16 => Ok(DType::F16),
+        S::BF16 => Ok(DType::BF16),
+        S::F64 => Ok(DType::F64),
+        other => Err(Error::InvalidInput(format!(
+            "tensor `{name}` has dtype {other:?}; weights must be F32, F16, BF16 or F64"
+        ))),
+    }
+}
+
+/// The stored shape of a weight the configuration implies, for messages and checks.
+pub fn linear_shape(out_features: usize, in_features: usize) -> [usize; 2] {
+    [out_features, in_features]
+}
+
+/// Checks that the configuration can be split at all before any rank starts.
+pub fn check_splittable(config: &ModelConfig, ranks: usize) -> Result<Plan> {
+    Plan::new(config, ranks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Partition;
+
+    fn plan() -> Plan {
+        Plan {
+            world_size: 2,
+            heads: crate::parallel::Split::from_counts(2, vec![2, 1]),
+            kv_heads: crate::parallel::Split::from_counts(2, vec![2, 1]),
+            intermediate: crate::parallel::Split::even(5, 1, 2),
+            vocab: crate::parallel::Split::even(7, 1, 2),
+        }
+    }
+
+    #[test]
+    fn fused_transposed_column_takes_each_part_of_the_rank() {
+        let role = Role::Column {
+            parts: vec![Partition::Heads; 3],
+            transposed: true,
+        };
+        // stored [in=4, out=3*6]; rank 1 owns elements 4..6 of each part of 6.
+        let s = plan_slice("c_attn", &role, &[4, 18], &plan(), 1).unwrap();
+        let cols: Vec<_> = s.blocks.iter().map(|b| b.cols.clone()).collect();
+        assert_eq!(cols, vec![4..6, 10..12, 16..18]);
+        assert_eq!(s.shape, vec![6, 4]);
+        assert!(s.transpose);
+    }
+
+    #[test]
+    fn row_split_takes_input_columns() {
+        let role = Role::Row {
+            partition: Partition::Intermediate,
+            transposed: false,
+        };
+        let s = plan_slice("down", &role, &[8, 5], &plan(), 0).unwrap();
+        assert_eq!(s.blocks, vec![Block { rows: 0..8, cols: 0..3 }]);
+        assert_eq!(s.shape, vec![8, 3]);
+    }
+
+    #[test]
+    fn bias_of_a_fused_column_is_split_per_part() {
+        let s = plan_slice("b", &Role::column_parts(vec![Partition::Heads; 3]), &[18], &plan(), 0).unwrap();
+        let cols: Vec<_> = s.blocks.iter().map(|b| b.cols.clone()).collect();
+        assert_eq!(cols, vec![0..4, 6..10, 12..16]);
+        assert_eq!(s.shape, vec![12]);
+    }
+
+    #[test]
+    fn a_shape_that_disagrees_with_the_config_is_named() {
+        let err = plan_slice("embed", &Role::column(Partition::Vocab), &[9, 4], &plan(), 0).unwrap_err();
+        assert_eq!(err.to_string(), "tensor `embed` has shape [9, 4], but the configuration implies [7, 4]");
+    }
+}

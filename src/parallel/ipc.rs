@@ -1,0 +1,240 @@
+//! The wire between the main process and its ranks: length-prefixed frames of postcard-encoded
+//! messages over a Unix socket.
+//!
+//! A frame is a little-endian `u32` length followed by that many bytes. [`FrameReader`] collects a
+//! frame across reads that time out, so the launcher can poll with short timeouts and watch its
+//! children between polls without ever losing a partial frame.
+
+use std::io::{ErrorKind, Read, Write};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::checkpoint::ModelConfig;
+use crate::parallel::memory::RankMemory;
+
+/// Largest frame accepted (1 GiB): a bound on what a peer can make us allocate.
+pub const MAX_FRAME_BYTES: usize = 1 << 30;
+
+/// What a rank is told to load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadSpec {
+    /// The checkpoint directory.
+    pub model_dir: std::path::PathBuf,
+    /// The resolved configuration (already validated by the main process).
+    pub config: ModelConfig,
+    /// Weight and activation dtype.
+    pub dtype: crate::options::WeightDType,
+    /// Seed for sampling decisions (rank 0 draws with it).
+    pub seed: u64,
+}
+
+/// One forward pass over a batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardRequest {
+    /// Token ids `[batch, seq_len]`, row-major.
+    pub input_ids: Vec<u32>,
+    /// Number of sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// `[batch, seq_len]`, 1 = token, 0 = padding.
+    pub attention_mask: Option<Vec<u32>>,
+}
+
+/// Greedy generation for one prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// The prompt's token ids.
+    pub input_ids: Vec<u32>,
+    /// Stop after this many new tokens.
+    pub max_new_tokens: usize,
+    /// End-of-sequence is suppressed until this many new tokens exist.
+    pub min_new_tokens: usize,
+    /// End-of-sequence ids; generation stops after emitting one.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Messages from the main process to every rank.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Load the rank's shard.
+    Load(LoadSpec),
+    /// Run a forward pass.
+    Forward(ForwardRequest),
+    /// Generate greedily.
+    Generate(GenerateRequest),
+    /// Report memory use.
+    Memory,
+    /// Exit cleanly.
+    Shutdown,
+}
+
+/// A dense f32 tensor on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// The result of a generation, with timings measured on rank 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generated {
+    /// New token ids only.
+    pub ids: Vec<u32>,
+    /// Time of the prompt's forward pass, in seconds.
+    pub prefill_seconds: f64,
+    /// Time of all later forward passes and token choices, in seconds.
+    pub decode_seconds: f64,
+}
+
+/// Messages from a rank to the main process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    /// The first frame of a rank: who it is, and the run's secret.
+    Hello {
+        /// The rank.
+        rank: usize,
+        /// The secret the launcher passed it.
+        secret: String,
+    },
+    /// The shard is loaded.
+    Parallelized(RankMemory),
+    /// Forward output (rank 0 only; others answer [`Reply::Done`]).
+    Forward(WireTensor),
+    /// Generation output (rank 0 only).
+    Generated(Generated),
+    /// Memory use.
+    Memory(RankMemory),
+    /// The request succeeded and this rank has nothing to return.
+    Done,
+    /// The request failed on this rank.
+    Error(String),
+}
+
+/// Writes one message as a frame.
+pub fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> std::io::Result<()> {
+    let bytes = postcard::to_stdvec(message).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
+    let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "frame too large"))?;
+    stream.write_all(&len.to_le_bytes())?;
+    stream.write_all(&bytes)?;
+    stream.flush()
+}
+
+/// Decodes a frame's payload.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> std::io::Result<T> {
+    postcard::from_bytes(payload).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, format!("malformed frame: {e}")))
+}
+
+/// Reads one whole frame, blocking.
+pub fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<T> {
+    let mut reader = FrameReader::default();
+    loop {
+        if let Some(payload) = reader.poll(stream)? {
+            return decode(&payload);
+        }
+    }
+}
+
+/// Accumulates one frame across reads that may time out.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buffer: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Reads what is available; returns the payload once a frame is complete, `None` when the
+    /// read timed out first. End of stream is an `UnexpectedEof` error.
+    pub fn poll(&mut self, stream: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
+        loop {
+            let needed = match self.frame_len()? {
+                Some(len) if self.buffer.len() >= 4 + len => {
+                    let payload = self.buffer[4..4 + len].to_vec();
+                    self.buffer.drain(..4 + len);
+                    return Ok(Some(payload));
+                }
+                Some(len) => 4 + len,
+                None => 4,
+            };
+            let mut chunk = vec![0u8; (needed - self.buffer.len()).min(1 << 20)];
+            match stream.read(&mut chunk) {
+                Ok(0) => return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "peer closed the connection")),
+                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Ok(None),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn frame_len(&self) -> std::io::Result<Option<usize>> {
+        if self.buffer.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buffer[0], self.buffer[1], self.buffer[2], self.buffer[3]]) as usize;
+        if len > MAX_FRAME_BYTES {
+            return Err(std::io::Error::new(ErrorKind::InvalidData, format!("frame of {len} bytes exceeds the limit")));
+        }
+        Ok(Some(len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that hands out at most `step` bytes per call and times out every other call.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        step: usize,
+        stall: bool,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.stall = !self.stall;
+            if self.stall {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            let n = self.step.min(buf.len()).min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn frames_survive_timeouts_in_the_middle() {
+        let mut data = Vec::new();
+        write_frame(&mut data, &Request::Memory).unwrap();
+        write_frame(&mut data, &Reply::Error("boom".into())).unwrap();
+        let mut stream = Trickle { data, pos: 0, step: 1, stall: false };
+        let mut reader = FrameReader::default();
+        let mut frames = Vec::new();
+        for _ in 0..100 {
+            match reader.poll(&mut stream) {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+        assert_eq!(frames.len(), 2);
+        assert!(matches!(decode::<Request>(&frames[0]).unwrap(), Request::Memory));
+        assert!(matches!(decode::<Reply>(&frames[1]).unwrap(), Reply::Error(m) if m == "boom"));
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_before_allocating() {
+        let data = u32::MAX.to_le_bytes().to_vec();
+        let mut reader = FrameReader::default();
+        let err = reader.poll(&mut data.as_slice()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn garbage_payload_is_an_error_not_a_panic() {
+        assert!(decode::<Request>(&[0xff, 0xff, 0xff]).is_err());
+    }
+}

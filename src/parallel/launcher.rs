@@ -1,0 +1,400 @@
+//! Starting, supervising and stopping the worker processes, in one place.
+//!
+//! The launcher creates a private directory (mode 0700) holding the rendezvous socket and the
+//! shared-memory region for the communicator, starts one process per rank, and accepts only
+//! connections that present the run's secret. Every wait has a deadline and watches the
+//! children: if any rank exits, fails or stops answering, the communicator is aborted, every rank
+//! is killed and reaped, and the caller gets an error naming the rank with its last words.
+//! Children die with the launcher too (`PR_SET_PDEATHSIG`). The region is an anonymous memfd, so
+//! nothing can be left behind in `/dev/shm`.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::comm::{ShmRegion, DEFAULT_SLOT_BYTES};
+use crate::error::{Error, Result};
+use crate::parallel::ipc::{decode, read_frame, write_frame, FrameReader, Reply, Request};
+use crate::parallel::process::env;
+
+/// How often waits wake up to check on the children.
+const POLL: Duration = Duration::from_millis(20);
+/// Lines of each rank's standard error kept for error messages.
+const TAIL_LINES: usize = 20;
+/// How long the other ranks may take to answer once one rank has reported an error.
+const ERROR_GRACE: Duration = Duration::from_secs(2);
+/// How long ranks get to exit after a shutdown request before they are killed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// Number of ranks.
+    pub ranks: usize,
+    /// Compute threads per rank.
+    pub threads_per_rank: usize,
+    /// The executable to run for each rank.
+    pub program: PathBuf,
+    /// Echo the ranks' standard error, prefixed with the rank.
+    pub echo_stderr: bool,
+    /// Deadline for every rank to connect.
+    pub startup_timeout: Duration,
+}
+
+struct RankProcess {
+    rank: usize,
+    child: Child,
+    stream: Option<UnixStream>,
+    reader: FrameReader,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    tail_thread: Option<JoinHandle<()>>,
+}
+
+impl RankProcess {
+    fn last_words(&self) -> String {
+        let tail = self.tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default();
+        if tail.is_empty() {
+            "(no output)".into()
+        } else {
+            tail
+        }
+    }
+}
+
+/// The running ranks of one model.
+pub struct WorkerGroup {
+    ranks: Vec<RankProcess>,
+    region: Option<ShmRegion>,
+    dir: Option<tempfile::TempDir>,
+    failure: Option<String>,
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data filled in by sched_getaffinity; CPU_ISSET reads inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Default threads per rank: available cores ÷ ranks, at least one.
+pub fn default_threads(ranks: usize) -> usize {
+    (allowed_cpus().len().max(1) / ranks.max(1)).max(1)
+}
+
+fn random_secret() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+impl WorkerGroup {
+    /// Starts the ranks and waits until each has connected and proved it is ours.
+    pub fn spawn(spec: &LaunchSpec) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("parallelformers-")
+            .tempdir()
+            .map_err(|e| Error::Launch(format!("cannot create a private directory: {e}")))?;
+        let socket = dir.path().join("rendezvous.sock");
+        let listener = UnixListener::bind(&socket).map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", socket.display())))?;
+        let region = if spec.ranks > 1 {
+            let region = ShmRegion::create(spec.ranks, DEFAULT_SLOT_BYTES)?;
+            set_cloexec(region.fd(), true);
+            Some(region)
+        } else {
+            None
+        };
+        let secret = random_secret();
+        let cpus = allowed_cpus();
+        let mut group = WorkerGroup {
+            ranks: Vec::with_capacity(spec.ranks),
+            region,
+            dir: Some(dir),
+            failure: None,
+        };
+        for rank in 0..spec.ranks {
+            let pinned: Vec<String> = if cpus.len() >= spec.ranks * spec.threads_per_rank {
+                cpus[rank * spec.threads_per_rank..(rank + 1) * spec.threads_per_rank]
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let process = group.start_rank(spec, rank, &socket, &secret, &pinned.join(","))?;
+            group.ranks.push(process);
+        }
+        group.accept_all(&listener, &secret, spec.startup_timeout)?;
+        Ok(group)
+    }
+
+    fn start_rank(&mut self, spec: &LaunchSpec, rank: usize, socket: &std::path::Path, secret: &str, cpus: &str) -> Result<RankProcess> {
+        let threads = spec.threads_per_rank.to_string();
+        let mut command = Command::new(&spec.program);
+        command
+            .env(env::RANK, rank.to_string())
+            .env(env::LOCAL_RANK, rank.to_string())
+            .env(env::WORLD_SIZE, spec.ranks.to_string())
+            .env(env::RENDEZVOUS, socket)
+            .env(env::SECRET, secret)
+            .env(env::THREADS, &threads)
+            .env(env::CPUS, cpus)
+            .env("RAYON_NUM_THREADS", &threads)
+            .env("CANDLE_NUM_THREADS", &threads)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let comm_fd = self.region.as_ref().map(|r| r.fd());
+        if let Some(fd) = comm_fd {
+            command.env(env::COMM_FD, fd.to_string());
+        }
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (prctl, getppid, fcntl, _exit), touching no memory of the parent.
+        unsafe {
+            command.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                if let Some(fd) = comm_fd {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| Error::Launch(format!("cannot start rank {rank} ({}): {e}", spec.program.display())))?;
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let tail_thread = child.stderr.take().map(|stderr| {
+            let tail = Arc::clone(&tail);
+            let echo = spec.echo_stderr;
+            std::thread::spawn(move || keep_tail(rank, stderr, &tail, echo))
+        });
+        Ok(RankProcess {
+            rank,
+            child,
+            stream: None,
+            reader: FrameReader::default(),
+            tail,
+            tail_thread,
+        })
+    }
+
+    fn accept_all(&mut self, listener: &UnixListener, secret: &str, timeout: Duration) -> Result<()> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::Launch(format!("rendezvous socket: {e}")))?;
+        let deadline = Instant::now() + timeout;
+        while self.ranks.iter().any(|r| r.stream.is_none()) {
+            match listener.accept() {
+                Ok((stream, _)) => self.admit(stream, secret),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.check_alive()?;
+                    if Instant::now() > deadline {
+                        let missing: Vec<usize> = self.ranks.iter().filter(|r| r.stream.is_none()).map(|r| r.rank).collect();
+                        return Err(self.fail(missing[0], format!("did not connect within {timeout:?} (ranks {missing:?} missing)")));
+                    }
+                    std::thread::sleep(POLL);
+                }
+                Err(e) => return Err(Error::Launch(format!("rendezvous socket: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the handshake of a new connection; a peer without the secret is dropped and logged.
+    fn admit(&mut self, mut stream: UnixStream, secret: &str) {
+        let handshake = stream
+            .set_nonblocking(false)
+            .and_then(|_| stream.set_read_timeout(Some(Duration::from_secs(5))))
+            .and_then(|_| read_frame::<Reply>(&mut stream));
+        match handshake {
+            Ok(Reply::Hello { rank, secret: theirs }) if theirs == secret && rank < self.ranks.len() && self.ranks[rank].stream.is_none() => {
+                if stream.set_read_timeout(Some(POLL)).is_ok() {
+                    self.ranks[rank].stream = Some(stream);
+                }
+            }
+            _ => tracing::warn!("dropped a connection to the rendezvous socket that failed the handshake"),
+        }
+    }
+
+    /// Why the group is unusable, if it is.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    /// Sends `request` to every rank and collects one reply from each, in rank order.
+    /// An error on any rank is returned with its rank; a rank that dies stops the group.
+    pub fn request(&mut self, request: &Request, timeout: Option<Duration>) -> Result<Vec<Reply>> {
+        if let Some(failure) = &self.failure {
+            return Err(Error::Launch(format!("the worker group is stopped: {failure}")));
+        }
+        for i in 0..self.ranks.len() {
+            let rank = &mut self.ranks[i];
+            let sent = match rank.stream.as_mut() {
+                Some(stream) => write_frame(stream, request),
+                None => Err(std::io::ErrorKind::NotConnected.into()),
+            };
+            if let Err(e) = sent {
+                let _ = self.check_alive();
+                return Err(self.fail(i, format!("cannot send a request: {e}")));
+            }
+        }
+        self.collect(timeout)
+    }
+
+    fn collect(&mut self, timeout: Option<Duration>) -> Result<Vec<Reply>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut replies: Vec<Option<Reply>> = vec![None; self.ranks.len()];
+        let mut first_error: Option<(usize, String, Instant)> = None;
+        while replies.iter().any(Option::is_none) {
+            for i in 0..self.ranks.len() {
+                if replies[i].is_some() {
+                    continue;
+                }
+                let rank = &mut self.ranks[i];
+                let polled = match rank.stream.as_mut() {
+                    Some(stream) => rank.reader.poll(stream),
+                    None => Err(std::io::ErrorKind::NotConnected.into()),
+                };
+                match polled.and_then(|payload| payload.map(|p| decode::<Reply>(&p)).transpose()) {
+                    Ok(Some(reply)) => {
+                        if let (Reply::Error(message), None) = (&reply, &first_error) {
+                            first_error = Some((i, message.clone(), Instant::now()));
+                        }
+                        replies[i] = Some(reply);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.check_alive()?;
+                        return Err(self.fail(i, format!("connection lost: {e}")));
+                    }
+                }
+            }
+            self.check_alive()?;
+            let now = Instant::now();
+            if let Some((rank, message, at)) = &first_error {
+                if now > *at + ERROR_GRACE && replies.iter().any(Option::is_none) {
+                    return Err(self.fail(*rank, message.clone()));
+                }
+            }
+            if deadline.is_some_and(|d| now > d) {
+                let silent = replies.iter().position(Option::is_none).unwrap_or(0);
+                return Err(self.fail(silent, format!("did not answer within {:?}", timeout.unwrap_or_default())));
+            }
+        }
+        if let Some((rank, message, _)) = first_error {
+            return Err(Error::Rank { rank, message });
+        }
+        Ok(replies.into_iter().flatten().collect())
+    }
+
+    /// Fails the group if any rank has exited.
+    fn check_alive(&mut self) -> Result<()> {
+        for i in 0..self.ranks.len() {
+            if let Ok(Some(status)) = self.ranks[i].child.try_wait() {
+                // Let the stderr reader catch the last lines.
+                if let Some(handle) = self.ranks[i].tail_thread.take() {
+                    let _ = handle.join();
+                }
+                let words = self.ranks[i].last_words();
+                return Err(self.fail(i, format!("exited unexpectedly ({status}); last words:\n{words}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the group failed because of `rank`, stops every rank, and builds the error.
+    fn fail(&mut self, rank: usize, message: String) -> Error {
+        self.failure = Some(format!("rank {rank} failed: {message}"));
+        self.stop(Duration::ZERO);
+        Error::Rank { rank, message }
+    }
+
+    /// Aborts collectives, asks each rank to exit, waits up to `grace`, kills the rest, and
+    /// reaps every child.
+    fn stop(&mut self, grace: Duration) {
+        if let Some(region) = &self.region {
+            region.abort();
+        }
+        for rank in &mut self.ranks {
+            if let Some(stream) = rank.stream.as_mut() {
+                let _ = write_frame(stream, &Request::Shutdown);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        for rank in &mut self.ranks {
+            loop {
+                match rank.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                    Ok(None) => {
+                        let _ = rank.child.kill();
+                        let _ = rank.child.wait();
+                        break;
+                    }
+                }
+            }
+            rank.stream = None;
+            if let Some(handle) = rank.tail_thread.take() {
+                let _ = handle.join();
+            }
+        }
+        self.region = None;
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.close();
+        }
+    }
+
+    /// Stops every rank cleanly (killing those that do not exit in time).
+    pub fn shutdown(&mut self) {
+        if self.failure.is_none() {
+            self.failure = Some("the model was deparallelized".into());
+        }
+        self.stop(EXIT_GRACE);
+    }
+
+    /// Process ids of the ranks (for tests and diagnostics).
+    pub fn pids(&self) -> Vec<u32> {
+        self.ranks.iter().map(|r| r.child.id()).collect()
+    }
+}
+
+impl Drop for WorkerGroup {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn set_cloexec(fd: i32, on: bool) {
+    // SAFETY: F_SETFD on a descriptor we own only changes its close-on-exec flag.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 });
+    }
+}
+
+/// Keeps the last lines a rank wrote to standard error, echoing them when asked.
+fn keep_tail(rank: usize, stderr: impl std::io::Read, tail: &Mutex<VecDeque<String>>, echo: bool) {
+    for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
+        if echo {
+            eprintln!("[rank {rank}] {line}");
+        }
+        if let Ok(mut tail) = tail.lock() {
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+}
+

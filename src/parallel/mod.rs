@@ -1,0 +1,11 @@
+//! Tensor parallelism: the split arithmetic, building a rank's shard of a model, the worker
+//! process's life, the launcher that supervises the workers, and the wire between them.
+
+pub mod engine;
+pub mod ipc;
+pub mod launcher;
+pub mod memory;
+pub mod process;
+pub mod slicing;
+
+pub use slicing::{Plan, Split};

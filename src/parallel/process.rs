@@ -1,0 +1,212 @@
+//! The life of a worker process (the seed's `ParallelProcess`): read its environment, pin itself
+//! to its cores, join the rendezvous and the communicator, load only its own slices, report
+//! "parallelized" with its memory, then serve requests until told to stop.
+//!
+//! A worker is our own binary re-executed with `PARALLELFORMERS_RANK` set. Any program that
+//! calls [`parallelize`](crate::parallelize) with itself as the worker program must call
+//! [`run_worker_if_requested`] first thing in `main`.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use candle_core::DType;
+
+use crate::checkpoint::SafetensorsCheckpoint;
+use crate::comm::{Communicator, ShmCommunicator, SingleRank};
+use crate::error::{Error, Result};
+use crate::generation;
+use crate::models::{self, Batch, ShardedModel};
+use crate::parallel::engine::{ShardLoader, WeightBytes};
+use crate::parallel::ipc::{read_frame, write_frame, ForwardRequest, LoadSpec, Reply, Request, WireTensor};
+use crate::parallel::memory::RankMemory;
+use crate::parallel::slicing::Plan;
+use crate::policy::Policy;
+
+/// Environment variable names a worker reads; the launcher sets them.
+pub mod env {
+    /// This worker's rank (its presence makes a process a worker).
+    pub const RANK: &str = "PARALLELFORMERS_RANK";
+    /// Rank among the workers on this host.
+    pub const LOCAL_RANK: &str = "PARALLELFORMERS_LOCAL_RANK";
+    /// Number of ranks.
+    pub const WORLD_SIZE: &str = "PARALLELFORMERS_WORLD_SIZE";
+    /// Path of the launcher's Unix socket.
+    pub const RENDEZVOUS: &str = "PARALLELFORMERS_RENDEZVOUS";
+    /// The run's secret, sent back in the handshake.
+    pub const SECRET: &str = "PARALLELFORMERS_SECRET";
+    /// Inherited descriptor of the shared-memory region.
+    pub const COMM_FD: &str = "PARALLELFORMERS_COMM_FD";
+    /// Compute threads for this rank.
+    pub const THREADS: &str = "PARALLELFORMERS_THREADS";
+    /// Comma-separated CPUs to pin to (empty: no pinning).
+    pub const CPUS: &str = "PARALLELFORMERS_CPUS";
+}
+
+/// If this process was started as a worker, runs the worker and exits; otherwise returns at
+/// once. Call it first thing in `main` of any program used as a worker program.
+pub fn run_worker_if_requested() {
+    if std::env::var_os(env::RANK).is_none() {
+        return;
+    }
+    let code = match run_worker() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("parallelformers worker: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// What a worker learns from its environment.
+#[derive(Debug, Clone)]
+struct WorkerEnv {
+    rank: usize,
+    local_rank: usize,
+    world_size: usize,
+    rendezvous: PathBuf,
+    secret: String,
+    comm_fd: Option<i32>,
+    cpus: Vec<usize>,
+}
+
+fn var(name: &str) -> Result<String> {
+    std::env::var(name).map_err(|_| Error::Launch(format!("worker environment lacks {name}")))
+}
+
+fn number(name: &str) -> Result<usize> {
+    var(name)?
+        .parse()
+        .map_err(|_| Error::Launch(format!("worker environment variable {name} is not a number")))
+}
+
+impl WorkerEnv {
+    fn from_env() -> Result<Self> {
+        let cpus = var(env::CPUS).unwrap_or_default();
+        Ok(WorkerEnv {
+            rank: number(env::RANK)?,
+            local_rank: number(env::LOCAL_RANK)?,
+            world_size: number(env::WORLD_SIZE)?,
+            rendezvous: PathBuf::from(var(env::RENDEZVOUS)?),
+            secret: var(env::SECRET)?,
+            comm_fd: number(env::COMM_FD).ok().map(|fd| fd as i32),
+            cpus: cpus.split(',').filter_map(|c| c.parse().ok()).collect(),
+        })
+    }
+}
+
+/// Restricts this process to `cpus` (best effort: where the OS refuses, it runs unpinned).
+fn pin_to(cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside `set`, and
+    // sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!("could not pin to CPUs {cpus:?}: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// A loaded shard and what it needs to serve requests.
+struct Shard {
+    model: Box<dyn ShardedModel>,
+    comm: Box<dyn Communicator>,
+    weights: WeightBytes,
+}
+
+fn run_worker() -> Result<()> {
+    let env = WorkerEnv::from_env()?;
+    pin_to(&env.cpus);
+    tracing::debug!(rank = env.rank, local_rank = env.local_rank, "worker starting");
+    let mut stream = UnixStream::connect(&env.rendezvous)
+        .map_err(|e| Error::Launch(format!("rank {} cannot reach the launcher at {}: {e}", env.rank, env.rendezvous.display())))?;
+    let send = |stream: &mut UnixStream, reply: &Reply| {
+        write_frame(stream, reply).map_err(|e| Error::Launch(format!("lost the launcher: {e}")))
+    };
+    send(&mut stream, &Reply::Hello { rank: env.rank, secret: env.secret.clone() })?;
+    let spec = match read_frame::<Request>(&mut stream) {
+        Ok(Request::Load(spec)) => spec,
+        Ok(Request::Shutdown) | Err(_) => return Ok(()),
+        Ok(other) => return Err(Error::Launch(format!("expected a load request first, got {other:?}"))),
+    };
+    let mut shard = match load_shard(&env, &spec) {
+        Ok(shard) => shard,
+        Err(e) => {
+            send(&mut stream, &Reply::Error(e.to_string()))?;
+            return Err(e);
+        }
+    };
+    send(&mut stream, &Reply::Parallelized(memory(&env, &shard)))?;
+    loop {
+        let request = match read_frame::<Request>(&mut stream) {
+            Ok(request) => request,
+            // The launcher is gone: nothing left to serve.
+            Err(_) => return Ok(()),
+        };
+        let reply = match request {
+            Request::Shutdown => return Ok(()),
+            Request::Load(_) => Reply::Error("the shard is already loaded".into()),
+            Request::Memory => Reply::Memory(memory(&env, &shard)),
+            Request::Forward(req) => answer(env.rank, forward(&mut shard, &req)),
+            Request::Generate(req) => answer(
+                env.rank,
+                generation::greedy(shard.model.as_mut(), shard.comm.as_ref(), &req).map(Reply::Generated),
+            ),
+        };
+        send(&mut stream, &reply)?;
+    }
+}
+
+/// Rank 0 returns the payload; the others only say whether they succeeded.
+fn answer(rank: usize, result: Result<Reply>) -> Reply {
+    match result {
+        Ok(reply) if rank == 0 => reply,
+        Ok(_) => Reply::Done,
+        Err(e) => Reply::Error(e.to_string()),
+    }
+}
+
+fn memory(env: &WorkerEnv, shard: &Shard) -> RankMemory {
+    RankMemory::measure(env.rank, shard.weights, shard.model.kv_cache_bytes() as u64)
+}
+
+fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
+    let comm: Box<dyn Communicator> = match (env.world_size, env.comm_fd) {
+        (1, _) => Box::new(SingleRank),
+        (_, Some(fd)) => Box::new(ShmCommunicator::attach(fd, env.rank, env.world_size)?),
+        (_, None) => return Err(Error::Launch(format!("{} is required with several ranks", env::COMM_FD))),
+    };
+    let checkpoint = SafetensorsCheckpoint::open(&spec.model_dir)?;
+    let plan = Plan::new(&spec.config, env.world_size)?;
+    let policy = Policy::for_config(&spec.config);
+    let dtype: DType = spec.dtype.into();
+    let mut loader = ShardLoader::new(&checkpoint, &policy, &plan, env.rank, dtype);
+    let model = models::load(&mut loader, &spec.config)?;
+    let weights = loader.bytes();
+    comm.barrier()?;
+    Ok(Shard { model, comm, weights })
+}
+
+fn forward(shard: &mut Shard, req: &ForwardRequest) -> Result<Reply> {
+    shard.model.clear_cache();
+    let batch = Batch {
+        ids: &req.input_ids,
+        batch: req.batch,
+        seq_len: req.seq_len,
+        attention_mask: req.attention_mask.as_deref(),
+        use_cache: false,
+        last_only: false,
+    };
+    let out = shard.model.forward(&batch, shard.comm.as_ref())?;
+    Ok(Reply::Forward(WireTensor {
+        shape: out.dims().to_vec(),
+        data: out.flatten_all()?.to_vec1()?,
+    }))
+}
