@@ -106,7 +106,7 @@ const SHARE_UNIT: usize = LINE / size_of::<f32>();
 /// How long a waiting rank spins before it starts yielding the CPU.
 const SPIN_WINDOW: Duration = Duration::from_micros(10);
 /// How long (from the start of the wait) a waiting rank yields before it starts sleeping.
-const YIELD_WINDOW: Duration = Duration::from_micros(60);
+const YIELD_WINDOW: Duration = Duration::from_micros(10);
 /// First sleep interval of a waiting rank.
 const FIRST_SLEEP: Duration = Duration::from_micros(10);
 /// Longest sleep interval of a waiting rank; bounds the extra latency after a slow rank arrives.
@@ -941,17 +941,30 @@ mod tests {
         }
     }
 
-    /// Runs `body` on one thread per rank of `region`, each with its own attached communicator,
-    /// and returns the results in rank order.
-    fn run_on<T: Send>(region: &ShmRegion, body: impl Fn(&ShmCommunicator) -> T + Sync) -> Vec<T> {
-        let world = region.world_size();
+    /// The ways of summing an all-reduce: the automatic choice, and each path forced.
+    const REDUCE_MODES: [(&str, usize); 3] = [
+        ("automatic", DIRECT_REDUCE_ELEMENTS),
+        ("direct", usize::MAX),
+        ("reduce-scatter", 0),
+    ];
+
+    /// Creates a region and runs `body` on one thread per rank, each with its own attached
+    /// communicator using `direct_reduce_limit`; returns the results in rank order.
+    fn with_ranks_using<T: Send>(
+        world: usize,
+        slot_bytes: usize,
+        direct_reduce_limit: usize,
+        body: impl Fn(&ShmCommunicator) -> T + Sync,
+    ) -> Vec<T> {
+        let region = ShmRegion::create(world, slot_bytes).expect("create region");
         let fd = region.fd();
         let body = &body;
         thread::scope(|scope| {
             let handles: Vec<_> = (0..world)
                 .map(|rank| {
                     scope.spawn(move || {
-                        let comm = ShmCommunicator::attach(fd, rank, world).expect("attach");
+                        let mut comm = ShmCommunicator::attach(fd, rank, world).expect("attach");
+                        comm.direct_reduce_limit = direct_reduce_limit;
                         let _guard = AbortOnPanic(&comm);
                         body(&comm)
                     })
@@ -964,14 +977,13 @@ mod tests {
         })
     }
 
-    /// Creates a region and runs `body` on every rank (see [`run_on`]).
+    /// [`with_ranks_using`] with the default choice of reduction path.
     fn with_ranks<T: Send>(
         world: usize,
         slot_bytes: usize,
         body: impl Fn(&ShmCommunicator) -> T + Sync,
     ) -> Vec<T> {
-        let region = ShmRegion::create(world, slot_bytes).expect("create region");
-        run_on(&region, body)
+        with_ranks_using(world, slot_bytes, DIRECT_REDUCE_ELEMENTS, body)
     }
 
     /// Small integers (exactly representable, sums exact in any order) that differ per rank.
@@ -1026,19 +1038,29 @@ mod tests {
 
     #[test]
     fn all_reduce_sums_exactly_for_every_world_size_from_one_to_eight() {
-        for world in 1..=8 {
-            for (slot_bytes, len) in [(28, 0), (28, 1), (28, 3), (28, 767), (4096, 1000)] {
-                let results = with_ranks(world, slot_bytes, |comm| {
-                    let mut buf = integer_input(comm.rank(), len);
-                    comm.all_reduce_sum(&mut buf).expect("all_reduce");
-                    buf
-                });
-                let expected = integer_sum(world, len);
-                for (rank, result) in results.iter().enumerate() {
-                    assert_eq!(
-                        result, &expected,
-                        "world {world}, slot {slot_bytes}, len {len}, rank {rank}"
-                    );
+        let cases = [
+            (28, 0),
+            (28, 1),
+            (28, 3),
+            (28, 767),
+            (4096, 1000),
+            (4096, 3000),
+        ];
+        for (mode, limit) in REDUCE_MODES {
+            for world in 1..=8 {
+                for (slot_bytes, len) in cases {
+                    let results = with_ranks_using(world, slot_bytes, limit, |comm| {
+                        let mut buf = integer_input(comm.rank(), len);
+                        comm.all_reduce_sum(&mut buf).expect("all_reduce");
+                        buf
+                    });
+                    let expected = integer_sum(world, len);
+                    for (rank, result) in results.iter().enumerate() {
+                        assert!(
+                            result == &expected,
+                            "{mode}, world {world}, slot {slot_bytes}, len {len}, rank {rank}"
+                        );
+                    }
                 }
             }
         }
@@ -1062,16 +1084,18 @@ mod tests {
                     "test data must make the summation order observable"
                 );
             }
-            let results = with_ranks(world, 1024, |comm| {
-                let mut buf = inputs[comm.rank()].clone();
-                comm.all_reduce_sum(&mut buf).expect("all_reduce");
-                buf
-            });
-            for (rank, result) in results.iter().enumerate() {
-                assert!(
-                    bits(result) == bits(&expected),
-                    "world {world}, rank {rank}"
-                );
+            for (mode, limit) in REDUCE_MODES {
+                let results = with_ranks_using(world, 1024, limit, |comm| {
+                    let mut buf = inputs[comm.rank()].clone();
+                    comm.all_reduce_sum(&mut buf).expect("all_reduce");
+                    buf
+                });
+                for (rank, result) in results.iter().enumerate() {
+                    assert!(
+                        bits(result) == bits(&expected),
+                        "{mode}, world {world}, rank {rank}"
+                    );
+                }
             }
         }
     }
@@ -1352,6 +1376,7 @@ mod tests {
     fn a_slow_rank_only_delays_the_others() {
         let delay = Duration::from_millis(200);
         let results = with_ranks(4, 64, |comm| {
+            comm.barrier().expect("barrier");
             let start = Instant::now();
             if comm.rank() == 3 {
                 thread::sleep(delay);
@@ -1362,7 +1387,9 @@ mod tests {
         });
         for (buf, elapsed) in results {
             assert_eq!(buf, vec![6.0f32; 100]);
-            assert!(elapsed >= delay, "{elapsed:?}");
+            // The others left the first barrier at most a sleep interval (or a time slice)
+            // before or after rank 3.
+            assert!(elapsed >= delay - Duration::from_millis(20), "{elapsed:?}");
             assert!(elapsed < delay + Duration::from_millis(500), "{elapsed:?}");
         }
     }
@@ -1370,41 +1397,33 @@ mod tests {
     #[test]
     fn abort_wakes_ranks_blocked_in_a_collective_within_a_second() {
         let region = ShmRegion::create(4, 1024).expect("create region");
-        let started = Barrier::new(2);
+        let started = Barrier::new(4);
         let results = thread::scope(|scope| {
-            let waiters = scope.spawn(|| {
-                // Ranks 0..3 enter collectives; rank 3 never attaches.
-                let fd = region.fd();
-                thread::scope(|inner| {
-                    let handles: Vec<_> = (0..3)
-                        .map(|rank| {
-                            let started = &started;
-                            inner.spawn(move || {
-                                let comm = ShmCommunicator::attach(fd, rank, 4).expect("attach");
-                                if rank == 0 {
-                                    started.wait();
-                                }
-                                let begin = Instant::now();
-                                let result = match rank {
-                                    0 => comm.all_reduce_sum(&mut [1.0; 10]).map(|_| ()),
-                                    1 => comm.all_gather(&[1.0]).map(|_| ()),
-                                    _ => comm.barrier(),
-                                };
-                                (result, begin.elapsed())
-                            })
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|handle| handle.join().expect("rank thread panicked"))
-                        .collect::<Vec<_>>()
+            // Ranks 0, 1 and 2 enter different collectives; rank 3 never attaches.
+            let ranks: Vec<_> = (0..3)
+                .map(|rank| {
+                    let (fd, started) = (region.fd(), &started);
+                    scope.spawn(move || {
+                        let comm = ShmCommunicator::attach(fd, rank, 4).expect("attach");
+                        started.wait();
+                        let begin = Instant::now();
+                        let result = match rank {
+                            0 => comm.all_reduce_sum(&mut [1.0; 10]),
+                            1 => comm.all_gather(&[1.0]).map(drop),
+                            _ => comm.barrier(),
+                        };
+                        (result, begin.elapsed())
+                    })
                 })
-            });
+                .collect();
             started.wait();
             thread::sleep(Duration::from_millis(300));
             let aborted_at = Instant::now();
             region.abort();
-            let results = waiters.join().expect("waiters panicked");
+            let results: Vec<_> = ranks
+                .into_iter()
+                .map(|rank| rank.join().expect("rank thread panicked"))
+                .collect();
             (results, aborted_at.elapsed())
         });
         let (results, since_abort) = results;
@@ -1450,8 +1469,11 @@ mod tests {
 
     #[test]
     fn interleaved_collectives_of_every_kind_give_correct_results_under_timing_noise() {
-        for world in [2, 3, 5] {
-            with_ranks(world, 64, |comm| {
+        let runs = [2, 3, 5]
+            .into_iter()
+            .flat_map(|world| REDUCE_MODES.map(|(_, limit)| (world, limit)));
+        for (world, limit) in runs {
+            with_ranks_using(world, 64, limit, |comm| {
                 let rank = comm.rank();
                 let mut plan = Lcg(42); // the same on every rank
                 let mut noise = Lcg(1000 + rank as u64); // different per rank

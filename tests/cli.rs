@@ -1,0 +1,150 @@
+//! The command-line contract: `forward`, `generate`, `inspect`, `bench` and `--verbose`, as other
+//! tools call them.
+
+mod common;
+
+use common::{fixture, masked_max_diff, read_tensors, reference, run};
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_success(out: &std::process::Output) {
+    assert!(out.status.success(), "command failed:\n{}", stderr(out));
+}
+
+#[test]
+fn forward_writes_logits_that_match_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.safetensors");
+    let model = fixture("llama");
+    let inputs = model.join("reference.safetensors");
+    let out = run(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        "3",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    let written = read_tensors(&output);
+    let refs = reference("llama");
+    let logits: Vec<f32> = written["logits"].values.iter().map(|&v| v as f32).collect();
+    assert_eq!(written["logits"].shape, refs["logits"].shape);
+    assert!(masked_max_diff(&logits, &refs["logits"], &refs["attention_mask"]) < 1e-4);
+}
+
+#[test]
+fn forward_of_an_encoder_writes_last_hidden_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.safetensors");
+    let model = fixture("bert");
+    let inputs = model.join("reference.safetensors");
+    let out = run(&[
+        "forward", "--model", model.to_str().unwrap(), "--ranks", "2", "--inputs", inputs.to_str().unwrap(),
+        "--output", output.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    let written = read_tensors(&output);
+    assert_eq!(written["last_hidden_state"].shape, vec![2, 10, 64]);
+}
+
+#[test]
+fn generate_json_from_token_ids_matches_transformers_greedy() {
+    let refs = reference("qwen2");
+    let prompt: Vec<String> = refs["generate_input_ids"].ids().iter().map(u32::to_string).collect();
+    let model = fixture("qwen2");
+    let out = run(&[
+        "generate", "--model", model.to_str().unwrap(), "--ranks", "2", "--max-new-tokens", "12",
+        "--input-ids", &prompt.join(","), "--json",
+    ]);
+    assert_success(&out);
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(json["generated_ids"].clone()).unwrap();
+    assert_eq!(ids, refs["generate_output_ids"].ids());
+    assert!(json.get("text").is_none(), "no tokenizer, so no text");
+}
+
+#[test]
+fn min_new_tokens_suppresses_end_of_sequence_like_transformers() {
+    let refs = reference("smollm_like");
+    let prompt: Vec<String> = refs["generate_input_ids"].ids().iter().map(u32::to_string).collect();
+    let model = fixture("smollm_like");
+    let out = run(&[
+        "generate", "--model", model.to_str().unwrap(), "--ranks", "3", "--max-new-tokens", "12",
+        "--min-new-tokens", "12", "--input-ids", &prompt.join(","), "--json",
+    ]);
+    assert_success(&out);
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(json["generated_ids"].clone()).unwrap();
+    assert_eq!(ids, refs["generate_min_output_ids"].ids());
+}
+
+#[test]
+fn generate_from_a_text_prompt_returns_text_from_the_tokenizer() {
+    let model = fixture("gpt2");
+    let one = run(&["generate", "--model", model.to_str().unwrap(), "--max-new-tokens", "8", "--json", "the model"]);
+    let two = run(&[
+        "generate", "--model", model.to_str().unwrap(), "--ranks", "2", "--max-new-tokens", "8", "--json", "the model",
+    ]);
+    assert_success(&one);
+    assert_success(&two);
+    let json: serde_json::Value = serde_json::from_str(stdout(&one).trim()).unwrap();
+    assert!(json["text"].is_string());
+    assert!(!json["generated_ids"].as_array().unwrap().is_empty());
+    assert_eq!(stdout(&one), stdout(&two), "1 and 2 ranks generate the same");
+}
+
+#[test]
+fn verbose_detail_prints_every_ranks_memory() {
+    let model = fixture("llama");
+    let out = run(&[
+        "generate", "--model", model.to_str().unwrap(), "--ranks", "2", "--max-new-tokens", "2", "--input-ids", "1,2,3",
+        "--verbose", "detail",
+    ]);
+    assert_success(&out);
+    let err = stderr(&out);
+    for needle in ["rank 0", "rank 1", "weights sliced", "weights replicated", "kv cache", "peak resident"] {
+        assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
+    }
+    let simple = run(&[
+        "generate", "--model", model.to_str().unwrap(), "--ranks", "2", "--max-new-tokens", "2", "--input-ids", "1,2,3",
+        "--verbose", "simple",
+    ]);
+    assert_eq!(stderr(&simple).lines().filter(|l| l.starts_with("rank ")).count(), 2);
+}
+
+#[test]
+fn inspect_prints_the_plan_and_memory_per_rank_without_loading() {
+    let model = fixture("smollm_like");
+    let out = run(&["inspect", "--model", model.to_str().unwrap(), "--ranks", "2"]);
+    assert_success(&out);
+    let text = stdout(&out);
+    assert!(text.contains("heads [6, 3], kv heads [2, 1]"), "{text}");
+    assert!(text.contains("column(kvheads)"), "{text}");
+    assert!(text.contains("rank 0: weights") && text.contains("rank 1: weights"), "{text}");
+}
+
+#[test]
+fn bench_json_reports_prefill_decode_and_peak_memory_per_rank() {
+    let model = fixture("llama");
+    let out = run(&[
+        "bench", "--model", model.to_str().unwrap(), "--ranks", "2", "--prompt-len", "16", "--new-tokens", "8",
+        "--repeats", "1", "--json",
+    ]);
+    assert_success(&out);
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert!(json["prefill_ms"].as_f64().unwrap() > 0.0);
+    assert!(json["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let peaks = json["peak_memory_bytes"].as_array().unwrap();
+    assert_eq!(peaks.len(), 2);
+    assert!(peaks.iter().all(|p| p.as_u64().unwrap() > 0));
+}

@@ -1,0 +1,180 @@
+//! Shared test harness: fixtures, their transformers references, running the CLI, and checks
+//! that no worker process or shared-memory segment outlives a run.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use parallelformers::Options;
+use safetensors::{Dtype, SafeTensors};
+
+/// The directory of fixture `name`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// The built `parallelformers` binary.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_parallelformers"))
+}
+
+/// Library options that start ranks from the built binary.
+pub fn options(ranks: usize) -> Options {
+    Options {
+        ranks,
+        threads_per_rank: Some(1),
+        worker_program: Some(binary()),
+        ..Options::default()
+    }
+}
+
+/// A tensor from a reference file, widened to f64 for comparisons.
+#[derive(Debug, Clone)]
+pub struct RefTensor {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub values: Vec<f64>,
+}
+
+impl RefTensor {
+    /// The values as token ids.
+    pub fn ids(&self) -> Vec<u32> {
+        self.values.iter().map(|&v| v as u32).collect()
+    }
+}
+
+/// Every tensor of a safetensors file.
+pub fn read_tensors(path: &Path) -> HashMap<String, RefTensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data();
+            let values = match view.dtype() {
+                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                Dtype::I64 => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                other => panic!("unexpected dtype {other:?} in {}", path.display()),
+            };
+            (name, RefTensor { shape: view.shape().to_vec(), values })
+        })
+        .collect()
+}
+
+/// The transformers reference outputs of fixture `name`.
+pub fn reference(name: &str) -> HashMap<String, RefTensor> {
+    read_tensors(&fixture(name).join("reference.safetensors"))
+}
+
+/// Largest absolute difference between `actual` and `expected` `[B, L, D]` over positions
+/// whose attention mask is 1.
+pub fn masked_max_diff(actual: &[f32], expected: &RefTensor, mask: &RefTensor) -> f64 {
+    assert_eq!(actual.len(), expected.values.len(), "output size differs from the reference");
+    let width = expected.shape[2];
+    let mut worst = 0f64;
+    for (pos, &m) in mask.values.iter().enumerate() {
+        if m == 0.0 {
+            continue;
+        }
+        for d in 0..width {
+            let i = pos * width + d;
+            worst = worst.max((actual[i] as f64 - expected.values[i]).abs());
+        }
+    }
+    worst
+}
+
+/// A unique tag put into the environment of a command, inherited by its workers, so that a
+/// test can find every process the command started.
+pub fn unique_tag() -> String {
+    format!("pf-test-{}-{}", std::process::id(), rand_suffix())
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Runs the CLI with `args`, tagging its processes with `tag`.
+pub fn run_tagged(tag: &str, args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .env("PARALLELFORMERS_TEST_TAG", tag)
+        .output()
+        .expect("cannot run the parallelformers binary")
+}
+
+/// Runs the CLI and asserts that none of its processes outlive it.
+pub fn run(args: &[&str]) -> Output {
+    let tag = unique_tag();
+    let out = run_tagged(&tag, args);
+    assert_no_processes_tagged(&tag);
+    out
+}
+
+/// Pids of live processes whose environment contains `PARALLELFORMERS_TEST_TAG=tag`.
+pub fn processes_tagged(tag: &str) -> Vec<u32> {
+    let needle = format!("PARALLELFORMERS_TEST_TAG={tag}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            environ.split(|&b| b == 0).any(|kv| kv == needle.as_bytes())
+        })
+        .collect()
+}
+
+/// Asserts that no process carrying `tag` exists.
+pub fn assert_no_processes_tagged(tag: &str) {
+    let left = processes_tagged(tag);
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+/// Whether process `pid` still exists (a zombie counts).
+pub fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Shared-memory objects of ours in `/dev/shm` (the communicator uses anonymous memfds, so
+/// there must never be any).
+pub fn shm_segments() -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| n.contains("parallelformers"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Descriptors of this process that point at a communicator region.
+pub fn open_comm_regions() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter(|target| target.to_string_lossy().contains("parallelformers"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A fresh temporary copy of fixture `name` to break on purpose.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap().flatten() {
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}

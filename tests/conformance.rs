@@ -1,0 +1,103 @@
+//! Outputs of every fixture, at every rank count the model allows up to 4, against the
+//! references transformers wrote (`scripts/make_fixtures.py`).
+
+mod common;
+
+use common::{fixture, masked_max_diff, options, reference};
+use parallelformers::{parallelize, ForwardInput, GenerateParams, WeightDType};
+
+/// f32 outputs must be within this of transformers' (absolute, at unpadded positions).
+const F32_TOLERANCE: f64 = 1e-4;
+
+/// Runs the padded reference batch through `name` split over `ranks` and returns the largest
+/// difference from the reference; also checks greedy generation when the fixture has it.
+fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
+    let refs = reference(name);
+    let mut opts = options(ranks);
+    opts.dtype = dtype;
+    let mut model = parallelize(fixture(name), opts).unwrap_or_else(|e| panic!("{name} at {ranks} ranks: {e}"));
+    let ids = &refs["input_ids"];
+    let mask = &refs["attention_mask"];
+    let input = ForwardInput {
+        input_ids: ids.ids(),
+        batch: ids.shape[0],
+        seq_len: ids.shape[1],
+        attention_mask: Some(mask.ids()),
+    };
+    let out = model.forward(&input).unwrap();
+    let expected = refs.get("logits").or_else(|| refs.get("last_hidden_state")).unwrap();
+    assert_eq!(out.shape, expected.shape, "{name}: output shape");
+    let diff = masked_max_diff(&out.data, expected, mask);
+    if let (Some(prompt), WeightDType::F32) = (refs.get("generate_input_ids"), dtype) {
+        let stopping = model
+            .generate(&prompt.ids(), &GenerateParams { max_new_tokens: 12, ..GenerateParams::default() })
+            .unwrap();
+        assert_eq!(stopping.ids, refs["generate_output_ids"].ids(), "{name} at {ranks} ranks: greedy stopping at eos");
+        let forced = model
+            .generate(&prompt.ids(), &GenerateParams { max_new_tokens: 12, min_new_tokens: 12, eos_token_ids: None })
+            .unwrap();
+        assert_eq!(forced.ids, refs["generate_min_output_ids"].ids(), "{name} at {ranks} ranks: min_new_tokens");
+    }
+    model.deparallelize();
+    diff
+}
+
+fn max_ranks(name: &str) -> usize {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("meta.json")).unwrap()).unwrap();
+    (meta["max_ranks"].as_u64().unwrap() as usize).min(4)
+}
+
+fn check_all_ranks(name: &str) {
+    for ranks in 1..=max_ranks(name) {
+        let diff = check_fixture(name, ranks, WeightDType::F32);
+        assert!(diff < F32_TOLERANCE, "{name} at {ranks} ranks differs from transformers by {diff}");
+    }
+}
+
+#[test]
+fn gpt2_matches_transformers_at_every_rank_count() {
+    check_all_ranks("gpt2");
+}
+
+#[test]
+fn sharded_llama_checkpoint_matches_transformers_at_every_rank_count() {
+    check_all_ranks("llama");
+}
+
+#[test]
+fn smollm_shaped_llama_with_nine_heads_splits_unevenly_and_matches() {
+    check_all_ranks("smollm_like");
+}
+
+#[test]
+fn mistral_with_sliding_window_matches_transformers_at_every_rank_count() {
+    check_all_ranks("mistral");
+}
+
+#[test]
+fn qwen2_with_qkv_bias_and_tied_head_matches_transformers_at_every_rank_count() {
+    check_all_ranks("qwen2");
+}
+
+#[test]
+fn bert_hidden_states_match_transformers_at_every_rank_count() {
+    check_all_ranks("bert");
+}
+
+#[test]
+fn bert_masked_lm_logits_match_transformers_at_every_rank_count() {
+    check_all_ranks("bert_mlm");
+}
+
+/// Half-precision weights and activations: documented bounds (README, "Precision").
+#[test]
+fn half_precision_stays_within_the_documented_bounds() {
+    for name in ["gpt2", "llama", "bert"] {
+        let f16 = check_fixture(name, 2, WeightDType::F16);
+        assert!(f16 < 2e-2, "{name} f16 differs by {f16}");
+        let bf16 = check_fixture(name, 2, WeightDType::Bf16);
+        assert!(bf16 < 1.5e-1, "{name} bf16 differs by {bf16}");
+        eprintln!("{name}: f16 {f16:.2e}, bf16 {bf16:.2e}");
+    }
+}

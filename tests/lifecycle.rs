@@ -1,0 +1,90 @@
+//! The life of a parallel model: workers exist only between `parallelize` and `deparallelize`
+//! (or drop), nothing outlives them, and a library user's own program can host the ranks.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{binary, fixture, options, process_exists, shm_segments};
+use parallelformers::{parallelize, GenerateParams};
+
+fn assert_all_gone(pids: &[u32]) {
+    for &pid in pids {
+        assert!(!process_exists(pid), "worker {pid} is still there (running or zombie)");
+    }
+}
+
+#[test]
+fn deparallelize_stops_every_worker_and_frees_the_shared_memory() {
+    let model = parallelize(fixture("llama"), options(4)).unwrap();
+    let pids = model.worker_pids();
+    assert_eq!(pids.len(), 4);
+    assert!(pids.iter().all(|&p| process_exists(p)));
+    model.deparallelize();
+    assert_all_gone(&pids);
+    assert!(shm_segments().is_empty());
+}
+
+#[test]
+fn dropping_the_model_stops_every_worker() {
+    let model = parallelize(fixture("gpt2"), options(3)).unwrap();
+    let pids = model.worker_pids();
+    drop(model);
+    assert_all_gone(&pids);
+}
+
+#[test]
+fn an_invalid_request_is_refused_and_the_model_stays_usable() {
+    let mut model = parallelize(fixture("llama"), options(2)).unwrap();
+    let params = GenerateParams { max_new_tokens: 3, ..GenerateParams::default() };
+    let err = model.generate(&[1, 5000], &params).unwrap_err().to_string();
+    assert!(err.contains("token id 5000"), "{err}");
+    assert!(model.generate(&[], &params).is_err());
+    assert_eq!(model.generate(&[1, 2], &params).unwrap().ids.len(), 3);
+}
+
+#[test]
+fn each_rank_holds_its_share_of_the_sliced_weights_and_all_replicated_ones() {
+    let one = parallelize(fixture("llama"), options(1)).unwrap();
+    let two = parallelize(fixture("llama"), options(2)).unwrap();
+    let whole = one.load_report()[0].weights;
+    let halves: Vec<_> = two.load_report().iter().map(|m| m.weights).collect();
+    assert_eq!(halves.iter().map(|w| w.sliced).sum::<u64>(), whole.sliced);
+    for w in &halves {
+        assert_eq!(w.replicated, whole.replicated);
+        assert!(w.sliced * 10 < whole.sliced * 6, "a rank holds {} of {} sliced bytes", w.sliced, whole.sliced);
+    }
+}
+
+#[test]
+fn the_kv_cache_is_reported_and_freed_after_generation() {
+    let mut model = parallelize(fixture("mistral"), options(2)).unwrap();
+    model.generate(&[1, 2, 3], &GenerateParams { max_new_tokens: 4, ..GenerateParams::default() }).unwrap();
+    let report = model.memory_report().unwrap();
+    assert_eq!(report.len(), 2);
+    assert!(report.iter().all(|m| m.kv_cache_bytes == 0 && m.peak_bytes > 0));
+}
+
+fn library_user_example() -> PathBuf {
+    let bin = binary();
+    bin.parent().unwrap().join("examples/library_user")
+}
+
+#[test]
+fn a_library_users_own_program_can_host_the_ranks() {
+    let example = library_user_example();
+    assert!(example.exists(), "build examples first: {} is missing", example.display());
+    let out = std::process::Command::new(&example)
+        .args([fixture("llama").to_str().unwrap(), "2", "4,5,6"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(json["generated_ids"].clone()).unwrap();
+    let mut model = parallelize(fixture("llama"), options(1)).unwrap();
+    let expected = model.generate(&[4, 5, 6], &GenerateParams { max_new_tokens: 6, ..GenerateParams::default() }).unwrap();
+    assert_eq!(ids, expected.ids);
+    let pids: Vec<u32> = serde_json::from_value(json["worker_pids"].clone()).unwrap();
+    assert_eq!(pids.len(), 2);
+    assert_all_gone(&pids);
+}
