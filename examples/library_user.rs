@@ -14,7 +14,9 @@ use parallelformers::{parallelize, GenerateParams, Options};
 fn main() -> anyhow::Result<()> {
     parallelformers::run_worker_if_requested();
     let mut args = std::env::args().skip(1);
-    let dir = args.next().context("usage: library_user MODEL_DIR [RANKS] [IDS]")?;
+    let dir = args
+        .next()
+        .context("usage: library_user MODEL_DIR [RANKS] [IDS]")?;
     let ranks: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(2);
     let prompt: Vec<u32> = args
         .next()
@@ -22,10 +24,25 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    let mut model = parallelize(&dir, Options { ranks, ..Options::default() })?;
-    let generated = model.generate(&prompt, &GenerateParams { max_new_tokens: 6, ..GenerateParams::default() })?;
+    let mut model = parallelize(
+        &dir,
+        Options {
+            ranks,
+            ..Options::default()
+        },
+    )?;
+    let generated = model.generate(
+        &prompt,
+        &GenerateParams {
+            max_new_tokens: 6,
+            ..GenerateParams::default()
+        },
+    )?;
     let pids = model.worker_pids();
     model.deparallelize();
-    println!("{}", serde_json::json!({ "generated_ids": generated.ids, "worker_pids": pids }));
+    println!(
+        "{}",
+        serde_json::json!({ "generated_ids": generated.ids, "worker_pids": pids })
+    );
     Ok(())
 }

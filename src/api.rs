@@ -8,7 +8,9 @@ use std::time::Duration;
 use crate::checkpoint::{ModelConfig, SafetensorsCheckpoint};
 use crate::error::{Error, Result};
 use crate::options::{Options, Verbosity};
-use crate::parallel::ipc::{ForwardRequest, GenerateRequest, Generated, LoadSpec, Reply, Request, WireTensor};
+use crate::parallel::ipc::{
+    ForwardRequest, GenerateRequest, Generated, LoadSpec, Reply, Request, WireTensor,
+};
 use crate::parallel::launcher::{default_threads, LaunchSpec, WorkerGroup};
 use crate::parallel::memory::RankMemory;
 use crate::parallel::Plan;
@@ -64,18 +66,24 @@ pub struct ParallelModel {
 pub fn parallelize(source: impl AsRef<Path>, options: Options) -> Result<ParallelModel> {
     let dir = source.as_ref();
     if !dir.is_dir() {
-        return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "not a model directory")));
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not a model directory"),
+        ));
     }
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     SafetensorsCheckpoint::open(dir)?;
     Plan::new(&config, options.ranks)?;
     let program = match &options.worker_program {
         Some(p) => p.clone(),
-        None => std::env::current_exe().map_err(|e| Error::Launch(format!("cannot find this executable: {e}")))?,
+        None => std::env::current_exe()
+            .map_err(|e| Error::Launch(format!("cannot find this executable: {e}")))?,
     };
     let spec = LaunchSpec {
         ranks: options.ranks,
-        threads_per_rank: options.threads_per_rank.unwrap_or_else(|| default_threads(options.ranks)),
+        threads_per_rank: options
+            .threads_per_rank
+            .unwrap_or_else(|| default_threads(options.ranks)),
         program,
         echo_stderr: std::env::var_os("RUST_LOG").is_some(),
         startup_timeout: options.startup_timeout,
@@ -92,7 +100,9 @@ pub fn parallelize(source: impl AsRef<Path>, options: Options) -> Result<Paralle
         .into_iter()
         .map(|reply| match reply {
             Reply::Parallelized(memory) => Ok(memory),
-            other => Err(Error::Launch(format!("unexpected answer to the load request: {other:?}"))),
+            other => Err(Error::Launch(format!(
+                "unexpected answer to the load request: {other:?}"
+            ))),
         })
         .collect::<Result<Vec<_>>>()?;
     print_memory(options.verbose, &loaded);
@@ -129,7 +139,9 @@ fn model_eos_ids(dir: &Path, config: &ModelConfig) -> Vec<u32> {
         .and_then(|g| g.eos_token_id)
         .and_then(|v| match v {
             serde_json::Value::Number(n) => n.as_u64().map(|id| vec![id as u32]),
-            serde_json::Value::Array(a) => a.iter().map(|x| x.as_u64().map(|id| id as u32)).collect(),
+            serde_json::Value::Array(a) => {
+                a.iter().map(|x| x.as_u64().map(|id| id as u32)).collect()
+            }
             _ => None,
         });
     from_generation.unwrap_or_else(|| config.eos_token_ids.clone())
@@ -167,7 +179,10 @@ impl ParallelModel {
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        match ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+        match ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
             Some(id) => Err(Error::InvalidInput(format!(
                 "token id {id} is outside the vocabulary of {} tokens",
                 self.config.vocab_size
@@ -178,7 +193,10 @@ impl ParallelModel {
 
     /// Runs a forward pass: logits `[B, L, V]` for LM heads, else the last hidden state `[B, L, H]`.
     pub fn forward(&mut self, input: &ForwardInput) -> Result<WireTensor> {
-        if input.batch == 0 || input.seq_len == 0 || input.input_ids.len() != input.batch * input.seq_len {
+        if input.batch == 0
+            || input.seq_len == 0
+            || input.input_ids.len() != input.batch * input.seq_len
+        {
             return Err(Error::InvalidInput(format!(
                 "input_ids holds {} ids, which is not a non-empty batch {} × length {}",
                 input.input_ids.len(),
@@ -195,7 +213,9 @@ impl ParallelModel {
                 )));
             }
             if let Some(v) = mask.iter().find(|&&v| v > 1) {
-                return Err(Error::InvalidInput(format!("attention_mask value {v} is not 0 or 1")));
+                return Err(Error::InvalidInput(format!(
+                    "attention_mask value {v} is not 0 or 1"
+                )));
             }
         }
         self.check_ids(&input.input_ids)?;
@@ -207,7 +227,9 @@ impl ParallelModel {
         });
         match self.group.request(&request, None)?.into_iter().next() {
             Some(Reply::Forward(tensor)) => Ok(tensor),
-            other => Err(Error::Launch(format!("unexpected answer to a forward request: {other:?}"))),
+            other => Err(Error::Launch(format!(
+                "unexpected answer to a forward request: {other:?}"
+            ))),
         }
     }
 
@@ -227,11 +249,16 @@ impl ParallelModel {
             input_ids: prompt.to_vec(),
             max_new_tokens: params.max_new_tokens,
             min_new_tokens: params.min_new_tokens,
-            eos_token_ids: params.eos_token_ids.clone().unwrap_or_else(|| self.eos_token_ids.clone()),
+            eos_token_ids: params
+                .eos_token_ids
+                .clone()
+                .unwrap_or_else(|| self.eos_token_ids.clone()),
         });
         match self.group.request(&request, None)?.into_iter().next() {
             Some(Reply::Generated(generated)) => Ok(generated),
-            other => Err(Error::Launch(format!("unexpected answer to a generate request: {other:?}"))),
+            other => Err(Error::Launch(format!(
+                "unexpected answer to a generate request: {other:?}"
+            ))),
         }
     }
 
@@ -242,7 +269,9 @@ impl ParallelModel {
             .into_iter()
             .map(|reply| match reply {
                 Reply::Memory(m) => Ok(m),
-                other => Err(Error::Launch(format!("unexpected answer to a memory request: {other:?}"))),
+                other => Err(Error::Launch(format!(
+                    "unexpected answer to a memory request: {other:?}"
+                ))),
             })
             .collect()
     }

@@ -13,7 +13,11 @@ use crate::parallel::ipc::{GenerateRequest, Generated};
 
 /// Greedy decoding with `min_new_tokens` (end-of-sequence suppressed until then), stopping after
 /// an end-of-sequence id or `max_new_tokens`, as transformers' `generate` does.
-pub fn greedy(model: &mut dyn ShardedModel, comm: &dyn Communicator, req: &GenerateRequest) -> Result<Generated> {
+pub fn greedy(
+    model: &mut dyn ShardedModel,
+    comm: &dyn Communicator,
+    req: &GenerateRequest,
+) -> Result<Generated> {
     if req.input_ids.is_empty() {
         return Err(Error::InvalidInput("the prompt is empty".into()));
     }
@@ -34,7 +38,11 @@ pub fn greedy(model: &mut dyn ShardedModel, comm: &dyn Communicator, req: &Gener
         let mut chosen = [0u8; 4];
         if comm.rank() == 0 {
             let suppress_eos = ids.len() < req.min_new_tokens;
-            chosen = argmax(&logits, suppress_eos.then_some(req.eos_token_ids.as_slice()))?.to_le_bytes();
+            chosen = argmax(
+                &logits,
+                suppress_eos.then_some(req.eos_token_ids.as_slice()),
+            )?
+            .to_le_bytes();
         }
         comm.broadcast(&mut chosen, 0)?;
         let token = u32::from_le_bytes(chosen);
@@ -77,8 +85,9 @@ fn argmax(logits: &[f32], banned: Option<&[u32]>) -> Result<u32> {
             best = Some((i, v));
         }
     }
-    best.map(|(i, _)| i as u32)
-        .ok_or_else(|| Error::InvalidInput("every token is banned; nothing can be generated".into()))
+    best.map(|(i, _)| i as u32).ok_or_else(|| {
+        Error::InvalidInput("every token is banned; nothing can be generated".into())
+    })
 }
 
 #[cfg(test)]

@@ -12,16 +12,29 @@ fn expect_failure(args: &[&str], needle: &str) {
     let out = run(args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure for {args:?}");
-    assert!(err.contains(needle), "expected `{needle}` in the error, got:\n{err}");
+    assert!(
+        err.contains(needle),
+        "expected `{needle}` in the error, got:\n{err}"
+    );
     assert!(!err.contains("panicked"), "panicked:\n{err}");
     assert_eq!(shm_segments(), before, "shared-memory segments left behind");
 }
 
 fn generate(model: &Path, ranks: &str) -> Vec<String> {
-    ["generate", "--model", model.to_str().unwrap(), "--ranks", ranks, "--max-new-tokens", "2", "--input-ids", "1,2"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        ranks,
+        "--max-new-tokens",
+        "2",
+        "--input-ids",
+        "1,2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn expect_generate_failure(model: &Path, ranks: &str, needle: &str) {
@@ -55,7 +68,11 @@ fn unreadable_shard_is_named() {
 fn unknown_model_type_is_named() {
     let dir = copy_fixture("gpt2");
     let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), config.replace("\"gpt2\"", "\"mamba\"")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"gpt2\"", "\"mamba\""),
+    )
+    .unwrap();
     expect_generate_failure(dir.path(), "2", "model_type `mamba` is not supported");
 }
 
@@ -87,19 +104,31 @@ fn rewrite_header(path: &Path, tensor: &str, edit: impl Fn(&mut serde_json::Valu
 fn tensor_with_the_wrong_shape_is_named() {
     let dir = copy_fixture("gpt2");
     // [64, 192] -> [192, 64]: same size, wrong shape.
-    rewrite_header(&dir.path().join("model.safetensors"), "transformer.h.0.attn.c_attn.weight", |entry| {
-        entry["shape"] = serde_json::json!([192, 64]);
-    });
-    expect_generate_failure(dir.path(), "2", "transformer.h.0.attn.c_attn.weight` has shape [192, 64]");
+    rewrite_header(
+        &dir.path().join("model.safetensors"),
+        "transformer.h.0.attn.c_attn.weight",
+        |entry| {
+            entry["shape"] = serde_json::json!([192, 64]);
+        },
+    );
+    expect_generate_failure(
+        dir.path(),
+        "2",
+        "transformer.h.0.attn.c_attn.weight` has shape [192, 64]",
+    );
 }
 
 #[test]
 fn tensor_with_the_wrong_dtype_is_named() {
     let dir = copy_fixture("gpt2");
     // F32 [64] -> I32 [64]: same size, not a float.
-    rewrite_header(&dir.path().join("model.safetensors"), "transformer.ln_f.weight", |entry| {
-        entry["dtype"] = serde_json::json!("I32");
-    });
+    rewrite_header(
+        &dir.path().join("model.safetensors"),
+        "transformer.ln_f.weight",
+        |entry| {
+            entry["dtype"] = serde_json::json!("I32");
+        },
+    );
     expect_generate_failure(dir.path(), "1", "transformer.ln_f.weight` has dtype I32");
 }
 
@@ -113,7 +142,15 @@ fn too_many_ranks_is_refused_before_starting_anything() {
 fn token_id_outside_the_vocabulary_is_named() {
     let model = fixture("llama");
     expect_failure(
-        &["generate", "--model", model.to_str().unwrap(), "--ranks", "2", "--input-ids", "5,103"],
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--ranks",
+            "2",
+            "--input-ids",
+            "5,103",
+        ],
         "token id 103 is outside the vocabulary of 103 tokens",
     );
 }
@@ -126,8 +163,15 @@ fn malformed_inputs_file_is_named() {
     let forward = |inputs: &Path, needle: &str| {
         expect_failure(
             &[
-                "forward", "--model", model.to_str().unwrap(), "--ranks", "2", "--inputs", inputs.to_str().unwrap(),
-                "--output", out.to_str().unwrap(),
+                "forward",
+                "--model",
+                model.to_str().unwrap(),
+                "--ranks",
+                "2",
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
             ],
             needle,
         )
@@ -135,16 +179,21 @@ fn malformed_inputs_file_is_named() {
     let garbage = dir.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"not a safetensors file").unwrap();
     forward(&garbage, "is not a valid safetensors file");
-    forward(&dir.path().join("absent.safetensors"), "cannot read --inputs");
+    forward(
+        &dir.path().join("absent.safetensors"),
+        "cannot read --inputs",
+    );
     // A valid file without input_ids.
     let no_ids = dir.path().join("no_ids.safetensors");
     let data = [0u8; 8];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 1], &data).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 1], &data).unwrap();
     safetensors::serialize_to_file([("attention_mask", view)], None, &no_ids).unwrap();
     forward(&no_ids, "has no `input_ids` tensor");
     // input_ids of the wrong dtype.
     let float_ids = dir.path().join("float_ids.safetensors");
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 2], &data).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 2], &data).unwrap();
     safetensors::serialize_to_file([("input_ids", view)], None, &float_ids).unwrap();
     forward(&float_ids, "`input_ids` must be I64");
 }

@@ -49,8 +49,15 @@ fn forward_of_an_encoder_writes_last_hidden_state() {
     let model = fixture("bert");
     let inputs = model.join("reference.safetensors");
     let out = run(&[
-        "forward", "--model", model.to_str().unwrap(), "--ranks", "2", "--inputs", inputs.to_str().unwrap(),
-        "--output", output.to_str().unwrap(),
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
     ]);
     assert_success(&out);
     let written = read_tensors(&output);
@@ -60,11 +67,23 @@ fn forward_of_an_encoder_writes_last_hidden_state() {
 #[test]
 fn generate_json_from_token_ids_matches_transformers_greedy() {
     let refs = reference("qwen2");
-    let prompt: Vec<String> = refs["generate_input_ids"].ids().iter().map(u32::to_string).collect();
+    let prompt: Vec<String> = refs["generate_input_ids"]
+        .ids()
+        .iter()
+        .map(u32::to_string)
+        .collect();
     let model = fixture("qwen2");
     let out = run(&[
-        "generate", "--model", model.to_str().unwrap(), "--ranks", "2", "--max-new-tokens", "12",
-        "--input-ids", &prompt.join(","), "--json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--input-ids",
+        &prompt.join(","),
+        "--json",
     ]);
     assert_success(&out);
     let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
@@ -76,11 +95,25 @@ fn generate_json_from_token_ids_matches_transformers_greedy() {
 #[test]
 fn min_new_tokens_suppresses_end_of_sequence_like_transformers() {
     let refs = reference("smollm_like");
-    let prompt: Vec<String> = refs["generate_input_ids"].ids().iter().map(u32::to_string).collect();
+    let prompt: Vec<String> = refs["generate_input_ids"]
+        .ids()
+        .iter()
+        .map(u32::to_string)
+        .collect();
     let model = fixture("smollm_like");
     let out = run(&[
-        "generate", "--model", model.to_str().unwrap(), "--ranks", "3", "--max-new-tokens", "12",
-        "--min-new-tokens", "12", "--input-ids", &prompt.join(","), "--json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        "3",
+        "--max-new-tokens",
+        "12",
+        "--min-new-tokens",
+        "12",
+        "--input-ids",
+        &prompt.join(","),
+        "--json",
     ]);
     assert_success(&out);
     let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
@@ -91,54 +124,124 @@ fn min_new_tokens_suppresses_end_of_sequence_like_transformers() {
 #[test]
 fn generate_from_a_text_prompt_returns_text_from_the_tokenizer() {
     let model = fixture("gpt2");
-    let one = run(&["generate", "--model", model.to_str().unwrap(), "--max-new-tokens", "8", "--json", "the model"]);
+    let one = run(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "the model",
+    ]);
     let two = run(&[
-        "generate", "--model", model.to_str().unwrap(), "--ranks", "2", "--max-new-tokens", "8", "--json", "the model",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "the model",
     ]);
     assert_success(&one);
     assert_success(&two);
     let json: serde_json::Value = serde_json::from_str(stdout(&one).trim()).unwrap();
     assert!(json["text"].is_string());
     assert!(!json["generated_ids"].as_array().unwrap().is_empty());
-    assert_eq!(stdout(&one), stdout(&two), "1 and 2 ranks generate the same");
+    assert_eq!(
+        stdout(&one),
+        stdout(&two),
+        "1 and 2 ranks generate the same"
+    );
 }
 
 #[test]
 fn verbose_detail_prints_every_ranks_memory() {
     let model = fixture("llama");
     let out = run(&[
-        "generate", "--model", model.to_str().unwrap(), "--ranks", "2", "--max-new-tokens", "2", "--input-ids", "1,2,3",
-        "--verbose", "detail",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--input-ids",
+        "1,2,3",
+        "--verbose",
+        "detail",
     ]);
     assert_success(&out);
     let err = stderr(&out);
-    for needle in ["rank 0", "rank 1", "weights sliced", "weights replicated", "kv cache", "peak resident"] {
+    for needle in [
+        "rank 0",
+        "rank 1",
+        "weights sliced",
+        "weights replicated",
+        "kv cache",
+        "peak resident",
+    ] {
         assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
     }
     let simple = run(&[
-        "generate", "--model", model.to_str().unwrap(), "--ranks", "2", "--max-new-tokens", "2", "--input-ids", "1,2,3",
-        "--verbose", "simple",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--input-ids",
+        "1,2,3",
+        "--verbose",
+        "simple",
     ]);
-    assert_eq!(stderr(&simple).lines().filter(|l| l.starts_with("rank ")).count(), 2);
+    assert_eq!(
+        stderr(&simple)
+            .lines()
+            .filter(|l| l.starts_with("rank "))
+            .count(),
+        2
+    );
 }
 
 #[test]
 fn inspect_prints_the_plan_and_memory_per_rank_without_loading() {
     let model = fixture("smollm_like");
-    let out = run(&["inspect", "--model", model.to_str().unwrap(), "--ranks", "2"]);
+    let out = run(&[
+        "inspect",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        "2",
+    ]);
     assert_success(&out);
     let text = stdout(&out);
     assert!(text.contains("heads [6, 3], kv heads [2, 1]"), "{text}");
     assert!(text.contains("column(kvheads)"), "{text}");
-    assert!(text.contains("rank 0: weights") && text.contains("rank 1: weights"), "{text}");
+    assert!(
+        text.contains("rank 0: weights") && text.contains("rank 1: weights"),
+        "{text}"
+    );
 }
 
 #[test]
 fn bench_json_reports_prefill_decode_and_peak_memory_per_rank() {
     let model = fixture("llama");
     let out = run(&[
-        "bench", "--model", model.to_str().unwrap(), "--ranks", "2", "--prompt-len", "16", "--new-tokens", "8",
-        "--repeats", "1", "--json",
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--json",
     ]);
     assert_success(&out);
     let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();

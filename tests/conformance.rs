@@ -15,7 +15,8 @@ fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
     let refs = reference(name);
     let mut opts = options(ranks);
     opts.dtype = dtype;
-    let mut model = parallelize(fixture(name), opts).unwrap_or_else(|e| panic!("{name} at {ranks} ranks: {e}"));
+    let mut model =
+        parallelize(fixture(name), opts).unwrap_or_else(|e| panic!("{name} at {ranks} ranks: {e}"));
     let ids = &refs["input_ids"];
     let mask = &refs["attention_mask"];
     let input = ForwardInput {
@@ -25,18 +26,42 @@ fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
         attention_mask: Some(mask.ids()),
     };
     let out = model.forward(&input).unwrap();
-    let expected = refs.get("logits").or_else(|| refs.get("last_hidden_state")).unwrap();
+    let expected = refs
+        .get("logits")
+        .or_else(|| refs.get("last_hidden_state"))
+        .unwrap();
     assert_eq!(out.shape, expected.shape, "{name}: output shape");
     let diff = masked_max_diff(&out.data, expected, mask);
     if let (Some(prompt), WeightDType::F32) = (refs.get("generate_input_ids"), dtype) {
         let stopping = model
-            .generate(&prompt.ids(), &GenerateParams { max_new_tokens: 12, ..GenerateParams::default() })
+            .generate(
+                &prompt.ids(),
+                &GenerateParams {
+                    max_new_tokens: 12,
+                    ..GenerateParams::default()
+                },
+            )
             .unwrap();
-        assert_eq!(stopping.ids, refs["generate_output_ids"].ids(), "{name} at {ranks} ranks: greedy stopping at eos");
+        assert_eq!(
+            stopping.ids,
+            refs["generate_output_ids"].ids(),
+            "{name} at {ranks} ranks: greedy stopping at eos"
+        );
         let forced = model
-            .generate(&prompt.ids(), &GenerateParams { max_new_tokens: 12, min_new_tokens: 12, eos_token_ids: None })
+            .generate(
+                &prompt.ids(),
+                &GenerateParams {
+                    max_new_tokens: 12,
+                    min_new_tokens: 12,
+                    eos_token_ids: None,
+                },
+            )
             .unwrap();
-        assert_eq!(forced.ids, refs["generate_min_output_ids"].ids(), "{name} at {ranks} ranks: min_new_tokens");
+        assert_eq!(
+            forced.ids,
+            refs["generate_min_output_ids"].ids(),
+            "{name} at {ranks} ranks: min_new_tokens"
+        );
     }
     model.deparallelize();
     diff
@@ -44,14 +69,18 @@ fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
 
 fn max_ranks(name: &str) -> usize {
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("meta.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("meta.json")).unwrap())
+            .unwrap();
     (meta["max_ranks"].as_u64().unwrap() as usize).min(4)
 }
 
 fn check_all_ranks(name: &str) {
     for ranks in 1..=max_ranks(name) {
         let diff = check_fixture(name, ranks, WeightDType::F32);
-        assert!(diff < F32_TOLERANCE, "{name} at {ranks} ranks differs from transformers by {diff}");
+        assert!(
+            diff < F32_TOLERANCE,
+            "{name} at {ranks} ranks differs from transformers by {diff}"
+        );
     }
 }
 

@@ -10,7 +10,10 @@ use parallelformers::{parallelize, GenerateParams};
 
 fn assert_all_gone(pids: &[u32]) {
     for &pid in pids {
-        assert!(!process_exists(pid), "worker {pid} is still there (running or zombie)");
+        assert!(
+            !process_exists(pid),
+            "worker {pid} is still there (running or zombie)"
+        );
     }
 }
 
@@ -36,7 +39,10 @@ fn dropping_the_model_stops_every_worker() {
 #[test]
 fn an_invalid_request_is_refused_and_the_model_stays_usable() {
     let mut model = parallelize(fixture("llama"), options(2)).unwrap();
-    let params = GenerateParams { max_new_tokens: 3, ..GenerateParams::default() };
+    let params = GenerateParams {
+        max_new_tokens: 3,
+        ..GenerateParams::default()
+    };
     let err = model.generate(&[1, 5000], &params).unwrap_err().to_string();
     assert!(err.contains("token id 5000"), "{err}");
     assert!(model.generate(&[], &params).is_err());
@@ -52,17 +58,32 @@ fn each_rank_holds_its_share_of_the_sliced_weights_and_all_replicated_ones() {
     assert_eq!(halves.iter().map(|w| w.sliced).sum::<u64>(), whole.sliced);
     for w in &halves {
         assert_eq!(w.replicated, whole.replicated);
-        assert!(w.sliced * 10 < whole.sliced * 6, "a rank holds {} of {} sliced bytes", w.sliced, whole.sliced);
+        assert!(
+            w.sliced * 10 < whole.sliced * 6,
+            "a rank holds {} of {} sliced bytes",
+            w.sliced,
+            whole.sliced
+        );
     }
 }
 
 #[test]
 fn the_kv_cache_is_reported_and_freed_after_generation() {
     let mut model = parallelize(fixture("mistral"), options(2)).unwrap();
-    model.generate(&[1, 2, 3], &GenerateParams { max_new_tokens: 4, ..GenerateParams::default() }).unwrap();
+    model
+        .generate(
+            &[1, 2, 3],
+            &GenerateParams {
+                max_new_tokens: 4,
+                ..GenerateParams::default()
+            },
+        )
+        .unwrap();
     let report = model.memory_report().unwrap();
     assert_eq!(report.len(), 2);
-    assert!(report.iter().all(|m| m.kv_cache_bytes == 0 && m.peak_bytes > 0));
+    assert!(report
+        .iter()
+        .all(|m| m.kv_cache_bytes == 0 && m.peak_bytes > 0));
 }
 
 fn library_user_example() -> PathBuf {
@@ -73,16 +94,32 @@ fn library_user_example() -> PathBuf {
 #[test]
 fn a_library_users_own_program_can_host_the_ranks() {
     let example = library_user_example();
-    assert!(example.exists(), "build examples first: {} is missing", example.display());
+    assert!(
+        example.exists(),
+        "build examples first: {} is missing",
+        example.display()
+    );
     let out = std::process::Command::new(&example)
         .args([fixture("llama").to_str().unwrap(), "2", "4,5,6"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<u32> = serde_json::from_value(json["generated_ids"].clone()).unwrap();
     let mut model = parallelize(fixture("llama"), options(1)).unwrap();
-    let expected = model.generate(&[4, 5, 6], &GenerateParams { max_new_tokens: 6, ..GenerateParams::default() }).unwrap();
+    let expected = model
+        .generate(
+            &[4, 5, 6],
+            &GenerateParams {
+                max_new_tokens: 6,
+                ..GenerateParams::default()
+            },
+        )
+        .unwrap();
     assert_eq!(ids, expected.ids);
     let pids: Vec<u32> = serde_json::from_value(json["worker_pids"].clone()).unwrap();
     assert_eq!(pids.len(), 2);

@@ -9,7 +9,15 @@ use parallelformers::parallelize;
 #[test]
 fn deparallelize_closes_the_communicator_region_in_the_main_process() {
     let model = parallelize(fixture("qwen2"), options(3)).unwrap();
-    assert_eq!(open_comm_regions(), 1, "the launcher holds the region while the model runs");
+    assert_eq!(
+        open_comm_regions(),
+        1,
+        "the launcher holds the region while the model runs"
+    );
     model.deparallelize();
-    assert_eq!(open_comm_regions(), 0, "the communicator region is still open");
+    assert_eq!(
+        open_comm_regions(),
+        0,
+        "the communicator region is still open"
+    );
 }

@@ -175,7 +175,8 @@ impl ModelConfig {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let raw: RawConfig = serde_json::from_str(&text)
             .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
-        raw.resolve().map_err(|message| Error::config(path, message))
+        raw.resolve()
+            .map_err(|message| Error::config(path, message))
     }
 
     /// Whether the model generates text (has a causal LM head).
@@ -185,15 +186,18 @@ impl ModelConfig {
 }
 
 /// Maps `architectures[0]` (or `model_type`) to a family and an output kind.
-fn family_of(model_type: &str, architecture: &str) -> std::result::Result<(Family, OutputKind), String> {
+fn family_of(
+    model_type: &str,
+    architecture: &str,
+) -> std::result::Result<(Family, OutputKind), String> {
     let family = match model_type {
         "gpt2" => Family::Gpt2,
         "llama" | "mistral" | "qwen2" => Family::Llama,
         "bert" => Family::Bert,
         other => {
             return Err(format!(
-                "model_type `{other}` is not supported (supported: gpt2, llama, mistral, qwen2, bert)"
-            ))
+            "model_type `{other}` is not supported (supported: gpt2, llama, mistral, qwen2, bert)"
+        ))
         }
     };
     let output = match (family, architecture) {
@@ -233,7 +237,10 @@ impl RawConfig {
         let hidden_size = required(self.hidden_size, "hidden_size")?;
         let num_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
         let num_heads = required(self.num_attention_heads, "num_attention_heads")?;
-        let num_kv_heads = required(self.num_key_value_heads.or(Some(num_heads)), "num_key_value_heads")?;
+        let num_kv_heads = required(
+            self.num_key_value_heads.or(Some(num_heads)),
+            "num_key_value_heads",
+        )?;
         if num_heads % num_kv_heads != 0 {
             return Err(format!(
                 "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
@@ -299,7 +306,10 @@ impl RawConfig {
             activation,
             rope_theta,
             tie_word_embeddings: self.tie_word_embeddings,
-            eos_token_ids: self.eos_token_id.map(TokenIds::into_vec).unwrap_or_default(),
+            eos_token_ids: self
+                .eos_token_id
+                .map(TokenIds::into_vec)
+                .unwrap_or_default(),
             bos_token_id: self.bos_token_id,
             sliding_window,
             qkv_bias: family != Family::Llama || is_qwen2 || attention_bias,
@@ -319,7 +329,9 @@ fn resolve_rope(raw: &RawConfig) -> std::result::Result<f64, String> {
         .flatten()
     {
         if kind != "default" {
-            return Err(format!("rope_type `{kind}` is not supported yet (only `default`)"));
+            return Err(format!(
+                "rope_type `{kind}` is not supported yet (only `default`)"
+            ));
         }
     }
     Ok(nested.rope_theta.or(raw.rope_theta).unwrap_or(10_000.0))
@@ -382,7 +394,10 @@ mod tests {
 
     #[test]
     fn unsupported_rope_scaling_is_refused() {
-        let json = LLAMA_4X.replace(r#""rope_scaling":null"#, r#""rope_scaling":{"rope_type":"yarn","factor":4.0}"#);
+        let json = LLAMA_4X.replace(
+            r#""rope_scaling":null"#,
+            r#""rope_scaling":{"rope_type":"yarn","factor":4.0}"#,
+        );
         assert!(resolve(&json).unwrap_err().contains("yarn"));
     }
 

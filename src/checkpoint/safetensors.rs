@@ -64,14 +64,19 @@ impl SafetensorsCheckpoint {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let file_names: Vec<String> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let index: ShardIndex = serde_json::from_str(&text)
-                .map_err(|e| Error::checkpoint(&index_path, format!("not a valid shard index: {e}")))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let index: ShardIndex = serde_json::from_str(&text).map_err(|e| {
+                Error::checkpoint(&index_path, format!("not a valid shard index: {e}"))
+            })?;
             let mut names: Vec<String> = index.weight_map.into_values().collect();
             names.sort();
             names.dedup();
             if let Some(bad) = names.iter().find(|n| n.contains('/') || n.contains("..")) {
-                return Err(Error::checkpoint(&index_path, format!("shard name `{bad}` leaves the directory")));
+                return Err(Error::checkpoint(
+                    &index_path,
+                    format!("shard name `{bad}` leaves the directory"),
+                ));
             }
             names
         } else if single.exists() {
@@ -97,8 +102,12 @@ impl SafetensorsCheckpoint {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut len_bytes = [0u8; 8];
-        file.read_exact_at(&mut len_bytes, 0)
-            .map_err(|_| Error::checkpoint(path, "file is shorter than the 8-byte safetensors header length"))?;
+        file.read_exact_at(&mut len_bytes, 0).map_err(|_| {
+            Error::checkpoint(
+                path,
+                "file is shorter than the 8-byte safetensors header length",
+            )
+        })?;
         let header_len = u64::from_le_bytes(len_bytes);
         if header_len > MAX_HEADER_BYTES || header_len + 8 > file_len {
             return Err(Error::checkpoint(
@@ -107,7 +116,8 @@ impl SafetensorsCheckpoint {
             ));
         }
         let mut header = vec![0u8; header_len as usize];
-        file.read_exact_at(&mut header, 8).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut header, 8)
+            .map_err(|e| Error::io(path, e))?;
         let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
             .map_err(|e| Error::checkpoint(path, format!("header is not valid JSON: {e}")))?;
         let data_base = 8 + header_len;
@@ -117,8 +127,12 @@ impl SafetensorsCheckpoint {
             if name == "__metadata__" {
                 continue;
             }
-            let entry: HeaderEntry = serde_json::from_value(value)
-                .map_err(|e| Error::checkpoint(path, format!("tensor `{name}` has a malformed header entry: {e}")))?;
+            let entry: HeaderEntry = serde_json::from_value(value).map_err(|e| {
+                Error::checkpoint(
+                    path,
+                    format!("tensor `{name}` has a malformed header entry: {e}"),
+                )
+            })?;
             let info = validate_entry(path, &name, entry, data_base, data_len, index)?;
             self.tensors.insert(name, info);
         }
@@ -143,7 +157,12 @@ impl SafetensorsCheckpoint {
 
     /// Reads the block `rows × cols` of a 2-D tensor (or `cols` of a 1-D one, with `rows`
     /// `0..1`), row-major, as raw little-endian bytes of the stored dtype.
-    pub fn read_block(&self, name: &str, rows: Range<usize>, cols: Range<usize>) -> Result<Vec<u8>> {
+    pub fn read_block(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Vec<u8>> {
         let info = self.info(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             dir: self.dir.clone(),
@@ -154,11 +173,15 @@ impl SafetensorsCheckpoint {
             other => {
                 return Err(Error::checkpoint(
                     &self.files[info.file].0,
-                    format!("tensor `{name}` has {} dimensions; only 1 and 2 can be sliced", other.len()),
+                    format!(
+                        "tensor `{name}` has {} dimensions; only 1 and 2 can be sliced",
+                        other.len()
+                    ),
                 ))
             }
         };
-        if rows.end > n_rows || cols.end > n_cols || rows.start > rows.end || cols.start > cols.end {
+        if rows.end > n_rows || cols.end > n_cols || rows.start > rows.end || cols.start > cols.end
+        {
             return Err(Error::InvalidInput(format!(
                 "slice rows {rows:?} cols {cols:?} is outside tensor `{name}` of shape {:?}",
                 info.shape
@@ -170,7 +193,8 @@ impl SafetensorsCheckpoint {
         let mut out = vec![0u8; rows.len() * row_bytes];
         if cols.len() == n_cols {
             let start = info.data_start + (rows.start * n_cols * elem) as u64;
-            file.read_exact_at(&mut out, start).map_err(|e| Error::io(path, e))?;
+            file.read_exact_at(&mut out, start)
+                .map_err(|e| Error::io(path, e))?;
         } else {
             for (i, row) in rows.enumerate() {
                 let start = info.data_start + ((row * n_cols + cols.start) * elem) as u64;
@@ -189,7 +213,8 @@ impl SafetensorsCheckpoint {
         })?;
         let (path, file) = &self.files[info.file];
         let mut out = vec![0u8; info.shape.iter().product::<usize>() * info.element_bytes()];
-        file.read_exact_at(&mut out, info.data_start).map_err(|e| Error::io(path, e))?;
+        file.read_exact_at(&mut out, info.data_start)
+            .map_err(|e| Error::io(path, e))?;
         Ok(out)
     }
 }
@@ -204,10 +229,23 @@ fn validate_entry(
     data_len: u64,
     file: usize,
 ) -> Result<TensorInfo> {
-    if !matches!(entry.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64 | Dtype::I64 | Dtype::I32 | Dtype::U8 | Dtype::BOOL) {
+    if !matches!(
+        entry.dtype,
+        Dtype::F32
+            | Dtype::F16
+            | Dtype::BF16
+            | Dtype::F64
+            | Dtype::I64
+            | Dtype::I32
+            | Dtype::U8
+            | Dtype::BOOL
+    ) {
         return Err(Error::checkpoint(
             path,
-            format!("tensor `{name}` has dtype {:?}, which cannot be loaded", entry.dtype),
+            format!(
+                "tensor `{name}` has dtype {:?}, which cannot be loaded",
+                entry.dtype
+            ),
         ));
     }
     let (start, end) = entry.data_offsets;
@@ -215,10 +253,20 @@ fn validate_entry(
         .shape
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-        .ok_or_else(|| Error::checkpoint(path, format!("tensor `{name}` has an absurd shape {:?}", entry.shape)))?;
+        .ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!("tensor `{name}` has an absurd shape {:?}", entry.shape),
+            )
+        })?;
     let expected = numel
         .checked_mul((entry.dtype.bitsize() / 8) as u64)
-        .ok_or_else(|| Error::checkpoint(path, format!("tensor `{name}` has an absurd shape {:?}", entry.shape)))?;
+        .ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!("tensor `{name}` has an absurd shape {:?}", entry.shape),
+            )
+        })?;
     if end < start || end - start != expected {
         return Err(Error::checkpoint(
             path,
@@ -267,7 +315,10 @@ mod tests {
     }
 
     fn floats(bytes: &[u8]) -> Vec<f32> {
-        bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     #[test]
@@ -276,8 +327,14 @@ mod tests {
         let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
         write_checkpoint(dir.path(), &[("w", vec![3, 4], values)]);
         let ckpt = SafetensorsCheckpoint::open(dir.path()).unwrap();
-        assert_eq!(floats(&ckpt.read_block("w", 1..3, 1..3).unwrap()), vec![5.0, 6.0, 9.0, 10.0]);
-        assert_eq!(floats(&ckpt.read_block("w", 2..3, 0..4).unwrap()), vec![8.0, 9.0, 10.0, 11.0]);
+        assert_eq!(
+            floats(&ckpt.read_block("w", 1..3, 1..3).unwrap()),
+            vec![5.0, 6.0, 9.0, 10.0]
+        );
+        assert_eq!(
+            floats(&ckpt.read_block("w", 2..3, 0..4).unwrap()),
+            vec![8.0, 9.0, 10.0, 11.0]
+        );
     }
 
     #[test]
@@ -287,7 +344,10 @@ mod tests {
         let path = dir.path().join("model.safetensors");
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
-        let err = SafetensorsCheckpoint::open(dir.path()).err().unwrap().to_string();
+        let err = SafetensorsCheckpoint::open(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("truncated") && err.contains("`w`"), "{err}");
     }
 
@@ -297,7 +357,10 @@ mod tests {
         let mut bytes = (u64::MAX / 2).to_le_bytes().to_vec();
         bytes.extend_from_slice(b"{}");
         std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
-        let err = SafetensorsCheckpoint::open(dir.path()).err().unwrap().to_string();
+        let err = SafetensorsCheckpoint::open(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("header claims"), "{err}");
     }
 
@@ -309,14 +372,20 @@ mod tests {
         bytes.extend_from_slice(header);
         bytes.extend_from_slice(&[0u8; 16]);
         std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
-        let err = SafetensorsCheckpoint::open(dir.path()).err().unwrap().to_string();
+        let err = SafetensorsCheckpoint::open(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("needs 16 bytes"), "{err}");
     }
 
     #[test]
     fn missing_directory_contents_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = SafetensorsCheckpoint::open(dir.path()).err().unwrap().to_string();
+        let err = SafetensorsCheckpoint::open(dir.path())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("no model.safetensors"), "{err}");
     }
 }

@@ -41,7 +41,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         eos_token_ids: Some(Vec::new()),
     };
     // Warm-up: page in code and weights, size the allocator.
-    model.generate(&ids, &GenerateParams { max_new_tokens: 2, ..params.clone() })?;
+    model.generate(
+        &ids,
+        &GenerateParams {
+            max_new_tokens: 2,
+            ..params.clone()
+        },
+    )?;
     let mut prefill = f64::INFINITY;
     let mut decode = f64::INFINITY;
     for _ in 0..args.repeats.max(1) {

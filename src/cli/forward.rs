@@ -26,26 +26,54 @@ pub struct ForwardArgs {
 }
 
 /// Reads a 2-D integer tensor as `u32`s, naming the file and tensor in errors.
-fn integer_matrix(view: &TensorView, name: &str, path: &Path) -> anyhow::Result<(Vec<u32>, usize, usize)> {
+fn integer_matrix(
+    view: &TensorView,
+    name: &str,
+    path: &Path,
+) -> anyhow::Result<(Vec<u32>, usize, usize)> {
     let [rows, cols] = view.shape() else {
-        bail!("{}: `{name}` must have shape [batch, length], got {:?}", path.display(), view.shape());
+        bail!(
+            "{}: `{name}` must have shape [batch, length], got {:?}",
+            path.display(),
+            view.shape()
+        );
     };
     let values: Vec<i64> = match view.dtype() {
-        Dtype::I64 => view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default())).collect(),
-        Dtype::I32 => view.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as i64).collect(),
-        other => bail!("{}: `{name}` must be I64 (or I32), got {other:?}", path.display()),
+        Dtype::I64 => view
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect(),
+        Dtype::I32 => view
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()) as i64)
+            .collect(),
+        other => bail!(
+            "{}: `{name}` must be I64 (or I32), got {other:?}",
+            path.display()
+        ),
     };
     let ids = values
         .into_iter()
-        .map(|v| u32::try_from(v).map_err(|_| anyhow!("{}: `{name}` holds {v}, which is not a token id", path.display())))
+        .map(|v| {
+            u32::try_from(v).map_err(|_| {
+                anyhow!(
+                    "{}: `{name}` holds {v}, which is not a token id",
+                    path.display()
+                )
+            })
+        })
         .collect::<anyhow::Result<Vec<u32>>>()?;
     Ok((ids, *rows, *cols))
 }
 
 /// Reads `input_ids` and the optional `attention_mask` from `path`.
 fn read_inputs(path: &Path) -> anyhow::Result<ForwardInput> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read --inputs {}", path.display()))?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read --inputs {}", path.display()))?;
+    let tensors = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
     let ids_view = tensors
         .tensor("input_ids")
         .map_err(|_| anyhow!("{} has no `input_ids` tensor", path.display()))?;

@@ -32,7 +32,10 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let tokenizer_path = args.model.model.join("tokenizer.json");
     let tokenizer = if tokenizer_path.exists() {
-        Some(Tokenizer::from_file(&tokenizer_path).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tokenizer_path.display()))?)
+        Some(
+            Tokenizer::from_file(&tokenizer_path)
+                .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tokenizer_path.display()))?,
+        )
     } else {
         None
     };
@@ -55,10 +58,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         min_new_tokens: args.min_new_tokens,
         eos_token_ids: None,
     };
-    let generated = model.generate(&prompt_ids, &params).context("generation failed")?;
+    let generated = model
+        .generate(&prompt_ids, &params)
+        .context("generation failed")?;
     model.deparallelize();
     let text = match &tokenizer {
-        Some(tok) => Some(tok.decode(&generated.ids, true).map_err(|e| anyhow::anyhow!("cannot decode the output: {e}"))?),
+        Some(tok) => Some(
+            tok.decode(&generated.ids, true)
+                .map_err(|e| anyhow::anyhow!("cannot decode the output: {e}"))?,
+        ),
         None => None,
     };
     if args.json {
@@ -70,7 +78,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         match text {
             Some(text) => println!("{text}"),
-            None => println!("{}", generated.ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+            None => println!(
+                "{}",
+                generated
+                    .ids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         }
     }
     Ok(())

@@ -33,7 +33,12 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let element = candle_core::DType::from(args.dtype).size_in_bytes() as u64;
     println!(
         "{} ({}), {} layers, {} ranks, policy `{}`, dtype {:?}",
-        config.architecture, config.model_type, config.num_layers, args.ranks, policy.name, args.dtype
+        config.architecture,
+        config.model_type,
+        config.num_layers,
+        args.ranks,
+        policy.name,
+        args.dtype
     );
     println!(
         "split: heads {:?}, kv heads {:?}, intermediate {:?}, vocab {:?}",
@@ -62,7 +67,12 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             }
             shapes.push(format!("{:?}", slice.shape));
         }
-        println!("{name:<52} {:<14} {:<32} {}", format!("{:?}", info.shape), role.to_string(), shapes.join(" "));
+        println!(
+            "{name:<52} {:<14} {:<32} {}",
+            format!("{:?}", info.shape),
+            role.to_string(),
+            shapes.join(" ")
+        );
     }
     println!();
     for rank in 0..args.ranks {

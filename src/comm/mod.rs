@@ -6,7 +6,8 @@
 //!   projection, MLP down projection), so each rank holds the full activation again;
 //! * [`Communicator::all_gather`] to reassemble column-sharded logits (the vocabulary may be split
 //!   unevenly, so parts may differ in length);
-//! * [`Communicator::broadcast`] to hand rank 0's decision (a sampled token, a request) to everyone;
+//! * [`Communicator::broadcast`] to hand rank 0's decision (a sampled token, a request) to
+//!   everyone;
 //! * [`Communicator::barrier`] for start-up and shutdown.
 //!
 //! Determinism matters: all ranks must stay bit-identical, otherwise greedy decoding on different
@@ -16,8 +17,9 @@
 //! Two implementations exist:
 //!
 //! * [`SingleRank`] — world size 1; every operation is a no-op (or a copy);
-//! * [`ShmCommunicator`] — ranks are separate OS processes (or threads, in tests) on one host that
-//!   share an anonymous memory region created by [`ShmRegion::create`]; see [`shm`] for the protocol.
+//! * [`ShmCommunicator`] — ranks are separate OS processes (or threads, in tests) on one host
+//!   that share an anonymous memory region created by [`ShmRegion::create`]; see [`shm`] for the
+//!   protocol.
 //!
 //! All collectives are *collective*: every rank of the group must call the same operations in the
 //! same order. Violations that can be detected (different operations, different lengths,
@@ -133,8 +135,8 @@ pub trait Communicator: Send {
     /// In-place element-wise sum across ranks. Every rank must end with bit-identical results:
     /// sum in fixed rank order 0,1,..,N-1 regardless of arrival order.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError>;
-    /// Concatenate every rank's `local` in rank order; lengths may differ between ranks (uneven shards)
-    /// and may be zero. Every rank receives the full concatenation.
+    /// Concatenate every rank's `local` in rank order; lengths may differ between ranks (uneven
+    /// shards) and may be zero. Every rank receives the full concatenation.
     fn all_gather(&self, local: &[f32]) -> Result<Vec<f32>, CommError>;
     /// Copy `buf` of `root` into `buf` of every other rank (all ranks pass the same length).
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<(), CommError>;

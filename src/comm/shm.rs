@@ -31,11 +31,13 @@
 //! release/acquire pair makes everything a rank wrote before arriving visible to everyone who
 //! passed the barrier.
 //!
-//! Waiting spins briefly (`spin_loop`), then yields the CPU, then sleeps with growing intervals
-//! capped at [`MAX_SLEEP`]: with more ranks than cores, spinning ranks would steal the CPU from
-//! the rank everybody waits for. Every wait also watches the abort flag, so [`ShmRegion::abort`]
-//! (called by the launcher when a rank dies) turns every blocked or future collective into
-//! [`CommError::Aborted`] within a sleep interval.
+//! Waiting spins briefly (`spin_loop`: 50 µs when every rank can have a CPU of its own, 5 µs when
+//! ranks outnumber CPUs), then sleeps with doubling intervals capped at [`MAX_SLEEP`]: with more
+//! ranks than cores, spinning ranks would steal the CPU from the rank everybody waits for, and a
+//! slow rank then costs the others at most one sleep interval of extra latency. (Why there is no
+//! `yield_now` phase: see `Backoff`.) Every wait also watches the abort flag, so
+//! [`ShmRegion::abort`] (called by the launcher when a rank dies) turns every blocked or future
+//! collective into [`CommError::Aborted`] within a sleep interval.
 //!
 //! # Rounds and double buffering
 //!
@@ -48,7 +50,8 @@
 //!
 //! * **all_gather** — rank `r` writes the next piece of its part into its slot (round 0 also
 //!   publishes its part length); barrier; everyone copies every rank's piece. All ranks derive
-//!   the same number of rounds, `ceil(max part length / slot capacity)`, from the published lengths.
+//!   the same number of rounds, `ceil(max part length / slot capacity)`, from the published
+//!   lengths.
 //! * **broadcast** — the root writes a piece into its slot; barrier; the others copy it.
 //! * **all_reduce_sum** — rank `r` writes a piece of its buffer into its slot; barrier; then
 //!   - small pieces (`piece length x N <= 16 Ki` elements, e.g. one hidden state during decoding):
@@ -103,10 +106,11 @@ const DIRECT_REDUCE_ELEMENTS: usize = 16 * 1024;
 /// Granularity of the ranks' shares of a reduction (one padding unit of `f32`).
 const SHARE_UNIT: usize = LINE / size_of::<f32>();
 
-/// How long a waiting rank spins before it starts yielding the CPU.
-const SPIN_WINDOW: Duration = Duration::from_micros(10);
-/// How long (from the start of the wait) a waiting rank yields before it starts sleeping.
-const YIELD_WINDOW: Duration = Duration::from_micros(10);
+/// How long a waiting rank spins before it starts sleeping, when every rank can have a CPU.
+const SPIN_WINDOW: Duration = Duration::from_micros(50);
+/// How long a waiting rank spins when there are more ranks than CPUs (spinning would only delay
+/// the ranks it waits for).
+const SHORT_SPIN_WINDOW: Duration = Duration::from_micros(5);
 /// First sleep interval of a waiting rank.
 const FIRST_SLEEP: Duration = Duration::from_micros(10);
 /// Longest sleep interval of a waiting rank; bounds the extra latency after a slow rank arrives.
@@ -408,31 +412,48 @@ impl fmt::Debug for ShmRegion {
     }
 }
 
-/// Waits in three phases: spin, then yield, then sleep with doubling intervals up to
-/// [`MAX_SLEEP`].
+/// Waits in two phases: spin for a while ([`SPIN_WINDOW`] or [`SHORT_SPIN_WINDOW`]), then sleep
+/// with doubling intervals from [`FIRST_SLEEP`] up to [`MAX_SLEEP`].
+///
+/// There is deliberately no `yield_now` phase between them: under Linux's fair scheduler a
+/// yielding thread queues behind every other runnable thread on its CPU for up to a whole time
+/// slice (milliseconds), so with any CPU-bound neighbour (a compiler, another test, a rank's own
+/// compute threads) each barrier would cost a time slice. Measured on 2 cores with two busy
+/// processes, spin-yield-sleep made a 3 MB all-reduce of two ranks 2.7x slower (4.0 ms against
+/// 1.5 ms) and this module's tests 6x slower than spin-sleep; without contention the two were
+/// equally fast.
 struct Backoff {
+    spin_window: Duration,
     start: Option<Instant>,
     sleep: Duration,
 }
 
 impl Backoff {
-    fn new() -> Self {
+    fn new(spin_window: Duration) -> Self {
         Self {
+            spin_window,
             start: None,
             sleep: FIRST_SLEEP,
+        }
+    }
+
+    /// The spin window for a group of `world_size` ranks on this machine.
+    fn spin_window_for(world_size: usize) -> Duration {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        if world_size <= cpus {
+            SPIN_WINDOW
+        } else {
+            SHORT_SPIN_WINDOW
         }
     }
 
     /// Waits a little; call repeatedly while the condition is not met.
     fn snooze(&mut self) {
         let start = *self.start.get_or_insert_with(Instant::now);
-        let waited = start.elapsed();
-        if waited < SPIN_WINDOW {
+        if start.elapsed() < self.spin_window {
             for _ in 0..8 {
                 std::hint::spin_loop();
             }
-        } else if waited < YIELD_WINDOW {
-            std::thread::yield_now();
         } else {
             std::thread::sleep(self.sleep);
             self.sleep = (self.sleep * 2).min(MAX_SLEEP);
@@ -474,6 +495,8 @@ pub struct ShmCommunicator {
     round: Cell<u64>,
     /// See [`DIRECT_REDUCE_ELEMENTS`]; must be the same on every rank (tests change it).
     direct_reduce_limit: usize,
+    /// How long waits spin before sleeping (see [`Backoff`]).
+    spin_window: Duration,
 }
 
 impl ShmCommunicator {
@@ -507,6 +530,7 @@ impl ShmCommunicator {
             epoch: Cell::new(0),
             round: Cell::new(0),
             direct_reduce_limit: DIRECT_REDUCE_ELEMENTS,
+            spin_window: Backoff::spin_window_for(world_size),
         })
     }
 
@@ -522,6 +546,7 @@ impl ShmCommunicator {
         }
         let len = usize::try_from(size).map_err(|_| CommError::NotARegion)?;
         let map = Mapping::map(fd, len)?;
+        // A provisional layout that covers just the header, to read the real one from it.
         let probe = Mapping {
             map,
             layout: Layout::new(1, size_of::<f32>())?,
@@ -556,6 +581,13 @@ impl ShmCommunicator {
             map: probe.map,
             layout,
         })
+    }
+
+    /// Sets how long waits spin before sleeping. A rank pinned to a core of its own should
+    /// spin long (sleeping costs a wake-up latency at every collective); ranks sharing cores
+    /// should spin briefly so they don't steal the CPU from the ranks they wait for.
+    pub fn set_spin_window(&mut self, window: Duration) {
+        self.spin_window = window;
     }
 
     /// Aborts the whole group (see [`ShmRegion::abort`]); for a rank that cannot go on.
@@ -634,7 +666,7 @@ impl ShmCommunicator {
             .rank_line(self.rank)
             .epoch
             .store(target, Ordering::Release);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(self.spin_window);
         for peer in (0..self.world()).filter(|&peer| peer != self.rank) {
             let epoch = &self.mapping.rank_line(peer).epoch;
             while epoch.load(Ordering::Acquire) < target {
@@ -757,6 +789,7 @@ impl ShmCommunicator {
 
     /// Copies the first `out.len()` elements of the result area into `out`.
     fn read_result(&self, out: &mut [f32]) {
+        assert!(size_of_val(out) <= self.mapping.layout.slot_bytes);
         let result = self.mapping.result_data().cast::<f32>();
         // SAFETY: `out.len() <= slot_bytes / 4` elements lie inside the result area, which was
         // completed before the second barrier of the round and is not written again before this
@@ -1021,10 +1054,9 @@ mod tests {
     }
 
     /// Sums `inputs` element-wise in the order the inputs are given.
-    fn ordered_sum<'a>(inputs: impl Iterator<Item = &'a Vec<f32>> + Clone) -> Vec<f32> {
-        let mut iter = inputs;
-        let mut acc = iter.next().expect("at least one input").clone();
-        for input in iter {
+    fn ordered_sum<'a>(mut inputs: impl Iterator<Item = &'a Vec<f32>>) -> Vec<f32> {
+        let mut acc = inputs.next().expect("at least one input").clone();
+        for input in inputs {
             for (a, x) in acc.iter_mut().zip(input) {
                 *a += x;
             }
@@ -1032,6 +1064,7 @@ mod tests {
         acc
     }
 
+    /// The bit patterns of `values`, for exact comparisons.
     fn bits(values: &[f32]) -> Vec<u32> {
         values.iter().map(|v| v.to_bits()).collect()
     }

@@ -52,7 +52,11 @@ impl MaskSpec<'_> {
         if !any_hidden {
             return Ok(None);
         }
-        Ok(Some(Tensor::from_vec(values, (self.batch, 1, self.query_len, key_len), &Device::Cpu)?))
+        Ok(Some(Tensor::from_vec(
+            values,
+            (self.batch, 1, self.query_len, key_len),
+            &Device::Cpu,
+        )?))
     }
 }
 
@@ -166,7 +170,9 @@ pub fn attend(
     let (batch, len, _) = projected.q.dims3()?;
     let dtype = projected.q.dtype();
     let split = |t: &Tensor, heads: usize| -> Result<Tensor> {
-        Ok(t.reshape((batch, len, heads, layout.head_dim))?.transpose(1, 2)?.contiguous()?)
+        Ok(t.reshape((batch, len, heads, layout.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
     };
     let mut q = split(&projected.q, layout.heads)?;
     let mut k = split(&projected.k, layout.kv_heads)?;
@@ -204,7 +210,9 @@ fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, h, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, h, group, t, d))?.reshape((b, h * group, t, d))?)
+    Ok(x.unsqueeze(2)?
+        .expand((b, h, group, t, d))?
+        .reshape((b, h * group, t, d))?)
 }
 
 #[cfg(test)]
@@ -215,7 +223,9 @@ mod tests {
         let mask = spec.build().unwrap().unwrap();
         let (_, _, q, k) = mask.dims4().unwrap();
         let flat: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
-        (0..q).map(|i| (0..k).map(|j| flat[i * k + j] == 0.0).collect()).collect()
+        (0..q)
+            .map(|i| (0..k).map(|j| flat[i * k + j] == 0.0).collect())
+            .collect()
     }
 
     #[test]
@@ -228,7 +238,14 @@ mod tests {
             causal: true,
             sliding_window: Some(2),
         });
-        assert_eq!(visible, vec![vec![true, false, false], vec![true, true, false], vec![false, true, true]]);
+        assert_eq!(
+            visible,
+            vec![
+                vec![true, false, false],
+                vec![true, true, false],
+                vec![false, true, true]
+            ]
+        );
     }
 
     #[test]
@@ -259,8 +276,16 @@ mod tests {
 
     #[test]
     fn repeat_kv_repeats_each_head_in_place() {
-        let x = Tensor::arange(0f32, 4.0, &Device::Cpu).unwrap().reshape((1, 2, 1, 2)).unwrap();
-        let y: Vec<f32> = repeat_kv(&x, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let x = Tensor::arange(0f32, 4.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 1, 2))
+            .unwrap();
+        let y: Vec<f32> = repeat_kv(&x, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(y, vec![0.0, 1.0, 0.0, 1.0, 2.0, 3.0, 2.0, 3.0]);
     }
 }

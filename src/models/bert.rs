@@ -7,8 +7,12 @@ use crate::checkpoint::{Activation, ModelConfig, OutputKind};
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::models::attention::{attend, HeadLayout, MaskSpec, Projected};
-use crate::models::layers::{activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead};
-use crate::models::{apply_head, check_positions, last_position, layer_norm, weight_and_bias, Batch, ShardedModel};
+use crate::models::layers::{
+    activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+};
+use crate::models::{
+    apply_head, check_positions, last_position, layer_norm, weight_and_bias, Batch, ShardedModel,
+};
 use crate::parallel::engine::ShardLoader;
 
 struct Layer {
@@ -52,11 +56,16 @@ impl Bert {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("encoder.layer.{i}");
-            let linear = |loader: &mut ShardLoader, name: &str, out: usize, inp: usize| -> Result<Linear> {
-                let (w, b) = weight_and_bias(loader, &format!("{p}.{name}"), out, inp, true)?;
-                Ok(Linear::new(w, b))
-            };
-            let row = |loader: &mut ShardLoader, name: &str, out: usize, inp: usize| -> Result<RowParallelLinear> {
+            let linear =
+                |loader: &mut ShardLoader, name: &str, out: usize, inp: usize| -> Result<Linear> {
+                    let (w, b) = weight_and_bias(loader, &format!("{p}.{name}"), out, inp, true)?;
+                    Ok(Linear::new(w, b))
+                };
+            let row = |loader: &mut ShardLoader,
+                       name: &str,
+                       out: usize,
+                       inp: usize|
+             -> Result<RowParallelLinear> {
                 let (w, b) = weight_and_bias(loader, &format!("{p}.{name}"), out, inp, true)?;
                 Ok(RowParallelLinear::new(w, b))
             };
@@ -73,10 +82,11 @@ impl Bert {
         }
         let mlm = if c.output == OutputKind::Logits {
             let (tw, tb) = weight_and_bias(loader, "cls.predictions.transform.dense", h, h, true)?;
-            let decoder = match loader.try_load("cls.predictions.decoder.weight", &[c.vocab_size, h])? {
-                Some(w) if c.tie_word_embeddings == Some(false) => w,
-                _ => word.clone(),
-            };
+            let decoder =
+                match loader.try_load("cls.predictions.decoder.weight", &[c.vocab_size, h])? {
+                    Some(w) if c.tie_word_embeddings == Some(false) => w,
+                    _ => word.clone(),
+                };
             let bias = match loader.try_load("cls.predictions.bias", &[c.vocab_size])? {
                 Some(b) => Some(b),
                 None => loader.try_load("cls.predictions.decoder.bias", &[c.vocab_size])?,
@@ -91,8 +101,14 @@ impl Bert {
         };
         Ok(Bert {
             word: VocabParallelEmbedding::new(word, plan.vocab.elements(rank).start),
-            position: loader.load("embeddings.position_embeddings.weight", &[c.max_positions, h])?,
-            token_type: loader.load("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?,
+            position: loader.load(
+                "embeddings.position_embeddings.weight",
+                &[c.max_positions, h],
+            )?,
+            token_type: loader.load(
+                "embeddings.token_type_embeddings.weight",
+                &[c.type_vocab_size, h],
+            )?,
             embed_norm: layer_norm(loader, "embeddings.LayerNorm", h, eps)?,
             layers,
             mlm,
@@ -133,16 +149,22 @@ impl ShardedModel for Bert {
                 v: layer.value.forward(&x)?,
             };
             let attn = attend(projected, self.layout, None, None, mask.as_ref())?;
-            x = layer.attn_norm.forward(&(layer.attn_out.forward(&attn, comm)? + &x)?)?;
+            x = layer
+                .attn_norm
+                .forward(&(layer.attn_out.forward(&attn, comm)? + &x)?)?;
             let hidden = activate(self.activation, &layer.intermediate.forward(&x)?)?;
-            x = layer.output_norm.forward(&(layer.output.forward(&hidden, comm)? + &x)?)?;
+            x = layer
+                .output_norm
+                .forward(&(layer.output.forward(&hidden, comm)? + &x)?)?;
         }
         if input.last_only {
             x = last_position(&x)?;
         }
         match &self.mlm {
             Some(head) => {
-                let t = head.norm.forward(&activate(self.activation, &head.transform.forward(&x)?)?)?;
+                let t = head
+                    .norm
+                    .forward(&activate(self.activation, &head.transform.forward(&x)?)?)?;
                 apply_head(&head.decoder, &t, comm)
             }
             None => Ok(x.to_dtype(candle_core::DType::F32)?),

@@ -7,7 +7,9 @@ use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::models::attention::{attend, HeadLayout, KvCache, MaskSpec, Projected};
-use crate::models::layers::{activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead};
+use crate::models::layers::{
+    activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+};
 use crate::models::{apply_head, check_positions, last_position, layer_norm, Batch, ShardedModel};
 use crate::parallel::engine::ShardLoader;
 
@@ -88,7 +90,11 @@ impl Gpt2 {
 
 impl ShardedModel for Gpt2 {
     fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
-        let past = if input.use_cache { self.cached_len() } else { 0 };
+        let past = if input.use_cache {
+            self.cached_len()
+        } else {
+            0
+        };
         check_positions(past + input.seq_len, self.max_positions)?;
         let positions = Tensor::arange(past as u32, (past + input.seq_len) as u32, &Device::Cpu)?;
         let mut x = self
@@ -115,7 +121,10 @@ impl ShardedModel for Gpt2 {
             let cache = input.use_cache.then_some(&mut block.cache);
             let attn = attend(projected, self.layout, None, cache, mask.as_ref())?;
             x = (x + block.attn_proj.forward(&attn, comm)?)?;
-            let hidden = activate(self.activation, &block.c_fc.forward(&block.ln_2.forward(&x)?)?)?;
+            let hidden = activate(
+                self.activation,
+                &block.c_fc.forward(&block.ln_2.forward(&x)?)?,
+            )?;
             x = (x + block.mlp_proj.forward(&hidden, comm)?)?;
         }
         let mut x = self.ln_f.forward(&x)?;
@@ -126,7 +135,9 @@ impl ShardedModel for Gpt2 {
     }
 
     fn clear_cache(&mut self) {
-        self.blocks.iter_mut().for_each(|b| b.cache = KvCache::default());
+        self.blocks
+            .iter_mut()
+            .for_each(|b| b.cache = KvCache::default());
     }
 
     fn kv_cache_bytes(&self) -> usize {

@@ -111,7 +111,8 @@ impl VocabParallelEmbedding {
             })
             .unzip();
         let index = Tensor::from_vec(local, ids.len(), &Device::Cpu)?;
-        let owned = Tensor::from_vec(owned, (ids.len(), 1), &Device::Cpu)?.to_dtype(self.weight.dtype())?;
+        let owned =
+            Tensor::from_vec(owned, (ids.len(), 1), &Device::Cpu)?.to_dtype(self.weight.dtype())?;
         let rows = self.weight.index_select(&index, 0)?.broadcast_mul(&owned)?;
         let mut out_shape = shape.to_vec();
         out_shape.push(self.weight.dim(1)?);
@@ -156,7 +157,11 @@ impl VocabParallelHead {
         let mut start = 0;
         for &width in &self.widths {
             let len = rows * width;
-            pieces.push(Tensor::from_slice(&gathered[start..start + len], (rows, width), &Device::Cpu)?);
+            pieces.push(Tensor::from_slice(
+                &gathered[start..start + len],
+                (rows, width),
+                &Device::Cpu,
+            )?);
             start += len;
         }
         Ok(Tensor::cat(&pieces, 1)?)
@@ -183,7 +188,12 @@ impl LayerNorm {
 
     /// Normalises over the last dimension, returning `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = candle_nn::ops::layer_norm(&x.to_dtype(DType::F32)?.contiguous()?, &self.weight, &self.bias, self.eps)?;
+        let y = candle_nn::ops::layer_norm(
+            &x.to_dtype(DType::F32)?.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?;
         Ok(y.to_dtype(x.dtype())?)
     }
 }
@@ -206,7 +216,11 @@ impl RmsNorm {
 
     /// Normalises over the last dimension, returning `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, &self.weight, self.eps)?;
+        let y = candle_nn::ops::rms_norm(
+            &x.to_dtype(DType::F32)?.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?;
         Ok(y.to_dtype(x.dtype())?)
     }
 }

@@ -8,7 +8,9 @@ use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::models::attention::{attend, HeadLayout, KvCache, MaskSpec, Projected, Rotary};
-use crate::models::layers::{activate, Linear, RmsNorm, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead};
+use crate::models::layers::{
+    activate, Linear, RmsNorm, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+};
 use crate::models::{apply_head, last_position, weight_and_bias, Batch, ShardedModel};
 use crate::parallel::engine::ShardLoader;
 
@@ -37,12 +39,24 @@ pub struct Llama {
     sliding_window: Option<usize>,
 }
 
-fn linear(loader: &mut ShardLoader, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+fn linear(
+    loader: &mut ShardLoader,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<Linear> {
     let (weight, bias) = weight_and_bias(loader, name, out, inp, bias)?;
     Ok(Linear::new(weight, bias))
 }
 
-fn row_linear(loader: &mut ShardLoader, name: &str, out: usize, inp: usize, bias: bool) -> Result<RowParallelLinear> {
+fn row_linear(
+    loader: &mut ShardLoader,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<RowParallelLinear> {
     let (weight, bias) = weight_and_bias(loader, name, out, inp, bias)?;
     Ok(RowParallelLinear::new(weight, bias))
 }
@@ -59,18 +73,63 @@ impl Llama {
         for i in 0..c.num_layers {
             let p = format!("layers.{i}");
             let norm = |loader: &mut ShardLoader, name: &str| -> Result<RmsNorm> {
-                Ok(RmsNorm::new(loader.load(&format!("{p}.{name}.weight"), &[h])?, c.norm_eps))
+                Ok(RmsNorm::new(
+                    loader.load(&format!("{p}.{name}.weight"), &[h])?,
+                    c.norm_eps,
+                ))
             };
             layers.push(Layer {
                 input_norm: norm(loader, "input_layernorm")?,
-                q: linear(loader, &format!("{p}.self_attn.q_proj"), q_width, h, c.qkv_bias)?,
-                k: linear(loader, &format!("{p}.self_attn.k_proj"), kv_width, h, c.qkv_bias)?,
-                v: linear(loader, &format!("{p}.self_attn.v_proj"), kv_width, h, c.qkv_bias)?,
-                o: row_linear(loader, &format!("{p}.self_attn.o_proj"), h, q_width, c.attn_out_bias)?,
+                q: linear(
+                    loader,
+                    &format!("{p}.self_attn.q_proj"),
+                    q_width,
+                    h,
+                    c.qkv_bias,
+                )?,
+                k: linear(
+                    loader,
+                    &format!("{p}.self_attn.k_proj"),
+                    kv_width,
+                    h,
+                    c.qkv_bias,
+                )?,
+                v: linear(
+                    loader,
+                    &format!("{p}.self_attn.v_proj"),
+                    kv_width,
+                    h,
+                    c.qkv_bias,
+                )?,
+                o: row_linear(
+                    loader,
+                    &format!("{p}.self_attn.o_proj"),
+                    h,
+                    q_width,
+                    c.attn_out_bias,
+                )?,
                 post_norm: norm(loader, "post_attention_layernorm")?,
-                gate: linear(loader, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                up: linear(loader, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?,
-                down: row_linear(loader, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                gate: linear(
+                    loader,
+                    &format!("{p}.mlp.gate_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                up: linear(
+                    loader,
+                    &format!("{p}.mlp.up_proj"),
+                    c.intermediate_size,
+                    h,
+                    c.mlp_bias,
+                )?,
+                down: row_linear(
+                    loader,
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    c.intermediate_size,
+                    c.mlp_bias,
+                )?,
                 cache: KvCache::default(),
             });
         }
@@ -97,8 +156,14 @@ impl Llama {
 
 impl ShardedModel for Llama {
     fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
-        let past = if input.use_cache { self.cached_len() } else { 0 };
-        let mut x = self.embed.forward(input.ids, &[input.batch, input.seq_len], comm)?;
+        let past = if input.use_cache {
+            self.cached_len()
+        } else {
+            0
+        };
+        let mut x = self
+            .embed
+            .forward(input.ids, &[input.batch, input.seq_len], comm)?;
         let mask = MaskSpec {
             batch: input.batch,
             query_len: input.seq_len,
@@ -116,10 +181,17 @@ impl ShardedModel for Llama {
                 v: layer.v.forward(&normed)?,
             };
             let cache = input.use_cache.then_some(&mut layer.cache);
-            let attn = attend(projected, self.layout, Some(&self.rotary), cache, mask.as_ref())?;
+            let attn = attend(
+                projected,
+                self.layout,
+                Some(&self.rotary),
+                cache,
+                mask.as_ref(),
+            )?;
             x = (x + layer.o.forward(&attn, comm)?)?;
             let normed = layer.post_norm.forward(&x)?;
-            let gated = (activate(self.activation, &layer.gate.forward(&normed)?)? * layer.up.forward(&normed)?)?;
+            let gated = (activate(self.activation, &layer.gate.forward(&normed)?)?
+                * layer.up.forward(&normed)?)?;
             x = (x + layer.down.forward(&gated, comm)?)?;
         }
         let mut x = self.norm.forward(&x)?;
@@ -130,7 +202,9 @@ impl ShardedModel for Llama {
     }
 
     fn clear_cache(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.cache = KvCache::default());
+        self.layers
+            .iter_mut()
+            .for_each(|l| l.cache = KvCache::default());
     }
 
     fn kv_cache_bytes(&self) -> usize {

@@ -99,7 +99,12 @@ pub(crate) fn weight_and_bias(
 }
 
 /// Loads a LayerNorm's `prefix.weight` and `prefix.bias`, both `[hidden]`.
-pub(crate) fn layer_norm(loader: &mut ShardLoader, prefix: &str, hidden: usize, eps: f64) -> Result<layers::LayerNorm> {
+pub(crate) fn layer_norm(
+    loader: &mut ShardLoader,
+    prefix: &str,
+    hidden: usize,
+    eps: f64,
+) -> Result<layers::LayerNorm> {
     Ok(layers::LayerNorm::new(
         loader.load(&format!("{prefix}.weight"), &[hidden])?,
         loader.load(&format!("{prefix}.bias"), &[hidden])?,

@@ -37,7 +37,13 @@ pub struct SlicePlan {
 }
 
 /// Plans which stored blocks make up `rank`'s slice of a tensor of `stored_shape` with `role`.
-pub fn plan_slice(name: &str, role: &Role, stored_shape: &[usize], plan: &Plan, rank: usize) -> Result<SlicePlan> {
+pub fn plan_slice(
+    name: &str,
+    role: &Role,
+    stored_shape: &[usize],
+    plan: &Plan,
+    rank: usize,
+) -> Result<SlicePlan> {
     let (rows, cols, two_d) = match stored_shape {
         [c] => (1, *c, false),
         [r, c] => (*r, *c, true),
@@ -56,7 +62,10 @@ pub fn plan_slice(name: &str, role: &Role, stored_shape: &[usize], plan: &Plan, 
             )))
         }
     };
-    let whole = Block { rows: 0..rows, cols: 0..cols };
+    let whole = Block {
+        rows: 0..rows,
+        cols: 0..cols,
+    };
     // For a 1-D tensor the split dimension is its only one: model it as a row vector.
     let (blocks, concat_dim, transpose) = match role {
         Role::Replicate => (vec![whole], 0, false),
@@ -79,14 +88,23 @@ pub fn plan_slice(name: &str, role: &Role, stored_shape: &[usize], plan: &Plan, 
                 let range = offset + range.start..offset + range.end;
                 offset += split.total_elements();
                 blocks.push(if split_dim == 0 {
-                    Block { rows: range, cols: 0..cols }
+                    Block {
+                        rows: range,
+                        cols: 0..cols,
+                    }
                 } else {
-                    Block { rows: 0..rows, cols: range }
+                    Block {
+                        rows: 0..rows,
+                        cols: range,
+                    }
                 });
             }
             (blocks, split_dim, *transposed)
         }
-        Role::Row { partition, transposed } => {
+        Role::Row {
+            partition,
+            transposed,
+        } => {
             let split = plan.split(*partition);
             let split_dim = if *transposed { 0 } else { 1 };
             let stored_len = if split_dim == 0 { rows } else { cols };
@@ -99,15 +117,29 @@ pub fn plan_slice(name: &str, role: &Role, stored_shape: &[usize], plan: &Plan, 
             }
             let range = split.elements(rank);
             let block = if split_dim == 0 {
-                Block { rows: range, cols: 0..cols }
+                Block {
+                    rows: range,
+                    cols: 0..cols,
+                }
             } else {
-                Block { rows: 0..rows, cols: range }
+                Block {
+                    rows: 0..rows,
+                    cols: range,
+                }
             };
             (vec![block], split_dim, *transposed)
         }
     };
-    let stored_rows: usize = if concat_dim == 0 { blocks.iter().map(|b| b.rows.len()).sum() } else { rows };
-    let stored_cols: usize = if concat_dim == 1 { blocks.iter().map(|b| b.cols.len()).sum() } else { cols };
+    let stored_rows: usize = if concat_dim == 0 {
+        blocks.iter().map(|b| b.rows.len()).sum()
+    } else {
+        rows
+    };
+    let stored_cols: usize = if concat_dim == 1 {
+        blocks.iter().map(|b| b.cols.len()).sum()
+    } else {
+        cols
+    };
     let shape = match (two_d, transpose) {
         (false, _) => vec![stored_cols],
         (true, false) => vec![stored_rows, stored_cols],
@@ -140,7 +172,13 @@ pub struct ShardLoader<'a> {
 
 impl<'a> ShardLoader<'a> {
     /// A loader for `rank` that converts every tensor to `dtype`.
-    pub fn new(checkpoint: &'a SafetensorsCheckpoint, policy: &'a Policy, plan: &'a Plan, rank: usize, dtype: DType) -> Self {
+    pub fn new(
+        checkpoint: &'a SafetensorsCheckpoint,
+        policy: &'a Policy,
+        plan: &'a Plan,
+        rank: usize,
+        dtype: DType,
+    ) -> Self {
         ShardLoader {
             checkpoint,
             policy,
@@ -186,10 +224,11 @@ impl<'a> ShardLoader<'a> {
 
     /// Loads this rank's slice of `name`, whose stored shape must be `stored_shape`.
     pub fn load(&mut self, name: &str, stored_shape: &[usize]) -> Result<Tensor> {
-        self.try_load(name, stored_shape)?.ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-            dir: self.checkpoint.dir().to_path_buf(),
-        })
+        self.try_load(name, stored_shape)?
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+                dir: self.checkpoint.dir().to_path_buf(),
+            })
     }
 
     /// Like [`ShardLoader::load`], but `None` when the checkpoint lacks the tensor.
@@ -205,7 +244,10 @@ impl<'a> ShardLoader<'a> {
             });
         }
         let role = self.policy.role_of(&full).cloned().ok_or_else(|| {
-            Error::UnsupportedModel(format!("policy `{}` has no rule for tensor `{full}`", self.policy.name))
+            Error::UnsupportedModel(format!(
+                "policy `{}` has no rule for tensor `{full}`",
+                self.policy.name
+            ))
         })?;
         let slice = plan_slice(&full, &role, &info.shape, self.plan, self.rank)?;
         let source = source_dtype(&full, info)?;
@@ -216,9 +258,20 @@ impl<'a> ShardLoader<'a> {
             let two_d = info.shape.len() == 2;
             let mut pieces = Vec::with_capacity(slice.blocks.len());
             for block in &slice.blocks {
-                let bytes = self.checkpoint.read_block(&full, block.rows.clone(), block.cols.clone())?;
-                let shape = if two_d { vec![block.rows.len(), block.cols.len()] } else { vec![block.cols.len()] };
-                pieces.push(Tensor::from_raw_buffer(&bytes, source, &shape, &Device::Cpu)?);
+                let bytes =
+                    self.checkpoint
+                        .read_block(&full, block.rows.clone(), block.cols.clone())?;
+                let shape = if two_d {
+                    vec![block.rows.len(), block.cols.len()]
+                } else {
+                    vec![block.cols.len()]
+                };
+                pieces.push(Tensor::from_raw_buffer(
+                    &bytes,
+                    source,
+                    &shape,
+                    &Device::Cpu,
+                )?);
             }
             let dim = if two_d { slice.concat_dim } else { 0 };
             let joined = Tensor::cat(&pieces, dim)?;
@@ -299,13 +352,26 @@ mod tests {
             transposed: false,
         };
         let s = plan_slice("down", &role, &[8, 5], &plan(), 0).unwrap();
-        assert_eq!(s.blocks, vec![Block { rows: 0..8, cols: 0..3 }]);
+        assert_eq!(
+            s.blocks,
+            vec![Block {
+                rows: 0..8,
+                cols: 0..3
+            }]
+        );
         assert_eq!(s.shape, vec![8, 3]);
     }
 
     #[test]
     fn bias_of_a_fused_column_is_split_per_part() {
-        let s = plan_slice("b", &Role::column_parts(vec![Partition::Heads; 3]), &[18], &plan(), 0).unwrap();
+        let s = plan_slice(
+            "b",
+            &Role::column_parts(vec![Partition::Heads; 3]),
+            &[18],
+            &plan(),
+            0,
+        )
+        .unwrap();
         let cols: Vec<_> = s.blocks.iter().map(|b| b.cols.clone()).collect();
         assert_eq!(cols, vec![0..4, 6..10, 12..16]);
         assert_eq!(s.shape, vec![12]);
@@ -313,7 +379,17 @@ mod tests {
 
     #[test]
     fn a_shape_that_disagrees_with_the_config_is_named() {
-        let err = plan_slice("embed", &Role::column(Partition::Vocab), &[9, 4], &plan(), 0).unwrap_err();
-        assert_eq!(err.to_string(), "tensor `embed` has shape [9, 4], but the configuration implies [7, 4]");
+        let err = plan_slice(
+            "embed",
+            &Role::column(Partition::Vocab),
+            &[9, 4],
+            &plan(),
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor `embed` has shape [9, 4], but the configuration implies [7, 4]"
+        );
     }
 }

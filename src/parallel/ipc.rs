@@ -115,8 +115,10 @@ pub enum Reply {
 
 /// Writes one message as a frame.
 pub fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> std::io::Result<()> {
-    let bytes = postcard::to_stdvec(message).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
-    let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "frame too large"))?;
+    let bytes =
+        postcard::to_stdvec(message).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "frame too large"))?;
     stream.write_all(&len.to_le_bytes())?;
     stream.write_all(&bytes)?;
     stream.flush()
@@ -124,7 +126,8 @@ pub fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> std::i
 
 /// Decodes a frame's payload.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> std::io::Result<T> {
-    postcard::from_bytes(payload).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, format!("malformed frame: {e}")))
+    postcard::from_bytes(payload)
+        .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, format!("malformed frame: {e}")))
 }
 
 /// Reads one whole frame, blocking.
@@ -159,9 +162,16 @@ impl FrameReader {
             };
             let mut chunk = vec![0u8; (needed - self.buffer.len()).min(1 << 20)];
             match stream.read(&mut chunk) {
-                Ok(0) => return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "peer closed the connection")),
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "peer closed the connection",
+                    ))
+                }
                 Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Ok(None),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Ok(None)
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
@@ -172,9 +182,17 @@ impl FrameReader {
         if self.buffer.len() < 4 {
             return Ok(None);
         }
-        let len = u32::from_le_bytes([self.buffer[0], self.buffer[1], self.buffer[2], self.buffer[3]]) as usize;
+        let len = u32::from_le_bytes([
+            self.buffer[0],
+            self.buffer[1],
+            self.buffer[2],
+            self.buffer[3],
+        ]) as usize;
         if len > MAX_FRAME_BYTES {
-            return Err(std::io::Error::new(ErrorKind::InvalidData, format!("frame of {len} bytes exceeds the limit")));
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                format!("frame of {len} bytes exceeds the limit"),
+            ));
         }
         Ok(Some(len))
     }
@@ -210,7 +228,12 @@ mod tests {
         let mut data = Vec::new();
         write_frame(&mut data, &Request::Memory).unwrap();
         write_frame(&mut data, &Reply::Error("boom".into())).unwrap();
-        let mut stream = Trickle { data, pos: 0, step: 1, stall: false };
+        let mut stream = Trickle {
+            data,
+            pos: 0,
+            step: 1,
+            stall: false,
+        };
         let mut reader = FrameReader::default();
         let mut frames = Vec::new();
         for _ in 0..100 {
@@ -221,7 +244,10 @@ mod tests {
             }
         }
         assert_eq!(frames.len(), 2);
-        assert!(matches!(decode::<Request>(&frames[0]).unwrap(), Request::Memory));
+        assert!(matches!(
+            decode::<Request>(&frames[0]).unwrap(),
+            Request::Memory
+        ));
         assert!(matches!(decode::<Reply>(&frames[1]).unwrap(), Reply::Error(m) if m == "boom"));
     }
 

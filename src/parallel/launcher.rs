@@ -58,7 +58,11 @@ struct RankProcess {
 
 impl RankProcess {
     fn last_words(&self) -> String {
-        let tail = self.tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default();
+        let tail = self
+            .tail
+            .lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default();
         if tail.is_empty() {
             "(no output)".into()
         } else {
@@ -83,7 +87,9 @@ fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Vec::new();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }
 
@@ -104,7 +110,8 @@ impl WorkerGroup {
             .tempdir()
             .map_err(|e| Error::Launch(format!("cannot create a private directory: {e}")))?;
         let socket = dir.path().join("rendezvous.sock");
-        let listener = UnixListener::bind(&socket).map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", socket.display())))?;
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", socket.display())))?;
         let region = if spec.ranks > 1 {
             let region = ShmRegion::create(spec.ranks, DEFAULT_SLOT_BYTES)?;
             set_cloexec(region.fd(), true);
@@ -136,7 +143,14 @@ impl WorkerGroup {
         Ok(group)
     }
 
-    fn start_rank(&mut self, spec: &LaunchSpec, rank: usize, socket: &std::path::Path, secret: &str, cpus: &str) -> Result<RankProcess> {
+    fn start_rank(
+        &mut self,
+        spec: &LaunchSpec,
+        rank: usize,
+        socket: &std::path::Path,
+        secret: &str,
+        cpus: &str,
+    ) -> Result<RankProcess> {
         let threads = spec.threads_per_rank.to_string();
         let mut command = Command::new(&spec.program);
         command
@@ -171,9 +185,12 @@ impl WorkerGroup {
                 Ok(())
             });
         }
-        let mut child = command
-            .spawn()
-            .map_err(|e| Error::Launch(format!("cannot start rank {rank} ({}): {e}", spec.program.display())))?;
+        let mut child = command.spawn().map_err(|e| {
+            Error::Launch(format!(
+                "cannot start rank {rank} ({}): {e}",
+                spec.program.display()
+            ))
+        })?;
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let tail_thread = child.stderr.take().map(|stderr| {
             let tail = Arc::clone(&tail);
@@ -190,7 +207,12 @@ impl WorkerGroup {
         })
     }
 
-    fn accept_all(&mut self, listener: &UnixListener, secret: &str, timeout: Duration) -> Result<()> {
+    fn accept_all(
+        &mut self,
+        listener: &UnixListener,
+        secret: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::Launch(format!("rendezvous socket: {e}")))?;
@@ -201,8 +223,18 @@ impl WorkerGroup {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.check_alive()?;
                     if Instant::now() > deadline {
-                        let missing: Vec<usize> = self.ranks.iter().filter(|r| r.stream.is_none()).map(|r| r.rank).collect();
-                        return Err(self.fail(missing[0], format!("did not connect within {timeout:?} (ranks {missing:?} missing)")));
+                        let missing: Vec<usize> = self
+                            .ranks
+                            .iter()
+                            .filter(|r| r.stream.is_none())
+                            .map(|r| r.rank)
+                            .collect();
+                        return Err(self.fail(
+                            missing[0],
+                            format!(
+                                "did not connect within {timeout:?} (ranks {missing:?} missing)"
+                            ),
+                        ));
                     }
                     std::thread::sleep(POLL);
                 }
@@ -219,12 +251,20 @@ impl WorkerGroup {
             .and_then(|_| stream.set_read_timeout(Some(Duration::from_secs(5))))
             .and_then(|_| read_frame::<Reply>(&mut stream));
         match handshake {
-            Ok(Reply::Hello { rank, secret: theirs }) if theirs == secret && rank < self.ranks.len() && self.ranks[rank].stream.is_none() => {
+            Ok(Reply::Hello {
+                rank,
+                secret: theirs,
+            }) if theirs == secret
+                && rank < self.ranks.len()
+                && self.ranks[rank].stream.is_none() =>
+            {
                 if stream.set_read_timeout(Some(POLL)).is_ok() {
                     self.ranks[rank].stream = Some(stream);
                 }
             }
-            _ => tracing::warn!("dropped a connection to the rendezvous socket that failed the handshake"),
+            _ => tracing::warn!(
+                "dropped a connection to the rendezvous socket that failed the handshake"
+            ),
         }
     }
 
@@ -237,7 +277,9 @@ impl WorkerGroup {
     /// An error on any rank is returned with its rank; a rank that dies stops the group.
     pub fn request(&mut self, request: &Request, timeout: Option<Duration>) -> Result<Vec<Reply>> {
         if let Some(failure) = &self.failure {
-            return Err(Error::Launch(format!("the worker group is stopped: {failure}")));
+            return Err(Error::Launch(format!(
+                "the worker group is stopped: {failure}"
+            )));
         }
         for i in 0..self.ranks.len() {
             let rank = &mut self.ranks[i];
@@ -258,27 +300,15 @@ impl WorkerGroup {
         let mut replies: Vec<Option<Reply>> = vec![None; self.ranks.len()];
         let mut first_error: Option<(usize, String, Instant)> = None;
         while replies.iter().any(Option::is_none) {
-            for i in 0..self.ranks.len() {
-                if replies[i].is_some() {
+            for (i, slot) in replies.iter_mut().enumerate() {
+                if slot.is_some() {
                     continue;
                 }
-                let rank = &mut self.ranks[i];
-                let polled = match rank.stream.as_mut() {
-                    Some(stream) => rank.reader.poll(stream),
-                    None => Err(std::io::ErrorKind::NotConnected.into()),
-                };
-                match polled.and_then(|payload| payload.map(|p| decode::<Reply>(&p)).transpose()) {
-                    Ok(Some(reply)) => {
-                        if let (Reply::Error(message), None) = (&reply, &first_error) {
-                            first_error = Some((i, message.clone(), Instant::now()));
-                        }
-                        replies[i] = Some(reply);
+                if let Some(reply) = self.poll_rank(i)? {
+                    if let (Reply::Error(message), None) = (&reply, &first_error) {
+                        first_error = Some((i, message.clone(), Instant::now()));
                     }
-                    Ok(None) => {}
-                    Err(e) => {
-                        self.check_alive()?;
-                        return Err(self.fail(i, format!("connection lost: {e}")));
-                    }
+                    *slot = Some(reply);
                 }
             }
             self.check_alive()?;
@@ -290,13 +320,32 @@ impl WorkerGroup {
             }
             if deadline.is_some_and(|d| now > d) {
                 let silent = replies.iter().position(Option::is_none).unwrap_or(0);
-                return Err(self.fail(silent, format!("did not answer within {:?}", timeout.unwrap_or_default())));
+                return Err(self.fail(
+                    silent,
+                    format!("did not answer within {:?}", timeout.unwrap_or_default()),
+                ));
             }
         }
         if let Some((rank, message, _)) = first_error {
             return Err(Error::Rank { rank, message });
         }
         Ok(replies.into_iter().flatten().collect())
+    }
+
+    /// Reads rank `i`'s reply if one has arrived; a broken connection fails the group.
+    fn poll_rank(&mut self, i: usize) -> Result<Option<Reply>> {
+        let rank = &mut self.ranks[i];
+        let polled = match rank.stream.as_mut() {
+            Some(stream) => rank.reader.poll(stream),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        };
+        match polled.and_then(|payload| payload.map(|p| decode::<Reply>(&p)).transpose()) {
+            Ok(reply) => Ok(reply),
+            Err(e) => {
+                self.check_alive()?;
+                Err(self.fail(i, format!("connection lost: {e}")))
+            }
+        }
     }
 
     /// Fails the group if any rank has exited.
@@ -308,7 +357,10 @@ impl WorkerGroup {
                     let _ = handle.join();
                 }
                 let words = self.ranks[i].last_words();
-                return Err(self.fail(i, format!("exited unexpectedly ({status}); last words:\n{words}")));
+                return Err(self.fail(
+                    i,
+                    format!("exited unexpectedly ({status}); last words:\n{words}"),
+                ));
             }
         }
         Ok(())
@@ -337,7 +389,9 @@ impl WorkerGroup {
             loop {
                 match rank.child.try_wait() {
                     Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
                     Ok(None) => {
                         let _ = rank.child.kill();
                         let _ = rank.child.wait();
@@ -385,7 +439,10 @@ fn set_cloexec(fd: i32, on: bool) {
 
 /// Keeps the last lines a rank wrote to standard error, echoing them when asked.
 fn keep_tail(rank: usize, stderr: impl std::io::Read, tail: &Mutex<VecDeque<String>>, echo: bool) {
-    for line in BufReader::new(stderr).lines().map_while(std::result::Result::ok) {
+    for line in BufReader::new(stderr)
+        .lines()
+        .map_while(std::result::Result::ok)
+    {
         if echo {
             eprintln!("[rank {rank}] {line}");
         }
@@ -397,4 +454,3 @@ fn keep_tail(rank: usize, stderr: impl std::io::Read, tail: &Mutex<VecDeque<Stri
         }
     }
 }
-

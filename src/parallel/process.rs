@@ -17,10 +17,16 @@ use crate::error::{Error, Result};
 use crate::generation;
 use crate::models::{self, Batch, ShardedModel};
 use crate::parallel::engine::{ShardLoader, WeightBytes};
-use crate::parallel::ipc::{read_frame, write_frame, ForwardRequest, LoadSpec, Reply, Request, WireTensor};
+use crate::parallel::ipc::{
+    read_frame, write_frame, ForwardRequest, LoadSpec, Reply, Request, WireTensor,
+};
 use crate::parallel::memory::RankMemory;
 use crate::parallel::slicing::Plan;
 use crate::policy::Policy;
+
+/// How long a rank on cores of its own spins in a collective before sleeping: longer than the
+/// load imbalance of a decode step, so decoding never pays a wake-up latency.
+const DEDICATED_SPIN_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Environment variable names a worker reads; the launcher sets them.
 pub mod env {
@@ -75,9 +81,11 @@ fn var(name: &str) -> Result<String> {
 }
 
 fn number(name: &str) -> Result<usize> {
-    var(name)?
-        .parse()
-        .map_err(|_| Error::Launch(format!("worker environment variable {name} is not a number")))
+    var(name)?.parse().map_err(|_| {
+        Error::Launch(format!(
+            "worker environment variable {name} is not a number"
+        ))
+    })
 }
 
 impl WorkerEnv {
@@ -109,7 +117,10 @@ fn pin_to(cpus: &[usize]) {
             libc::CPU_SET(cpu, &mut set);
         }
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            tracing::warn!("could not pin to CPUs {cpus:?}: {}", std::io::Error::last_os_error());
+            tracing::warn!(
+                "could not pin to CPUs {cpus:?}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
@@ -124,17 +135,36 @@ struct Shard {
 fn run_worker() -> Result<()> {
     let env = WorkerEnv::from_env()?;
     pin_to(&env.cpus);
-    tracing::debug!(rank = env.rank, local_rank = env.local_rank, "worker starting");
-    let mut stream = UnixStream::connect(&env.rendezvous)
-        .map_err(|e| Error::Launch(format!("rank {} cannot reach the launcher at {}: {e}", env.rank, env.rendezvous.display())))?;
+    tracing::debug!(
+        rank = env.rank,
+        local_rank = env.local_rank,
+        "worker starting"
+    );
+    let mut stream = UnixStream::connect(&env.rendezvous).map_err(|e| {
+        Error::Launch(format!(
+            "rank {} cannot reach the launcher at {}: {e}",
+            env.rank,
+            env.rendezvous.display()
+        ))
+    })?;
     let send = |stream: &mut UnixStream, reply: &Reply| {
         write_frame(stream, reply).map_err(|e| Error::Launch(format!("lost the launcher: {e}")))
     };
-    send(&mut stream, &Reply::Hello { rank: env.rank, secret: env.secret.clone() })?;
+    send(
+        &mut stream,
+        &Reply::Hello {
+            rank: env.rank,
+            secret: env.secret.clone(),
+        },
+    )?;
     let spec = match read_frame::<Request>(&mut stream) {
         Ok(Request::Load(spec)) => spec,
         Ok(Request::Shutdown) | Err(_) => return Ok(()),
-        Ok(other) => return Err(Error::Launch(format!("expected a load request first, got {other:?}"))),
+        Ok(other) => {
+            return Err(Error::Launch(format!(
+                "expected a load request first, got {other:?}"
+            )))
+        }
     };
     let mut shard = match load_shard(&env, &spec) {
         Ok(shard) => shard,
@@ -157,7 +187,8 @@ fn run_worker() -> Result<()> {
             Request::Forward(req) => answer(env.rank, forward(&mut shard, &req)),
             Request::Generate(req) => answer(
                 env.rank,
-                generation::greedy(shard.model.as_mut(), shard.comm.as_ref(), &req).map(Reply::Generated),
+                generation::greedy(shard.model.as_mut(), shard.comm.as_ref(), &req)
+                    .map(Reply::Generated),
             ),
         };
         send(&mut stream, &reply)?;
@@ -180,8 +211,20 @@ fn memory(env: &WorkerEnv, shard: &Shard) -> RankMemory {
 fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
     let comm: Box<dyn Communicator> = match (env.world_size, env.comm_fd) {
         (1, _) => Box::new(SingleRank),
-        (_, Some(fd)) => Box::new(ShmCommunicator::attach(fd, env.rank, env.world_size)?),
-        (_, None) => return Err(Error::Launch(format!("{} is required with several ranks", env::COMM_FD))),
+        (_, Some(fd)) => {
+            let mut comm = ShmCommunicator::attach(fd, env.rank, env.world_size)?;
+            if !env.cpus.is_empty() {
+                // Pinned to cores of its own: spinning costs nobody anything.
+                comm.set_spin_window(DEDICATED_SPIN_WINDOW);
+            }
+            Box::new(comm)
+        }
+        (_, None) => {
+            return Err(Error::Launch(format!(
+                "{} is required with several ranks",
+                env::COMM_FD
+            )))
+        }
     };
     let checkpoint = SafetensorsCheckpoint::open(&spec.model_dir)?;
     let plan = Plan::new(&spec.config, env.world_size)?;
@@ -191,7 +234,11 @@ fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
     let model = models::load(&mut loader, &spec.config)?;
     let weights = loader.bytes();
     comm.barrier()?;
-    Ok(Shard { model, comm, weights })
+    Ok(Shard {
+        model,
+        comm,
+        weights,
+    })
 }
 
 fn forward(shard: &mut Shard, req: &ForwardRequest) -> Result<Reply> {

@@ -96,7 +96,10 @@ impl Plan {
         }
         let group = config.num_heads / config.num_kv_heads;
         let kv_heads = Split::even(config.num_kv_heads, config.head_dim, world_size);
-        let heads = Split::from_counts(config.head_dim, kv_heads.counts().iter().map(|c| c * group).collect());
+        let heads = Split::from_counts(
+            config.head_dim,
+            kv_heads.counts().iter().map(|c| c * group).collect(),
+        );
         Ok(Plan {
             world_size,
             heads,
@@ -128,7 +131,10 @@ mod tests {
             "num_attention_heads":{heads},"num_key_value_heads":{kv},"intermediate_size":7}}"#,
             heads * 8
         );
-        serde_json::from_str::<RawConfig>(&json).unwrap().resolve().unwrap()
+        serde_json::from_str::<RawConfig>(&json)
+            .unwrap()
+            .resolve()
+            .unwrap()
     }
 
     #[test]
@@ -164,6 +170,9 @@ mod tests {
     #[test]
     fn more_ranks_than_kv_heads_is_a_clear_error() {
         let err = Plan::new(&config(8, 4), 5).unwrap_err().to_string();
-        assert!(err.contains("5 ranks") && err.contains("4 key/value heads"), "{err}");
+        assert!(
+            err.contains("5 ranks") && err.contains("4 key/value heads"),
+            "{err}"
+        );
     }
 }

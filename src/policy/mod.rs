@@ -132,21 +132,56 @@ fn glob_match(pattern: &str, text: &str) -> bool {
     }
 }
 
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let layout = |transposed: &bool| if *transposed { ", transposed" } else { "" };
+        match self {
+            Role::Column { parts, transposed } => {
+                let names: Vec<String> = parts
+                    .iter()
+                    .map(|p| format!("{p:?}").to_lowercase())
+                    .collect();
+                write!(f, "column({}{})", names.join("+"), layout(transposed))
+            }
+            Role::Row {
+                partition,
+                transposed,
+            } => {
+                write!(
+                    f,
+                    "row({}{})",
+                    format!("{partition:?}").to_lowercase(),
+                    layout(transposed)
+                )
+            }
+            Role::Replicate => write!(f, "replicate"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn star_matches_layer_numbers_and_nothing_else_differs() {
-        assert!(glob_match("h.*.attn.c_attn.weight", "h.11.attn.c_attn.weight"));
-        assert!(!glob_match("h.*.attn.c_attn.weight", "h.11.attn.c_attn.bias"));
+        assert!(glob_match(
+            "h.*.attn.c_attn.weight",
+            "h.11.attn.c_attn.weight"
+        ));
+        assert!(!glob_match(
+            "h.*.attn.c_attn.weight",
+            "h.11.attn.c_attn.bias"
+        ));
         assert!(glob_match("*", ""));
         assert!(glob_match("a*b*c", "axxbyyc"));
     }
 
     #[test]
     fn gpt2_c_attn_is_a_transposed_three_part_column_split() {
-        let role = tables::gpt2().role_of("transformer.h.3.attn.c_attn.weight").cloned();
+        let role = tables::gpt2()
+            .role_of("transformer.h.3.attn.c_attn.weight")
+            .cloned();
         assert_eq!(
             role,
             Some(Role::Column {
@@ -159,10 +194,22 @@ mod tests {
     #[test]
     fn llama_roles_follow_megatron() {
         let p = tables::llama();
-        assert_eq!(p.role_of("model.layers.0.self_attn.k_proj.weight"), Some(&Role::column(Partition::KvHeads)));
-        assert!(matches!(p.role_of("model.layers.0.mlp.down_proj.weight"), Some(Role::Row { partition: Partition::Intermediate, .. })));
+        assert_eq!(
+            p.role_of("model.layers.0.self_attn.k_proj.weight"),
+            Some(&Role::column(Partition::KvHeads))
+        );
+        assert!(matches!(
+            p.role_of("model.layers.0.mlp.down_proj.weight"),
+            Some(Role::Row {
+                partition: Partition::Intermediate,
+                ..
+            })
+        ));
         assert_eq!(p.role_of("model.norm.weight"), Some(&Role::Replicate));
-        assert_eq!(p.role_of("lm_head.weight"), Some(&Role::column(Partition::Vocab)));
+        assert_eq!(
+            p.role_of("lm_head.weight"),
+            Some(&Role::column(Partition::Vocab))
+        );
         assert_eq!(p.role_of("model.rotary_emb.inv_freq"), None);
     }
 
@@ -171,21 +218,5 @@ mod tests {
         let p = tables::bert();
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<Policy>(&text).unwrap(), p);
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let layout = |transposed: &bool| if *transposed { ", transposed" } else { "" };
-        match self {
-            Role::Column { parts, transposed } => {
-                let names: Vec<String> = parts.iter().map(|p| format!("{p:?}").to_lowercase()).collect();
-                write!(f, "column({}{})", names.join("+"), layout(transposed))
-            }
-            Role::Row { partition, transposed } => {
-                write!(f, "row({}{})", format!("{partition:?}").to_lowercase(), layout(transposed))
-            }
-            Role::Replicate => write!(f, "replicate"),
-        }
     }
 }

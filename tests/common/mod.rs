@@ -12,7 +12,9 @@ use safetensors::{Dtype, SafeTensors};
 
 /// The directory of fixture `name`.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The built `parallelformers` binary.
@@ -56,11 +58,23 @@ pub fn read_tensors(path: &Path) -> HashMap<String, RefTensor> {
         .map(|(name, view)| {
             let data = view.data();
             let values = match view.dtype() {
-                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-                Dtype::I64 => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::I64 => data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
                 other => panic!("unexpected dtype {other:?} in {}", path.display()),
             };
-            (name, RefTensor { shape: view.shape().to_vec(), values })
+            (
+                name,
+                RefTensor {
+                    shape: view.shape().to_vec(),
+                    values,
+                },
+            )
         })
         .collect()
 }
@@ -73,7 +87,11 @@ pub fn reference(name: &str) -> HashMap<String, RefTensor> {
 /// Largest absolute difference between `actual` and `expected` `[B, L, D]` over positions
 /// whose attention mask is 1.
 pub fn masked_max_diff(actual: &[f32], expected: &RefTensor, mask: &RefTensor) -> f64 {
-    assert_eq!(actual.len(), expected.values.len(), "output size differs from the reference");
+    assert_eq!(
+        actual.len(),
+        expected.values.len(),
+        "output size differs from the reference"
+    );
     let width = expected.shape[2];
     let mut worst = 0f64;
     for (pos, &m) in mask.values.iter().enumerate() {
@@ -96,7 +114,10 @@ pub fn unique_tag() -> String {
 
 fn rand_suffix() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Runs the CLI with `args`, tagging its processes with `tag`.
