@@ -125,3 +125,38 @@ fn a_library_users_own_program_can_host_the_ranks() {
     assert_eq!(pids.len(), 2);
     assert_all_gone(&pids);
 }
+
+#[test]
+fn a_killed_rank_fails_the_next_request_fast_naming_the_rank_and_stops_the_others() {
+    let mut model = parallelize(fixture("llama"), options(3)).unwrap();
+    let pids = model.worker_pids();
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pids[1].to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    let err = model
+        .generate(
+            &[1, 2, 3],
+            &GenerateParams {
+                max_new_tokens: 4,
+                ..GenerateParams::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(model.failure().is_some());
+    assert_all_gone(&pids);
+    let again = model
+        .generate(&[1], &GenerateParams::default())
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("stopped"), "{again}");
+}

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::{ModelConfig, SafetensorsCheckpoint, TensorInfo};
+use crate::checkpoint::{SafetensorsCheckpoint, TensorInfo};
 use crate::error::{Error, Result};
 use crate::parallel::slicing::Plan;
 use crate::policy::{Policy, Role};
@@ -304,16 +304,6 @@ fn source_dtype(name: &str, info: &TensorInfo) -> Result<DType> {
             "tensor `{name}` has dtype {other:?}; weights must be F32, F16, BF16 or F64"
         ))),
     }
-}
-
-/// The stored shape of a weight the configuration implies, for messages and checks.
-pub fn linear_shape(out_features: usize, in_features: usize) -> [usize; 2] {
-    [out_features, in_features]
-}
-
-/// Checks that the configuration can be split at all before any rank starts.
-pub fn check_splittable(config: &ModelConfig, ranks: usize) -> Result<Plan> {
-    Plan::new(config, ranks)
 }
 
 #[cfg(test)]
