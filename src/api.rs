@@ -9,24 +9,11 @@ use crate::checkpoint::{ModelConfig, SafetensorsCheckpoint};
 use crate::error::{Error, Result};
 use crate::options::{Options, Verbosity};
 use crate::parallel::ipc::{
-    ForwardRequest, GenerateRequest, Generated, LoadSpec, Reply, Request, WireTensor,
+    ForwardInput, GenerateRequest, Generated, LoadSpec, Reply, Request, WireTensor,
 };
 use crate::parallel::launcher::{default_threads, LaunchSpec, WorkerGroup};
 use crate::parallel::memory::RankMemory;
 use crate::parallel::Plan;
-
-/// A batch of token sequences for [`ParallelModel::forward`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForwardInput {
-    /// Token ids, `[batch, seq_len]` row-major.
-    pub input_ids: Vec<u32>,
-    /// Number of sequences.
-    pub batch: usize,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// `[batch, seq_len]`, 1 = token, 0 = padding.
-    pub attention_mask: Option<Vec<u32>>,
-}
 
 /// Greedy-generation parameters (transformers' names and defaults).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,12 +206,7 @@ impl ParallelModel {
             }
         }
         self.check_ids(&input.input_ids)?;
-        let request = Request::Forward(ForwardRequest {
-            input_ids: input.input_ids.clone(),
-            batch: input.batch,
-            seq_len: input.seq_len,
-            attention_mask: input.attention_mask.clone(),
-        });
+        let request = Request::Forward(input.clone());
         match self.group.request(&request, None)?.into_iter().next() {
             Some(Reply::Forward(tensor)) => Ok(tensor),
             other => Err(Error::Launch(format!(

@@ -25,9 +25,9 @@ pub mod options;
 pub mod parallel;
 pub mod policy;
 
-pub use api::{parallelize, ForwardInput, GenerateParams, ParallelModel};
+pub use api::{parallelize, GenerateParams, ParallelModel};
 pub use error::{Error, Result};
 pub use options::{Backend, Options, Verbosity, WeightDType};
-pub use parallel::ipc::{Generated, WireTensor};
+pub use parallel::ipc::{ForwardInput, Generated, WireTensor};
 pub use parallel::memory::RankMemory;
 pub use parallel::process::run_worker_if_requested;

@@ -4,10 +4,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{copy_fixture, fixture, run, shm_segments};
+use common::{copy_fixture, fixture, forward_args, run, shm_segments};
 
 /// Runs the CLI, expects failure with `needle` in the message, and no leftovers.
-fn expect_failure(args: &[&str], needle: &str) {
+fn expect_failure<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], needle: &str) {
     let before = shm_segments();
     let out = run(args);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -20,27 +20,20 @@ fn expect_failure(args: &[&str], needle: &str) {
     assert_eq!(shm_segments(), before, "shared-memory segments left behind");
 }
 
-fn generate(model: &Path, ranks: &str) -> Vec<String> {
-    [
+fn expect_generate_failure(model: &Path, ranks: &str, needle: &str) {
+    let model = model.to_string_lossy();
+    let args = [
         "generate",
         "--model",
-        model.to_str().unwrap(),
+        &model,
         "--ranks",
         ranks,
         "--max-new-tokens",
         "2",
         "--input-ids",
         "1,2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn expect_generate_failure(model: &Path, ranks: &str, needle: &str) {
-    let args = generate(model, ranks);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    expect_failure(&refs, needle);
+    ];
+    expect_failure(&args, needle);
 }
 
 #[test]
@@ -161,20 +154,7 @@ fn malformed_inputs_file_is_named() {
     let model = fixture("llama");
     let out = dir.path().join("out.safetensors");
     let forward = |inputs: &Path, needle: &str| {
-        expect_failure(
-            &[
-                "forward",
-                "--model",
-                model.to_str().unwrap(),
-                "--ranks",
-                "2",
-                "--inputs",
-                inputs.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-            ],
-            needle,
-        )
+        expect_failure(&forward_args(&model, "2", inputs, &out), needle)
     };
     let garbage = dir.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"not a safetensors file").unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture, masked_max_diff, read_tensors, reference, run};
+use common::{fixture, forward_args, masked_max_diff, read_tensors, reference, run};
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -17,25 +17,27 @@ fn assert_success(out: &std::process::Output) {
     assert!(out.status.success(), "command failed:\n{}", stderr(out));
 }
 
-#[test]
-fn forward_writes_logits_that_match_transformers() {
+/// Runs `forward` on fixture `name` with its reference batch and returns the written tensors.
+fn forward_fixture(
+    name: &str,
+    ranks: &str,
+) -> std::collections::HashMap<String, common::RefTensor> {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("out.safetensors");
-    let model = fixture("llama");
-    let inputs = model.join("reference.safetensors");
-    let out = run(&[
-        "forward",
-        "--model",
-        model.to_str().unwrap(),
-        "--ranks",
-        "3",
-        "--inputs",
-        inputs.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let model = fixture(name);
+    let out = run(&forward_args(
+        &model,
+        ranks,
+        &model.join("reference.safetensors"),
+        &output,
+    ));
     assert_success(&out);
-    let written = read_tensors(&output);
+    read_tensors(&output)
+}
+
+#[test]
+fn forward_writes_logits_that_match_transformers() {
+    let written = forward_fixture("llama", "3");
     let refs = reference("llama");
     let logits: Vec<f32> = written["logits"].values.iter().map(|&v| v as f32).collect();
     assert_eq!(written["logits"].shape, refs["logits"].shape);
@@ -44,23 +46,7 @@ fn forward_writes_logits_that_match_transformers() {
 
 #[test]
 fn forward_of_an_encoder_writes_last_hidden_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("out.safetensors");
-    let model = fixture("bert");
-    let inputs = model.join("reference.safetensors");
-    let out = run(&[
-        "forward",
-        "--model",
-        model.to_str().unwrap(),
-        "--ranks",
-        "2",
-        "--inputs",
-        inputs.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    assert_success(&out);
-    let written = read_tensors(&output);
+    let written = forward_fixture("bert", "2");
     assert_eq!(written["last_hidden_state"].shape, vec![2, 10, 64]);
 }
 

@@ -137,6 +137,46 @@ impl KvCache {
     }
 }
 
+/// The key/value caches of every layer of a rank.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCaches {
+    layers: Vec<KvCache>,
+}
+
+impl LayerCaches {
+    /// Empty caches for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        LayerCaches {
+            layers: vec![KvCache::default(); layers],
+        }
+    }
+
+    /// The cache of layer `index`.
+    pub fn layer(&mut self, index: usize) -> &mut KvCache {
+        &mut self.layers[index]
+    }
+
+    /// Forgets everything cached.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|c| *c = KvCache::default());
+    }
+
+    /// Bytes held by all layers.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(KvCache::bytes).sum()
+    }
+
+    /// Positions cached (the same in every layer).
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::len)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// This rank's share of one attention layer's heads.
 #[derive(Debug, Clone, Copy)]
 pub struct HeadLayout {

@@ -56,32 +56,22 @@ impl Bert {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("encoder.layer.{i}");
-            let linear =
-                |loader: &mut ShardLoader, name: &str, out: usize, inp: usize| -> Result<Linear> {
-                    let (w, b) = weight_and_bias(loader, &format!("{p}.{name}"), out, inp, true)?;
-                    Ok(Linear::new(w, b))
-                };
-            let row = |loader: &mut ShardLoader,
-                       name: &str,
-                       out: usize,
-                       inp: usize|
-             -> Result<RowParallelLinear> {
-                let (w, b) = weight_and_bias(loader, &format!("{p}.{name}"), out, inp, true)?;
-                Ok(RowParallelLinear::new(w, b))
+            let proj = |loader: &mut ShardLoader, name: &str, out: usize, inp: usize| {
+                weight_and_bias(loader, &format!("{p}.{name}"), out, inp, true)
             };
             layers.push(Layer {
-                query: linear(loader, "attention.self.query", h, h)?,
-                key: linear(loader, "attention.self.key", h, h)?,
-                value: linear(loader, "attention.self.value", h, h)?,
-                attn_out: row(loader, "attention.output.dense", h, h)?,
+                query: proj(loader, "attention.self.query", h, h)?.into(),
+                key: proj(loader, "attention.self.key", h, h)?.into(),
+                value: proj(loader, "attention.self.value", h, h)?.into(),
+                attn_out: proj(loader, "attention.output.dense", h, h)?.into(),
                 attn_norm: layer_norm(loader, &format!("{p}.attention.output.LayerNorm"), h, eps)?,
-                intermediate: linear(loader, "intermediate.dense", inner, h)?,
-                output: row(loader, "output.dense", h, inner)?,
+                intermediate: proj(loader, "intermediate.dense", inner, h)?.into(),
+                output: proj(loader, "output.dense", h, inner)?.into(),
                 output_norm: layer_norm(loader, &format!("{p}.output.LayerNorm"), h, eps)?,
             });
         }
         let mlm = if c.output == OutputKind::Logits {
-            let (tw, tb) = weight_and_bias(loader, "cls.predictions.transform.dense", h, h, true)?;
+            let transform = weight_and_bias(loader, "cls.predictions.transform.dense", h, h, true)?;
             let decoder =
                 match loader.try_load("cls.predictions.decoder.weight", &[c.vocab_size, h])? {
                     Some(w) if c.tie_word_embeddings == Some(false) => w,
@@ -92,7 +82,7 @@ impl Bert {
                 None => loader.try_load("cls.predictions.decoder.bias", &[c.vocab_size])?,
             };
             Some(MlmHead {
-                transform: Linear::new(tw, tb),
+                transform: transform.into(),
                 norm: layer_norm(loader, "cls.predictions.transform.LayerNorm", h, eps)?,
                 decoder: VocabParallelHead::new(decoder, bias, plan.vocab.counts().to_vec()),
             })
@@ -165,7 +155,7 @@ impl ShardedModel for Bert {
                 let t = head
                     .norm
                     .forward(&activate(self.activation, &head.transform.forward(&x)?)?)?;
-                apply_head(&head.decoder, &t, comm)
+                apply_head(&head.decoder, &t, false, comm)
             }
             None => Ok(x.to_dtype(candle_core::DType::F32)?),
         }

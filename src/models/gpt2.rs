@@ -6,11 +6,11 @@ use candle_core::{Device, Tensor};
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::models::attention::{attend, HeadLayout, KvCache, MaskSpec, Projected};
+use crate::models::attention::{attend, HeadLayout, LayerCaches, MaskSpec, Projected};
 use crate::models::layers::{
     activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
-use crate::models::{apply_head, check_positions, last_position, layer_norm, Batch, ShardedModel};
+use crate::models::{apply_head, check_positions, layer_norm, Batch, ShardedModel};
 use crate::parallel::engine::ShardLoader;
 
 struct Block {
@@ -20,11 +20,11 @@ struct Block {
     ln_2: LayerNorm,
     c_fc: Linear,
     mlp_proj: RowParallelLinear,
-    cache: KvCache,
 }
 
 /// A rank's shard of `GPT2LMHeadModel`.
 pub struct Gpt2 {
+    caches: LayerCaches,
     wte: VocabParallelEmbedding,
     wpe: Tensor,
     blocks: Vec<Block>,
@@ -64,7 +64,6 @@ impl Gpt2 {
                     loader.load(&format!("{p}.mlp.c_proj.weight"), &[inner, h])?,
                     Some(loader.load(&format!("{p}.mlp.c_proj.bias"), &[h])?),
                 ),
-                cache: KvCache::default(),
             });
         }
         let head_weight = match loader.try_load("lm_head.weight", &[c.vocab_size, h])? {
@@ -72,6 +71,7 @@ impl Gpt2 {
             _ => wte.clone(),
         };
         Ok(Gpt2 {
+            caches: LayerCaches::new(c.num_layers),
             wte: VocabParallelEmbedding::new(wte, plan.vocab.elements(rank).start),
             wpe: loader.load("wpe.weight", &[c.max_positions, h])?,
             blocks,
@@ -111,14 +111,14 @@ impl ShardedModel for Gpt2 {
         }
         .build()?;
         let width = self.layout.heads * self.layout.head_dim;
-        for block in &mut self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
             let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?;
             let projected = Projected {
                 q: qkv.narrow(2, 0, width)?,
                 k: qkv.narrow(2, width, width)?,
                 v: qkv.narrow(2, 2 * width, width)?,
             };
-            let cache = input.use_cache.then_some(&mut block.cache);
+            let cache = input.use_cache.then(|| self.caches.layer(i));
             let attn = attend(projected, self.layout, None, cache, mask.as_ref())?;
             x = (x + block.attn_proj.forward(&attn, comm)?)?;
             let hidden = activate(
@@ -127,24 +127,19 @@ impl ShardedModel for Gpt2 {
             )?;
             x = (x + block.mlp_proj.forward(&hidden, comm)?)?;
         }
-        let mut x = self.ln_f.forward(&x)?;
-        if input.last_only {
-            x = last_position(&x)?;
-        }
-        apply_head(&self.head, &x, comm)
+        let x = self.ln_f.forward(&x)?;
+        apply_head(&self.head, &x, input.last_only, comm)
     }
 
     fn clear_cache(&mut self) {
-        self.blocks
-            .iter_mut()
-            .for_each(|b| b.cache = KvCache::default());
+        self.caches.clear();
     }
 
     fn kv_cache_bytes(&self) -> usize {
-        self.blocks.iter().map(|b| b.cache.bytes()).sum()
+        self.caches.bytes()
     }
 
     fn cached_len(&self) -> usize {
-        self.blocks.first().map_or(0, |b| b.cache.len())
+        self.caches.len()
     }
 }

@@ -51,6 +51,12 @@ impl Linear {
     }
 }
 
+impl From<(Tensor, Option<Tensor>)> for Linear {
+    fn from((weight, bias): (Tensor, Option<Tensor>)) -> Self {
+        Linear::new(weight, bias)
+    }
+}
+
 /// A linear whose input features are split among ranks; partial outputs are summed by an
 /// all-reduce and the bias is added after it.
 #[derive(Debug, Clone)]
@@ -75,6 +81,12 @@ impl RowParallelLinear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+impl From<(Tensor, Option<Tensor>)> for RowParallelLinear {
+    fn from((weight, bias): (Tensor, Option<Tensor>)) -> Self {
+        RowParallelLinear::new(weight, bias)
     }
 }
 

@@ -7,11 +7,11 @@ use candle_core::Tensor;
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::models::attention::{attend, HeadLayout, KvCache, MaskSpec, Projected, Rotary};
+use crate::models::attention::{attend, HeadLayout, LayerCaches, MaskSpec, Projected, Rotary};
 use crate::models::layers::{
     activate, Linear, RmsNorm, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
-use crate::models::{apply_head, last_position, weight_and_bias, Batch, ShardedModel};
+use crate::models::{apply_head, weight_and_bias, Batch, ShardedModel};
 use crate::parallel::engine::ShardLoader;
 
 struct Layer {
@@ -24,11 +24,11 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: RowParallelLinear,
-    cache: KvCache,
 }
 
 /// A rank's shard of `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
 pub struct Llama {
+    caches: LayerCaches,
     embed: VocabParallelEmbedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -37,28 +37,6 @@ pub struct Llama {
     layout: HeadLayout,
     activation: Activation,
     sliding_window: Option<usize>,
-}
-
-fn linear(
-    loader: &mut ShardLoader,
-    name: &str,
-    out: usize,
-    inp: usize,
-    bias: bool,
-) -> Result<Linear> {
-    let (weight, bias) = weight_and_bias(loader, name, out, inp, bias)?;
-    Ok(Linear::new(weight, bias))
-}
-
-fn row_linear(
-    loader: &mut ShardLoader,
-    name: &str,
-    out: usize,
-    inp: usize,
-    bias: bool,
-) -> Result<RowParallelLinear> {
-    let (weight, bias) = weight_and_bias(loader, name, out, inp, bias)?;
-    Ok(RowParallelLinear::new(weight, bias))
 }
 
 impl Llama {
@@ -72,65 +50,34 @@ impl Llama {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("layers.{i}");
-            let norm = |loader: &mut ShardLoader, name: &str| -> Result<RmsNorm> {
+            let mut proj = |name: &str, out: usize, inp: usize, bias: bool| {
+                weight_and_bias(loader, &format!("{p}.{name}"), out, inp, bias)
+            };
+            let (q, k, v) = (
+                proj("self_attn.q_proj", q_width, h, c.qkv_bias)?,
+                proj("self_attn.k_proj", kv_width, h, c.qkv_bias)?,
+                proj("self_attn.v_proj", kv_width, h, c.qkv_bias)?,
+            );
+            let o = proj("self_attn.o_proj", h, q_width, c.attn_out_bias)?;
+            let gate = proj("mlp.gate_proj", c.intermediate_size, h, c.mlp_bias)?;
+            let up = proj("mlp.up_proj", c.intermediate_size, h, c.mlp_bias)?;
+            let down = proj("mlp.down_proj", h, c.intermediate_size, c.mlp_bias)?;
+            let mut norm = |name: &str| -> Result<RmsNorm> {
                 Ok(RmsNorm::new(
                     loader.load(&format!("{p}.{name}.weight"), &[h])?,
                     c.norm_eps,
                 ))
             };
             layers.push(Layer {
-                input_norm: norm(loader, "input_layernorm")?,
-                q: linear(
-                    loader,
-                    &format!("{p}.self_attn.q_proj"),
-                    q_width,
-                    h,
-                    c.qkv_bias,
-                )?,
-                k: linear(
-                    loader,
-                    &format!("{p}.self_attn.k_proj"),
-                    kv_width,
-                    h,
-                    c.qkv_bias,
-                )?,
-                v: linear(
-                    loader,
-                    &format!("{p}.self_attn.v_proj"),
-                    kv_width,
-                    h,
-                    c.qkv_bias,
-                )?,
-                o: row_linear(
-                    loader,
-                    &format!("{p}.self_attn.o_proj"),
-                    h,
-                    q_width,
-                    c.attn_out_bias,
-                )?,
-                post_norm: norm(loader, "post_attention_layernorm")?,
-                gate: linear(
-                    loader,
-                    &format!("{p}.mlp.gate_proj"),
-                    c.intermediate_size,
-                    h,
-                    c.mlp_bias,
-                )?,
-                up: linear(
-                    loader,
-                    &format!("{p}.mlp.up_proj"),
-                    c.intermediate_size,
-                    h,
-                    c.mlp_bias,
-                )?,
-                down: row_linear(
-                    loader,
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    c.intermediate_size,
-                    c.mlp_bias,
-                )?,
-                cache: KvCache::default(),
+                input_norm: norm("input_layernorm")?,
+                post_norm: norm("post_attention_layernorm")?,
+                q: q.into(),
+                k: k.into(),
+                v: v.into(),
+                o: o.into(),
+                gate: gate.into(),
+                up: up.into(),
+                down: down.into(),
             });
         }
         let head_weight = match loader.try_load("lm_head.weight", &[c.vocab_size, h])? {
@@ -138,6 +85,7 @@ impl Llama {
             _ => embed.clone(),
         };
         Ok(Llama {
+            caches: LayerCaches::new(c.num_layers),
             embed: VocabParallelEmbedding::new(embed, plan.vocab.elements(rank).start),
             layers,
             norm: RmsNorm::new(loader.load("norm.weight", &[h])?, c.norm_eps),
@@ -173,14 +121,14 @@ impl ShardedModel for Llama {
             sliding_window: self.sliding_window,
         }
         .build()?;
-        for layer in &mut self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_norm.forward(&x)?;
             let projected = Projected {
                 q: layer.q.forward(&normed)?,
                 k: layer.k.forward(&normed)?,
                 v: layer.v.forward(&normed)?,
             };
-            let cache = input.use_cache.then_some(&mut layer.cache);
+            let cache = input.use_cache.then(|| self.caches.layer(i));
             let attn = attend(
                 projected,
                 self.layout,
@@ -194,24 +142,19 @@ impl ShardedModel for Llama {
                 * layer.up.forward(&normed)?)?;
             x = (x + layer.down.forward(&gated, comm)?)?;
         }
-        let mut x = self.norm.forward(&x)?;
-        if input.last_only {
-            x = last_position(&x)?;
-        }
-        apply_head(&self.head, &x, comm)
+        let x = self.norm.forward(&x)?;
+        apply_head(&self.head, &x, input.last_only, comm)
     }
 
     fn clear_cache(&mut self) {
-        self.layers
-            .iter_mut()
-            .for_each(|l| l.cache = KvCache::default());
+        self.caches.clear();
     }
 
     fn kv_cache_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.cache.bytes()).sum()
+        self.caches.bytes()
     }
 
     fn cached_len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.cache.len())
+        self.caches.len()
     }
 }

@@ -69,12 +69,19 @@ pub(crate) fn last_position(hidden: &Tensor) -> Result<Tensor> {
     Ok(hidden.narrow(1, len - 1, 1)?)
 }
 
-/// Applies a vocabulary head to `[B, L, H]`, returning `[B, L, V]`.
+/// Applies a vocabulary head to `[B, L, H]` (only to the last position with `last_only`),
+/// returning `[B, L, V]`.
 pub(crate) fn apply_head(
     head: &layers::VocabParallelHead,
     hidden: &Tensor,
+    last_only: bool,
     comm: &dyn Communicator,
 ) -> Result<Tensor> {
+    let hidden = if last_only {
+        last_position(hidden)?
+    } else {
+        hidden.clone()
+    };
     let (b, l, h) = hidden.dims3()?;
     let logits = head.forward(&hidden.reshape((b * l, h))?, comm)?;
     let v = logits.dim(1)?;

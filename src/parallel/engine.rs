@@ -24,6 +24,24 @@ struct Block {
     cols: std::ops::Range<usize>,
 }
 
+impl Block {
+    /// The block that takes `range` along `dim` of a `rows × cols` tensor and all of the other
+    /// dimension.
+    fn along(dim: usize, range: std::ops::Range<usize>, rows: usize, cols: usize) -> Self {
+        if dim == 0 {
+            Block {
+                rows: range,
+                cols: 0..cols,
+            }
+        } else {
+            Block {
+                rows: 0..rows,
+                cols: range,
+            }
+        }
+    }
+}
+
 /// How a rank's slice of one tensor is assembled from stored blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlicePlan {
@@ -87,17 +105,7 @@ pub fn plan_slice(
                 let range = split.elements(rank);
                 let range = offset + range.start..offset + range.end;
                 offset += split.total_elements();
-                blocks.push(if split_dim == 0 {
-                    Block {
-                        rows: range,
-                        cols: 0..cols,
-                    }
-                } else {
-                    Block {
-                        rows: 0..rows,
-                        cols: range,
-                    }
-                });
+                blocks.push(Block::along(split_dim, range, rows, cols));
             }
             (blocks, split_dim, *transposed)
         }
@@ -115,18 +123,7 @@ pub fn plan_slice(
                     expected: expected_shape(stored_shape, split_dim, true, split.total_elements()),
                 });
             }
-            let range = split.elements(rank);
-            let block = if split_dim == 0 {
-                Block {
-                    rows: range,
-                    cols: 0..cols,
-                }
-            } else {
-                Block {
-                    rows: 0..rows,
-                    cols: range,
-                }
-            };
+            let block = Block::along(split_dim, split.elements(rank), rows, cols);
             (vec![block], split_dim, *transposed)
         }
     };

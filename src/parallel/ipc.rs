@@ -28,9 +28,9 @@ pub struct LoadSpec {
     pub seed: u64,
 }
 
-/// One forward pass over a batch.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ForwardRequest {
+/// A batch of token sequences for one forward pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardInput {
     /// Token ids `[batch, seq_len]`, row-major.
     pub input_ids: Vec<u32>,
     /// Number of sequences.
@@ -60,7 +60,7 @@ pub enum Request {
     /// Load the rank's shard.
     Load(LoadSpec),
     /// Run a forward pass.
-    Forward(ForwardRequest),
+    Forward(ForwardInput),
     /// Generate greedily.
     Generate(GenerateRequest),
     /// Report memory use.

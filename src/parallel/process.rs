@@ -18,7 +18,7 @@ use crate::generation;
 use crate::models::{self, Batch, ShardedModel};
 use crate::parallel::engine::{ShardLoader, WeightBytes};
 use crate::parallel::ipc::{
-    read_frame, write_frame, ForwardRequest, LoadSpec, Reply, Request, WireTensor,
+    read_frame, write_frame, ForwardInput, LoadSpec, Reply, Request, WireTensor,
 };
 use crate::parallel::memory::RankMemory;
 use crate::parallel::slicing::Plan;
@@ -241,7 +241,7 @@ fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
     })
 }
 
-fn forward(shard: &mut Shard, req: &ForwardRequest) -> Result<Reply> {
+fn forward(shard: &mut Shard, req: &ForwardInput) -> Result<Reply> {
     shard.model.clear_cache();
     let batch = Batch {
         ids: &req.input_ids,

@@ -121,7 +121,7 @@ fn rand_suffix() -> u64 {
 }
 
 /// Runs the CLI with `args`, tagging its processes with `tag`.
-pub fn run_tagged(tag: &str, args: &[&str]) -> Output {
+pub fn run_tagged<S: AsRef<std::ffi::OsStr>>(tag: &str, args: &[S]) -> Output {
     Command::new(binary())
         .args(args)
         .env("PARALLELFORMERS_TEST_TAG", tag)
@@ -129,8 +129,24 @@ pub fn run_tagged(tag: &str, args: &[&str]) -> Output {
         .expect("cannot run the parallelformers binary")
 }
 
+/// The arguments of `forward` over `model` with `ranks`, from `inputs` to `output`.
+pub fn forward_args(model: &Path, ranks: &str, inputs: &Path, output: &Path) -> Vec<String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    vec![
+        "forward".into(),
+        "--model".into(),
+        path(model),
+        "--ranks".into(),
+        ranks.into(),
+        "--inputs".into(),
+        path(inputs),
+        "--output".into(),
+        path(output),
+    ]
+}
+
 /// Runs the CLI and asserts that none of its processes outlive it.
-pub fn run(args: &[&str]) -> Output {
+pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     let tag = unique_tag();
     let out = run_tagged(&tag, args);
     assert_no_processes_tagged(&tag);
