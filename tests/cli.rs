@@ -50,61 +50,56 @@ fn forward_of_an_encoder_writes_last_hidden_state() {
     assert_eq!(written["last_hidden_state"].shape, vec![2, 10, 64]);
 }
 
-#[test]
-fn generate_json_from_token_ids_matches_transformers_greedy() {
-    let refs = reference("qwen2");
-    let prompt: Vec<String> = refs["generate_input_ids"]
+/// Runs `generate --json` on fixture `name` from its reference prompt with `extra` arguments.
+fn generate_reference_prompt(name: &str, ranks: &str, extra: &[&str]) -> serde_json::Value {
+    let prompt: Vec<String> = reference(name)["generate_input_ids"]
         .ids()
         .iter()
         .map(u32::to_string)
         .collect();
-    let model = fixture("qwen2");
-    let out = run(&[
+    let model = fixture(name).to_string_lossy().into_owned();
+    let prompt = prompt.join(",");
+    let mut args = vec![
         "generate",
         "--model",
-        model.to_str().unwrap(),
+        &model,
         "--ranks",
-        "2",
-        "--max-new-tokens",
-        "12",
+        ranks,
         "--input-ids",
-        &prompt.join(","),
+        &prompt,
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = run(&args);
     assert_success(&out);
-    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
-    let ids: Vec<u32> = serde_json::from_value(json["generated_ids"].clone()).unwrap();
-    assert_eq!(ids, refs["generate_output_ids"].ids());
+    serde_json::from_str(stdout(&out).trim()).unwrap()
+}
+
+fn generated_ids(json: &serde_json::Value) -> Vec<u32> {
+    serde_json::from_value(json["generated_ids"].clone()).unwrap()
+}
+
+#[test]
+fn generate_json_from_token_ids_matches_transformers_greedy() {
+    let json = generate_reference_prompt("qwen2", "2", &["--max-new-tokens", "12"]);
+    assert_eq!(
+        generated_ids(&json),
+        reference("qwen2")["generate_output_ids"].ids()
+    );
     assert!(json.get("text").is_none(), "no tokenizer, so no text");
 }
 
 #[test]
 fn min_new_tokens_suppresses_end_of_sequence_like_transformers() {
-    let refs = reference("smollm_like");
-    let prompt: Vec<String> = refs["generate_input_ids"]
-        .ids()
-        .iter()
-        .map(u32::to_string)
-        .collect();
-    let model = fixture("smollm_like");
-    let out = run(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--ranks",
+    let json = generate_reference_prompt(
+        "smollm_like",
         "3",
-        "--max-new-tokens",
-        "12",
-        "--min-new-tokens",
-        "12",
-        "--input-ids",
-        &prompt.join(","),
-        "--json",
-    ]);
-    assert_success(&out);
-    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
-    let ids: Vec<u32> = serde_json::from_value(json["generated_ids"].clone()).unwrap();
-    assert_eq!(ids, refs["generate_min_output_ids"].ids());
+        &["--max-new-tokens", "12", "--min-new-tokens", "12"],
+    );
+    assert_eq!(
+        generated_ids(&json),
+        reference("smollm_like")["generate_min_output_ids"].ids()
+    );
 }
 
 #[test]
@@ -144,22 +139,25 @@ fn generate_from_a_text_prompt_returns_text_from_the_tokenizer() {
 
 #[test]
 fn verbose_detail_prints_every_ranks_memory() {
-    let model = fixture("llama");
-    let out = run(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--ranks",
-        "2",
-        "--max-new-tokens",
-        "2",
-        "--input-ids",
-        "1,2,3",
-        "--verbose",
-        "detail",
-    ]);
-    assert_success(&out);
-    let err = stderr(&out);
+    let model = fixture("llama").to_string_lossy().into_owned();
+    let generate = |level: &str| {
+        let out = run(&[
+            "generate",
+            "--model",
+            &model,
+            "--ranks",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--input-ids",
+            "1,2,3",
+            "--verbose",
+            level,
+        ]);
+        assert_success(&out);
+        stderr(&out)
+    };
+    let detail = generate("detail");
     for needle in [
         "rank 0",
         "rank 1",
@@ -168,28 +166,10 @@ fn verbose_detail_prints_every_ranks_memory() {
         "kv cache",
         "peak resident",
     ] {
-        assert!(err.contains(needle), "missing `{needle}` in:\n{err}");
+        assert!(detail.contains(needle), "missing `{needle}` in:\n{detail}");
     }
-    let simple = run(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--ranks",
-        "2",
-        "--max-new-tokens",
-        "2",
-        "--input-ids",
-        "1,2,3",
-        "--verbose",
-        "simple",
-    ]);
-    assert_eq!(
-        stderr(&simple)
-            .lines()
-            .filter(|l| l.starts_with("rank "))
-            .count(),
-        2
-    );
+    let simple = generate("simple");
+    assert_eq!(simple.lines().filter(|l| l.starts_with("rank ")).count(), 2);
 }
 
 #[test]

@@ -161,13 +161,7 @@ impl ShardedModel for Bert {
         }
     }
 
-    fn clear_cache(&mut self) {}
-
-    fn kv_cache_bytes(&self) -> usize {
-        0
-    }
-
-    fn cached_len(&self) -> usize {
-        0
+    fn caches(&mut self) -> Option<&mut crate::models::attention::LayerCaches> {
+        None
     }
 }

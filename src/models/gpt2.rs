@@ -131,15 +131,7 @@ impl ShardedModel for Gpt2 {
         apply_head(&self.head, &x, input.last_only, comm)
     }
 
-    fn clear_cache(&mut self) {
-        self.caches.clear();
-    }
-
-    fn kv_cache_bytes(&self) -> usize {
-        self.caches.bytes()
-    }
-
-    fn cached_len(&self) -> usize {
-        self.caches.len()
+    fn caches(&mut self) -> Option<&mut LayerCaches> {
+        Some(&mut self.caches)
     }
 }

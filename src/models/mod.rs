@@ -36,12 +36,22 @@ pub trait ShardedModel: Send {
     /// Runs the shard; every rank returns the same `[batch, L, D]` f32 tensor, where `D` is the
     /// vocabulary (LM heads) or the hidden size (encoders) and `L` is 1 with `last_only`.
     fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor>;
+    /// The key/value caches, for models that decode incrementally.
+    fn caches(&mut self) -> Option<&mut attention::LayerCaches>;
     /// Forgets every cached key and value.
-    fn clear_cache(&mut self);
+    fn clear_cache(&mut self) {
+        if let Some(caches) = self.caches() {
+            caches.clear();
+        }
+    }
     /// Bytes held by the key/value cache.
-    fn kv_cache_bytes(&self) -> usize;
+    fn kv_cache_bytes(&mut self) -> usize {
+        self.caches().map_or(0, |c| c.bytes())
+    }
     /// Positions currently cached.
-    fn cached_len(&self) -> usize;
+    fn cached_len(&mut self) -> usize {
+        self.caches().map_or(0, |c| c.len())
+    }
 }
 
 /// Builds the rank's shard of the model `config` describes.

@@ -173,7 +173,7 @@ fn run_worker() -> Result<()> {
             return Err(e);
         }
     };
-    send(&mut stream, &Reply::Parallelized(memory(&env, &shard)))?;
+    send(&mut stream, &Reply::Parallelized(memory(&env, &mut shard)))?;
     loop {
         let request = match read_frame::<Request>(&mut stream) {
             Ok(request) => request,
@@ -183,7 +183,7 @@ fn run_worker() -> Result<()> {
         let reply = match request {
             Request::Shutdown => return Ok(()),
             Request::Load(_) => Reply::Error("the shard is already loaded".into()),
-            Request::Memory => Reply::Memory(memory(&env, &shard)),
+            Request::Memory => Reply::Memory(memory(&env, &mut shard)),
             Request::Forward(req) => answer(env.rank, forward(&mut shard, &req)),
             Request::Generate(req) => answer(
                 env.rank,
@@ -204,7 +204,7 @@ fn answer(rank: usize, result: Result<Reply>) -> Reply {
     }
 }
 
-fn memory(env: &WorkerEnv, shard: &Shard) -> RankMemory {
+fn memory(env: &WorkerEnv, shard: &mut Shard) -> RankMemory {
     RankMemory::measure(env.rank, shard.weights, shard.model.kv_cache_bytes() as u64)
 }
 
