@@ -8,6 +8,9 @@ Run from anywhere:
 Everything is built locally (configs, tokenizer); nothing is downloaded. The
 output is deterministic for a given torch / transformers / tokenizers version.
 See scripts/README.md and tests/fixtures/README.md.
+
+The GGUF fixtures (tests/fixtures/gguf/, `--only gguf_quant_types
+gguf_tiny_llama`) additionally need the `gguf` package (gguf-py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loading progress bar
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -578,10 +582,387 @@ def make_fixture(name: str, out_root: Path) -> Path:
     return d
 
 
+# --------------------------------------------------------------------------
+# GGUF fixtures (tests/fixtures/gguf/): `--only gguf_quant_types gguf_tiny_llama`
+# --------------------------------------------------------------------------
+#
+# Needs the `gguf` package (gguf-py, llama.cpp's Python library), imported only
+# here so that the Hugging Face fixtures above do not depend on it. Both parts
+# write into the same directory and touch only their own files.
+
+GGUF_DIR_NAME = "gguf"
+GGUF_QUANT_SHAPE = (4, 512)   # rows, cols: two 256-element super-blocks per row
+GGUF_QUANT_SEED = 8000
+GGUF_LLAMA_SEED = 9000
+
+# Byte offsets of the f16 scale fields inside one block of each ggml type; the
+# rest of a random raw block is arbitrary bytes, which are all valid.
+GGUF_F16_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+# Types gguf-py can quantize (the others only dequantize): written both from
+# quantized random data and as random raw blocks (`<name>_raw`).
+GGUF_QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+GGUF_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT_MESSAGES = [
+    {"role": "system", "content": "You are a fox."},
+    {"role": "user", "content": "Say hi."},
+]
+
+
+def _gguf():
+    try:
+        import gguf  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover
+        raise SystemExit("the GGUF fixtures need the `gguf` package: pip install gguf") from e
+    return gguf
+
+
+def gguf_special_floats() -> np.ndarray:
+    """Edge values put at the start of the float tensors (exact in f32)."""
+    return np.array(
+        [0.0, -0.0, 1.0, -2.5, 65504.0, -65504.0, 6e-8, -3e-5, 1e-40, 3.0e38, np.inf, -np.inf],
+        dtype=np.float32,
+    )
+
+
+def gguf_raw_blocks(qtype, rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """Random but valid blocks of `qtype` as uint8 [rows, cols/bs*ts]: random bytes
+    everywhere except the f16 scales, which are finite (a few special ones first)."""
+    gguf = _gguf()
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    nb = cols // bs
+    blocks = rng.integers(0, 256, size=(rows, nb, ts), dtype=np.uint8)
+    for off in GGUF_F16_FIELDS[qtype.name]:
+        scales = rng.uniform(-0.05, 0.05, size=(rows, nb)).astype(np.float16)
+        # zero, a subnormal, a negative and the largest f16 in the first row
+        specials = np.array([0.0, 2.0 ** -20, -0.75, 65504.0], dtype=np.float16)
+        k = min(nb, len(specials))
+        scales[0, :k] = specials[:k]
+        blocks[:, :, off:off + 2] = scales.view(np.uint8).reshape(rows, nb, 2)
+    return blocks.reshape(rows, nb * ts)
+
+
+def gguf_quant_types(out: Path) -> list[Path]:
+    """quant_types.gguf + quant_types_reference.safetensors (gguf-py's dequantization)."""
+    gguf = _gguf()
+    T = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(GGUF_QUANT_SEED)
+    rows, cols = GGUF_QUANT_SHAPE
+    path = out / "quant_types.gguf"
+    w = gguf.GGUFWriter(str(path), arch="quanttest")
+    w.add_custom_alignment(64)  # not the default 32: the reader must honour the key
+    # One key of every metadata value type, for the reader's tests.
+    w.add_uint8("test.u8", 200)
+    w.add_int8("test.i8", -100)
+    w.add_uint16("test.u16", 60000)
+    w.add_int16("test.i16", -30000)
+    w.add_uint32("test.u32", 4_000_000_000)
+    w.add_int32("test.i32", -2_000_000_000)
+    w.add_uint64("test.u64", 2**63 + 5)
+    w.add_int64("test.i64", -(2**62))
+    w.add_float32("test.f32", 0.1)
+    w.add_float64("test.f64", 0.1)
+    w.add_bool("test.bool", True)
+    w.add_string("test.string", "h\u00e9llo \u2713")
+    w.add_array("test.array_i32", [1, -2, 3])
+    w.add_array("test.array_str", ["a", "bc", ""])
+    w.add_array("test.array_nested", [[1, 2], [3]])
+
+    refs: dict[str, np.ndarray] = {}
+
+    def add(name: str, data: np.ndarray, qtype, ref: np.ndarray) -> None:
+        if qtype in (T.F32, T.F16):
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_dtype=qtype)
+        refs[name] = np.ascontiguousarray(ref, dtype=np.float32)
+
+    def normal(shape) -> np.ndarray:
+        x = rng.standard_normal(shape).astype(np.float32)
+        x.reshape(-1, x.shape[-1])[0, : min(32, x.shape[-1])] = 0.0  # an all-zero block
+        x.reshape(-1)[40] = 7.5                                      # an outlier
+        return x
+
+    # Plain float types, with edge values in row 0.
+    x = normal((rows, cols))
+    x[0, 64:64 + len(gguf_special_floats())] = gguf_special_floats()
+    add("f32", x, T.F32, gguf.quants.dequantize(x, T.F32))
+    with np.errstate(over="ignore"):  # 3e38 becomes inf in f16, on purpose
+        x16 = x.astype(np.float16)
+    add("f16", x16, T.F16, gguf.quants.dequantize(x16, T.F16))
+    xb = gguf.quants.quantize(x, T.BF16)
+    add("bf16", xb, T.BF16, gguf.quants.dequantize(xb, T.BF16))
+    # Other ranks: a 1-D tensor (one row) and a 3-D one.
+    x1 = normal((64,))
+    add("f32_1d", x1, T.F32, x1)
+    x3 = normal((2, 3, 64))
+    q3 = gguf.quants.quantize(x3, T.Q8_0)
+    add("q8_0_3d", q3, T.Q8_0, gguf.quants.dequantize(q3, T.Q8_0))
+
+    for tname in GGUF_QUANTIZABLE:
+        qt = T[tname]
+        q = gguf.quants.quantize(normal((rows, cols)), qt)
+        add(tname.lower(), q, qt, gguf.quants.dequantize(q, qt))
+        raw = gguf_raw_blocks(qt, rng, rows, cols)
+        add(tname.lower() + "_raw", raw, qt, gguf.quants.dequantize(raw, qt))
+    for tname in GGUF_K_QUANTS:  # gguf-py cannot quantize these: random raw blocks
+        qt = T[tname]
+        raw = gguf_raw_blocks(qt, rng, rows, cols)
+        add(tname.lower(), raw, qt, gguf.quants.dequantize(raw, qt))
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    # Check: gguf-py's reader sees the same tensors and bytes.
+    reader = gguf.GGUFReader(str(path))
+    assert len(reader.tensors) == len(refs), (len(reader.tensors), len(refs))
+    for t in reader.tensors:
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(refs[t.name].shape)
+        assert np.array_equal(got.view(np.uint32), refs[t.name].view(np.uint32)), t.name
+    for name, ref in refs.items():
+        if not np.isfinite(ref).all() and name not in ("f32", "f16", "bf16"):
+            raise RuntimeError(f"{name}: non-finite reference values")
+
+    ref_path = out / "quant_types_reference.safetensors"
+    save_file({k: torch.from_numpy(v.copy()) for k, v in refs.items()}, str(ref_path),
+              metadata={"format": "pt"})
+    print(f"  {path.name}: {len(refs)} tensors ({', '.join(refs)}), alignment 64")
+    return [path, ref_path]
+
+
+# llama.cpp tensor names for the llama architecture (see gguf.rs: hf_tensor_name).
+GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+GGUF_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def gguf_name_of(hf_name: str) -> str:
+    stem, suffix = hf_name.rsplit(".", 1)
+    if stem.startswith("model.layers."):
+        layer, part = stem[len("model.layers."):].split(".", 1)
+        return f"blk.{layer}.{GGUF_LAYER_NAMES[part]}.{suffix}"
+    return f"{GGUF_GLOBAL_NAMES[stem]}.{suffix}"
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute (q_proj / k_proj rows, rotary layout)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+def gguf_tiny_llama(out: Path) -> list[Path]:
+    """tiny_llama_q8_0.gguf + tiny_llama_q8_0_reference.safetensors."""
+    gguf = _gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    T = gguf.GGMLQuantizationType
+    tok = build_byte_level_bpe(300)  # the gpt2 fixture's tokenizer
+    tj = json.loads(tok.to_str())
+    vocab = tj["model"]["vocab"]
+    tokens = [""] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    assert all(tokens), "token ids are not contiguous"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    special = {a["id"] for a in tj["added_tokens"] if a.get("special")}
+    token_types = [3 if i in special else 1 for i in range(len(tokens))]  # 3 = CONTROL, 1 = NORMAL
+    eot = tok.token_to_id("<|endoftext|>")
+
+    # The smollm_like config (9 heads / 3 KV heads, head_dim 8, tied), with the tokenizer's vocab.
+    cfg = LlamaConfig(
+        vocab_size=len(tokens), hidden_size=72, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=8, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128,
+        tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
+        bos_token_id=eot, eos_token_id=eot,
+    )
+    spec = dict(cls=LlamaForCausalLM, cfg=cfg, tied=True,
+                tie_pairs=[("lm_head.weight", "model.embed_tokens.weight")])
+    n_head, n_kv, head_dim = 9, 3, 8
+    name = "tiny_llama_q8_0"
+    path = out / f"{name}.gguf"
+
+    for attempt in range(MAX_SEED_TRIES):
+        seed = GGUF_LLAMA_SEED + 10 * attempt
+        model = build_model(spec, seed)
+
+        # ---- write the GGUF as llama.cpp's convert_hf_to_gguf.py --outtype q8_0 does
+        w = gguf.GGUFWriter(str(path), arch="llama")
+        w.add_name("tiny-llama")
+        w.add_custom_alignment(32)  # the default, stated explicitly
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_rope_dimension_count(head_dim)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_rope_freq_base(100000.0)
+        w.add_vocab_size(len(tokens))
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt2")  # GPT-2's split regex, which is what this BPE was trained with
+        w.add_token_list(tokens)
+        w.add_token_types(token_types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(eot)
+        w.add_eos_token_id(eot)
+        w.add_add_bos_token(False)
+        w.add_chat_template(CHATML_TEMPLATE)
+
+        expected: dict[str, torch.Tensor] = {}  # HF name -> weight as transformers should load it
+        types: dict[str, str] = {}
+        for hf_name, p in model.state_dict().items():
+            if hf_name == "lm_head.weight":
+                continue  # tied: llama.cpp writes no output.weight
+            data = p.detach().numpy().astype(np.float32)
+            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                stored = llama_cpp_permute(data, n_head, n_head)
+            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                stored = llama_cpp_permute(data, n_head, n_kv)
+            else:
+                stored = data
+            if stored.ndim == 1:
+                qt, q = T.F32, stored
+            elif stored.shape[-1] % 32 == 0:
+                qt, q = T.Q8_0, gguf.quants.quantize(stored, T.Q8_0)
+            else:  # llama.cpp's fallback when a row is not whole Q8_0 blocks
+                qt, q = T.F16, stored.astype(np.float16)
+            gname = gguf_name_of(hf_name)
+            if qt in (T.F32, T.F16):
+                w.add_tensor(gname, q)
+            else:
+                w.add_tensor(gname, q, raw_dtype=qt)
+            types[gname] = qt.name
+            deq = gguf.quants.dequantize(q, qt).reshape(stored.shape).astype(np.float32)
+            # undo the permutation the way transformers does (reverse_permute)
+            if hf_name.endswith("q_proj.weight") or hf_name.endswith("k_proj.weight"):
+                nh = n_head if "q_proj" in hf_name else n_kv
+                deq = deq.reshape(nh, head_dim // 2, 2, *deq.shape[1:]).swapaxes(2, 1).reshape(deq.shape)
+            expected[hf_name] = torch.from_numpy(np.ascontiguousarray(deq))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+        # ---- reference: transformers loads (and dequantizes) the GGUF itself
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(out), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager",
+        ).eval()
+        assert type(loaded) is LlamaForCausalLM, type(loaded)
+        lc = loaded.config
+        got_cfg = (lc.hidden_size, lc.num_attention_heads, lc.num_key_value_heads,
+                   getattr(lc, "head_dim", None), lc.intermediate_size, lc.num_hidden_layers,
+                   lc.vocab_size, bool(lc.tie_word_embeddings))
+        assert got_cfg == (72, 9, 3, 8, 96, 2, len(tokens), True), got_cfg
+        check_ties(loaded, True, spec["tie_pairs"])
+        sd = loaded.state_dict()
+        for hf_name, exp in expected.items():
+            if not torch.equal(sd[hf_name].float(), exp):
+                raise RuntimeError(f"{hf_name}: transformers loaded different values than written "
+                                   f"(max diff {float((sd[hf_name] - exp).abs().max())})")
+        gen = torch.Generator().manual_seed(seed + 2)
+        ids, mask = make_batch(gen, cfg.vocab_size)
+        prompt = torch.randint(1, cfg.vocab_size, (1, PROMPT_LEN), generator=gen, dtype=torch.int64)
+        with torch.no_grad():
+            logits = loaded(input_ids=ids, attention_mask=mask).logits.detach().clone().float()
+            hf_logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("non-finite logits")
+        new = generate_new(loaded, prompt, greedy_config(None, bos=eot))
+        free = new[0].tolist()
+        assert len(free) == MAX_NEW, free
+        assert manual_greedy(loaded, prompt, MAX_NEW) == free, "generate != manual greedy"
+        if len(set(free)) < 5:
+            print(f"  seed {seed}: generation too repetitive {free}, retrying")
+            continue
+        break
+    else:
+        raise RuntimeError(f"{name}: no suitable seed found")
+
+    # ---- tokenizer and chat template as transformers reads them from the GGUF
+    gtok = AutoTokenizer.from_pretrained(str(out), gguf_file=path.name)
+    text_ids = gtok.encode(ROUNDTRIP_SENTENCE, add_special_tokens=False)
+    assert text_ids == tok.encode(ROUNDTRIP_SENTENCE).ids, (text_ids, tok.encode(ROUNDTRIP_SENTENCE).ids)
+    assert gtok.decode(text_ids) == ROUNDTRIP_SENTENCE
+    rendered = gtok.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<|im_start|>system\nYou are a fox.<|im_end|>\n"), rendered
+
+    diff = float((logits - hf_logits).abs().max())
+    tensors = {
+        "input_ids": ids.contiguous(),
+        "attention_mask": mask.contiguous(),
+        "logits": logits.contiguous(),
+        "generate_input_ids": prompt.contiguous(),
+        "generate_output_ids": new.contiguous(),
+        "tokenizer_input_ids": torch.tensor([text_ids], dtype=torch.int64),
+    }
+    ref_path = out / f"{name}_reference.safetensors"
+    save_file(tensors, str(ref_path), metadata={"format": "pt"})
+    meta = {
+        "gguf_file": path.name,
+        "architecture": "LlamaForCausalLM",
+        "seed": seed,
+        "tensor_types": types,
+        "eos_token_id": eot,
+        "bos_token_id": eot,
+        "pad_token_id": PAD_ID,
+        "max_abs_logit_diff_vs_unquantized": round(diff, 6),
+        "tokenizer_text": ROUNDTRIP_SENTENCE,
+        "chat_messages": CHAT_MESSAGES,
+        "chat_rendered": rendered,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "gguf_version": _dist_version("gguf"),
+    }
+    meta_path = out / f"{name}_meta.json"
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    ref_stats = logits.masked_select(mask.bool()[..., None].expand_as(logits))
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    print(f"  {path.name}: seed {seed}, tensor types {counts}")
+    print(f"  logits {tuple(logits.shape)}: std {ref_stats.std():.3f}; max |GGUF - unquantized HF| = {diff:.4f}")
+    print(f"  greedy (no eos): {free}")
+    if not (0.3 < float(ref_stats.std()) < 10.0):
+        raise RuntimeError(f"{name}: logits std {float(ref_stats.std())} out of range")
+    return [path, ref_path, meta_path]
+
+
+def _dist_version(dist: str) -> str:
+    from importlib.metadata import version  # noqa: PLC0415
+    return version(dist)
+
+
+GGUF_FIXTURES = {
+    "gguf_quant_types": gguf_quant_types,
+    "gguf_tiny_llama": gguf_tiny_llama,
+}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--only", nargs="*", choices=list(FIXTURES), default=None)
+    ap.add_argument("--only", nargs="*", choices=list(FIXTURES) + list(GGUF_FIXTURES), default=None)
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -589,8 +970,17 @@ def main() -> int:
     np.random.seed(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
 
-    names = args.only or list(FIXTURES)
-    dirs = [make_fixture(n, args.out) for n in names]
+    names = args.only or list(FIXTURES) + list(GGUF_FIXTURES)
+    dirs = [make_fixture(n, args.out) for n in names if n in FIXTURES]
+    gguf_parts = [n for n in names if n in GGUF_FIXTURES]
+    if gguf_parts:
+        gguf_dir = args.out / GGUF_DIR_NAME
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        for n in gguf_parts:
+            print(f"[{n}]")
+            for f in GGUF_FIXTURES[n](gguf_dir):
+                print(f"    {f.name}: {f.stat().st_size} bytes")
+        dirs.append(gguf_dir)
 
     print("\nFixture sizes:")
     ok = True

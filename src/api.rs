@@ -2,10 +2,10 @@
 //! returned [`ParallelModel`] for forward passes and generation. The main process holds no
 //! weights: it validates inputs, talks to the ranks, and supervises them.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::checkpoint::{ModelConfig, SafetensorsCheckpoint};
+use crate::checkpoint::source::{ModelSource, ResolvedModel};
+use crate::checkpoint::ModelConfig;
 use crate::error::{Error, Result};
 use crate::options::{Options, Verbosity};
 use crate::parallel::ipc::{
@@ -39,28 +39,23 @@ impl Default for GenerateParams {
 /// A model split over worker processes.
 pub struct ParallelModel {
     group: WorkerGroup,
-    config: ModelConfig,
-    model_dir: PathBuf,
-    eos_token_ids: Vec<u32>,
+    model: ResolvedModel,
     loaded: Vec<RankMemory>,
 }
 
-/// Splits the checkpoint in the directory `source` over `options.ranks` worker processes.
+/// Splits the model `source` names (a checkpoint directory, a `.gguf` file, a Hub id, or
+/// [`ModelSource::Default`]) over `options.ranks` worker processes.
 ///
-/// Configuration, checkpoint headers and the split are validated here, before any process
-/// starts. Each rank then loads only its own slices. With `verbose` set, each rank's memory is
-/// printed to standard error.
-pub fn parallelize(source: impl AsRef<Path>, options: Options) -> Result<ParallelModel> {
-    let dir = source.as_ref();
-    if !dir.is_dir() {
-        return Err(Error::io(
-            dir,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "not a model directory"),
-        ));
-    }
-    let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    SafetensorsCheckpoint::open(dir)?;
-    Plan::new(&config, options.ranks)?;
+/// Configuration, weight headers and the split are validated here, before any process starts.
+/// Each rank then loads only its own slices. With `verbose` set, each rank's memory is printed
+/// to standard error.
+pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<ParallelModel> {
+    parallelize_resolved(ResolvedModel::resolve(&source.into())?, options)
+}
+
+/// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
+pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<ParallelModel> {
+    Plan::new(&model.config, options.ranks)?;
     let program = match &options.worker_program {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -77,8 +72,8 @@ pub fn parallelize(source: impl AsRef<Path>, options: Options) -> Result<Paralle
     };
     let mut group = WorkerGroup::spawn(&spec)?;
     let load = Request::Load(LoadSpec {
-        model_dir: dir.to_path_buf(),
-        config: config.clone(),
+        location: model.location.clone(),
+        config: model.config.clone(),
         dtype: options.dtype,
         seed: options.seed.unwrap_or_else(rand::random),
     });
@@ -93,12 +88,9 @@ pub fn parallelize(source: impl AsRef<Path>, options: Options) -> Result<Paralle
         })
         .collect::<Result<Vec<_>>>()?;
     print_memory(options.verbose, &loaded);
-    let eos_token_ids = model_eos_ids(dir, &config);
     Ok(ParallelModel {
         group,
-        config,
-        model_dir: dir.to_path_buf(),
-        eos_token_ids,
+        model,
         loaded,
     })
 }
@@ -114,40 +106,15 @@ pub fn print_memory(verbose: Verbosity, memory: &[RankMemory]) {
     }
 }
 
-/// End-of-sequence ids from `generation_config.json`, else from `config.json`.
-fn model_eos_ids(dir: &Path, config: &ModelConfig) -> Vec<u32> {
-    #[derive(serde::Deserialize)]
-    struct GenerationConfig {
-        eos_token_id: Option<serde_json::Value>,
-    }
-    let from_generation = std::fs::read_to_string(dir.join("generation_config.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str::<GenerationConfig>(&text).ok())
-        .and_then(|g| g.eos_token_id)
-        .and_then(|v| match v {
-            serde_json::Value::Number(n) => n.as_u64().map(|id| vec![id as u32]),
-            serde_json::Value::Array(a) => {
-                a.iter().map(|x| x.as_u64().map(|id| id as u32)).collect()
-            }
-            _ => None,
-        });
-    from_generation.unwrap_or_else(|| config.eos_token_ids.clone())
-}
-
 impl ParallelModel {
     /// The resolved model configuration.
     pub fn config(&self) -> &ModelConfig {
-        &self.config
+        &self.model.config
     }
 
-    /// The checkpoint directory.
-    pub fn model_dir(&self) -> &Path {
-        &self.model_dir
-    }
-
-    /// The model's end-of-sequence ids.
-    pub fn eos_token_ids(&self) -> &[u32] {
-        &self.eos_token_ids
+    /// The model and where its weights are.
+    pub fn model(&self) -> &ResolvedModel {
+        &self.model
     }
 
     /// Each rank's memory right after parallelization.
@@ -168,11 +135,11 @@ impl ParallelModel {
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         match ids
             .iter()
-            .find(|&&id| id as usize >= self.config.vocab_size)
+            .find(|&&id| id as usize >= self.model.config.vocab_size)
         {
             Some(id) => Err(Error::InvalidInput(format!(
                 "token id {id} is outside the vocabulary of {} tokens",
-                self.config.vocab_size
+                self.model.config.vocab_size
             ))),
             None => Ok(()),
         }
@@ -217,10 +184,21 @@ impl ParallelModel {
 
     /// Generates greedily after `prompt`, returning the new tokens and rank 0's timings.
     pub fn generate(&mut self, prompt: &[u32], params: &GenerateParams) -> Result<Generated> {
-        if !self.config.is_causal() {
+        self.generate_stream(prompt, params, |_| {})
+    }
+
+    /// Like [`ParallelModel::generate`], calling `on_token` with each token as soon as rank 0
+    /// has chosen it.
+    pub fn generate_stream(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Generated> {
+        if !self.model.config.is_causal() {
             return Err(Error::InvalidInput(format!(
                 "{} is an encoder and cannot generate text",
-                self.config.architecture
+                self.model.config.architecture
             )));
         }
         if prompt.is_empty() {
@@ -234,9 +212,19 @@ impl ParallelModel {
             eos_token_ids: params
                 .eos_token_ids
                 .clone()
-                .unwrap_or_else(|| self.eos_token_ids.clone()),
+                .unwrap_or_else(|| self.model.eos_token_ids.clone()),
         });
-        match self.group.request(&request, None)?.into_iter().next() {
+        let mut on_partial = |reply: &Reply| {
+            if let Reply::Token(token) = reply {
+                on_token(*token);
+            }
+        };
+        match self
+            .group
+            .request_streaming(&request, None, &mut on_partial)?
+            .into_iter()
+            .next()
+        {
             Some(Reply::Generated(generated)) => Ok(generated),
             other => Err(Error::Launch(format!(
                 "unexpected answer to a generate request: {other:?}"

@@ -82,6 +82,9 @@ pub enum Error {
     /// Starting or talking to the worker processes failed.
     #[error("worker processes: {0}")]
     Launch(String),
+    /// A GGUF file is malformed or unsupported.
+    #[error(transparent)]
+    Gguf(#[from] crate::checkpoint::gguf::GgufError),
     /// The tokenizer could not be loaded or failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

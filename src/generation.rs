@@ -12,11 +12,13 @@ use crate::models::{Batch, ShardedModel};
 use crate::parallel::ipc::{GenerateRequest, Generated};
 
 /// Greedy decoding with `min_new_tokens` (end-of-sequence suppressed until then), stopping after
-/// an end-of-sequence id or `max_new_tokens`, as transformers' `generate` does.
+/// an end-of-sequence id or `max_new_tokens`, as transformers' `generate` does. `on_token` sees
+/// each token as soon as it is decided.
 pub fn greedy(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
     req: &GenerateRequest,
+    on_token: &mut dyn FnMut(u32) -> Result<()>,
 ) -> Result<Generated> {
     if req.input_ids.is_empty() {
         return Err(Error::InvalidInput("the prompt is empty".into()));
@@ -47,6 +49,7 @@ pub fn greedy(
         comm.broadcast(&mut chosen, 0)?;
         let token = u32::from_le_bytes(chosen);
         ids.push(token);
+        on_token(token)?;
         if req.eos_token_ids.contains(&token) || ids.len() >= req.max_new_tokens {
             break;
         }

@@ -24,8 +24,11 @@ pub mod models;
 pub mod options;
 pub mod parallel;
 pub mod policy;
+pub mod text;
+pub mod tokenizer;
 
 pub use api::{parallelize, GenerateParams, ParallelModel};
+pub use checkpoint::source::ModelSource;
 pub use error::{Error, Result};
 pub use options::{Backend, Options, Verbosity, WeightDType};
 pub use parallel::ipc::{ForwardInput, Generated, WireTensor};

@@ -12,9 +12,11 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Device, Tensor};
 use safetensors::Dtype;
 use serde::Deserialize;
 
+use crate::checkpoint::WeightSource;
 use crate::error::{Error, Result};
 
 /// Largest header we accept; real headers are a few hundred kB at most.
@@ -216,6 +218,58 @@ impl SafetensorsCheckpoint {
         file.read_exact_at(&mut out, info.data_start)
             .map_err(|e| Error::io(path, e))?;
         Ok(out)
+    }
+}
+
+/// The candle dtype of a stored tensor; integer weights are refused.
+fn candle_dtype(name: &str, info: &TensorInfo) -> Result<DType> {
+    match info.dtype {
+        Dtype::F32 => Ok(DType::F32),
+        Dtype::F16 => Ok(DType::F16),
+        Dtype::BF16 => Ok(DType::BF16),
+        Dtype::F64 => Ok(DType::F64),
+        other => Err(Error::InvalidInput(format!(
+            "tensor `{name}` has dtype {other:?}; weights must be F32, F16, BF16 or F64"
+        ))),
+    }
+}
+
+impl WeightSource for SafetensorsCheckpoint {
+    fn location(&self) -> &Path {
+        &self.dir
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.info(name).map(|info| info.shape.clone())
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
+    fn read(&self, name: &str, block: Option<(Range<usize>, Range<usize>)>) -> Result<Tensor> {
+        let info = self.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        })?;
+        let dtype = candle_dtype(name, info)?;
+        let (bytes, shape) = match block {
+            None => (self.read_all(name)?, info.shape.clone()),
+            Some((rows, cols)) => {
+                let shape = if info.shape.len() == 2 {
+                    vec![rows.len(), cols.len()]
+                } else {
+                    vec![cols.len()]
+                };
+                (self.read_block(name, rows, cols)?, shape)
+            }
+        };
+        Ok(Tensor::from_raw_buffer(
+            &bytes,
+            dtype,
+            &shape,
+            &Device::Cpu,
+        )?)
     }
 }
 

@@ -2,7 +2,8 @@
 //! batch 1, and each rank's peak memory.
 
 use clap::Args;
-use parallelformers::{parallelize, GenerateParams};
+use parallelformers::api::parallelize_resolved;
+use parallelformers::GenerateParams;
 
 use super::ModelArgs;
 
@@ -33,7 +34,7 @@ fn prompt(len: usize, vocab: usize) -> Vec<u32> {
 /// Runs `bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
-    let mut model = parallelize(&args.model.model, args.model.options())?;
+    let mut model = parallelize_resolved(args.model.resolve()?, args.model.options(1))?;
     let ids = prompt(args.prompt_len, model.config().vocab_size);
     let params = GenerateParams {
         max_new_tokens: args.new_tokens,
@@ -56,6 +57,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         decode = decode.min(run.decode_seconds / (run.ids.len() - 1) as f64);
     }
     let memory = model.memory_report()?;
+    let model_name = model.model().location.path().display().to_string();
     model.deparallelize();
     let peaks: Vec<u64> = memory.iter().map(|m| m.peak_bytes).collect();
     let prefill_ms = prefill * 1e3;
@@ -64,8 +66,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "model": args.model.model,
-                "ranks": args.model.ranks,
+                "model": model_name,
+                "ranks": memory.len(),
                 "dtype": format!("{:?}", args.model.dtype).to_lowercase(),
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,

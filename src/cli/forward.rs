@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
+use parallelformers::api::parallelize_resolved;
 use parallelformers::checkpoint::OutputKind;
-use parallelformers::{parallelize, ForwardInput};
+use parallelformers::ForwardInput;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
@@ -105,7 +106,7 @@ fn read_inputs(path: &Path) -> anyhow::Result<ForwardInput> {
 /// Runs `forward`.
 pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let input = read_inputs(&args.inputs)?;
-    let mut model = parallelize(&args.model.model, args.model.options())?;
+    let mut model = parallelize_resolved(args.model.resolve()?, args.model.options(1))?;
     let out = model.forward(&input)?;
     let name = match model.config().output {
         OutputKind::Logits => "logits",

@@ -1,9 +1,10 @@
-//! `parallelformers generate`: greedy continuation of a prompt or of token ids.
+//! `parallelformers generate`: greedy continuation of a raw prompt or of token ids.
 
 use anyhow::{bail, Context};
 use clap::Args;
-use parallelformers::{parallelize, GenerateParams};
-use tokenizers::Tokenizer;
+use parallelformers::api::parallelize_resolved;
+use parallelformers::text::TextSide;
+use parallelformers::GenerateParams;
 
 use super::ModelArgs;
 
@@ -24,35 +25,24 @@ pub struct GenerateArgs {
     /// Print one JSON object `{"generated_ids": [...], "text": "..."}`.
     #[arg(long)]
     json: bool,
-    /// The prompt text (needs the checkpoint's tokenizer.json).
+    /// The prompt text (needs the model's tokenizer).
     prompt: Option<String>,
 }
 
 /// Runs `generate`.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let tokenizer_path = args.model.model.join("tokenizer.json");
-    let tokenizer = if tokenizer_path.exists() {
-        Some(
-            Tokenizer::from_file(&tokenizer_path)
-                .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tokenizer_path.display()))?,
-        )
-    } else {
-        None
-    };
-    let prompt_ids = match (&args.input_ids, &args.prompt, &tokenizer) {
+    let resolved = args.model.resolve()?;
+    let text = TextSide::load(&resolved)?;
+    let prompt_ids = match (&args.input_ids, &args.prompt, &text) {
         (Some(ids), _, _) => ids.clone(),
-        (None, Some(text), Some(tok)) => tok
-            .encode(text.as_str(), true)
-            .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
-            .get_ids()
-            .to_vec(),
+        (None, Some(prompt), Some(text)) => text.encode(prompt)?,
         (None, Some(_), None) => bail!(
-            "{} has no tokenizer.json: pass the prompt as --input-ids",
-            args.model.model.display()
+            "{} has no tokenizer: pass the prompt as --input-ids",
+            resolved.location.path().display()
         ),
         (None, None, _) => bail!("give a PROMPT or --input-ids"),
     };
-    let mut model = parallelize(&args.model.model, args.model.options())?;
+    let mut model = parallelize_resolved(resolved, args.model.options(1))?;
     let params = GenerateParams {
         max_new_tokens: args.max_new_tokens,
         min_new_tokens: args.min_new_tokens,
@@ -62,22 +52,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .generate(&prompt_ids, &params)
         .context("generation failed")?;
     model.deparallelize();
-    let text = match &tokenizer {
-        Some(tok) => Some(
-            tok.decode(&generated.ids, true)
-                .map_err(|e| anyhow::anyhow!("cannot decode the output: {e}"))?,
-        ),
-        None => None,
-    };
+    let decoded = text
+        .as_ref()
+        .map(|t| t.decode(&generated.ids))
+        .transpose()?;
     if args.json {
         let mut object = serde_json::json!({ "generated_ids": generated.ids });
-        if let Some(text) = text {
-            object["text"] = serde_json::Value::String(text);
+        if let Some(decoded) = decoded {
+            object["text"] = serde_json::Value::String(decoded);
         }
         println!("{object}");
     } else {
-        match text {
-            Some(text) => println!("{text}"),
+        match decoded {
+            Some(decoded) => println!("{decoded}"),
             None => println!(
                 "{}",
                 generated

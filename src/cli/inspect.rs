@@ -1,9 +1,7 @@
 //! `parallelformers inspect`: the slicing plan and per-rank weight memory, from the headers only.
 
-use std::path::PathBuf;
-
 use clap::Args;
-use parallelformers::checkpoint::{ModelConfig, SafetensorsCheckpoint};
+use parallelformers::checkpoint::source::{ModelSource, ResolvedModel};
 use parallelformers::parallel::engine::plan_slice;
 use parallelformers::parallel::memory::human;
 use parallelformers::parallel::Plan;
@@ -13,9 +11,9 @@ use parallelformers::WeightDType;
 /// Arguments of `inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Checkpoint directory.
+    /// The model: checkpoint directory, .gguf file or Hub id (default: the default model).
     #[arg(long, env = "PARALLELFORMERS_MODEL")]
-    model: PathBuf,
+    model: Option<String>,
     /// Number of ranks to plan for.
     #[arg(long, default_value_t = 1)]
     ranks: usize,
@@ -26,10 +24,15 @@ pub struct InspectArgs {
 
 /// Runs `inspect`.
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let config = ModelConfig::from_file(&args.model.join("config.json"))?;
-    let checkpoint = SafetensorsCheckpoint::open(&args.model)?;
-    let plan = Plan::new(&config, args.ranks)?;
-    let policy = Policy::for_config(&config);
+    let source = args
+        .model
+        .as_deref()
+        .map_or(ModelSource::Default, ModelSource::parse);
+    let model = ResolvedModel::resolve(&source)?;
+    let config = &model.config;
+    let weights = model.location.open(config)?;
+    let plan = Plan::new(config, args.ranks)?;
+    let policy = Policy::for_config(config);
     let element = candle_core::DType::from(args.dtype).size_in_bytes() as u64;
     println!(
         "{} ({}), {} layers, {} ranks, policy `{}`, dtype {:?}",
@@ -51,14 +54,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let mut sliced = vec![0u64; args.ranks];
     let mut replicated = vec![0u64; args.ranks];
     let mut unused = Vec::new();
-    for (name, info) in checkpoint.tensors() {
-        let Some(role) = policy.role_of(name) else {
-            unused.push(name.to_string());
+    for name in weights.names() {
+        let (Some(role), Some(shape)) = (policy.role_of(&name), weights.shape(&name)) else {
+            unused.push(name);
             continue;
         };
         let mut shapes = Vec::with_capacity(args.ranks);
         for rank in 0..args.ranks {
-            let slice = plan_slice(name, role, &info.shape, &plan, rank)?;
+            let slice = plan_slice(&name, role, &shape, &plan, rank)?;
             let bytes = slice.shape.iter().product::<usize>() as u64 * element;
             if role.is_sliced() {
                 sliced[rank] += bytes;
@@ -69,7 +72,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         }
         println!(
             "{name:<52} {:<14} {:<32} {}",
-            format!("{:?}", info.shape),
+            format!("{shape:?}"),
             role.to_string(),
             shapes.join(" ")
         );

@@ -1,13 +1,13 @@
 //! Command-line arguments and the subcommands they select.
 
 mod bench;
+mod chat;
 mod forward;
 mod generate;
 mod inspect;
 
-use std::path::PathBuf;
-
 use clap::{Args, Parser, Subcommand};
+use parallelformers::checkpoint::source::{ModelSource, ResolvedModel};
 use parallelformers::{Backend, Options, Verbosity, WeightDType};
 
 /// Split a Hugging Face transformer over worker processes (tensor parallelism) and run it.
@@ -28,17 +28,20 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Measure prefill latency, decode speed and peak memory per rank.
     Bench(bench::BenchArgs),
+    /// Chat with the model: one answer to PROMPT, or an interactive conversation.
+    Chat(chat::ChatArgs),
 }
 
 /// Arguments shared by every command that loads a model.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Checkpoint directory (config.json + safetensors + optional tokenizer.json).
+    /// The model: a Hugging Face checkpoint directory, a .gguf file, or a Hub id (org/name).
+    /// Default: SmolLM2-135M-Instruct (GGUF Q4_1), fetched once into the user cache.
     #[arg(long, env = "PARALLELFORMERS_MODEL")]
-    pub model: PathBuf,
-    /// Number of ranks (worker processes) to split the model over.
-    #[arg(long, default_value_t = 1, env = "PARALLELFORMERS_RANKS")]
-    pub ranks: usize,
+    pub model: Option<String>,
+    /// Number of ranks (worker processes) to split the model over [default: 2 for chat, 1 otherwise].
+    #[arg(long, env = "PARALLELFORMERS_RANKS")]
+    pub ranks: Option<usize>,
     /// Weight dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: WeightDType,
@@ -57,10 +60,19 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The library options these arguments describe.
-    pub fn options(&self) -> Options {
+    /// The model these arguments name, found and validated.
+    pub fn resolve(&self) -> parallelformers::Result<ResolvedModel> {
+        let source = self
+            .model
+            .as_deref()
+            .map_or(ModelSource::Default, ModelSource::parse);
+        ResolvedModel::resolve(&source)
+    }
+
+    /// The library options these arguments describe, with `default_ranks` unless `--ranks`.
+    pub fn options(&self, default_ranks: usize) -> Options {
         Options {
-            ranks: self.ranks,
+            ranks: self.ranks.unwrap_or(default_ranks),
             dtype: self.dtype,
             verbose: self.verbose,
             backend: self.backend,
@@ -78,5 +90,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Chat(args) => chat::run(args),
     }
 }

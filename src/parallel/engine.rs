@@ -1,9 +1,9 @@
 //! Building one rank's shard of a model: resolve each tensor name in the checkpoint, look up its
 //! role in the policy, check its shape against the configuration, and read only the rank's slice.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
-use crate::checkpoint::{SafetensorsCheckpoint, TensorInfo};
+use crate::checkpoint::WeightSource;
 use crate::error::{Error, Result};
 use crate::parallel::slicing::Plan;
 use crate::policy::{Policy, Role};
@@ -157,9 +157,9 @@ fn expected_shape(stored: &[usize], split_dim: usize, two_d: bool, total: usize)
     shape
 }
 
-/// Reads one rank's slices from a checkpoint, according to a policy, into candle tensors.
+/// Reads one rank's slices from a weight source, according to a policy, into candle tensors.
 pub struct ShardLoader<'a> {
-    checkpoint: &'a SafetensorsCheckpoint,
+    source: &'a dyn WeightSource,
     policy: &'a Policy,
     plan: &'a Plan,
     rank: usize,
@@ -170,14 +170,14 @@ pub struct ShardLoader<'a> {
 impl<'a> ShardLoader<'a> {
     /// A loader for `rank` that converts every tensor to `dtype`.
     pub fn new(
-        checkpoint: &'a SafetensorsCheckpoint,
+        source: &'a dyn WeightSource,
         policy: &'a Policy,
         plan: &'a Plan,
         rank: usize,
         dtype: DType,
     ) -> Self {
         ShardLoader {
-            checkpoint,
+            source,
             policy,
             plan,
             rank,
@@ -196,27 +196,17 @@ impl<'a> ShardLoader<'a> {
         self.rank
     }
 
-    /// The dtype weights are converted to.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
     /// Bytes loaded so far.
     pub fn bytes(&self) -> WeightBytes {
         self.bytes
     }
 
-    /// Finds `name` in the checkpoint, as given or behind one of the policy's prefixes.
-    pub fn resolve(&self, name: &str) -> Option<(String, &'a TensorInfo)> {
+    /// Finds `name` in the source, as given or behind one of the policy's prefixes, with its shape.
+    fn resolve(&self, name: &str) -> Option<(String, Vec<usize>)> {
         std::iter::once("")
             .chain(self.policy.prefixes.iter().map(String::as_str))
             .map(|prefix| format!("{prefix}{name}"))
-            .find_map(|full| self.checkpoint.info(&full).map(|info| (full, info)))
-    }
-
-    /// Whether the checkpoint holds `name`.
-    pub fn contains(&self, name: &str) -> bool {
-        self.resolve(name).is_some()
+            .find_map(|full| self.source.shape(&full).map(|shape| (full, shape)))
     }
 
     /// Loads this rank's slice of `name`, whose stored shape must be `stored_shape`.
@@ -224,19 +214,19 @@ impl<'a> ShardLoader<'a> {
         self.try_load(name, stored_shape)?
             .ok_or_else(|| Error::MissingTensor {
                 name: name.to_string(),
-                dir: self.checkpoint.dir().to_path_buf(),
+                dir: self.source.location().to_path_buf(),
             })
     }
 
-    /// Like [`ShardLoader::load`], but `None` when the checkpoint lacks the tensor.
+    /// Like [`ShardLoader::load`], but `None` when the source lacks the tensor.
     pub fn try_load(&mut self, name: &str, stored_shape: &[usize]) -> Result<Option<Tensor>> {
-        let Some((full, info)) = self.resolve(name) else {
+        let Some((full, shape)) = self.resolve(name) else {
             return Ok(None);
         };
-        if info.shape != stored_shape {
+        if shape != stored_shape {
             return Err(Error::TensorShape {
                 name: full,
-                actual: info.shape.clone(),
+                actual: shape,
                 expected: stored_shape.to_vec(),
             });
         }
@@ -246,31 +236,23 @@ impl<'a> ShardLoader<'a> {
                 self.policy.name
             ))
         })?;
-        let slice = plan_slice(&full, &role, &info.shape, self.plan, self.rank)?;
-        let source = source_dtype(&full, info)?;
+        let slice = plan_slice(&full, &role, &shape, self.plan, self.rank)?;
         let tensor = if slice.blocks.is_empty() {
-            let bytes = self.checkpoint.read_all(&full)?;
-            Tensor::from_raw_buffer(&bytes, source, &info.shape, &Device::Cpu)?
+            self.source.read(&full, None)?
         } else {
-            let two_d = info.shape.len() == 2;
-            let mut pieces = Vec::with_capacity(slice.blocks.len());
-            for block in &slice.blocks {
-                let bytes =
-                    self.checkpoint
-                        .read_block(&full, block.rows.clone(), block.cols.clone())?;
-                let shape = if two_d {
-                    vec![block.rows.len(), block.cols.len()]
-                } else {
-                    vec![block.cols.len()]
-                };
-                pieces.push(Tensor::from_raw_buffer(
-                    &bytes,
-                    source,
-                    &shape,
-                    &Device::Cpu,
-                )?);
-            }
-            let dim = if two_d { slice.concat_dim } else { 0 };
+            let pieces = slice
+                .blocks
+                .iter()
+                .map(|block| {
+                    self.source
+                        .read(&full, Some((block.rows.clone(), block.cols.clone())))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let dim = if shape.len() == 2 {
+                slice.concat_dim
+            } else {
+                0
+            };
             let joined = Tensor::cat(&pieces, dim)?;
             if slice.transpose {
                 joined.t()?.contiguous()?
@@ -286,20 +268,6 @@ impl<'a> ShardLoader<'a> {
             self.bytes.replicated += size;
         }
         Ok(Some(tensor))
-    }
-}
-
-/// The candle dtype of a stored tensor; integer weights are refused.
-fn source_dtype(name: &str, info: &TensorInfo) -> Result<DType> {
-    use safetensors::Dtype as S;
-    match info.dtype {
-        S::F32 => Ok(DType::F32),
-        S::F16 => Ok(DType::F16),
-        S::BF16 => Ok(DType::BF16),
-        S::F64 => Ok(DType::F64),
-        other => Err(Error::InvalidInput(format!(
-            "tensor `{name}` has dtype {other:?}; weights must be F32, F16, BF16 or F64"
-        ))),
     }
 }
 

@@ -18,8 +18,8 @@ pub const MAX_FRAME_BYTES: usize = 1 << 30;
 /// What a rank is told to load.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoadSpec {
-    /// The checkpoint directory.
-    pub model_dir: std::path::PathBuf,
+    /// Where the weights are.
+    pub location: crate::checkpoint::source::WeightsLocation,
     /// The resolved configuration (already validated by the main process).
     pub config: ModelConfig,
     /// Weight and activation dtype.
@@ -103,6 +103,8 @@ pub enum Reply {
     Parallelized(RankMemory),
     /// Forward output (rank 0 only; others answer [`Reply::Done`]).
     Forward(WireTensor),
+    /// A token rank 0 just chose, sent while a generation runs (streaming).
+    Token(u32),
     /// Generation output (rank 0 only).
     Generated(Generated),
     /// Memory use.

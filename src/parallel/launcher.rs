@@ -276,6 +276,17 @@ impl WorkerGroup {
     /// Sends `request` to every rank and collects one reply from each, in rank order.
     /// An error on any rank is returned with its rank; a rank that dies stops the group.
     pub fn request(&mut self, request: &Request, timeout: Option<Duration>) -> Result<Vec<Reply>> {
+        self.request_streaming(request, timeout, &mut |_| {})
+    }
+
+    /// Like [`WorkerGroup::request`], passing the partial replies (streamed tokens) that arrive
+    /// before the final ones to `on_partial`.
+    pub fn request_streaming(
+        &mut self,
+        request: &Request,
+        timeout: Option<Duration>,
+        on_partial: &mut dyn FnMut(&Reply),
+    ) -> Result<Vec<Reply>> {
         if let Some(failure) = &self.failure {
             return Err(Error::Launch(format!(
                 "the worker group is stopped: {failure}"
@@ -292,10 +303,14 @@ impl WorkerGroup {
                 return Err(self.fail(i, format!("cannot send a request: {e}")));
             }
         }
-        self.collect(timeout)
+        self.collect(timeout, on_partial)
     }
 
-    fn collect(&mut self, timeout: Option<Duration>) -> Result<Vec<Reply>> {
+    fn collect(
+        &mut self,
+        timeout: Option<Duration>,
+        on_partial: &mut dyn FnMut(&Reply),
+    ) -> Result<Vec<Reply>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut replies: Vec<Option<Reply>> = vec![None; self.ranks.len()];
         let mut first_error: Option<(usize, String, Instant)> = None;
@@ -305,6 +320,10 @@ impl WorkerGroup {
                     continue;
                 }
                 if let Some(reply) = self.poll_rank(i)? {
+                    if matches!(reply, Reply::Token(_)) {
+                        on_partial(&reply);
+                        continue;
+                    }
                     if let (Reply::Error(message), None) = (&reply, &first_error) {
                         first_error = Some((i, message.clone(), Instant::now()));
                     }

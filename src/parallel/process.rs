@@ -11,7 +11,6 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 
-use crate::checkpoint::SafetensorsCheckpoint;
 use crate::comm::{Communicator, ShmCommunicator, SingleRank};
 use crate::error::{Error, Result};
 use crate::generation;
@@ -185,11 +184,22 @@ fn run_worker() -> Result<()> {
             Request::Load(_) => Reply::Error("the shard is already loaded".into()),
             Request::Memory => Reply::Memory(memory(&env, &mut shard)),
             Request::Forward(req) => answer(env.rank, forward(&mut shard, &req)),
-            Request::Generate(req) => answer(
-                env.rank,
-                generation::greedy(shard.model.as_mut(), shard.comm.as_ref(), &req)
-                    .map(Reply::Generated),
-            ),
+            Request::Generate(req) => {
+                let rank = env.rank;
+                let mut stream_token = |token: u32| {
+                    if rank == 0 {
+                        send(&mut stream, &Reply::Token(token))?;
+                    }
+                    Ok(())
+                };
+                let generated = generation::greedy(
+                    shard.model.as_mut(),
+                    shard.comm.as_ref(),
+                    &req,
+                    &mut stream_token,
+                );
+                answer(rank, generated.map(Reply::Generated))
+            }
         };
         send(&mut stream, &reply)?;
     }
@@ -226,11 +236,11 @@ fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
             )))
         }
     };
-    let checkpoint = SafetensorsCheckpoint::open(&spec.model_dir)?;
+    let weights = spec.location.open(&spec.config)?;
     let plan = Plan::new(&spec.config, env.world_size)?;
     let policy = Policy::for_config(&spec.config);
     let dtype: DType = spec.dtype.into();
-    let mut loader = ShardLoader::new(&checkpoint, &policy, &plan, env.rank, dtype);
+    let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, env.rank, dtype);
     let model = models::load(&mut loader, &spec.config)?;
     let weights = loader.bytes();
     comm.barrier()?;
