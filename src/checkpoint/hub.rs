@@ -42,7 +42,7 @@ fn fetch(id: &str, file: &str, required: bool) -> Result<Option<PathBuf>> {
     }
     if offline() {
         return match required {
-            true => Err(Error::Launch(format!(
+            true => Err(Error::Fetch(format!(
                 "`{file}` of {id} is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
                 Cache::from_env().path().display()
             ))),
@@ -52,10 +52,10 @@ fn fetch(id: &str, file: &str, required: bool) -> Result<Option<PathBuf>> {
     let api = ApiBuilder::from_env()
         .with_progress(true)
         .build()
-        .map_err(|e| Error::Launch(format!("cannot reach the Hugging Face Hub: {e}")))?;
+        .map_err(|e| Error::Fetch(format!("cannot reach the Hugging Face Hub: {e}")))?;
     match api.model(id.to_string()).get(file) {
         Ok(path) => Ok(Some(path)),
-        Err(e) if required => Err(Error::Launch(format!(
+        Err(e) if required => Err(Error::Fetch(format!(
             "cannot download `{file}` of {id}: {e}"
         ))),
         Err(e) => {
@@ -68,7 +68,7 @@ fn fetch(id: &str, file: &str, required: bool) -> Result<Option<PathBuf>> {
 /// The local snapshot directory of Hub model `id`, with its config, weights and tokenizer files.
 pub fn snapshot(id: &str) -> Result<PathBuf> {
     let config = fetch(id, "config.json", true)?
-        .ok_or_else(|| Error::Launch(format!("{id} has no config.json")))?;
+        .ok_or_else(|| Error::Fetch(format!("{id} has no config.json")))?;
     for file in OPTIONAL_FILES {
         fetch(id, file, false)?;
     }
@@ -85,7 +85,7 @@ pub fn snapshot(id: &str) -> Result<PathBuf> {
     config
         .parent()
         .map(Path::to_path_buf)
-        .ok_or_else(|| Error::Launch(format!("unexpected cache layout for {id}")))
+        .ok_or_else(|| Error::Fetch(format!("unexpected cache layout for {id}")))
 }
 
 /// The shard file names listed in a `model.safetensors.index.json`.

@@ -70,11 +70,13 @@ fn answer(
 /// Runs `chat`.
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let resolved = args.model.resolve()?;
-    let text = TextSide::load(&resolved)?
-        .context("the model has no tokenizer, so it cannot chat; use `generate --input-ids`")?;
+    let path = resolved.location.path().display().to_string();
+    let text = TextSide::load(&resolved)?.with_context(|| {
+        format!("{path} has no tokenizer, so it cannot chat; use `generate --input-ids`")
+    })?;
     anyhow::ensure!(
         text.template.is_some(),
-        "the model has no chat template (tokenizer.chat_template / tokenizer_config.json); use `generate` for raw prompts"
+        "{path} has no chat template (tokenizer.chat_template / tokenizer_config.json); use `generate` for raw prompts"
     );
     let mut model =
         parallelformers::api::parallelize_resolved(resolved, args.model.options(DEFAULT_RANKS))?;

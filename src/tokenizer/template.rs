@@ -387,28 +387,87 @@ fn rewrite_generation_tags(source: &str) -> String {
     out
 }
 
-/// Prints values as Jinja2 does: `True`/`False`/`None`, floats as Python's `repr`.
+/// Prints values as Jinja2 does: `True`/`False`/`None`, floats as Python's `repr`, lists and
+/// dicts as Python's `repr` (`['a', 1]`, `{'k': None}`).
 fn python_formatter(
     out: &mut minijinja::Output<'_>,
     state: &minijinja::State<'_, '_>,
     value: &Value,
 ) -> Result<(), Error> {
-    let text = match value.kind() {
-        ValueKind::Bool => Some(if value.is_true() {
-            "True".to_string()
-        } else {
-            "False".to_string()
-        }),
-        ValueKind::None => Some("None".to_string()),
-        ValueKind::Number if !value.is_integer() => {
-            f64::try_from(value.clone()).ok().map(python_float_repr)
+    match value.kind() {
+        ValueKind::Bool | ValueKind::None | ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
+            if let Some(text) = python_repr(value, 0) {
+                return out.write_str(&text).map_err(Error::from);
+            }
         }
-        _ => None,
-    };
-    match text {
-        Some(text) => out.write_str(&text).map_err(Error::from),
-        None => minijinja::escape_formatter(out, state, value),
+        _ => {}
     }
+    minijinja::escape_formatter(out, state, value)
+}
+
+/// Python's `repr` of a value, or `None` for values it has no equivalent for (objects, and
+/// containers nested absurdly deep).
+fn python_repr(value: &Value, depth: usize) -> Option<String> {
+    if depth > 64 {
+        return None;
+    }
+    Some(match value.kind() {
+        ValueKind::Undefined | ValueKind::None => "None".to_string(),
+        ValueKind::Bool => (if value.is_true() { "True" } else { "False" }).to_string(),
+        ValueKind::Number if value.is_integer() => value.to_string(),
+        ValueKind::Number => python_float_repr(f64::try_from(value.clone()).ok()?),
+        ValueKind::String => python_str_repr(value.as_str().unwrap_or_default()),
+        ValueKind::Seq => {
+            let items: Option<Vec<String>> = value
+                .try_iter()
+                .ok()?
+                .map(|item| python_repr(&item, depth + 1))
+                .collect();
+            format!("[{}]", items?.join(", "))
+        }
+        ValueKind::Map => {
+            let mut items = Vec::new();
+            for key in value.try_iter().ok()? {
+                let item = value.get_item(&key).ok()?;
+                items.push(format!(
+                    "{}: {}",
+                    python_repr(&key, depth + 1)?,
+                    python_repr(&item, depth + 1)?
+                ));
+            }
+            format!("{{{}}}", items.join(", "))
+        }
+        _ => return None,
+    })
+}
+
+/// Python's `repr` of a string: single quotes unless it holds `'` and no `"`.
+fn python_str_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || (0x7F..=0xA0).contains(&(c as u32)) || c == '\u{AD}' => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {
@@ -953,6 +1012,21 @@ mod tests {
         assert_eq!(
             template.render(&[], false).expect("render"),
             "True False None 3.0 1e+20 7 |"
+        );
+    }
+
+    #[test]
+    fn containers_print_as_python_repr() {
+        let template = ChatTemplate::new(
+            r#"{{ 'a,b'.split(',') }} {{ [1, 2.5, none, true, "it's", 'q"\n'] }} {{ {'k': [1]} }} {{ messages[0] }}"#,
+            None,
+            None,
+        )
+        .expect("compile");
+        // What jinja2 renders for the same template.
+        assert_eq!(
+            template.render(&[user("x")], false).expect("render"),
+            r#"['a', 'b'] [1, 2.5, None, True, "it's", 'q"\n'] {'k': [1]} {'role': 'user', 'content': 'x'}"#
         );
     }
 

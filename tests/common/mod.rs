@@ -120,13 +120,29 @@ fn rand_suffix() -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs the CLI with `args`, tagging its processes with `tag`.
-pub fn run_tagged<S: AsRef<std::ffi::OsStr>>(tag: &str, args: &[S]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .env("PARALLELFORMERS_TEST_TAG", tag)
+/// Runs the CLI with `args` and extra environment `envs`, tagging its processes with `tag`.
+pub fn run_tagged<S: AsRef<std::ffi::OsStr>>(
+    tag: &str,
+    args: &[S],
+    envs: &[(&str, &Path)],
+) -> Output {
+    let mut command = Command::new(binary());
+    command.args(args).env("PARALLELFORMERS_TEST_TAG", tag);
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    command
         .output()
         .expect("cannot run the parallelformers binary")
+}
+
+/// Runs the CLI with extra environment variables and asserts that none of its processes
+/// outlive it.
+pub fn run_with_env<S: AsRef<std::ffi::OsStr>>(args: &[S], envs: &[(&str, &Path)]) -> Output {
+    let tag = unique_tag();
+    let out = run_tagged(&tag, args, envs);
+    assert_no_processes_tagged(&tag);
+    out
 }
 
 /// The arguments of `forward` over `model` with `ranks`, from `inputs` to `output`.
@@ -147,10 +163,7 @@ pub fn forward_args(model: &Path, ranks: &str, inputs: &Path, output: &Path) -> 
 
 /// Runs the CLI and asserts that none of its processes outlive it.
 pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
-    let tag = unique_tag();
-    let out = run_tagged(&tag, args);
-    assert_no_processes_tagged(&tag);
-    out
+    run_with_env(args, &[])
 }
 
 /// Pids of live processes whose environment contains `PARALLELFORMERS_TEST_TAG=tag`.

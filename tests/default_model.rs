@@ -1,0 +1,143 @@
+//! The default model, SmolLM2-135M-Instruct in GGUF Q4_1, end to end against transformers'
+//! answers for the same file (`scripts/make_smollm2_reference.py`). The model is fetched once
+//! into the user cache, as a user's first run would.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{fixture, options, run};
+use parallelformers::checkpoint::source::ResolvedModel;
+use parallelformers::text::TextSide;
+use parallelformers::tokenizer::Message;
+use parallelformers::{parallelize, GenerateParams, ModelSource};
+use serde_json::Value;
+
+/// The default model, fetched on first use (once per test binary).
+fn default_model() -> &'static ResolvedModel {
+    static MODEL: OnceLock<ResolvedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        ResolvedModel::resolve(&ModelSource::Default).expect("fetching the default model")
+    })
+}
+
+fn text_side() -> TextSide {
+    TextSide::load(default_model())
+        .unwrap()
+        .expect("the default model has a tokenizer")
+}
+
+fn reference(file: &str) -> Value {
+    let path = fixture("smollm2").join(file);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    serde_json::from_value(value.clone()).unwrap()
+}
+
+fn messages(value: &Value) -> Vec<Message> {
+    serde_json::from_value(value.clone()).unwrap()
+}
+
+#[test]
+fn the_gguf_tokenizer_encodes_and_decodes_like_transformers() {
+    let text = text_side();
+    let cases = reference("tokenizer_cases.json");
+    for case in cases["cases"].as_array().unwrap() {
+        let input = case["text"].as_str().unwrap();
+        let plain = text
+            .tokenizer
+            .encode(input, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(plain, ids(&case["ids"]), "ids of {input:?}");
+        assert_eq!(
+            text.encode(input).unwrap(),
+            ids(&case["ids_with_special_tokens"]),
+            "ids with special tokens of {input:?}"
+        );
+        assert_eq!(
+            text.decode(&plain).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "decoded {input:?}"
+        );
+    }
+}
+
+#[test]
+fn the_embedded_chat_template_renders_like_transformers() {
+    let text = text_side();
+    let template = text
+        .template
+        .as_ref()
+        .expect("the default model has a chat template");
+    for case in reference("chat_cases.json")["cases"].as_array().unwrap() {
+        let conversation = messages(&case["messages"]);
+        let add = case["add_generation_prompt"].as_bool().unwrap();
+        assert_eq!(
+            template.render(&conversation, add).unwrap(),
+            case["text"].as_str().unwrap(),
+            "{}",
+            case["name"]
+        );
+        if add {
+            assert_eq!(
+                text.chat_prompt(&conversation).unwrap(),
+                ids(&case["ids"]),
+                "{}",
+                case["name"]
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_answers_equal_transformers_at_one_two_and_three_ranks() {
+    let text = text_side();
+    let answers = reference("greedy_answers.json");
+    let max_new_tokens = answers["max_new_tokens"].as_u64().unwrap() as usize;
+    for ranks in 1..=3 {
+        let mut model = parallelize(default_model().location.path(), options(ranks)).unwrap();
+        for answer in answers["answers"].as_array().unwrap() {
+            let prompt = text.chat_prompt(&messages(&answer["messages"])).unwrap();
+            assert_eq!(prompt, ids(&answer["prompt_ids"]), "{}", answer["name"]);
+            let params = GenerateParams {
+                max_new_tokens,
+                ..GenerateParams::default()
+            };
+            let generated = model.generate(&prompt, &params).unwrap();
+            assert_eq!(
+                generated.ids,
+                ids(&answer["new_ids"]),
+                "{} at {ranks} ranks",
+                answer["name"]
+            );
+        }
+        model.deparallelize();
+    }
+}
+
+#[test]
+fn chat_prints_the_answer_of_transformers_for_the_readme_question() {
+    default_model();
+    let answers = reference("greedy_answers.json");
+    let france = &answers["answers"][0];
+    assert_eq!(france["name"], "capital_of_france");
+    let out = run(&[
+        "chat",
+        "--max-new-tokens",
+        "24",
+        "What is the capital of France?",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        france["answer"].as_str().unwrap().trim()
+    );
+}

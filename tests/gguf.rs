@@ -1,0 +1,224 @@
+//! GGUF checkpoints: a tiny llama-architecture file (q/k rows permuted as llama.cpp stores them,
+//! Q8_0 and F16 tensors) against transformers' outputs for the same file, inspection, Hub ids
+//! from the Hugging Face cache, and broken files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fixture, masked_max_diff, options, read_tensors, run, run_with_env};
+use parallelformers::{parallelize, ForwardInput, GenerateParams};
+
+fn tiny_gguf() -> PathBuf {
+    fixture("gguf").join("tiny_llama_q8_0.gguf")
+}
+
+#[test]
+fn a_quantized_gguf_matches_transformers_at_one_two_and_three_ranks() {
+    let refs = read_tensors(&fixture("gguf").join("tiny_llama_q8_0_reference.safetensors"));
+    let (ids, mask) = (&refs["input_ids"], &refs["attention_mask"]);
+    for ranks in 1..=3 {
+        let mut model = parallelize(tiny_gguf(), options(ranks)).unwrap();
+        let input = ForwardInput {
+            input_ids: ids.ids(),
+            batch: ids.shape[0],
+            seq_len: ids.shape[1],
+            attention_mask: Some(mask.ids()),
+        };
+        let out = model.forward(&input).unwrap();
+        let diff = masked_max_diff(&out.data, &refs["logits"], mask);
+        assert!(
+            diff < 1e-4,
+            "{ranks} ranks differ from transformers by {diff}"
+        );
+        let params = GenerateParams {
+            max_new_tokens: 12,
+            eos_token_ids: Some(vec![]),
+            ..GenerateParams::default()
+        };
+        let generated = model
+            .generate(&refs["generate_input_ids"].ids(), &params)
+            .unwrap();
+        assert_eq!(
+            generated.ids,
+            refs["generate_output_ids"].ids(),
+            "{ranks} ranks"
+        );
+    }
+}
+
+#[test]
+fn inspect_reads_a_gguf_plan_without_loading() {
+    let gguf = tiny_gguf();
+    let out = run(&["inspect", "--model", gguf.to_str().unwrap(), "--ranks", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("heads [3, 3, 3], kv heads [1, 1, 1]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("model.layers.1.mlp.down_proj.weight"),
+        "{text}"
+    );
+}
+
+#[test]
+fn chat_uses_the_gguf_tokenizer_and_template() {
+    let gguf = tiny_gguf();
+    let out = run(&[
+        "chat",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--max-new-tokens",
+        "4",
+        "Say hi.",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A copy of the tiny GGUF with the first occurrence of `from` replaced by `to` (same length).
+fn patched(from: &[u8], to: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(tiny_gguf()).unwrap();
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern not in the fixture");
+    bytes[at..at + to.len()].copy_from_slice(to);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    (dir, path)
+}
+
+fn expect_failure(args: &[&str], needles: &[&str]) {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    for needle in needles {
+        assert!(err.contains(needle), "expected `{needle}` in:\n{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn an_unsupported_architecture_is_named_with_the_file() {
+    let mut from = b"general.architecture".to_vec();
+    from.extend_from_slice(&[8, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]);
+    from.extend_from_slice(b"llama");
+    let mut to = from.clone();
+    let n = to.len();
+    to[n - 5..].copy_from_slice(b"gpt99");
+    let (_dir, path) = patched(&from, &to);
+    let path = path.to_str().unwrap();
+    expect_failure(
+        &["generate", "--model", path, "--input-ids", "1,2"],
+        &["general.architecture `gpt99`", path],
+    );
+}
+
+#[test]
+fn a_truncated_gguf_is_refused_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(tiny_gguf()).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
+    let path = path.to_str().unwrap();
+    expect_failure(
+        &[
+            "generate",
+            "--model",
+            path,
+            "--ranks",
+            "2",
+            "--input-ids",
+            "1,2",
+        ],
+        &[path],
+    );
+}
+
+#[test]
+fn chat_without_a_tokenizer_says_so() {
+    let (_dir, path) = patched(b"tokenizer.ggml.tokens", b"tokenizer.ggml.tokenz");
+    expect_failure(
+        &["chat", "--model", path.to_str().unwrap(), "hi"],
+        &["no tokenizer"],
+    );
+}
+
+#[test]
+fn a_chat_template_that_does_not_compile_is_named() {
+    let (_dir, path) = patched(
+        b"{% for message in messages %}",
+        b"{% for message in messages }}",
+    );
+    expect_failure(
+        &["chat", "--model", path.to_str().unwrap(), "hi"],
+        &["tokenizer.chat_template"],
+    );
+}
+
+/// Lays out `source`'s files as the Hugging Face cache does for `models--org--name`.
+fn fake_hub_cache(home: &Path, repo: &str, source: &Path) {
+    let root = home
+        .join("hub")
+        .join(format!("models--{}", repo.replace('/', "--")));
+    let snapshot = root.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    std::fs::write(root.join("refs").join("main"), "0123abcd").unwrap();
+    for entry in std::fs::read_dir(source).unwrap().flatten() {
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_hub_id_resolves_offline_from_the_hugging_face_cache() {
+    let home = tempfile::tempdir().unwrap();
+    fake_hub_cache(home.path(), "tiny-org/tiny-gpt2", &fixture("gpt2"));
+    let offline = Path::new("1");
+    let envs = [("HF_HOME", home.path()), ("HF_HUB_OFFLINE", offline)];
+    let args = [
+        "generate",
+        "--model",
+        "tiny-org/tiny-gpt2",
+        "--max-new-tokens",
+        "5",
+        "--input-ids",
+        "3,4",
+        "--json",
+    ];
+    let out = run_with_env(&args, &envs);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local = run(&[
+        "generate",
+        "--model",
+        fixture("gpt2").to_str().unwrap(),
+        "--max-new-tokens",
+        "5",
+        "--input-ids",
+        "3,4",
+        "--json",
+    ]);
+    assert_eq!(out.stdout, local.stdout);
+    let missing = run_with_env(
+        &["generate", "--model", "tiny-org/absent", "--input-ids", "1"],
+        &envs,
+    );
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not in the Hugging Face cache"));
+}
