@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{fixture, options, run};
+use common::{fixture, options, run, run_with_stdin};
 use parallelformers::checkpoint::source::ResolvedModel;
 use parallelformers::text::TextSide;
 use parallelformers::tokenizer::Message;
@@ -139,5 +139,29 @@ fn chat_prints_the_answer_of_transformers_for_the_readme_question() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         france["answer"].as_str().unwrap().trim()
+    );
+}
+
+#[test]
+fn interactive_chat_keeps_the_conversation_history() {
+    default_model();
+    let input = "What is the capital of France?\nAnd of Germany?\n";
+    let out = run_with_stdin(&["chat", "--max-new-tokens", "30"], input);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // "And of Germany?" only makes sense with the first exchange in the prompt.
+    assert_eq!(
+        answers,
+        [
+            "The capital of France is Paris.",
+            "The capital of Germany is Berlin."
+        ]
     );
 }

@@ -222,3 +222,31 @@ fn a_hub_id_resolves_offline_from_the_hugging_face_cache() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("not in the Hugging Face cache"));
 }
+
+#[test]
+fn an_unsupported_quantization_type_is_named_with_the_tensor() {
+    // The tensor-info entry of blk.0.ffn_down.weight: name, 2 dims (96, 72), type 8 (Q8_0).
+    let name = b"blk.0.ffn_down.weight";
+    let mut from = (name.len() as u64).to_le_bytes().to_vec();
+    from.extend_from_slice(name);
+    from.extend_from_slice(&2u32.to_le_bytes());
+    from.extend_from_slice(&96u64.to_le_bytes());
+    from.extend_from_slice(&72u64.to_le_bytes());
+    let mut to = from.clone();
+    from.extend_from_slice(&8u32.to_le_bytes());
+    // IQ2_XXS (16): a known ggml type that cannot be decoded.
+    to.extend_from_slice(&16u32.to_le_bytes());
+    let (_dir, path) = patched(&from, &to);
+    expect_failure(
+        &[
+            "generate",
+            "--model",
+            path.to_str().unwrap(),
+            "--ranks",
+            "2",
+            "--input-ids",
+            "1,2",
+        ],
+        &["blk.0.ffn_down.weight"],
+    );
+}

@@ -15,7 +15,7 @@ pub mod gguf_vocab;
 pub mod stream;
 pub mod template;
 
-pub use gguf_vocab::{tokenizer_from_gguf, GgufVocab};
+pub use gguf_vocab::{tokenizer_from_gguf, tokenizer_from_gguf_for_architecture, GgufVocab};
 pub use stream::TextStream;
 pub use template::{ChatTemplate, Message, TemplateError};
 

@@ -161,6 +161,30 @@ pub fn forward_args(model: &Path, ranks: &str, inputs: &Path, output: &Path) -> 
     ]
 }
 
+/// Runs the CLI with `input` on its standard input.
+pub fn run_with_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let tag = unique_tag();
+    let mut child = Command::new(binary())
+        .args(args)
+        .env("PARALLELFORMERS_TEST_TAG", &tag)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run the parallelformers binary");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .expect("cannot write to the command");
+    }
+    let out = child
+        .wait_with_output()
+        .expect("the command did not finish");
+    assert_no_processes_tagged(&tag);
+    out
+}
+
 /// Runs the CLI and asserts that none of its processes outlive it.
 pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     run_with_env(args, &[])
