@@ -7,7 +7,7 @@ use tokenizers::Tokenizer;
 use crate::checkpoint::gguf::{GgufFile, GgufValue};
 use crate::checkpoint::source::{ResolvedModel, WeightsLocation};
 use crate::error::{Error, Result};
-use crate::tokenizer::{tokenizer_from_gguf, ChatTemplate, GgufVocab, Message};
+use crate::tokenizer::{tokenizer_from_gguf_for_architecture, ChatTemplate, GgufVocab, Message};
 
 /// A model's tokenizer and, where it has one, its chat template.
 pub struct TextSide {
@@ -42,7 +42,11 @@ impl TextSide {
                     return Ok(None);
                 }
                 let vocab = gguf_vocab(&file);
-                let tokenizer = tokenizer_from_gguf(&vocab)
+                let architecture = file
+                    .get("general.architecture")
+                    .and_then(GgufValue::as_str)
+                    .unwrap_or_default();
+                let tokenizer = tokenizer_from_gguf_for_architecture(&vocab, architecture)
                     .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
                 let token =
                     |id: Option<u32>| id.and_then(|i| vocab.tokens.get(i as usize).cloned());

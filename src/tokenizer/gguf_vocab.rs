@@ -131,9 +131,10 @@ const PRE_TOKENIZER_SPLITS: &[(&str, &str)] = &[
 /// `tokenizer.ggml.pre` values of byte-level vocabularies that `transformers` handles with the
 /// plain GPT-2 `ByteLevel` pre-tokenizer, and whose llama.cpp regex is the GPT-2 one (for
 /// `smollm`, `starcoder`, `refact`, `codeshell`, `command-r`, `exaone`, `minerva-7b` llama.cpp
-/// additionally isolates every digit; these vocabularies have no merges across a digit boundary,
-/// so the ids agree). Any other value not in [`PRE_TOKENIZER_SPLITS`] is rejected rather than
-/// silently tokenized with a regex the vocabulary was not trained with.
+/// additionally isolates every digit, which transformers does not; the ids still agree when the
+/// vocabulary has no multi-character token containing a digit, as with SmolLM2, whose 49152
+/// tokens include none). Any other value not in [`PRE_TOKENIZER_SPLITS`] is rejected rather
+/// than silently tokenized with a regex the vocabulary was not trained with.
 const GPT2_REGEX_PRE_TOKENIZERS: &[&str] = &[
     "default",
     "gpt2",

@@ -1078,9 +1078,12 @@ mod tests {
         assert_eq!(template.render(&[], false).expect("render"), "4");
     }
 
+    fn temp_dir_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("pf-template-test-{}-{name}", std::process::id()))
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("pf-template-test-{}-{name}", std::process::id()));
+        let dir = temp_dir_path(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
         dir
@@ -1163,5 +1166,8 @@ mod tests {
         std::fs::write(dir.join("tokenizer_config.json"), "{").expect("write");
         let err = ChatTemplate::from_model_dir(&dir).expect_err("bad json");
         assert!(err.to_string().contains("tokenizer_config.json"), "{err}");
+        for name in ["none", "config", "list", "jinja", "bad"] {
+            let _ = std::fs::remove_dir_all(temp_dir_path(name));
+        }
     }
 }
