@@ -188,6 +188,17 @@ pub struct HeadLayout {
     pub head_dim: usize,
 }
 
+impl HeadLayout {
+    /// Rank `rank`'s heads under `plan`.
+    pub fn of_rank(plan: &crate::parallel::Plan, rank: usize, head_dim: usize) -> Self {
+        HeadLayout {
+            heads: plan.heads.count(rank),
+            kv_heads: plan.kv_heads.count(rank),
+            head_dim,
+        }
+    }
+}
+
 /// Projections already applied: `q` `[B, L, heads*D]`, `k`/`v` `[B, L, kv_heads*D]`.
 pub struct Projected {
     /// Queries.

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use crate::checkpoint::{Activation, ModelConfig, OutputKind};
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::models::attention::{attend, HeadLayout, MaskSpec, Projected};
+use crate::models::attention::{attend, HeadLayout, Projected};
 use crate::models::layers::{
     activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
@@ -102,11 +102,7 @@ impl Bert {
             embed_norm: layer_norm(loader, "embeddings.LayerNorm", h, eps)?,
             layers,
             mlm,
-            layout: HeadLayout {
-                heads: plan.heads.count(rank),
-                kv_heads: plan.heads.count(rank),
-                head_dim: c.head_dim,
-            },
+            layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
             activation: c.activation,
             max_positions: c.max_positions,
         })
@@ -123,15 +119,7 @@ impl ShardedModel for Bert {
             .broadcast_add(&self.position.index_select(&positions, 0)?)?
             .broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
         let mut x = self.embed_norm.forward(&x)?;
-        let mask = MaskSpec {
-            batch: input.batch,
-            query_len: input.seq_len,
-            past_len: 0,
-            attention_mask: input.attention_mask,
-            causal: false,
-            sliding_window: None,
-        }
-        .build()?;
+        let mask = input.mask(0, false, None)?;
         for layer in &self.layers {
             let projected = Projected {
                 q: layer.query.forward(&x)?,

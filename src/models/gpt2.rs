@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::models::attention::{attend, HeadLayout, LayerCaches, MaskSpec, Projected};
+use crate::models::attention::{attend, HeadLayout, LayerCaches, Projected};
 use crate::models::layers::{
     activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
@@ -77,11 +77,7 @@ impl Gpt2 {
             blocks,
             ln_f: layer_norm(loader, "ln_f", h, eps)?,
             head: VocabParallelHead::new(head_weight, None, plan.vocab.counts().to_vec()),
-            layout: HeadLayout {
-                heads: plan.heads.count(rank),
-                kv_heads: plan.heads.count(rank),
-                head_dim: c.head_dim,
-            },
+            layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
             activation: c.activation,
             max_positions: c.max_positions,
         })
@@ -90,26 +86,14 @@ impl Gpt2 {
 
 impl ShardedModel for Gpt2 {
     fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
-        let past = if input.use_cache {
-            self.cached_len()
-        } else {
-            0
-        };
+        let past = input.past_len(self.caches.len());
         check_positions(past + input.seq_len, self.max_positions)?;
         let positions = Tensor::arange(past as u32, (past + input.seq_len) as u32, &Device::Cpu)?;
         let mut x = self
             .wte
             .forward(input.ids, &[input.batch, input.seq_len], comm)?
             .broadcast_add(&self.wpe.index_select(&positions, 0)?)?;
-        let mask = MaskSpec {
-            batch: input.batch,
-            query_len: input.seq_len,
-            past_len: past,
-            attention_mask: input.attention_mask,
-            causal: true,
-            sliding_window: None,
-        }
-        .build()?;
+        let mask = input.mask(past, true, None)?;
         let width = self.layout.heads * self.layout.head_dim;
         for (i, block) in self.blocks.iter().enumerate() {
             let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?;

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::models::attention::{attend, HeadLayout, LayerCaches, MaskSpec, Projected, Rotary};
+use crate::models::attention::{attend, HeadLayout, LayerCaches, Projected, Rotary};
 use crate::models::layers::{
     activate, Linear, RmsNorm, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
@@ -91,11 +91,7 @@ impl Llama {
             norm: RmsNorm::new(loader.load("norm.weight", &[h])?, c.norm_eps),
             head: VocabParallelHead::new(head_weight, None, plan.vocab.counts().to_vec()),
             rotary: Rotary::new(c.head_dim, c.rope_theta.unwrap_or(10_000.0)),
-            layout: HeadLayout {
-                heads: plan.heads.count(rank),
-                kv_heads: plan.kv_heads.count(rank),
-                head_dim: c.head_dim,
-            },
+            layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
             activation: c.activation,
             sliding_window: c.sliding_window,
         })
@@ -104,23 +100,11 @@ impl Llama {
 
 impl ShardedModel for Llama {
     fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
-        let past = if input.use_cache {
-            self.cached_len()
-        } else {
-            0
-        };
+        let past = input.past_len(self.caches.len());
         let mut x = self
             .embed
             .forward(input.ids, &[input.batch, input.seq_len], comm)?;
-        let mask = MaskSpec {
-            batch: input.batch,
-            query_len: input.seq_len,
-            past_len: past,
-            attention_mask: input.attention_mask,
-            causal: true,
-            sliding_window: self.sliding_window,
-        }
-        .build()?;
+        let mask = input.mask(past, true, self.sliding_window)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_norm.forward(&x)?;
             let projected = Projected {

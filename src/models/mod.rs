@@ -31,6 +31,35 @@ pub struct Batch<'a> {
     pub last_only: bool,
 }
 
+impl Batch<'_> {
+    /// Positions already cached before this batch, given the model's cache length.
+    pub fn past_len(&self, cached: usize) -> usize {
+        if self.use_cache {
+            cached
+        } else {
+            0
+        }
+    }
+
+    /// The additive attention mask for this batch after `past_len` cached positions.
+    pub fn mask(
+        &self,
+        past_len: usize,
+        causal: bool,
+        sliding_window: Option<usize>,
+    ) -> Result<Option<Tensor>> {
+        attention::MaskSpec {
+            batch: self.batch,
+            query_len: self.seq_len,
+            past_len,
+            attention_mask: self.attention_mask,
+            causal,
+            sliding_window,
+        }
+        .build()
+    }
+}
+
 /// A rank's shard of a model.
 pub trait ShardedModel: Send {
     /// Runs the shard; every rank returns the same `[batch, L, D]` f32 tensor, where `D` is the
