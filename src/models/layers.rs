@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use crate::checkpoint::Activation;
 use crate::comm::Communicator;
 use crate::error::Result;
+use crate::models::kernels;
 
 /// Sums `t` across ranks (through f32, whatever its dtype).
 pub fn all_reduce(t: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
@@ -39,7 +40,11 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let features = dims[dims.len() - 1];
-        let y = x.reshape((rows, features))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, features))?;
+        let y = match rows {
+            1 => self.matvec(&x)?,
+            _ => x.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -49,6 +54,60 @@ impl Linear {
         out_dims[last] = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
     }
+}
+
+impl Linear {
+    /// `x @ weight.T` for a single row `x` `[1, in]`, streaming the weight once through the
+    /// decode kernels; the result has `x`'s dtype.
+    fn matvec(&self, x: &Tensor) -> Result<Tensor> {
+        let input: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let rows = self.weight.dim(0)?;
+        let mut out = vec![0f32; rows];
+        let (storage, layout) = self.weight.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            drop(storage);
+            return Ok(x.matmul(&self.weight.t()?)?);
+        };
+        match self.weight.dtype() {
+            DType::F32 => parallel_rows(
+                &cpu.as_slice::<f32>()?[start..end],
+                &input,
+                &mut out,
+                kernels::matvec_f32,
+            ),
+            DType::F16 => parallel_rows(
+                &cpu.as_slice::<half::f16>()?[start..end],
+                &input,
+                &mut out,
+                kernels::matvec_f16,
+            ),
+            _ => {
+                drop(storage);
+                return Ok(x.matmul(&self.weight.t()?)?);
+            }
+        }
+        Ok(Tensor::from_vec(out, (1, rows), &Device::Cpu)?.to_dtype(x.dtype())?)
+    }
+}
+
+/// Runs a matrix-vector `kernel` over blocks of rows on the compute thread pool.
+fn parallel_rows<W: Sync>(
+    w: &[W],
+    x: &[f32],
+    out: &mut [f32],
+    kernel: fn(&[W], &[f32], &mut [f32]),
+) {
+    use rayon::prelude::*;
+    const ROWS_PER_TASK: usize = 64;
+    let cols = x.len();
+    if rayon::current_num_threads() == 1 {
+        return kernel(w, x, out);
+    }
+    out.par_chunks_mut(ROWS_PER_TASK)
+        .zip(w.par_chunks(ROWS_PER_TASK * cols))
+        .for_each(|(y, rows)| kernel(rows, x, y));
 }
 
 impl From<(Tensor, Option<Tensor>)> for Linear {

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod bert;
 pub mod gpt2;
+pub mod kernels;
 pub mod layers;
 pub mod llama;
 

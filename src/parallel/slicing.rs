@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use crate::checkpoint::ModelConfig;
+use crate::checkpoint::{Family, ModelConfig};
 use crate::error::{Error, Result};
 use crate::policy::Partition;
 
@@ -102,9 +102,9 @@ impl Plan {
         );
         Ok(Plan {
             world_size,
+            intermediate: balanced_intermediate(config, &heads, &kv_heads),
             heads,
             kv_heads,
-            intermediate: Split::even(config.intermediate_size, 1, world_size),
             vocab: Split::even(config.vocab_size, 1, world_size),
         })
     }
@@ -118,6 +118,44 @@ impl Plan {
             Partition::Vocab => &self.vocab,
         }
     }
+}
+
+/// Splits the MLP so that every rank holds about the same number of layer weights: a rank with
+/// fewer attention heads (an uneven head split) gets more of the MLP. With an even head split
+/// this is the even split. Every rank keeps at least one unit.
+fn balanced_intermediate(config: &ModelConfig, heads: &Split, kv_heads: &Split) -> Split {
+    let ranks = heads.counts().len();
+    let (hidden, head_dim) = (config.hidden_size as f64, config.head_dim as f64);
+    // Weights per MLP unit: gate, up and down for SwiGLU; in and out otherwise.
+    let per_unit = hidden
+        * if config.family == Family::Llama {
+            3.0
+        } else {
+            2.0
+        };
+    // q and o per query head, k and v per key/value head.
+    let attention: Vec<f64> = (0..ranks)
+        .map(|r| 2.0 * hidden * head_dim * (heads.count(r) + kv_heads.count(r)) as f64)
+        .collect();
+    let total = config.intermediate_size;
+    let target = (attention.iter().sum::<f64>() + total as f64 * per_unit) / ranks as f64;
+    let mut counts: Vec<usize> = attention
+        .iter()
+        .map(|a| ((target - a) / per_unit).round().max(1.0) as usize)
+        .collect();
+    let floor = usize::from(total >= ranks);
+    while counts.iter().sum::<usize>() < total {
+        let smallest = (0..ranks).min_by_key(|&r| counts[r]).unwrap_or(0);
+        counts[smallest] += 1;
+    }
+    while counts.iter().sum::<usize>() > total {
+        let largest = (0..ranks)
+            .filter(|&r| counts[r] > floor)
+            .max_by_key(|&r| counts[r])
+            .unwrap_or(0);
+        counts[largest] -= 1;
+    }
+    Split::from_counts(1, counts)
 }
 
 #[cfg(test)]
@@ -152,8 +190,38 @@ mod tests {
         assert_eq!(plan.kv_heads.counts(), &[2, 1]);
         assert_eq!(plan.heads.counts(), &[6, 3]);
         assert_eq!(plan.heads.elements(1), 48..72);
-        assert_eq!(plan.intermediate.counts(), &[4, 3]);
+        // Rank 0 holds twice the attention heads, so it gets less of the MLP.
+        assert_eq!(plan.intermediate.counts(), &[1, 6]);
         assert_eq!(plan.vocab.counts(), &[5, 5]);
+    }
+
+    #[test]
+    fn smollm2_mlp_split_balances_its_uneven_attention_heads() {
+        let json = r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"num_hidden_layers":30,
+            "num_attention_heads":9,"num_key_value_heads":3,"intermediate_size":1536}"#;
+        let cfg = serde_json::from_str::<RawConfig>(json)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let plan = Plan::new(&cfg, 2).unwrap();
+        assert_eq!(plan.intermediate.counts(), &[683, 853]);
+        let weights = |r: usize| {
+            2 * 576 * 64 * (plan.heads.count(r) + plan.kv_heads.count(r))
+                + 3 * 576 * plan.intermediate.count(r)
+        };
+        assert!(
+            weights(0).abs_diff(weights(1)) <= 3 * 576,
+            "{} vs {}",
+            weights(0),
+            weights(1)
+        );
+    }
+
+    #[test]
+    fn an_even_head_split_keeps_the_even_mlp_split() {
+        let plan = Plan::new(&config(8, 4), 2).unwrap();
+        assert_eq!(plan.heads.counts(), &[4, 4]);
+        assert_eq!(plan.intermediate.counts(), &[4, 3]);
     }
 
     #[test]
