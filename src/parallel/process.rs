@@ -243,6 +243,8 @@ fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
     let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, env.rank, dtype);
     let model = models::load(&mut loader, &spec.config)?;
     let weights = loader.bytes();
+    // Sampling (issue 5) draws from this seed on rank 0; greedy decoding does not need it.
+    tracing::debug!(rank = env.rank, seed = spec.seed, "shard loaded");
     comm.barrier()?;
     Ok(Shard {
         model,
