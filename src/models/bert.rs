@@ -8,7 +8,8 @@ use crate::comm::Communicator;
 use crate::error::Result;
 use crate::models::attention::{attend, HeadLayout, Projected};
 use crate::models::layers::{
-    activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+    activate, to_f32, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding,
+    VocabParallelHead,
 };
 use crate::models::{
     apply_head, check_positions, last_position, layer_norm, weight_and_bias, Batch, ShardedModel,
@@ -91,14 +92,14 @@ impl Bert {
         };
         Ok(Bert {
             word: VocabParallelEmbedding::new(word, plan.vocab.elements(rank).start),
-            position: loader.load(
+            position: to_f32(loader.load(
                 "embeddings.position_embeddings.weight",
                 &[c.max_positions, h],
-            )?,
-            token_type: loader.load(
+            )?)?,
+            token_type: to_f32(loader.load(
                 "embeddings.token_type_embeddings.weight",
                 &[c.type_vocab_size, h],
-            )?,
+            )?)?,
             embed_norm: layer_norm(loader, "embeddings.LayerNorm", h, eps)?,
             layers,
             mlm,

@@ -8,7 +8,8 @@ use crate::comm::Communicator;
 use crate::error::Result;
 use crate::models::attention::{attend, HeadLayout, LayerCaches, Projected};
 use crate::models::layers::{
-    activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+    activate, to_f32, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding,
+    VocabParallelHead,
 };
 use crate::models::{apply_head, check_positions, layer_norm, Batch, ShardedModel};
 use crate::parallel::engine::ShardLoader;
@@ -73,7 +74,7 @@ impl Gpt2 {
         Ok(Gpt2 {
             caches: LayerCaches::new(c.num_layers),
             wte: VocabParallelEmbedding::new(wte, plan.vocab.elements(rank).start),
-            wpe: loader.load("wpe.weight", &[c.max_positions, h])?,
+            wpe: to_f32(loader.load("wpe.weight", &[c.max_positions, h])?)?,
             blocks,
             ln_f: layer_norm(loader, "ln_f", h, eps)?,
             head: VocabParallelHead::new(head_weight, None, plan.vocab.counts().to_vec()),

@@ -43,6 +43,20 @@ pub fn matvec_f16(w: &[half::f16], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[o] = Σ_k x[k] · w[o·cols + k]` with `w` stored as bfloat16.
+pub fn matvec_bf16(w: &[half::bf16], x: &[f32], out: &mut [f32]) {
+    debug_assert_eq!(w.len(), x.len() * out.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as in `matvec_f32`.
+        unsafe { avx2::matvec(w, x, out) };
+        return;
+    }
+    for (row, y) in w.chunks_exact(x.len()).zip(out.iter_mut()) {
+        *y = row.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum();
+    }
+}
+
 /// A dot product in eight independent lanes (so the compiler may vectorise it).
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
@@ -94,6 +108,18 @@ mod avx2 {
         #[inline(always)]
         unsafe fn load8(ptr: *const half::f16) -> __m256 {
             _mm256_cvtph_ps(_mm_loadu_si128(ptr as *const __m128i))
+        }
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    impl Weight for half::bf16 {
+        #[inline(always)]
+        unsafe fn load8(ptr: *const half::bf16) -> __m256 {
+            // bfloat16 is the top half of an f32: widen to 32 bits and shift into place.
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(ptr as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
         }
         fn widen(self) -> f32 {
             self.to_f32()
@@ -172,6 +198,26 @@ mod tests {
             let mut out = vec![0f32; rows];
             matvec_f32(&w, &x, &mut out);
             for (got, want) in out.iter().zip(reference(&w, &x)) {
+                assert!(
+                    (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "cols {cols}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_matvec_matches_the_widened_weights() {
+        for cols in [5, 64, 577] {
+            let (rows, x) = (9, data(cols, 5));
+            let w16: Vec<half::bf16> = data(rows * cols, 6)
+                .into_iter()
+                .map(half::bf16::from_f32)
+                .collect();
+            let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            let mut out = vec![0f32; rows];
+            matvec_bf16(&w16, &x, &mut out);
+            for (got, want) in out.iter().zip(reference(&w32, &x)) {
                 assert!(
                     (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
                     "cols {cols}: {got} vs {want}"

@@ -22,7 +22,14 @@ pub fn all_reduce(t: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
     Ok(Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?)
 }
 
-/// `x @ weight.T + bias` for `x` of shape `[.., in]` and `weight` of shape `[out, in]`.
+/// Converts a small replicated tensor (bias, norm weight, position table) to f32, the dtype of
+/// every activation.
+pub fn to_f32(t: Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// `x @ weight.T + bias` for f32 activations `x` of shape `[.., in]` and a weight of shape
+/// `[out, in]` kept in the run's dtype (f32, f16 or bf16) and widened on the fly.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -32,6 +39,7 @@ pub struct Linear {
 impl Linear {
     /// A linear layer from a weight `[out, in]` and an optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let bias = bias.map(|b| b.to_dtype(DType::F32).unwrap_or(b));
         Linear { weight, bias }
     }
 
@@ -43,7 +51,7 @@ impl Linear {
         let x = x.reshape((rows, features))?;
         let y = match rows {
             1 => self.matvec(&x)?,
-            _ => x.matmul(&self.weight.t()?)?,
+            _ => self.matmul(&x)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -57,8 +65,16 @@ impl Linear {
 }
 
 impl Linear {
+    /// `x @ weight.T` for several rows, in the weight's dtype, returned in f32.
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = self.weight.dtype();
+        Ok(x.to_dtype(dtype)?
+            .matmul(&self.weight.t()?)?
+            .to_dtype(DType::F32)?)
+    }
+
     /// `x @ weight.T` for a single row `x` `[1, in]`, streaming the weight once through the
-    /// decode kernels; the result has `x`'s dtype.
+    /// decode kernels.
     fn matvec(&self, x: &Tensor) -> Result<Tensor> {
         let input: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let rows = self.weight.dim(0)?;
@@ -68,7 +84,7 @@ impl Linear {
             (&*storage, layout.contiguous_offsets())
         else {
             drop(storage);
-            return Ok(x.matmul(&self.weight.t()?)?);
+            return self.matmul(x);
         };
         match self.weight.dtype() {
             DType::F32 => parallel_rows(
@@ -83,12 +99,18 @@ impl Linear {
                 &mut out,
                 kernels::matvec_f16,
             ),
+            DType::BF16 => parallel_rows(
+                &cpu.as_slice::<half::bf16>()?[start..end],
+                &input,
+                &mut out,
+                kernels::matvec_bf16,
+            ),
             _ => {
                 drop(storage);
-                return Ok(x.matmul(&self.weight.t()?)?);
+                return self.matmul(x);
             }
         }
-        Ok(Tensor::from_vec(out, (1, rows), &Device::Cpu)?.to_dtype(x.dtype())?)
+        Ok(Tensor::from_vec(out, (1, rows), &Device::Cpu)?)
     }
 }
 
@@ -129,7 +151,7 @@ impl RowParallelLinear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         RowParallelLinear {
             linear: Linear::new(weight, None),
-            bias,
+            bias: bias.map(|b| b.to_dtype(DType::F32).unwrap_or(b)),
         }
     }
 
@@ -171,7 +193,7 @@ impl VocabParallelEmbedding {
         &self.weight
     }
 
-    /// Embeds `ids` (any shape given by `shape`), returning `[shape.., hidden]` on every rank.
+    /// Embeds `ids` (any shape given by `shape`), returning f32 `[shape.., hidden]` on every rank.
     pub fn forward(&self, ids: &[u32], shape: &[usize], comm: &dyn Communicator) -> Result<Tensor> {
         let rows = self.weight.dim(0)? as u32;
         let (local, owned): (Vec<u32>, Vec<f32>) = ids
@@ -182,9 +204,12 @@ impl VocabParallelEmbedding {
             })
             .unzip();
         let index = Tensor::from_vec(local, ids.len(), &Device::Cpu)?;
-        let owned =
-            Tensor::from_vec(owned, (ids.len(), 1), &Device::Cpu)?.to_dtype(self.weight.dtype())?;
-        let rows = self.weight.index_select(&index, 0)?.broadcast_mul(&owned)?;
+        let owned = Tensor::from_vec(owned, (ids.len(), 1), &Device::Cpu)?;
+        let rows = self
+            .weight
+            .index_select(&index, 0)?
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&owned)?;
         let mut out_shape = shape.to_vec();
         out_shape.push(self.weight.dim(1)?);
         all_reduce(&rows.reshape(out_shape)?, comm)
