@@ -238,11 +238,19 @@ pub fn attend(
         None => (k, v),
     };
     let group = layout.heads / layout.kv_heads.max(1);
-    let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
-    let q = q.to_dtype(DType::F32)?;
-    let k = k.to_dtype(DType::F32)?;
-    let v = v.to_dtype(DType::F32)?;
     let scale = 1.0 / (layout.head_dim as f64).sqrt();
+    let (q, k, v) = (
+        q.to_dtype(DType::F32)?,
+        k.to_dtype(DType::F32)?,
+        v.to_dtype(DType::F32)?,
+    );
+    if len == 1 {
+        let out = attend_one_query(&q, &k, &v, mask, group, scale as f32)?;
+        return Ok(out
+            .reshape((batch, 1, layout.heads * layout.head_dim))?
+            .to_dtype(dtype)?);
+    }
+    let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
@@ -253,6 +261,76 @@ pub fn attend(
         .transpose(1, 2)?
         .reshape((batch, len, layout.heads * layout.head_dim))?
         .to_dtype(dtype)?)
+}
+
+/// Runs `f` on the values of an f32 tensor, made contiguous if it is not.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+        }
+        _ => Err(candle_core::Error::Msg(
+            "attention expects contiguous f32 tensors on the CPU".into(),
+        )
+        .into()),
+    }
+}
+
+/// Attention of one new position per sequence (a decode step) over the whole cache, head by
+/// head in plain loops: at one query the general matmul's set-up costs more than the arithmetic.
+/// `q` is `[B, heads, 1, D]`, `k`/`v` are `[B, kv_heads, T, D]`, `mask` `[B, 1, 1, T]`; the
+/// result is `[B, heads, D]`.
+fn attend_one_query(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    group: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (batch, heads, _, dim) = q.dims4()?;
+    let (_, kv_heads, keys, _) = k.dims4()?;
+    let mask: Option<Vec<f32>> = mask
+        .map(|m| m.flatten_all().and_then(|m| m.to_vec1()))
+        .transpose()?;
+    let mut out = vec![0f32; batch * heads * dim];
+    let mut scores = vec![0f32; keys];
+    with_values(q, |q| {
+        with_values(k, |k| {
+            with_values(v, |v| {
+                for b in 0..batch {
+                    for h in 0..heads {
+                        let query = &q[(b * heads + h) * dim..][..dim];
+                        let base = (b * kv_heads + h / group) * keys * dim;
+                        for (t, score) in scores.iter_mut().enumerate() {
+                            let key = &k[base + t * dim..][..dim];
+                            let bias = mask.as_ref().map_or(0.0, |m| m[b * keys + t]);
+                            *score = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale
+                                + bias;
+                        }
+                        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut total = 0f32;
+                        for score in scores.iter_mut() {
+                            *score = (*score - max).exp();
+                            total += *score;
+                        }
+                        let output = &mut out[(b * heads + h) * dim..][..dim];
+                        for (t, weight) in scores.iter().enumerate() {
+                            let value = &v[base + t * dim..][..dim];
+                            let weight = weight / total;
+                            output
+                                .iter_mut()
+                                .zip(value)
+                                .for_each(|(o, x)| *o += weight * x);
+                        }
+                    }
+                }
+            })
+        })
+    })???;
+    Ok(Tensor::from_vec(out, (batch, heads, dim), q.device())?)
 }
 
 /// Repeats each key/value head `group` times for grouped-query attention.
@@ -323,6 +401,59 @@ mod tests {
             sliding_window: None,
         };
         assert!(spec.build().unwrap().is_none());
+    }
+
+    #[test]
+    fn one_query_attention_equals_the_matmul_path_with_groups_and_a_mask() {
+        let dev = Device::Cpu;
+        let (batch, heads, kv_heads, keys, dim) = (2, 4, 2, 5, 8);
+        let values = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n).map(|i| ((i as f32 * 0.37 + seed).sin())).collect()
+        };
+        let q = Tensor::from_vec(
+            values(batch * heads * dim, 0.1),
+            (batch, heads, 1, dim),
+            &dev,
+        )
+        .unwrap();
+        let k = Tensor::from_vec(
+            values(batch * kv_heads * keys * dim, 0.7),
+            (batch, kv_heads, keys, dim),
+            &dev,
+        )
+        .unwrap();
+        let v = Tensor::from_vec(
+            values(batch * kv_heads * keys * dim, 1.3),
+            (batch, kv_heads, keys, dim),
+            &dev,
+        )
+        .unwrap();
+        let mut mask = vec![0f32; batch * keys];
+        mask[keys] = HIDDEN; // the second sequence's first key is padding
+        let mask = Tensor::from_vec(mask, (batch, 1, 1, keys), &dev).unwrap();
+        let scale = 1.0 / (dim as f32).sqrt();
+        let fast = attend_one_query(&q, &k, &v, Some(&mask), heads / kv_heads, scale).unwrap();
+        let (k2, v2) = (repeat_kv(&k, 2).unwrap(), repeat_kv(&v, 2).unwrap());
+        let scores = ((q.matmul(&k2.t().unwrap()).unwrap() * scale as f64).unwrap())
+            .broadcast_add(&mask)
+            .unwrap();
+        let slow = softmax_last(&scores)
+            .unwrap()
+            .matmul(&v2)
+            .unwrap()
+            .reshape((batch, heads, dim))
+            .unwrap();
+        let diff: f32 = (fast - slow)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
     }
 
     #[test]
