@@ -408,7 +408,7 @@ mod tests {
         let dev = Device::Cpu;
         let (batch, heads, kv_heads, keys, dim) = (2, 4, 2, 5, 8);
         let values = |n: usize, seed: f32| -> Vec<f32> {
-            (0..n).map(|i| ((i as f32 * 0.37 + seed).sin())).collect()
+            (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
         };
         let q = Tensor::from_vec(
             values(batch * heads * dim, 0.1),
