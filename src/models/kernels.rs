@@ -13,9 +13,22 @@ fn has_avx2() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// A weight element the kernels read: f32, or a 16-bit float widened to f32 on the fly.
+pub trait Weight: Copy + Sync {
+    /// One weight as f32.
+    fn widen(self) -> f32;
+
+    /// Loads eight weights starting at `ptr` as f32 lanes.
+    ///
+    /// # Safety
+    /// Eight elements must be readable at `ptr`; the CPU must support AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(ptr: *const Self) -> std::arch::x86_64::__m256;
+}
+
 /// `out[o] = Σ_k x[k] · w[o·cols + k]` for a row-major `w` of `out.len()` rows and `x.len()`
-/// columns, `w` stored as f32.
-pub fn matvec_f32(w: &[f32], x: &[f32], out: &mut [f32]) {
+/// columns.
+pub fn matvec<W: Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
     debug_assert_eq!(w.len(), x.len() * out.len());
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
@@ -29,102 +42,73 @@ pub fn matvec_f32(w: &[f32], x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `out[o] = Σ_k x[k] · w[o·cols + k]` with `w` stored as IEEE half precision.
-pub fn matvec_f16(w: &[half::f16], x: &[f32], out: &mut [f32]) {
-    debug_assert_eq!(w.len(), x.len() * out.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: as in `matvec_f32`.
-        unsafe { avx2::matvec(w, x, out) };
-        return;
-    }
-    for (row, y) in w.chunks_exact(x.len()).zip(out.iter_mut()) {
-        *y = row.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum();
-    }
-}
-
-/// `out[o] = Σ_k x[k] · w[o·cols + k]` with `w` stored as bfloat16.
-pub fn matvec_bf16(w: &[half::bf16], x: &[f32], out: &mut [f32]) {
-    debug_assert_eq!(w.len(), x.len() * out.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: as in `matvec_f32`.
-        unsafe { avx2::matvec(w, x, out) };
-        return;
-    }
-    for (row, y) in w.chunks_exact(x.len()).zip(out.iter_mut()) {
-        *y = row.iter().zip(x).map(|(w, x)| w.to_f32() * x).sum();
-    }
-}
-
 /// A dot product in eight independent lanes (so the compiler may vectorise it).
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+fn dot_portable<W: Weight>(a: &[W], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a_chunks
         .remainder()
         .iter()
         .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x.widen() * y)
         .sum();
     for (ca, cb) in a_chunks.zip(b_chunks) {
         for i in 0..8 {
-            lanes[i] += ca[i] * cb[i];
+            lanes[i] += ca[i].widen() * cb[i];
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+impl Weight for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(ptr: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(ptr)
+    }
+}
+
+impl Weight for half::f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(ptr: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(ptr as *const __m128i))
+    }
+}
+
+impl Weight for half::bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(ptr: *const half::bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // bfloat16 is the top half of an f32: widen to 32 bits and shift into place.
+        let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(ptr as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::Weight;
+
     /// Rows computed together: several weight streams in flight keep more cache misses
     /// outstanding than one, which is what a memory-bound matrix-vector product needs.
     const ROWS: usize = 8;
-
-    /// A weight element type the kernel can widen to eight f32 lanes.
-    pub trait Weight: Copy {
-        /// Loads eight weights starting at `ptr` as f32 lanes.
-        ///
-        /// # Safety
-        /// Eight elements must be readable at `ptr`; the CPU must support AVX2, FMA and F16C.
-        unsafe fn load8(ptr: *const Self) -> __m256;
-        /// One weight as f32.
-        fn widen(self) -> f32;
-    }
-
-    impl Weight for f32 {
-        #[inline(always)]
-        unsafe fn load8(ptr: *const f32) -> __m256 {
-            _mm256_loadu_ps(ptr)
-        }
-        fn widen(self) -> f32 {
-            self
-        }
-    }
-
-    impl Weight for half::f16 {
-        #[inline(always)]
-        unsafe fn load8(ptr: *const half::f16) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(ptr as *const __m128i))
-        }
-        fn widen(self) -> f32 {
-            self.to_f32()
-        }
-    }
-
-    impl Weight for half::bf16 {
-        #[inline(always)]
-        unsafe fn load8(ptr: *const half::bf16) -> __m256 {
-            // bfloat16 is the top half of an f32: widen to 32 bits and shift into place.
-            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(ptr as *const __m128i));
-            _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
-        }
-        fn widen(self) -> f32 {
-            self.to_f32()
-        }
-    }
 
     /// Sums the eight lanes of `v`.
     #[target_feature(enable = "avx2,fma")]
@@ -196,7 +180,7 @@ mod tests {
             let (rows, x) = (5, data(cols, 1));
             let w = data(rows * cols, 2);
             let mut out = vec![0f32; rows];
-            matvec_f32(&w, &x, &mut out);
+            matvec(&w, &x, &mut out);
             for (got, want) in out.iter().zip(reference(&w, &x)) {
                 assert!(
                     (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
@@ -216,7 +200,7 @@ mod tests {
                 .collect();
             let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
             let mut out = vec![0f32; rows];
-            matvec_bf16(&w16, &x, &mut out);
+            matvec(&w16, &x, &mut out);
             for (got, want) in out.iter().zip(reference(&w32, &x)) {
                 assert!(
                     (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
@@ -236,7 +220,7 @@ mod tests {
                 .collect();
             let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
             let mut out = vec![0f32; rows];
-            matvec_f16(&w16, &x, &mut out);
+            matvec(&w16, &x, &mut out);
             for (got, want) in out.iter().zip(reference(&w32, &x)) {
                 assert!(
                     (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),

@@ -91,19 +91,19 @@ impl Linear {
                 &cpu.as_slice::<f32>()?[start..end],
                 &input,
                 &mut out,
-                kernels::matvec_f32,
+                kernels::matvec,
             ),
             DType::F16 => parallel_rows(
                 &cpu.as_slice::<half::f16>()?[start..end],
                 &input,
                 &mut out,
-                kernels::matvec_f16,
+                kernels::matvec,
             ),
             DType::BF16 => parallel_rows(
                 &cpu.as_slice::<half::bf16>()?[start..end],
                 &input,
                 &mut out,
-                kernels::matvec_bf16,
+                kernels::matvec,
             ),
             _ => {
                 drop(storage);
