@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{fixture, masked_max_diff, options, reference};
-use parallelformers::{parallelize, ForwardInput, GenerateParams, WeightDType};
+use common::{fixture, masked_max_diff, options, reference, reference_batch};
+use parallelformers::{parallelize, GenerateParams, WeightDType};
 
 /// f32 outputs must be within this of transformers' (absolute, at unpadded positions).
 const F32_TOLERANCE: f64 = 1e-4;
@@ -17,15 +17,8 @@ fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
     opts.dtype = dtype;
     let mut model =
         parallelize(fixture(name), opts).unwrap_or_else(|e| panic!("{name} at {ranks} ranks: {e}"));
-    let ids = &refs["input_ids"];
     let mask = &refs["attention_mask"];
-    let input = ForwardInput {
-        input_ids: ids.ids(),
-        batch: ids.shape[0],
-        seq_len: ids.shape[1],
-        attention_mask: Some(mask.ids()),
-    };
-    let out = model.forward(&input).unwrap();
+    let out = model.forward(&reference_batch(&refs)).unwrap();
     let expected = refs
         .get("logits")
         .or_else(|| refs.get("last_hidden_state"))

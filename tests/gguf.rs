@@ -6,8 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixture, masked_max_diff, options, read_tensors, run, run_with_env};
-use parallelformers::{parallelize, ForwardInput, GenerateParams};
+use common::{fixture, masked_max_diff, options, read_tensors, reference_batch, run, run_with_env};
+use parallelformers::{parallelize, GenerateParams};
 
 fn tiny_gguf() -> PathBuf {
     fixture("gguf").join("tiny_llama_q8_0.gguf")
@@ -16,16 +16,10 @@ fn tiny_gguf() -> PathBuf {
 #[test]
 fn a_quantized_gguf_matches_transformers_at_one_two_and_three_ranks() {
     let refs = read_tensors(&fixture("gguf").join("tiny_llama_q8_0_reference.safetensors"));
-    let (ids, mask) = (&refs["input_ids"], &refs["attention_mask"]);
+    let mask = &refs["attention_mask"];
     for ranks in 1..=3 {
         let mut model = parallelize(tiny_gguf(), options(ranks)).unwrap();
-        let input = ForwardInput {
-            input_ids: ids.ids(),
-            batch: ids.shape[0],
-            seq_len: ids.shape[1],
-            attention_mask: Some(mask.ids()),
-        };
-        let out = model.forward(&input).unwrap();
+        let out = model.forward(&reference_batch(&refs)).unwrap();
         let diff = masked_max_diff(&out.data, &refs["logits"], mask);
         assert!(
             diff < 1e-4,

@@ -174,14 +174,19 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn f32_matvec_matches_a_double_precision_reference_for_odd_widths() {
-        for cols in [1, 7, 31, 32, 33, 576, 1000] {
-            let (rows, x) = (5, data(cols, 1));
-            let w = data(rows * cols, 2);
+    /// Checks `matvec` on weights converted by `to_weight` against a double-precision product of
+    /// the same (rounded) weights, for several widths.
+    fn check<W: Weight>(widths: &[usize], to_weight: fn(f32) -> W) {
+        for (i, &cols) in widths.iter().enumerate() {
+            let (rows, x) = (9, data(cols, i as u32));
+            let w: Vec<W> = data(rows * cols, 100 + i as u32)
+                .into_iter()
+                .map(to_weight)
+                .collect();
+            let widened: Vec<f32> = w.iter().map(|v| v.widen()).collect();
             let mut out = vec![0f32; rows];
             matvec(&w, &x, &mut out);
-            for (got, want) in out.iter().zip(reference(&w, &x)) {
+            for (got, want) in out.iter().zip(reference(&widened, &x)) {
                 assert!(
                     (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
                     "cols {cols}: {got} vs {want}"
@@ -191,42 +196,17 @@ mod tests {
     }
 
     #[test]
-    fn bf16_matvec_matches_the_widened_weights() {
-        for cols in [5, 64, 577] {
-            let (rows, x) = (9, data(cols, 5));
-            let w16: Vec<half::bf16> = data(rows * cols, 6)
-                .into_iter()
-                .map(half::bf16::from_f32)
-                .collect();
-            let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
-            let mut out = vec![0f32; rows];
-            matvec(&w16, &x, &mut out);
-            for (got, want) in out.iter().zip(reference(&w32, &x)) {
-                assert!(
-                    (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
-                    "cols {cols}: {got} vs {want}"
-                );
-            }
-        }
+    fn f32_matvec_matches_a_double_precision_reference_for_odd_widths() {
+        check(&[1, 7, 31, 32, 33, 576, 1000], |v| v);
     }
 
     #[test]
     fn f16_matvec_matches_the_widened_weights() {
-        for cols in [3, 32, 100, 576] {
-            let (rows, x) = (4, data(cols, 3));
-            let w16: Vec<half::f16> = data(rows * cols, 4)
-                .into_iter()
-                .map(half::f16::from_f32)
-                .collect();
-            let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
-            let mut out = vec![0f32; rows];
-            matvec(&w16, &x, &mut out);
-            for (got, want) in out.iter().zip(reference(&w32, &x)) {
-                assert!(
-                    (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
-                    "cols {cols}: {got} vs {want}"
-                );
-            }
-        }
+        check(&[3, 32, 100, 576], half::f16::from_f32);
+    }
+
+    #[test]
+    fn bf16_matvec_matches_the_widened_weights() {
+        check(&[5, 64, 577], half::bf16::from_f32);
     }
 }

@@ -84,6 +84,17 @@ pub fn reference(name: &str) -> HashMap<String, RefTensor> {
     read_tensors(&fixture(name).join("reference.safetensors"))
 }
 
+/// The padded reference batch (`input_ids`, `attention_mask`) of a reference file.
+pub fn reference_batch(refs: &HashMap<String, RefTensor>) -> parallelformers::ForwardInput {
+    let (ids, mask) = (&refs["input_ids"], &refs["attention_mask"]);
+    parallelformers::ForwardInput {
+        input_ids: ids.ids(),
+        batch: ids.shape[0],
+        seq_len: ids.shape[1],
+        attention_mask: Some(mask.ids()),
+    }
+}
+
 /// Largest absolute difference between `actual` and `expected` `[B, L, D]` over positions
 /// whose attention mask is 1.
 pub fn masked_max_diff(actual: &[f32], expected: &RefTensor, mask: &RefTensor) -> f64 {
