@@ -40,8 +40,9 @@ pub fn greedy(
         let mut chosen = [0u8; 4];
         if comm.rank() == 0 {
             let suppress_eos = ids.len() < req.min_new_tokens;
+            let values: Vec<f32> = logits.flatten_all()?.to_vec1()?;
             chosen = argmax(
-                &logits,
+                &values,
                 suppress_eos.then_some(req.eos_token_ids.as_slice()),
             )?
             .to_le_bytes();
@@ -63,8 +64,9 @@ pub fn greedy(
     })
 }
 
-/// Feeds `ids` after the cached ones and returns the last position's logits.
-fn step(model: &mut dyn ShardedModel, comm: &dyn Communicator, ids: &[u32]) -> Result<Vec<f32>> {
+/// Feeds `ids` after the cached ones and returns the last position's logits (read only by
+/// rank 0, which chooses the token).
+fn step(model: &mut dyn ShardedModel, comm: &dyn Communicator, ids: &[u32]) -> Result<Tensor> {
     let batch = Batch {
         ids,
         batch: 1,
@@ -73,8 +75,7 @@ fn step(model: &mut dyn ShardedModel, comm: &dyn Communicator, ids: &[u32]) -> R
         use_cache: true,
         last_only: true,
     };
-    let logits: Tensor = model.forward(&batch, comm)?;
-    Ok(logits.flatten_all()?.to_vec1()?)
+    model.forward(&batch, comm)
 }
 
 /// The index of the largest logit (the first on ties, like `torch.argmax`), skipping `banned`.

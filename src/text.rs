@@ -125,6 +125,13 @@ fn gguf_vocab(file: &GgufFile) -> GgufVocab {
             })
             .unwrap_or_default()
     };
+    let numbers = |key: &str| {
+        file.get(key)
+            .and_then(GgufValue::as_array)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(GgufValue::as_f64)
+    };
     let id = |key: &str| file.get(key).and_then(GgufValue::as_u64).map(|v| v as u32);
     let flag = |key: &str| file.get(key).and_then(GgufValue::as_bool);
     GgufVocab {
@@ -138,24 +145,10 @@ fn gguf_vocab(file: &GgufFile) -> GgufVocab {
             .and_then(GgufValue::as_str)
             .map(str::to_string),
         tokens: strings("tokenizer.ggml.tokens"),
-        token_types: file
-            .get("tokenizer.ggml.token_type")
-            .and_then(GgufValue::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_f64().map(|x| x as i32))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        scores: file
-            .get("tokenizer.ggml.scores")
-            .and_then(GgufValue::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_f64().map(|x| x as f32))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        token_types: numbers("tokenizer.ggml.token_type")
+            .map(|v| v as i32)
+            .collect(),
+        scores: numbers("tokenizer.ggml.scores").map(|v| v as f32).collect(),
         merges: strings("tokenizer.ggml.merges"),
         bos_token_id: id("tokenizer.ggml.bos_token_id"),
         eos_token_id: id("tokenizer.ggml.eos_token_id"),

@@ -1629,40 +1629,43 @@ fn split_suffix(name: &str) -> Option<(&str, bool)> {
 ///
 /// `None` for anything else (`rope_freqs.weight`, other architectures' tensors).
 pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
-    let (stem, bias) = split_suffix(gguf_name)?;
-    let suffix = if bias { "bias" } else { "weight" };
-    if let Some(rest) = stem.strip_prefix("blk.") {
-        let (layer, part) = rest.split_once('.')?;
-        let layer = parse_layer(layer)?;
-        let &(_, hf, _) = LAYER_NAMES
-            .iter()
-            .find(|(g, _, has_bias)| *g == part && (!bias || *has_bias))?;
-        return Some(format!("model.layers.{layer}.{hf}.{suffix}"));
-    }
-    if bias {
-        return None;
-    }
-    let &(_, hf) = GLOBAL_NAMES.iter().find(|(g, _)| *g == stem)?;
-    Some(format!("{hf}.{suffix}"))
+    rename(gguf_name, ("blk.", "model.layers."), |(gguf, hf)| {
+        (gguf, hf)
+    })
 }
 
 /// The GGUF name of a Hugging Face llama-family tensor name: the inverse of [`hf_tensor_name`].
 pub fn gguf_tensor_name(hf_name: &str) -> Option<String> {
-    let (stem, bias) = split_suffix(hf_name)?;
+    rename(hf_name, ("model.layers.", "blk."), |(gguf, hf)| (hf, gguf))
+}
+
+/// Translates a tensor name through [`LAYER_NAMES`] and [`GLOBAL_NAMES`]: `layers` is the
+/// (source, target) prefix of per-layer names, `direction` orders a (GGUF, HF) pair as
+/// (source, target).
+fn rename(
+    name: &str,
+    layers: (&str, &str),
+    direction: fn((&'static str, &'static str)) -> (&'static str, &'static str),
+) -> Option<String> {
+    let (stem, bias) = split_suffix(name)?;
     let suffix = if bias { "bias" } else { "weight" };
-    if let Some(rest) = stem.strip_prefix("model.layers.") {
+    if let Some(rest) = stem.strip_prefix(layers.0) {
         let (layer, part) = rest.split_once('.')?;
         let layer = parse_layer(layer)?;
-        let &(gguf, _, _) = LAYER_NAMES
-            .iter()
-            .find(|(_, h, has_bias)| *h == part && (!bias || *has_bias))?;
-        return Some(format!("blk.{layer}.{gguf}.{suffix}"));
+        let target = LAYER_NAMES.iter().find_map(|&(gguf, hf, has_bias)| {
+            let (from, to) = direction((gguf, hf));
+            (from == part && (!bias || has_bias)).then_some(to)
+        })?;
+        return Some(format!("{}{layer}.{target}.{suffix}", layers.1));
     }
     if bias {
         return None;
     }
-    let &(gguf, _) = GLOBAL_NAMES.iter().find(|(_, h)| *h == stem)?;
-    Some(format!("{gguf}.{suffix}"))
+    let target = GLOBAL_NAMES.iter().find_map(|&pair| {
+        let (from, to) = direction(pair);
+        (from == stem).then_some(to)
+    })?;
+    Some(format!("{target}.{suffix}"))
 }
 
 /// Undoes llama.cpp's rotary row permutation of `q_proj` / `k_proj`, in place.

@@ -114,7 +114,7 @@ impl WorkerGroup {
             .map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", socket.display())))?;
         let region = if spec.ranks > 1 {
             let region = ShmRegion::create(spec.ranks, DEFAULT_SLOT_BYTES)?;
-            set_cloexec(region.fd(), true);
+            set_cloexec(region.fd());
             Some(region)
         } else {
             None
@@ -449,10 +449,12 @@ impl Drop for WorkerGroup {
     }
 }
 
-fn set_cloexec(fd: i32, on: bool) {
+/// Marks `fd` close-on-exec, so that only our ranks (which clear the flag between fork and
+/// exec) inherit it, not other programs this process starts.
+fn set_cloexec(fd: i32) {
     // SAFETY: F_SETFD on a descriptor we own only changes its close-on-exec flag.
     unsafe {
-        libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 });
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
     }
 }
 

@@ -264,6 +264,10 @@ fn forward(shard: &mut Shard, req: &ForwardInput) -> Result<Reply> {
         last_only: false,
     };
     let out = shard.model.forward(&batch, shard.comm.as_ref())?;
+    if shard.comm.rank() != 0 {
+        // Only rank 0 answers with the output.
+        return Ok(Reply::Done);
+    }
     Ok(Reply::Forward(WireTensor {
         shape: out.dims().to_vec(),
         data: out.flatten_all()?.to_vec1()?,
