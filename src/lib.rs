@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod bandwidth;
 pub mod checkpoint;
 pub mod comm;
 pub mod error;

@@ -19,6 +19,13 @@ pub enum WeightDType {
     Bf16,
 }
 
+impl WeightDType {
+    /// Bytes of one weight in this dtype.
+    pub fn size_in_bytes(self) -> usize {
+        candle_core::DType::from(self).size_in_bytes()
+    }
+}
+
 impl From<WeightDType> for candle_core::DType {
     fn from(d: WeightDType) -> Self {
         match d {

@@ -127,7 +127,7 @@ fn tensor_with_the_wrong_dtype_is_named() {
 
 #[test]
 fn too_many_ranks_is_refused_before_starting_anything() {
-    expect_generate_failure(&fixture("smollm_like"), "4", "3 key/value heads");
+    expect_generate_failure(&fixture("smollm_like"), "10", "9 attention heads");
     expect_generate_failure(&fixture("llama"), "0", "at least one rank");
 }
 

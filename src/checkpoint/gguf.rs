@@ -1312,7 +1312,13 @@ impl HeaderReader<'_> {
 
 /// Decodes `bytes` (whole blocks of `ty`) and appends elements `skip .. skip + take` of them to
 /// `out`. `ty` must be a supported type; `bytes` must hold the blocks covering those elements.
-fn decode_into(ty: GgmlType, bytes: &[u8], skip: usize, take: usize, out: &mut Vec<f32>) {
+pub(crate) fn decode_into(
+    ty: GgmlType,
+    bytes: &[u8],
+    skip: usize,
+    take: usize,
+    out: &mut Vec<f32>,
+) {
     match ty {
         GgmlType::F32 => out.extend(
             bytes[skip * 4..(skip + take) * 4]
@@ -1692,7 +1698,7 @@ pub fn unpermute_rotary_rows(
         head_dim,
         cols,
     };
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(invalid());
     }
     let head_len = head_dim.checked_mul(cols).ok_or_else(invalid)?;
@@ -1703,7 +1709,7 @@ pub fn unpermute_rotary_rows(
             Err(invalid())
         };
     }
-    if data.len() % head_len != 0 {
+    if !data.len().is_multiple_of(head_len) {
         return Err(invalid());
     }
     let half = head_dim / 2;

@@ -3,6 +3,10 @@
 
 use clap::Args;
 use parallelformers::api::parallelize_resolved;
+use parallelformers::bandwidth::measure_read_bandwidth;
+use parallelformers::checkpoint::ModelConfig;
+use parallelformers::options::WeightDType;
+use parallelformers::parallel::memory::RankMemory;
 use parallelformers::GenerateParams;
 
 use super::ModelArgs;
@@ -31,10 +35,27 @@ fn prompt(len: usize, vocab: usize) -> Vec<u32> {
     (0..len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
 }
 
+/// Bytes of weights a decode step reads: everything the ranks hold, less an untied input
+/// embedding table (only one row of it is read per token).
+fn weight_bytes_per_token(memory: &[RankMemory], config: &ModelConfig, dtype: WeightDType) -> u64 {
+    let held: u64 = memory
+        .iter()
+        .map(|m| m.weights.sliced + m.weights.replicated)
+        .sum();
+    let untied_embedding = match config.tie_word_embeddings {
+        Some(false) => (config.vocab_size * config.hidden_size * dtype.size_in_bytes()) as u64,
+        _ => 0,
+    };
+    held.saturating_sub(untied_embedding)
+}
+
 /// Runs `bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
-    let mut model = parallelize_resolved(args.model.resolve()?, args.model.options(1))?;
+    let options = args.model.options(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bandwidth = measure_read_bandwidth(options.ranks.min(cores));
+    let mut model = parallelize_resolved(args.model.resolve()?, options)?;
     let ids = prompt(args.prompt_len, model.config().vocab_size);
     let params = GenerateParams {
         max_new_tokens: args.new_tokens,
@@ -58,8 +79,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let memory = model.memory_report()?;
     let model_name = model.model().location.path().display().to_string();
+    let model_config = model.config().clone();
     model.deparallelize();
     let peaks: Vec<u64> = memory.iter().map(|m| m.peak_bytes).collect();
+    let streamed = weight_bytes_per_token(&memory, &model_config, args.model.dtype);
+    let limit = bandwidth / streamed as f64;
     let prefill_ms = prefill * 1e3;
     let decode_tokens_per_s = 1.0 / decode;
     if args.json {
@@ -74,11 +98,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "prefill_ms": prefill_ms,
                 "decode_tokens_per_s": decode_tokens_per_s,
                 "peak_memory_bytes": peaks,
+                "read_bandwidth_bytes_per_s": bandwidth,
+                "weight_bytes_per_token": streamed,
+                "bandwidth_limit_tokens_per_s": limit,
             })
         );
     } else {
         println!("prefill ({} tokens): {prefill_ms:.1} ms", args.prompt_len);
         println!("greedy decode: {decode_tokens_per_s:.1} tokens/s");
+        println!(
+            "memory-bandwidth limit: {limit:.1} tokens/s ({:.1} GB/s read over {:.0} MB of weights per token); decode is at {:.0} %",
+            bandwidth / 1e9,
+            streamed as f64 / 1e6,
+            100.0 * decode_tokens_per_s / limit
+        );
         for m in &memory {
             println!("{}", m.simple_line());
         }

@@ -47,7 +47,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         "split: heads {:?}, kv heads {:?}, intermediate {:?}, vocab {:?}",
         plan.heads.counts(),
         plan.kv_heads.counts(),
-        plan.intermediate.counts(),
+        plan.intermediate.element_counts(),
         plan.vocab.counts()
     );
     println!();

@@ -183,7 +183,7 @@ impl Layout {
             return Err(CommError::InvalidWorldSize { world_size });
         }
         let bad_slot = CommError::InvalidSlotSize { slot_bytes };
-        if slot_bytes == 0 || slot_bytes % size_of::<f32>() != 0 {
+        if slot_bytes == 0 || !slot_bytes.is_multiple_of(size_of::<f32>()) {
             return Err(bad_slot);
         }
         let data = slot_bytes.checked_next_multiple_of(LINE).ok_or(bad_slot)?;

@@ -186,16 +186,32 @@ pub struct HeadLayout {
     pub kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
+    /// The model-wide index of this rank's first query head.
+    pub first_head: usize,
+    /// The model-wide index of this rank's first key/value head.
+    pub first_kv_head: usize,
+    /// Query heads per key/value head in the whole model.
+    pub group: usize,
 }
 
 impl HeadLayout {
     /// Rank `rank`'s heads under `plan`.
     pub fn of_rank(plan: &crate::parallel::Plan, rank: usize, head_dim: usize) -> Self {
+        let (heads, kv_heads) = (plan.heads.units(rank), plan.kv_heads.units(rank));
+        let all_kv_heads = plan.kv_heads.total_elements() / head_dim.max(1);
         HeadLayout {
-            heads: plan.heads.count(rank),
-            kv_heads: plan.kv_heads.count(rank),
+            heads: heads.len(),
+            kv_heads: kv_heads.len(),
             head_dim,
+            first_head: heads.start,
+            first_kv_head: kv_heads.start,
+            group: plan.heads.total_elements() / head_dim.max(1) / all_kv_heads.max(1),
         }
+    }
+
+    /// The local key/value head that local query head `head` reads.
+    pub fn kv_head_of(&self, head: usize) -> usize {
+        (self.first_head + head) / self.group.max(1) - self.first_kv_head
     }
 }
 
@@ -237,7 +253,6 @@ pub fn attend(
         Some(cache) => cache.append(k, v)?,
         None => (k, v),
     };
-    let group = layout.heads / layout.kv_heads.max(1);
     let scale = 1.0 / (layout.head_dim as f64).sqrt();
     let (q, k, v) = (
         q.to_dtype(DType::F32)?,
@@ -245,12 +260,12 @@ pub fn attend(
         v.to_dtype(DType::F32)?,
     );
     if len == 1 {
-        let out = attend_one_query(&q, &k, &v, mask, group, scale as f32)?;
+        let out = attend_one_query(&q, &k, &v, mask, &layout, scale as f32)?;
         return Ok(out
             .reshape((batch, 1, layout.heads * layout.head_dim))?
             .to_dtype(dtype)?);
     }
-    let (k, v) = (repeat_kv(&k, group)?, repeat_kv(&v, group)?);
+    let (k, v) = (expand_kv(&k, &layout)?, expand_kv(&v, &layout)?);
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
@@ -287,7 +302,7 @@ fn attend_one_query(
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
-    group: usize,
+    layout: &HeadLayout,
     scale: f32,
 ) -> Result<Tensor> {
     let (batch, heads, _, dim) = q.dims4()?;
@@ -303,7 +318,7 @@ fn attend_one_query(
                 for b in 0..batch {
                     for h in 0..heads {
                         let query = &q[(b * heads + h) * dim..][..dim];
-                        let base = (b * kv_heads + h / group) * keys * dim;
+                        let base = (b * kv_heads + layout.kv_head_of(h)) * keys * dim;
                         for (t, score) in scores.iter_mut().enumerate() {
                             let key = &k[base + t * dim..][..dim];
                             let bias = mask.as_ref().map_or(0.0, |m| m[b * keys + t]);
@@ -333,15 +348,17 @@ fn attend_one_query(
     Ok(Tensor::from_vec(out, (batch, heads, dim), q.device())?)
 }
 
-/// Repeats each key/value head `group` times for grouped-query attention.
-fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
-    if group == 1 {
+/// The key/value head of each of this rank's query heads, `[B, heads, T, D]` from
+/// `[B, kv_heads, T, D]` (grouped-query attention shares one key/value head among a group).
+fn expand_kv(x: &Tensor, layout: &HeadLayout) -> Result<Tensor> {
+    if layout.heads == layout.kv_heads {
         return Ok(x.clone());
     }
-    let (b, h, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, h, group, t, d))?
-        .reshape((b, h * group, t, d))?)
+    let index: Vec<u32> = (0..layout.heads)
+        .map(|h| layout.kv_head_of(h) as u32)
+        .collect();
+    let index = Tensor::new(index.as_slice(), x.device())?;
+    Ok(x.contiguous()?.index_select(&index, 1)?)
 }
 
 #[cfg(test)]
@@ -403,10 +420,32 @@ mod tests {
         assert!(spec.build().unwrap().is_none());
     }
 
+    /// A layout of `heads` query heads starting at model-wide head `first_head`, with model-wide
+    /// groups of `group`.
+    fn layout(heads: usize, first_head: usize, group: usize, dim: usize) -> HeadLayout {
+        let first_kv_head = first_head / group;
+        HeadLayout {
+            heads,
+            kv_heads: (first_head + heads - 1) / group + 1 - first_kv_head,
+            head_dim: dim,
+            first_head,
+            first_kv_head,
+            group,
+        }
+    }
+
     #[test]
     fn one_query_attention_equals_the_matmul_path_with_groups_and_a_mask() {
+        // Whole groups, and a rank whose two query heads straddle two groups.
+        for layout in [layout(4, 0, 2, 8), layout(2, 1, 2, 8)] {
+            check_one_query_attention(layout);
+        }
+    }
+
+    fn check_one_query_attention(layout: HeadLayout) {
         let dev = Device::Cpu;
-        let (batch, heads, kv_heads, keys, dim) = (2, 4, 2, 5, 8);
+        let (batch, heads, kv_heads, keys, dim) =
+            (2, layout.heads, layout.kv_heads, 5, layout.head_dim);
         let values = |n: usize, seed: f32| -> Vec<f32> {
             (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
         };
@@ -432,8 +471,11 @@ mod tests {
         mask[keys] = HIDDEN; // the second sequence's first key is padding
         let mask = Tensor::from_vec(mask, (batch, 1, 1, keys), &dev).unwrap();
         let scale = 1.0 / (dim as f32).sqrt();
-        let fast = attend_one_query(&q, &k, &v, Some(&mask), heads / kv_heads, scale).unwrap();
-        let (k2, v2) = (repeat_kv(&k, 2).unwrap(), repeat_kv(&v, 2).unwrap());
+        let fast = attend_one_query(&q, &k, &v, Some(&mask), &layout, scale).unwrap();
+        let (k2, v2) = (
+            expand_kv(&k, &layout).unwrap(),
+            expand_kv(&v, &layout).unwrap(),
+        );
         let scores = ((q.matmul(&k2.t().unwrap()).unwrap() * scale as f64).unwrap())
             .broadcast_add(&mask)
             .unwrap();
@@ -457,17 +499,21 @@ mod tests {
     }
 
     #[test]
-    fn repeat_kv_repeats_each_head_in_place() {
+    fn expand_kv_gives_each_query_head_its_group() {
         let x = Tensor::arange(0f32, 4.0, &Device::Cpu)
             .unwrap()
             .reshape((1, 2, 1, 2))
             .unwrap();
-        let y: Vec<f32> = repeat_kv(&x, 2)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(y, vec![0.0, 1.0, 0.0, 1.0, 2.0, 3.0, 2.0, 3.0]);
+        let expand = |layout: HeadLayout| -> Vec<f32> {
+            expand_kv(&x, &layout)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(expand(layout(4, 0, 2, 2)), [0., 1., 0., 1., 2., 3., 2., 3.]);
+        // Model-wide heads 1..4 in groups of 2: heads 1 → kv 0; 2, 3 → kv 1.
+        assert_eq!(expand(layout(3, 1, 2, 2)), [0., 1., 2., 3., 2., 3.]);
     }
 }

@@ -1,9 +1,18 @@
 //! Hand-written kernels for the decode hot path: a matrix-vector product that streams the weight
-//! matrix once, row by row, with AVX2/FMA where the CPU has it (detected at run time).
+//! matrix once, row by row, with AVX-512 or AVX2/FMA where the CPU has it (detected at run time).
 //!
 //! At batch 1 a linear layer reads every weight once and does two flops per weight, so decode
 //! speed is set by how fast weights stream from memory. The general matmul pays for packing and
 //! blocking it cannot use at one row; this kernel does not.
+
+/// Whether this CPU runs the AVX-512 kernels (AVX-512 F/BW/VL, FMA and F16C).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && has_avx2()
+}
 
 /// Whether this CPU runs the AVX2 kernels (AVX2, FMA and F16C).
 #[cfg(target_arch = "x86_64")]
@@ -24,12 +33,27 @@ pub trait Weight: Copy + Sync {
     /// Eight elements must be readable at `ptr`; the CPU must support AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(ptr: *const Self) -> std::arch::x86_64::__m256;
+
+    /// Loads the first weights of `ptr` selected by `mask` (of sixteen) as f32 lanes, zero
+    /// elsewhere; only the selected elements are read.
+    ///
+    /// # Safety
+    /// The selected elements must be readable at `ptr`; the CPU must support AVX-512 F/BW/VL
+    /// and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(ptr: *const Self, mask: u16) -> std::arch::x86_64::__m512;
 }
 
 /// `out[o] = Σ_k x[k] · w[o·cols + k]` for a row-major `w` of `out.len()` rows and `x.len()`
 /// columns.
 pub fn matvec<W: Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
     debug_assert_eq!(w.len(), x.len() * out.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: as below, for the AVX-512 features checked here.
+        unsafe { avx512::matvec(w, x, out) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports the kernel's features (checked just above), and the slices'
@@ -70,6 +94,12 @@ impl Weight for f32 {
     unsafe fn load8(ptr: *const f32) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(ptr)
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(ptr: *const f32, mask: u16) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(mask, ptr)
+    }
 }
 
 impl Weight for half::f16 {
@@ -82,6 +112,13 @@ impl Weight for half::f16 {
     unsafe fn load8(ptr: *const half::f16) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(ptr as *const __m128i))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(ptr: *const half::f16, mask: u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, ptr as *const i16))
     }
 }
 
@@ -97,6 +134,14 @@ impl Weight for half::bf16 {
         // bfloat16 is the top half of an f32: widen to 32 bits and shift into place.
         let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(ptr as *const __m128i));
         _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(ptr: *const half::bf16, mask: u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, ptr as *const i16));
+        _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))
     }
 }
 
@@ -156,6 +201,72 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Weight;
+
+    /// Rows computed together, sharing each load of `x`.
+    const ROWS: usize = 8;
+
+    /// `out[o] = Σ_k x[k] · w[o·cols + k]`, [`ROWS`] rows at a time, sixteen columns per step;
+    /// the last step of a row and the last group of rows are masked rather than scalar.
+    ///
+    /// While a group is summed, the same columns of the next group are prefetched, one cache
+    /// line per row per line consumed: 16-bit weights otherwise keep too few misses in flight
+    /// to stream at the memory's speed (≈ 10 instead of ≈ 14 GB/s on one core here).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VL, FMA and F16C; `w.len() == x.len() * out.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn matvec<W: Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
+        let cols = x.len();
+        let per_line = 64 / std::mem::size_of::<W>();
+        let end = w.as_ptr_range().end;
+        let mut o = 0;
+        while o < out.len() {
+            let group = ROWS.min(out.len() - o);
+            // SAFETY: rows o .. o + group exist, each of `cols` elements.
+            let base = w.as_ptr().add(o * cols);
+            let mut acc = [_mm512_setzero_ps(); ROWS];
+            let mut k = 0;
+            while k < cols {
+                let mask = if cols - k >= 16 {
+                    u16::MAX
+                } else {
+                    (1u16 << (cols - k)) - 1
+                };
+                if k % per_line == 0 {
+                    for r in 0..ROWS {
+                        // A hint only: an address past the weights is never handed to it.
+                        let next = base.wrapping_add((ROWS + r) * cols + k);
+                        if next < end {
+                            _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+                        }
+                    }
+                }
+                // SAFETY: the mask selects columns k .. min(k + 16, cols) only.
+                let xv = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(k));
+                if group == ROWS {
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_fmadd_ps(W::load16(base.add(r * cols + k), mask), xv, *acc);
+                    }
+                } else {
+                    for (r, acc) in acc.iter_mut().enumerate().take(group) {
+                        *acc = _mm512_fmadd_ps(W::load16(base.add(r * cols + k), mask), xv, *acc);
+                    }
+                }
+                k += 16;
+            }
+            for (y, acc) in out[o..o + group].iter_mut().zip(acc) {
+                *y = _mm512_reduce_add_ps(acc);
+            }
+            o += group;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,23 +285,43 @@ mod tests {
             .collect()
     }
 
+    /// The outputs of every kernel this CPU can run: the dispatching entry point, and the AVX2
+    /// kernel on its own when the CPU would dispatch elsewhere.
+    fn kernel_outputs<W: Weight>(w: &[W], x: &[f32], rows: usize) -> Vec<(&'static str, Vec<f32>)> {
+        let mut outputs = vec![("dispatched", vec![0f32; rows])];
+        matvec(w, x, &mut outputs[0].1);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            let mut out = vec![0f32; rows];
+            // SAFETY: the CPU supports AVX2, FMA and F16C; w holds `rows` rows of x.len().
+            unsafe { avx2::matvec(w, x, &mut out) };
+            outputs.push(("avx2", out));
+        }
+        let mut out = vec![0f32; rows];
+        for (row, y) in w.chunks_exact(x.len()).zip(out.iter_mut()) {
+            *y = dot_portable(row, x);
+        }
+        outputs.push(("portable", out));
+        outputs
+    }
+
     /// Checks `matvec` on weights converted by `to_weight` against a double-precision product of
     /// the same (rounded) weights, for several widths.
     fn check<W: Weight>(widths: &[usize], to_weight: fn(f32) -> W) {
         for (i, &cols) in widths.iter().enumerate() {
-            let (rows, x) = (9, data(cols, i as u32));
+            let (rows, x) = (19, data(cols, i as u32));
             let w: Vec<W> = data(rows * cols, 100 + i as u32)
                 .into_iter()
                 .map(to_weight)
                 .collect();
             let widened: Vec<f32> = w.iter().map(|v| v.widen()).collect();
-            let mut out = vec![0f32; rows];
-            matvec(&w, &x, &mut out);
-            for (got, want) in out.iter().zip(reference(&widened, &x)) {
-                assert!(
-                    (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
-                    "cols {cols}: {got} vs {want}"
-                );
+            for (kernel, out) in kernel_outputs(&w, &x, rows) {
+                for (got, want) in out.iter().zip(reference(&widened, &x)) {
+                    assert!(
+                        (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{kernel} kernel, cols {cols}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

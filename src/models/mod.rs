@@ -7,6 +7,7 @@ pub mod gpt2;
 pub mod kernels;
 pub mod layers;
 pub mod llama;
+pub mod quantized;
 
 use candle_core::Tensor;
 

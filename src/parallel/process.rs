@@ -103,7 +103,7 @@ impl WorkerEnv {
 }
 
 /// Restricts this process to `cpus` (best effort: where the OS refuses, it runs unpinned).
-fn pin_to(cpus: &[usize]) {
+pub(crate) fn pin_to(cpus: &[usize]) {
     if cpus.is_empty() {
         return;
     }

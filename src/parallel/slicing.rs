@@ -1,22 +1,26 @@
 //! Which part of each split dimension a rank owns: pure arithmetic, no I/O.
 //!
 //! Dimensions are split in whole units (a head is `head_dim` elements, a vocabulary row is one)
-//! as evenly as possible: the first `total % ranks` ranks get one unit more. Grouped-query
-//! attention splits the key/value heads and gives each rank the query heads of its groups, so
-//! that 9 heads over 3 KV groups on 2 ranks become 6 + 3 heads. Every rank must own at least one
-//! KV head; beyond that number of ranks the split is refused.
+//! as evenly as possible: the first `total % ranks` ranks get one unit more. Query heads are
+//! split evenly too, and each rank holds the key/value heads its query heads read: under
+//! grouped-query attention a key/value head whose group straddles two ranks is held by both.
+//! So 9 heads over 3 KV groups on 2 ranks become 5 + 4 heads with KV heads {0, 1} and {1, 2}:
+//! both ranks do the same attention work and meet at the all-reduce together. Every rank must
+//! own at least one query head; beyond that number of ranks the split is refused.
 
 use std::ops::Range;
 
-use crate::checkpoint::{Family, ModelConfig};
+use crate::checkpoint::ModelConfig;
 use crate::error::{Error, Result};
 use crate::policy::Partition;
 
-/// How one dimension is divided among ranks, in whole units.
+/// How one dimension is divided among ranks, in whole units: each rank owns a contiguous range
+/// of units (ranges may overlap where a unit is replicated on neighbouring ranks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Split {
     unit: usize,
-    counts: Vec<usize>,
+    total_units: usize,
+    ranges: Vec<Range<usize>>,
 }
 
 impl Split {
@@ -24,19 +28,51 @@ impl Split {
     pub fn even(total_units: usize, unit: usize, ranks: usize) -> Self {
         let base = total_units / ranks;
         let extra = total_units % ranks;
-        let counts = (0..ranks).map(|r| base + usize::from(r < extra)).collect();
-        Split { unit, counts }
+        Split::from_counts(
+            unit,
+            (0..ranks).map(|r| base + usize::from(r < extra)).collect(),
+        )
     }
 
-    /// A split with explicit per-rank unit counts.
+    /// A split with explicit per-rank unit counts, in rank order without overlap.
     pub fn from_counts(unit: usize, counts: Vec<usize>) -> Self {
-        Split { unit, counts }
+        let mut start = 0;
+        let ranges = counts
+            .iter()
+            .map(|&count| {
+                start += count;
+                start - count..start
+            })
+            .collect();
+        Split {
+            unit,
+            total_units: start,
+            ranges,
+        }
+    }
+
+    /// A split of `total_units` groups (of `unit` elements each) following the split of their
+    /// members: member unit `i` belongs to group `i / group`, and each rank owns every group one
+    /// of its members belongs to (so a group whose members straddle two ranks is on both).
+    pub fn covering(members: &Split, group: usize, total_units: usize, unit: usize) -> Self {
+        let ranges = members
+            .ranges
+            .iter()
+            .map(|r| match r.is_empty() {
+                true => r.start / group..r.start / group,
+                false => r.start / group..(r.end - 1) / group + 1,
+            })
+            .collect();
+        Split {
+            unit,
+            total_units,
+            ranges,
+        }
     }
 
     /// The units rank `rank` owns.
     pub fn units(&self, rank: usize) -> Range<usize> {
-        let start: usize = self.counts[..rank].iter().sum();
-        start..start + self.counts[rank]
+        self.ranges[rank].clone()
     }
 
     /// The elements rank `rank` owns (units times unit width).
@@ -47,17 +83,22 @@ impl Split {
 
     /// Number of units rank `rank` owns.
     pub fn count(&self, rank: usize) -> usize {
-        self.counts[rank]
+        self.ranges[rank].len()
     }
 
     /// Elements in the whole dimension.
     pub fn total_elements(&self) -> usize {
-        self.counts.iter().sum::<usize>() * self.unit
+        self.total_units * self.unit
     }
 
     /// Per-rank unit counts.
-    pub fn counts(&self) -> &[usize] {
-        &self.counts
+    pub fn counts(&self) -> Vec<usize> {
+        self.ranges.iter().map(|r| r.len()).collect()
+    }
+
+    /// The number of elements each rank owns.
+    pub fn element_counts(&self) -> Vec<usize> {
+        self.ranges.iter().map(|r| r.len() * self.unit).collect()
     }
 }
 
@@ -85,24 +126,21 @@ impl Plan {
                 reason: "at least one rank is needed".into(),
             });
         }
-        if world_size > config.num_kv_heads {
+        if world_size > config.num_heads {
             return Err(Error::TooManyRanks {
                 ranks: world_size,
                 reason: format!(
-                    "the model has {} key/value heads and every rank needs at least one; use at most {} ranks",
-                    config.num_kv_heads, config.num_kv_heads
+                    "the model has {} attention heads and every rank needs at least one; use at most {} ranks",
+                    config.num_heads, config.num_heads
                 ),
             });
         }
-        let group = config.num_heads / config.num_kv_heads;
-        let kv_heads = Split::even(config.num_kv_heads, config.head_dim, world_size);
-        let heads = Split::from_counts(
-            config.head_dim,
-            kv_heads.counts().iter().map(|c| c * group).collect(),
-        );
+        let group = config.num_heads / config.num_kv_heads.max(1);
+        let heads = Split::even(config.num_heads, config.head_dim, world_size);
+        let kv_heads = Split::covering(&heads, group, config.num_kv_heads, config.head_dim);
         Ok(Plan {
             world_size,
-            intermediate: balanced_intermediate(config, &heads, &kv_heads),
+            intermediate: even_intermediate(config, world_size),
             heads,
             kv_heads,
             vocab: Split::even(config.vocab_size, 1, world_size),
@@ -120,43 +158,22 @@ impl Plan {
     }
 }
 
-/// Splits the MLP so that every rank holds about the same number of layer weights: a rank with
-/// fewer attention heads (an uneven head split) gets more of the MLP. With an even head split
-/// this is the even split. Every rank keeps at least one unit.
-fn balanced_intermediate(config: &ModelConfig, heads: &Split, kv_heads: &Split) -> Split {
-    let ranks = heads.counts().len();
-    let (hidden, head_dim) = (config.hidden_size as f64, config.head_dim as f64);
-    // Weights per MLP unit: gate, up and down for SwiGLU; in and out otherwise.
-    let per_unit = hidden
-        * if config.family == Family::Llama {
-            3.0
-        } else {
-            2.0
-        };
-    // q and o per query head, k and v per key/value head.
-    let attention: Vec<f64> = (0..ranks)
-        .map(|r| 2.0 * hidden * head_dim * (heads.count(r) + kv_heads.count(r)) as f64)
-        .collect();
+/// Splits the MLP evenly, in whole blocks of 32 units when the width allows it (so quantized
+/// down projections, sliced along this dimension, split at block boundaries).
+///
+/// An even split is also the fastest: every rank reaches the MLP's all-reduce at the same time.
+/// (Giving a rank with fewer attention heads more of the MLP would even out memory but make the
+/// other rank wait at each layer's second all-reduce.)
+fn even_intermediate(config: &ModelConfig, ranks: usize) -> Split {
     let total = config.intermediate_size;
-    let target = (attention.iter().sum::<f64>() + total as f64 * per_unit) / ranks as f64;
-    let mut counts: Vec<usize> = attention
-        .iter()
-        .map(|a| ((target - a) / per_unit).round().max(1.0) as usize)
-        .collect();
-    let floor = usize::from(total >= ranks);
-    while counts.iter().sum::<usize>() < total {
-        let smallest = (0..ranks).min_by_key(|&r| counts[r]).unwrap_or(0);
-        counts[smallest] += 1;
+    match total.is_multiple_of(QUANT_BLOCK) && total / QUANT_BLOCK >= ranks {
+        true => Split::even(total / QUANT_BLOCK, QUANT_BLOCK, ranks),
+        false => Split::even(total, 1, ranks),
     }
-    while counts.iter().sum::<usize>() > total {
-        let largest = (0..ranks)
-            .filter(|&r| counts[r] > floor)
-            .max_by_key(|&r| counts[r])
-            .unwrap_or(0);
-        counts[largest] -= 1;
-    }
-    Split::from_counts(1, counts)
 }
+
+/// The block width of the common GGUF quantizations (Q4_0, Q4_1, Q5_x, Q8_0).
+const QUANT_BLOCK: usize = 32;
 
 #[cfg(test)]
 mod tests {
@@ -185,43 +202,55 @@ mod tests {
     }
 
     #[test]
-    fn smollm_heads_split_by_kv_group_over_two_ranks() {
+    fn smollm_heads_split_evenly_and_share_the_straddling_kv_head() {
         let plan = Plan::new(&config(9, 3), 2).unwrap();
-        assert_eq!(plan.kv_heads.counts(), &[2, 1]);
-        assert_eq!(plan.heads.counts(), &[6, 3]);
-        assert_eq!(plan.heads.elements(1), 48..72);
-        // Rank 0 holds twice the attention heads, so it gets less of the MLP.
-        assert_eq!(plan.intermediate.counts(), &[1, 6]);
-        assert_eq!(plan.vocab.counts(), &[5, 5]);
+        assert_eq!(plan.heads.counts(), [5, 4]);
+        assert_eq!(plan.heads.elements(1), 40..72);
+        assert_eq!(plan.kv_heads.units(0), 0..2);
+        assert_eq!(plan.kv_heads.units(1), 1..3);
+        assert_eq!(plan.kv_heads.total_elements(), 24);
+        assert_eq!(plan.intermediate.counts(), [4, 3]);
+        assert_eq!(plan.vocab.counts(), [5, 5]);
     }
 
     #[test]
-    fn smollm2_mlp_split_balances_its_uneven_attention_heads() {
+    fn more_ranks_than_kv_heads_replicate_the_kv_heads() {
+        let plan = Plan::new(&config(9, 3), 4).unwrap();
+        assert_eq!(plan.heads.counts(), [3, 2, 2, 2]);
+        let kv: Vec<_> = (0..4).map(|r| plan.kv_heads.units(r)).collect();
+        assert_eq!(kv, [0..1, 1..2, 1..3, 2..3]);
+        let plan = Plan::new(&config(4, 1), 3).unwrap();
+        assert!((0..3).all(|r| plan.kv_heads.units(r) == (0..1)));
+    }
+
+    #[test]
+    fn smollm2_mlp_splits_evenly_in_whole_quantization_blocks() {
         let json = r#"{"model_type":"llama","vocab_size":49152,"hidden_size":576,"num_hidden_layers":30,
             "num_attention_heads":9,"num_key_value_heads":3,"intermediate_size":1536}"#;
         let cfg = serde_json::from_str::<RawConfig>(json)
             .unwrap()
             .resolve()
             .unwrap();
-        let plan = Plan::new(&cfg, 2).unwrap();
-        assert_eq!(plan.intermediate.counts(), &[683, 853]);
-        let weights = |r: usize| {
-            2 * 576 * 64 * (plan.heads.count(r) + plan.kv_heads.count(r))
-                + 3 * 576 * plan.intermediate.count(r)
-        };
-        assert!(
-            weights(0).abs_diff(weights(1)) <= 3 * 576,
-            "{} vs {}",
-            weights(0),
-            weights(1)
-        );
+        for (ranks, counts) in [(2, vec![768, 768]), (3, vec![512, 512, 512])] {
+            let plan = Plan::new(&cfg, ranks).unwrap();
+            assert_eq!(plan.intermediate.element_counts(), counts);
+        }
+        let mut blocks = cfg.clone();
+        blocks.intermediate_size = 35 * 32;
+        let plan = Plan::new(&blocks, 3).unwrap();
+        assert_eq!(plan.intermediate.element_counts(), [384, 384, 352]);
+        let mut odd = cfg.clone();
+        odd.intermediate_size = 1000;
+        let plan = Plan::new(&odd, 3).unwrap();
+        assert_eq!(plan.intermediate.element_counts(), [334, 333, 333]);
     }
 
     #[test]
     fn an_even_head_split_keeps_the_even_mlp_split() {
         let plan = Plan::new(&config(8, 4), 2).unwrap();
-        assert_eq!(plan.heads.counts(), &[4, 4]);
-        assert_eq!(plan.intermediate.counts(), &[4, 3]);
+        assert_eq!(plan.heads.counts(), [4, 4]);
+        assert_eq!(plan.kv_heads.counts(), [2, 2]);
+        assert_eq!(plan.intermediate.counts(), [4, 3]);
     }
 
     #[test]
@@ -236,10 +265,10 @@ mod tests {
     }
 
     #[test]
-    fn more_ranks_than_kv_heads_is_a_clear_error() {
-        let err = Plan::new(&config(8, 4), 5).unwrap_err().to_string();
+    fn more_ranks_than_heads_is_a_clear_error() {
+        let err = Plan::new(&config(8, 4), 9).unwrap_err().to_string();
         assert!(
-            err.contains("5 ranks") && err.contains("4 key/value heads"),
+            err.contains("9 ranks") && err.contains("8 attention heads"),
             "{err}"
         );
     }
