@@ -17,6 +17,9 @@ pub enum WeightDType {
     F16,
     /// bfloat16.
     Bf16,
+    /// GGUF weights keep their quantized blocks in memory (Q4_0, Q4_1, Q8_0, K-quants …),
+    /// dequantized inside the kernels; everything else, and other checkpoints, in f32.
+    Quantized,
 }
 
 impl WeightDType {
@@ -32,6 +35,7 @@ impl From<WeightDType> for candle_core::DType {
             WeightDType::F32 => candle_core::DType::F32,
             WeightDType::F16 => candle_core::DType::F16,
             WeightDType::Bf16 => candle_core::DType::BF16,
+            WeightDType::Quantized => candle_core::DType::F32,
         }
     }
 }

@@ -10,7 +10,7 @@ use common::{fixture, options, run, run_with_stdin};
 use parallelformers::checkpoint::source::ResolvedModel;
 use parallelformers::text::TextSide;
 use parallelformers::tokenizer::Message;
-use parallelformers::{parallelize, GenerateParams, ModelSource};
+use parallelformers::{parallelize, GenerateParams, ModelSource, WeightDType};
 use serde_json::Value;
 
 /// The default model, fetched on first use (once per test binary).
@@ -93,13 +93,16 @@ fn the_embedded_chat_template_renders_like_transformers() {
     }
 }
 
-#[test]
-fn greedy_answers_equal_transformers_at_one_two_and_three_ranks() {
+/// Checks that the default model, split over each of `rank_counts` with weights in `dtype`,
+/// greedily answers every recorded chat prompt with transformers' tokens.
+fn check_greedy_answers(rank_counts: &[usize], dtype: WeightDType) {
     let text = text_side();
     let answers = reference("greedy_answers.json");
     let max_new_tokens = answers["max_new_tokens"].as_u64().unwrap() as usize;
-    for ranks in 1..=3 {
-        let mut model = parallelize(default_model().location.path(), options(ranks)).unwrap();
+    for &ranks in rank_counts {
+        let mut opts = options(ranks);
+        opts.dtype = dtype;
+        let mut model = parallelize(default_model().location.path(), opts).unwrap();
         for answer in answers["answers"].as_array().unwrap() {
             let prompt = text.chat_prompt(&messages(&answer["messages"])).unwrap();
             assert_eq!(prompt, ids(&answer["prompt_ids"]), "{}", answer["name"]);
@@ -111,12 +114,24 @@ fn greedy_answers_equal_transformers_at_one_two_and_three_ranks() {
             assert_eq!(
                 generated.ids,
                 ids(&answer["new_ids"]),
-                "{} at {ranks} ranks",
+                "{} at {ranks} ranks in {dtype:?}",
                 answer["name"]
             );
         }
         model.deparallelize();
     }
+}
+
+#[test]
+fn greedy_answers_equal_transformers_at_one_two_and_three_ranks() {
+    check_greedy_answers(&[1, 2, 3], WeightDType::F32);
+}
+
+/// Kept quantized, the weights are the same numbers (dequantized inside the kernels instead of
+/// at load), so the answers are the dequantized run's, which are transformers'.
+#[test]
+fn quantized_in_memory_gives_the_same_greedy_answers() {
+    check_greedy_answers(&[1, 2], WeightDType::Quantized);
 }
 
 #[test]

@@ -7,23 +7,26 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{fixture, masked_max_diff, options, read_tensors, reference_batch, run, run_with_env};
-use parallelformers::{parallelize, GenerateParams};
+use parallelformers::{parallelize, GenerateParams, WeightDType};
 
 fn tiny_gguf() -> PathBuf {
     fixture("gguf").join("tiny_llama_q8_0.gguf")
 }
 
-#[test]
-fn a_quantized_gguf_matches_transformers_at_one_two_and_three_ranks() {
+/// Runs the tiny Q8_0 checkpoint's reference batch and greedy continuation at ranks 1–3 with
+/// weights in `dtype` and compares them with transformers'.
+fn check_tiny_gguf(dtype: WeightDType) {
     let refs = read_tensors(&fixture("gguf").join("tiny_llama_q8_0_reference.safetensors"));
     let mask = &refs["attention_mask"];
     for ranks in 1..=3 {
-        let mut model = parallelize(tiny_gguf(), options(ranks)).unwrap();
+        let mut opts = options(ranks);
+        opts.dtype = dtype;
+        let mut model = parallelize(tiny_gguf(), opts).unwrap();
         let out = model.forward(&reference_batch(&refs)).unwrap();
         let diff = masked_max_diff(&out.data, &refs["logits"], mask);
         assert!(
             diff < 1e-4,
-            "{ranks} ranks differ from transformers by {diff}"
+            "{ranks} ranks in {dtype:?} differ from transformers by {diff}"
         );
         let params = GenerateParams {
             max_new_tokens: 12,
@@ -36,9 +39,19 @@ fn a_quantized_gguf_matches_transformers_at_one_two_and_three_ranks() {
         assert_eq!(
             generated.ids,
             refs["generate_output_ids"].ids(),
-            "{ranks} ranks"
+            "{ranks} ranks in {dtype:?}"
         );
     }
+}
+
+#[test]
+fn a_quantized_gguf_matches_transformers_at_one_two_and_three_ranks() {
+    check_tiny_gguf(WeightDType::F32);
+}
+
+#[test]
+fn a_gguf_kept_quantized_in_memory_matches_transformers_too() {
+    check_tiny_gguf(WeightDType::Quantized);
 }
 
 #[test]

@@ -885,6 +885,58 @@ impl GgufFile {
         }
         Ok(out)
     }
+
+    /// The stored blocks of rows `rows` and columns `cols` of quantized tensor `name`, row
+    /// after row, without dequantizing them: `None` when the tensor is not block-quantized or
+    /// the columns do not start and end at block boundaries (the caller then reads f32).
+    pub fn read_blocks(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Option<(GgmlType, Vec<u8>)>, GgufError> {
+        let Some(info) = self.tensor(name) else {
+            return Err(GgufError::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+            });
+        };
+        let ty = info.ggml_type;
+        let (Some(bs), Some(ts)) = (ty.block_size(), ty.type_size()) else {
+            return Ok(None);
+        };
+        let aligned = cols.start.is_multiple_of(bs) && cols.end.is_multiple_of(bs);
+        if !ty.is_quantized() || !ty.is_supported() || !aligned {
+            return Ok(None);
+        }
+        if rows.start > rows.end
+            || rows.end > info.rows
+            || cols.start > cols.end
+            || cols.end > info.cols
+        {
+            return Err(GgufError::OutOfRange {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                message: format!(
+                    "rows {rows:?} and columns {cols:?} requested, the tensor's shape is {:?}",
+                    info.shape()
+                ),
+            });
+        }
+        let row_bytes = info.cols / bs * ts;
+        let span = cols.len() / bs * ts;
+        let mut out = vec![0u8; rows.len() * span];
+        for (r, dst) in rows.zip(out.chunks_exact_mut(span.max(1))) {
+            let at = info.offset + (r * row_bytes + cols.start / bs * ts) as u64;
+            self.file
+                .read_exact_at(dst, at)
+                .map_err(|source| GgufError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(Some((ty, out)))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

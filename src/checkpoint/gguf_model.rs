@@ -13,6 +13,7 @@ use crate::checkpoint::gguf::{
 };
 use crate::checkpoint::{ModelConfig, WeightSource};
 use crate::error::{Error, Result};
+use crate::models::quantized::QuantizedMatrix;
 
 /// The transformers class and `model_type` of a GGUF `general.architecture`.
 fn architecture(arch: &str) -> Option<(&'static str, &'static str)> {
@@ -123,6 +124,36 @@ impl WeightSource for GgufWeights {
             .tensors()
             .filter_map(|t| hf_tensor_name(&t.name))
             .collect()
+    }
+
+    fn read_quantized(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Option<QuantizedMatrix>> {
+        let Some(gguf_name) = gguf_tensor_name(name) else {
+            return Ok(None);
+        };
+        let Some((ty, bytes)) = self
+            .file
+            .read_blocks(&gguf_name, rows.clone(), cols.clone())?
+        else {
+            return Ok(None);
+        };
+        let matrix = QuantizedMatrix::new(ty, rows.len(), cols.len(), bytes)
+            .map_err(|message| Error::checkpoint(self.file.path(), message))?;
+        match self.rotary_head_dim.filter(|_| Self::is_permuted(name)) {
+            Some(head_dim) => {
+                // The row order is the un-permutation applied to the row numbers themselves
+                // (one column), exact in f32 for any realistic row count.
+                let mut order: Vec<f32> = (0..rows.len()).map(|r| r as f32).collect();
+                unpermute_rotary_rows(&mut order, head_dim, 1)?;
+                let order: Vec<usize> = order.into_iter().map(|r| r as usize).collect();
+                Ok(Some(matrix.permute_rows(&order)))
+            }
+            None => Ok(Some(matrix)),
+        }
     }
 
     fn read(&self, name: &str, block: Option<(Range<usize>, Range<usize>)>) -> Result<Tensor> {

@@ -15,6 +15,7 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::models::quantized::QuantizedMatrix;
 
 pub use config::{Activation, Family, ModelConfig, OutputKind};
 pub use safetensors::{SafetensorsCheckpoint, TensorInfo};
@@ -32,4 +33,14 @@ pub trait WeightSource: Send + Sync {
     /// or the whole tensor when `block` is `None`, in the stored float dtype (f32 for
     /// quantized formats).
     fn read(&self, name: &str, block: Option<(Range<usize>, Range<usize>)>) -> Result<Tensor>;
+    /// The block `rows × cols` of a 2-D tensor kept in its stored quantized blocks, or `None`
+    /// where the format has none (or the block does not fall on their boundaries).
+    fn read_quantized(
+        &self,
+        _name: &str,
+        _rows: Range<usize>,
+        _cols: Range<usize>,
+    ) -> Result<Option<QuantizedMatrix>> {
+        Ok(None)
+    }
 }

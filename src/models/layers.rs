@@ -5,12 +5,16 @@
 //! adds its (replicated) bias afterwards, once. With one rank the communicator is a no-op, so the
 //! same code runs unsplit.
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::checkpoint::Activation;
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::models::kernels;
+use crate::models::quantized::QuantizedMatrix;
 
 /// Sums `t` across ranks (through f32, whatever its dtype).
 pub fn all_reduce(t: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
@@ -28,19 +32,92 @@ pub fn to_f32(t: Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?)
 }
 
+/// A weight matrix `[out, in]` as a rank holds it: a candle tensor in the run's dtype, or the
+/// quantized blocks of a GGUF tensor, dequantized only inside the kernels.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// f32, f16 or bf16 values.
+    Dense(Tensor),
+    /// GGUF blocks, shared by the layers that use them (a tied embedding and LM head).
+    Quantized(Arc<QuantizedMatrix>),
+}
+
+impl From<Tensor> for LinearWeight {
+    fn from(t: Tensor) -> Self {
+        LinearWeight::Dense(t)
+    }
+}
+
+impl From<QuantizedMatrix> for LinearWeight {
+    fn from(m: QuantizedMatrix) -> Self {
+        LinearWeight::Quantized(Arc::new(m))
+    }
+}
+
+impl LinearWeight {
+    /// Output features (rows).
+    pub fn rows(&self) -> Result<usize> {
+        Ok(match self {
+            LinearWeight::Dense(t) => t.dim(0)?,
+            LinearWeight::Quantized(m) => m.rows(),
+        })
+    }
+
+    /// Rows `index` as f32 `[index.len(), in]` (an embedding lookup).
+    pub fn select_rows(&self, index: &[u32]) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(t) => {
+                let index = Tensor::from_slice(index, index.len(), &Device::Cpu)?;
+                Ok(t.index_select(&index, 0)?.to_dtype(DType::F32)?)
+            }
+            LinearWeight::Quantized(m) => {
+                let mut values = Vec::with_capacity(index.len() * m.cols());
+                for &row in index {
+                    let row = row as usize;
+                    m.dequantize_rows(row..row + 1, &mut values);
+                }
+                Ok(Tensor::from_vec(
+                    values,
+                    (index.len(), m.cols()),
+                    &Device::Cpu,
+                )?)
+            }
+        }
+    }
+
+    /// The whole matrix in f32 (for matmuls over several rows).
+    fn to_f32(&self) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(t) => Ok(t.to_dtype(DType::F32)?),
+            LinearWeight::Quantized(m) => {
+                let mut values = Vec::with_capacity(m.rows() * m.cols());
+                m.dequantize_rows(0..m.rows(), &mut values);
+                Ok(Tensor::from_vec(
+                    values,
+                    (m.rows(), m.cols()),
+                    &Device::Cpu,
+                )?)
+            }
+        }
+    }
+}
+
 /// `x @ weight.T + bias` for f32 activations `x` of shape `[.., in]` and a weight of shape
-/// `[out, in]` kept in the run's dtype (f32, f16 or bf16) and widened on the fly.
+/// `[out, in]` kept in the run's dtype (f32, f16, bf16 or quantized) and widened on the fly.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// A linear layer from a weight `[out, in]` and an optional bias `[out]`.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: impl Into<LinearWeight>, bias: Option<Tensor>) -> Self {
         let bias = bias.map(|b| b.to_dtype(DType::F32).unwrap_or(b));
-        Linear { weight, bias }
+        Linear {
+            weight: weight.into(),
+            bias,
+        }
     }
 
     /// Applies the layer.
@@ -59,16 +136,17 @@ impl Linear {
         };
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
+        out_dims[last] = self.weight.rows()?;
         Ok(y.reshape(out_dims)?)
     }
 }
 
 impl Linear {
-    /// `x @ weight.T` for several rows in f32: a 16-bit weight is widened first, because the
-    /// CPU's f32 matmul is several times faster than its 16-bit one and keeps f32 accuracy.
+    /// `x @ weight.T` for several rows in f32: a 16-bit or quantized weight is widened first,
+    /// because the CPU's f32 matmul is several times faster than its 16-bit one and keeps f32
+    /// accuracy.
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.weight.to_dtype(DType::F32)?;
+        let weight = self.weight.to_f32()?;
         Ok(x.to_dtype(DType::F32)?.matmul(&weight.t()?)?)
     }
 
@@ -76,34 +154,26 @@ impl Linear {
     /// decode kernels.
     fn matvec(&self, x: &Tensor) -> Result<Tensor> {
         let input: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let rows = self.weight.dim(0)?;
+        let rows = self.weight.rows()?;
         let mut out = vec![0f32; rows];
-        let (storage, layout) = self.weight.storage_and_layout();
+        let weight = match &self.weight {
+            LinearWeight::Quantized(m) => {
+                parallel_rows(&mut out, |range, y| m.matvec_rows(range, &input, y));
+                return Ok(Tensor::from_vec(out, (1, rows), &Device::Cpu)?);
+            }
+            LinearWeight::Dense(weight) => weight,
+        };
+        let (storage, layout) = weight.storage_and_layout();
         let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
             (&*storage, layout.contiguous_offsets())
         else {
             drop(storage);
             return self.matmul(x);
         };
-        match self.weight.dtype() {
-            DType::F32 => parallel_rows(
-                &cpu.as_slice::<f32>()?[start..end],
-                &input,
-                &mut out,
-                kernels::matvec,
-            ),
-            DType::F16 => parallel_rows(
-                &cpu.as_slice::<half::f16>()?[start..end],
-                &input,
-                &mut out,
-                kernels::matvec,
-            ),
-            DType::BF16 => parallel_rows(
-                &cpu.as_slice::<half::bf16>()?[start..end],
-                &input,
-                &mut out,
-                kernels::matvec,
-            ),
+        match weight.dtype() {
+            DType::F32 => dense_rows(&cpu.as_slice::<f32>()?[start..end], &input, &mut out),
+            DType::F16 => dense_rows(&cpu.as_slice::<half::f16>()?[start..end], &input, &mut out),
+            DType::BF16 => dense_rows(&cpu.as_slice::<half::bf16>()?[start..end], &input, &mut out),
             _ => {
                 drop(storage);
                 return self.matmul(x);
@@ -113,26 +183,36 @@ impl Linear {
     }
 }
 
-/// Runs a matrix-vector `kernel` over blocks of rows on the compute thread pool.
-fn parallel_rows<W: Sync>(
-    w: &[W],
-    x: &[f32],
-    out: &mut [f32],
-    kernel: fn(&[W], &[f32], &mut [f32]),
-) {
+/// `out = w · x` for a dense row-major `w` through the decode kernel, rows spread over the
+/// compute threads.
+fn dense_rows<W: kernels::Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
+    let cols = x.len();
+    parallel_rows(out, |range, y| {
+        kernels::matvec(&w[range.start * cols..range.end * cols], x, y)
+    });
+}
+
+/// Runs `kernel(rows, out[rows])` over blocks of rows on the compute thread pool (in one call
+/// when there is one thread).
+fn parallel_rows(out: &mut [f32], kernel: impl Fn(Range<usize>, &mut [f32]) + Sync) {
     use rayon::prelude::*;
     const ROWS_PER_TASK: usize = 64;
-    let cols = x.len();
     if rayon::current_num_threads() == 1 {
-        return kernel(w, x, out);
+        return kernel(0..out.len(), out);
     }
     out.par_chunks_mut(ROWS_PER_TASK)
-        .zip(w.par_chunks(ROWS_PER_TASK * cols))
-        .for_each(|(y, rows)| kernel(rows, x, y));
+        .enumerate()
+        .for_each(|(i, y)| kernel(i * ROWS_PER_TASK..i * ROWS_PER_TASK + y.len(), y));
 }
 
 impl From<(Tensor, Option<Tensor>)> for Linear {
     fn from((weight, bias): (Tensor, Option<Tensor>)) -> Self {
+        Linear::new(weight, bias)
+    }
+}
+
+impl From<(LinearWeight, Option<Tensor>)> for Linear {
+    fn from((weight, bias): (LinearWeight, Option<Tensor>)) -> Self {
         Linear::new(weight, bias)
     }
 }
@@ -147,7 +227,7 @@ pub struct RowParallelLinear {
 
 impl RowParallelLinear {
     /// From this rank's weight slice `[out, in_r]` and the whole bias `[out]`.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: impl Into<LinearWeight>, bias: Option<Tensor>) -> Self {
         RowParallelLinear {
             linear: Linear::new(weight, None),
             bias: bias.map(|b| b.to_dtype(DType::F32).unwrap_or(b)),
@@ -170,31 +250,37 @@ impl From<(Tensor, Option<Tensor>)> for RowParallelLinear {
     }
 }
 
+impl From<(LinearWeight, Option<Tensor>)> for RowParallelLinear {
+    fn from((weight, bias): (LinearWeight, Option<Tensor>)) -> Self {
+        RowParallelLinear::new(weight, bias)
+    }
+}
+
 /// A word embedding whose rows (vocabulary entries) are split among ranks: each rank looks up
 /// the ids it owns, zeros elsewhere, and an all-reduce assembles the full embedding.
 #[derive(Debug, Clone)]
 pub struct VocabParallelEmbedding {
-    weight: Tensor,
+    weight: LinearWeight,
     first_id: u32,
 }
 
 impl VocabParallelEmbedding {
     /// From this rank's rows `[v_r, hidden]`, which start at vocabulary id `first_id`.
-    pub fn new(weight: Tensor, first_id: usize) -> Self {
+    pub fn new(weight: impl Into<LinearWeight>, first_id: usize) -> Self {
         VocabParallelEmbedding {
-            weight,
+            weight: weight.into(),
             first_id: first_id as u32,
         }
     }
 
     /// This rank's rows, for a tied LM head.
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &LinearWeight {
         &self.weight
     }
 
     /// Embeds `ids` (any shape given by `shape`), returning f32 `[shape.., hidden]` on every rank.
     pub fn forward(&self, ids: &[u32], shape: &[usize], comm: &dyn Communicator) -> Result<Tensor> {
-        let rows = self.weight.dim(0)? as u32;
+        let rows = self.weight.rows()? as u32;
         let (local, owned): (Vec<u32>, Vec<f32>) = ids
             .iter()
             .map(|&id| match id.checked_sub(self.first_id) {
@@ -202,15 +288,10 @@ impl VocabParallelEmbedding {
                 _ => (0, 0.0),
             })
             .unzip();
-        let index = Tensor::from_vec(local, ids.len(), &Device::Cpu)?;
         let owned = Tensor::from_vec(owned, (ids.len(), 1), &Device::Cpu)?;
-        let rows = self
-            .weight
-            .index_select(&index, 0)?
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&owned)?;
+        let rows = self.weight.select_rows(&local)?.broadcast_mul(&owned)?;
         let mut out_shape = shape.to_vec();
-        out_shape.push(self.weight.dim(1)?);
+        out_shape.push(rows.dim(1)?);
         all_reduce(&rows.reshape(out_shape)?, comm)
     }
 }
@@ -226,7 +307,7 @@ pub struct VocabParallelHead {
 impl VocabParallelHead {
     /// From this rank's rows `[v_r, hidden]`, optional bias slice `[v_r]`, and every rank's
     /// vocabulary width (to reassemble the gathered logits).
-    pub fn new(weight: Tensor, bias: Option<Tensor>, widths: Vec<usize>) -> Self {
+    pub fn new(weight: impl Into<LinearWeight>, bias: Option<Tensor>, widths: Vec<usize>) -> Self {
         VocabParallelHead {
             linear: Linear::new(weight, bias),
             widths,

@@ -46,7 +46,7 @@ impl Llama {
         let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let plan = loader.plan().clone();
         let rank = loader.rank();
-        let embed = loader.load("embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed = loader.load_linear("embed_tokens.weight", &[c.vocab_size, h])?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("layers.{i}");
@@ -80,7 +80,7 @@ impl Llama {
                 down: down.into(),
             });
         }
-        let head_weight = match loader.try_load("lm_head.weight", &[c.vocab_size, h])? {
+        let head_weight = match loader.try_load_linear("lm_head.weight", &[c.vocab_size, h])? {
             Some(w) if c.tie_word_embeddings != Some(true) => w,
             _ => embed.clone(),
         };

@@ -14,6 +14,7 @@ use candle_core::Tensor;
 use crate::checkpoint::{Family, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::models::layers::LinearWeight;
 use crate::parallel::engine::ShardLoader;
 
 /// One forward request as the model sees it.
@@ -136,8 +137,8 @@ pub(crate) fn weight_and_bias(
     out: usize,
     inp: usize,
     bias: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let weight = loader.load(&format!("{name}.weight"), &[out, inp])?;
+) -> Result<(LinearWeight, Option<Tensor>)> {
+    let weight = loader.load_linear(&format!("{name}.weight"), &[out, inp])?;
     let bias = if bias {
         Some(loader.load(&format!("{name}.bias"), &[out])?)
     } else {

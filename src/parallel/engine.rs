@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::checkpoint::WeightSource;
 use crate::error::{Error, Result};
+use crate::models::layers::LinearWeight;
 use crate::parallel::slicing::Plan;
 use crate::policy::{Policy, Role};
 
@@ -164,6 +165,7 @@ pub struct ShardLoader<'a> {
     plan: &'a Plan,
     rank: usize,
     dtype: DType,
+    keep_quantized: bool,
     bytes: WeightBytes,
 }
 
@@ -182,8 +184,16 @@ impl<'a> ShardLoader<'a> {
             plan,
             rank,
             dtype,
+            keep_quantized: false,
             bytes: WeightBytes::default(),
         }
+    }
+
+    /// Keeps the quantized blocks of linear weights that the source stores quantized (see
+    /// [`ShardLoader::try_load_linear`]) instead of converting them to the loader's dtype.
+    pub fn keep_quantized(mut self, keep: bool) -> Self {
+        self.keep_quantized = keep;
+        self
     }
 
     /// The split arithmetic this loader follows.
@@ -218,8 +228,48 @@ impl<'a> ShardLoader<'a> {
             })
     }
 
-    /// Like [`ShardLoader::load`], but `None` when the source lacks the tensor.
-    pub fn try_load(&mut self, name: &str, stored_shape: &[usize]) -> Result<Option<Tensor>> {
+    /// Loads this rank's slice of the linear (or embedding) weight `name`, `[out, in]` as
+    /// stored: quantized blocks where the loader keeps them and the slice falls on their
+    /// boundaries, a tensor in the loader's dtype otherwise.
+    pub fn load_linear(&mut self, name: &str, stored_shape: &[usize]) -> Result<LinearWeight> {
+        self.try_load_linear(name, stored_shape)?
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+                dir: self.source.location().to_path_buf(),
+            })
+    }
+
+    /// Like [`ShardLoader::load_linear`], but `None` when the source lacks the tensor.
+    pub fn try_load_linear(
+        &mut self,
+        name: &str,
+        stored_shape: &[usize],
+    ) -> Result<Option<LinearWeight>> {
+        if self.keep_quantized {
+            if let Some((full, role, slice)) = self.slice_of(name, stored_shape)? {
+                if let ([block], false) = (slice.blocks.as_slice(), slice.transpose) {
+                    let quantized = self.source.read_quantized(
+                        &full,
+                        block.rows.clone(),
+                        block.cols.clone(),
+                    )?;
+                    if let Some(matrix) = quantized {
+                        self.count(&role, matrix.bytes() as u64);
+                        return Ok(Some(matrix.into()));
+                    }
+                }
+            }
+        }
+        Ok(self.try_load(name, stored_shape)?.map(LinearWeight::from))
+    }
+
+    /// The stored name, role and slice plan of `name` for this rank, after checking its shape;
+    /// `None` when the source lacks it.
+    fn slice_of(
+        &self,
+        name: &str,
+        stored_shape: &[usize],
+    ) -> Result<Option<(String, Role, SlicePlan)>> {
         let Some((full, shape)) = self.resolve(name) else {
             return Ok(None);
         };
@@ -237,6 +287,24 @@ impl<'a> ShardLoader<'a> {
             ))
         })?;
         let slice = plan_slice(&full, &role, &shape, self.plan, self.rank)?;
+        Ok(Some((full, role, slice)))
+    }
+
+    /// Adds `bytes` to the sliced or replicated total, by `role`.
+    fn count(&mut self, role: &Role, bytes: u64) {
+        if role.is_sliced() {
+            self.bytes.sliced += bytes;
+        } else {
+            self.bytes.replicated += bytes;
+        }
+    }
+
+    /// Like [`ShardLoader::load`], but `None` when the source lacks the tensor.
+    pub fn try_load(&mut self, name: &str, stored_shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some((full, role, slice)) = self.slice_of(name, stored_shape)? else {
+            return Ok(None);
+        };
+        let shape = stored_shape;
         let tensor = if slice.blocks.is_empty() {
             self.source.read(&full, None)?
         } else {
@@ -261,12 +329,10 @@ impl<'a> ShardLoader<'a> {
             }
         };
         let tensor = tensor.to_dtype(self.dtype)?;
-        let size = (tensor.elem_count() * self.dtype.size_in_bytes()) as u64;
-        if role.is_sliced() {
-            self.bytes.sliced += size;
-        } else {
-            self.bytes.replicated += size;
-        }
+        self.count(
+            &role,
+            (tensor.elem_count() * self.dtype.size_in_bytes()) as u64,
+        );
         Ok(Some(tensor))
     }
 }

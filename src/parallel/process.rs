@@ -240,7 +240,8 @@ fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
     let plan = Plan::new(&spec.config, env.world_size)?;
     let policy = Policy::for_config(&spec.config);
     let dtype: DType = spec.dtype.into();
-    let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, env.rank, dtype);
+    let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, env.rank, dtype)
+        .keep_quantized(spec.dtype == crate::WeightDType::Quantized);
     let model = models::load(&mut loader, &spec.config)?;
     let weights = loader.bytes();
     // Sampling (issue 5) draws from this seed on rank 0; greedy decoding does not need it.
