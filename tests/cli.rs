@@ -184,7 +184,7 @@ fn inspect_prints_the_plan_and_memory_per_rank_without_loading() {
     ]);
     assert_success(&out);
     let text = stdout(&out);
-    assert!(text.contains("heads [6, 3], kv heads [2, 1]"), "{text}");
+    assert!(text.contains("heads [5, 4], kv heads [2, 2]"), "{text}");
     assert!(text.contains("column(kvheads)"), "{text}");
     assert!(
         text.contains("rank 0: weights") && text.contains("rank 1: weights"),

@@ -1,5 +1,5 @@
 //! The Llama family (Llama, Mistral, Qwen2): RMSNorm, rotary positions, SwiGLU MLP with gate and
-//! up projections split together, grouped-query attention split by KV group, optional q/k/v
+//! up projections split together, grouped-query attention with query heads split evenly, optional q/k/v
 //! biases (Qwen2) and sliding-window attention (Mistral).
 
 use candle_core::Tensor;
