@@ -797,20 +797,13 @@ impl GgufFile {
         self.read_f32(name, 0..info.rows, 0..info.cols)
     }
 
-    /// Rows `rows` and columns `cols` of tensor `name` in its PyTorch shape (`[out, in]`; a 1-D
-    /// tensor is one row; a tensor of more dimensions is `[product of the leading dims, last
-    /// dim]`), dequantized to `f32`, row-major: `rows.len() * cols.len()` values.
-    ///
-    /// Only the bytes of the blocks covering the requested columns of each requested row are
-    /// read, with one positioned read per row; when whole rows are asked for, consecutive rows
-    /// are read together (in reads of at most 64 MiB). Values are bit-identical to gguf-py's
-    /// `gguf.quants.dequantize` of the whole tensor, sliced.
-    pub fn read_f32(
+    /// Tensor `name`, after checking that rows `rows` and columns `cols` lie inside it.
+    fn block_of(
         &self,
         name: &str,
-        rows: Range<usize>,
-        cols: Range<usize>,
-    ) -> Result<Vec<f32>, GgufError> {
+        rows: &Range<usize>,
+        cols: &Range<usize>,
+    ) -> Result<&GgufTensorInfo, GgufError> {
         let info = self.tensor(name).ok_or_else(|| GgufError::MissingTensor {
             path: self.path.clone(),
             tensor: name.to_string(),
@@ -834,6 +827,24 @@ impl GgufFile {
                 info.shape()
             )));
         }
+        Ok(info)
+    }
+
+    /// Rows `rows` and columns `cols` of tensor `name` in its PyTorch shape (`[out, in]`; a 1-D
+    /// tensor is one row; a tensor of more dimensions is `[product of the leading dims, last
+    /// dim]`), dequantized to `f32`, row-major: `rows.len() * cols.len()` values.
+    ///
+    /// Only the bytes of the blocks covering the requested columns of each requested row are
+    /// read, with one positioned read per row; when whole rows are asked for, consecutive rows
+    /// are read together (in reads of at most 64 MiB). Values are bit-identical to gguf-py's
+    /// `gguf.quants.dequantize` of the whole tensor, sliced.
+    pub fn read_f32(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Vec<f32>, GgufError> {
+        let info = self.block_of(name, &rows, &cols)?;
         let ty = info.ggml_type;
         let (Some(bs), Some(ts), true) = (ty.block_size(), ty.type_size(), ty.is_supported())
         else {
@@ -895,12 +906,7 @@ impl GgufFile {
         rows: Range<usize>,
         cols: Range<usize>,
     ) -> Result<Option<(GgmlType, Vec<u8>)>, GgufError> {
-        let Some(info) = self.tensor(name) else {
-            return Err(GgufError::MissingTensor {
-                path: self.path.clone(),
-                tensor: name.to_string(),
-            });
-        };
+        let info = self.block_of(name, &rows, &cols)?;
         let ty = info.ggml_type;
         let (Some(bs), Some(ts)) = (ty.block_size(), ty.type_size()) else {
             return Ok(None);
@@ -908,20 +914,6 @@ impl GgufFile {
         let aligned = cols.start.is_multiple_of(bs) && cols.end.is_multiple_of(bs);
         if !ty.is_quantized() || !ty.is_supported() || !aligned {
             return Ok(None);
-        }
-        if rows.start > rows.end
-            || rows.end > info.rows
-            || cols.start > cols.end
-            || cols.end > info.cols
-        {
-            return Err(GgufError::OutOfRange {
-                path: self.path.clone(),
-                tensor: name.to_string(),
-                message: format!(
-                    "rows {rows:?} and columns {cols:?} requested, the tensor's shape is {:?}",
-                    info.shape()
-                ),
-            });
         }
         let row_bytes = info.cols / bs * ts;
         let span = cols.len() / bs * ts;

@@ -85,7 +85,7 @@ impl Bert {
             Some(MlmHead {
                 transform: transform.into(),
                 norm: layer_norm(loader, "cls.predictions.transform.LayerNorm", h, eps)?,
-                decoder: VocabParallelHead::new(decoder, bias, plan.vocab.counts().to_vec()),
+                decoder: VocabParallelHead::new(decoder, bias, plan.vocab.counts()),
             })
         } else {
             None

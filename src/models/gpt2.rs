@@ -77,7 +77,7 @@ impl Gpt2 {
             wpe: to_f32(loader.load("wpe.weight", &[c.max_positions, h])?)?,
             blocks,
             ln_f: layer_norm(loader, "ln_f", h, eps)?,
-            head: VocabParallelHead::new(head_weight, None, plan.vocab.counts().to_vec()),
+            head: VocabParallelHead::new(head_weight, None, plan.vocab.counts()),
             layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
             activation: c.activation,
             max_positions: c.max_positions,

@@ -89,7 +89,7 @@ impl Llama {
             embed: VocabParallelEmbedding::new(embed, plan.vocab.elements(rank).start),
             layers,
             norm: RmsNorm::new(loader.load("norm.weight", &[h])?, c.norm_eps),
-            head: VocabParallelHead::new(head_weight, None, plan.vocab.counts().to_vec()),
+            head: VocabParallelHead::new(head_weight, None, plan.vocab.counts()),
             rotary: Rotary::new(c.head_dim, c.rope_theta.unwrap_or(10_000.0)),
             layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
             activation: c.activation,

@@ -245,22 +245,25 @@ impl<'a> ShardLoader<'a> {
         name: &str,
         stored_shape: &[usize],
     ) -> Result<Option<LinearWeight>> {
-        if self.keep_quantized {
-            if let Some((full, role, slice)) = self.slice_of(name, stored_shape)? {
-                if let ([block], false) = (slice.blocks.as_slice(), slice.transpose) {
-                    let quantized = self.source.read_quantized(
-                        &full,
-                        block.rows.clone(),
-                        block.cols.clone(),
-                    )?;
-                    if let Some(matrix) = quantized {
-                        self.count(&role, matrix.bytes() as u64);
-                        return Ok(Some(matrix.into()));
-                    }
-                }
+        let Some((full, role, slice)) = self.slice_of(name, stored_shape)? else {
+            return Ok(None);
+        };
+        if let ([block], false, true) = (
+            slice.blocks.as_slice(),
+            slice.transpose,
+            self.keep_quantized,
+        ) {
+            let quantized =
+                self.source
+                    .read_quantized(&full, block.rows.clone(), block.cols.clone())?;
+            if let Some(matrix) = quantized {
+                self.count(&role, matrix.bytes() as u64);
+                return Ok(Some(matrix.into()));
             }
         }
-        Ok(self.try_load(name, stored_shape)?.map(LinearWeight::from))
+        Ok(Some(
+            self.read_slice(&full, &role, &slice, stored_shape)?.into(),
+        ))
     }
 
     /// The stored name, role and slice plan of `name` for this rank, after checking its shape;
@@ -304,16 +307,26 @@ impl<'a> ShardLoader<'a> {
         let Some((full, role, slice)) = self.slice_of(name, stored_shape)? else {
             return Ok(None);
         };
-        let shape = stored_shape;
+        Ok(Some(self.read_slice(&full, &role, &slice, stored_shape)?))
+    }
+
+    /// Reads `slice` of stored tensor `full` (of `shape`) into the loader's dtype and counts it.
+    fn read_slice(
+        &mut self,
+        full: &str,
+        role: &Role,
+        slice: &SlicePlan,
+        shape: &[usize],
+    ) -> Result<Tensor> {
         let tensor = if slice.blocks.is_empty() {
-            self.source.read(&full, None)?
+            self.source.read(full, None)?
         } else {
             let pieces = slice
                 .blocks
                 .iter()
                 .map(|block| {
                     self.source
-                        .read(&full, Some((block.rows.clone(), block.cols.clone())))
+                        .read(full, Some((block.rows.clone(), block.cols.clone())))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let dim = if shape.len() == 2 {
@@ -330,10 +343,10 @@ impl<'a> ShardLoader<'a> {
         };
         let tensor = tensor.to_dtype(self.dtype)?;
         self.count(
-            &role,
+            role,
             (tensor.elem_count() * self.dtype.size_in_bytes()) as u64,
         );
-        Ok(Some(tensor))
+        Ok(tensor)
     }
 }
 
