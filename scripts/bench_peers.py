@@ -143,13 +143,43 @@ def bench_ctranslate2(model_dir, work, ids, new_tokens, threads, repeats):
     return {"prefill_ms": best(prefill) * 1e3, "decode_tokens_per_s": (new_tokens - 1) / (best(total) - best(prefill))}
 
 
-def bench_ours(model_dir, prompt_len, new_tokens, ranks, repeats):
-    command = [str(BINARY), "bench", "--model", str(model_dir), "--ranks", str(ranks), "--prompt-len",
-               str(prompt_len), "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--json"]
+def bench_ours(model, prompt_len, new_tokens, ranks, repeats, dtype="f32"):
+    command = [str(BINARY), "bench", "--model", str(model), "--ranks", str(ranks), "--prompt-len",
+               str(prompt_len), "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--dtype", dtype,
+               "--json"]
     if ranks == 1:
         command = ["taskset", "-c", "0"] + command
-    result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def summary(result):
     return {"prefill_ms": result["prefill_ms"], "decode_tokens_per_s": result["decode_tokens_per_s"]}
+
+
+def targets(runs, limit):
+    """The issue's targets as measured ratios: (name, value, goal, met)."""
+    by = {r["system"]: r for r in runs}
+    ct2 = by["CTranslate2 2 thread(s)"]
+    one, two = by["parallelformers 1 rank(s), 1 core(s)"], by["parallelformers 2 rank(s), 2 core(s)"]
+    rows = [
+        ("decode vs CTranslate2 (2 threads)", two["decode_tokens_per_s"] / ct2["decode_tokens_per_s"], ">= 1.5x",
+         two["decode_tokens_per_s"] / ct2["decode_tokens_per_s"] >= 1.5),
+        ("decode vs memory-bandwidth limit", two["decode_tokens_per_s"] / limit, ">= 70%",
+         two["decode_tokens_per_s"] / limit >= 0.7),
+        ("prefill vs CTranslate2 (2 threads)", two["prefill_ms"] / ct2["prefill_ms"], "<= 0.7x",
+         two["prefill_ms"] / ct2["prefill_ms"] <= 0.7),
+        ("decode, 2 ranks on 2 cores vs 1 rank on 1 core", two["decode_tokens_per_s"] / one["decode_tokens_per_s"],
+         ">= 1.8x", two["decode_tokens_per_s"] / one["decode_tokens_per_s"] >= 1.8),
+    ]
+    f16 = by.get("parallelformers 2 rank(s), 2 core(s), f16")
+    if f16:
+        ratio = f16["decode_tokens_per_s"] / two["decode_tokens_per_s"]
+        rows.append(("decode f16 vs f32 (2 ranks)", ratio, ">= 1.7x", ratio >= 1.7))
+    quantized = by.get("parallelformers 2 rank(s), 2 core(s), GGUF Q4_1 kept quantized")
+    if quantized:
+        ratio = quantized["decode_tokens_per_s"] / two["decode_tokens_per_s"]
+        rows.append(("decode quantized GGUF vs f32 (2 ranks)", ratio, ">= 2.5x", ratio >= 2.5))
+    return rows
 
 
 def chart(results, path):
@@ -184,8 +214,6 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bandwidth-gbs", type=float, default=47.0,
-                        help="memory read bandwidth of the machine with 2 cores (DESIGN.md: 47 GB/s)")
     parser.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "parallelformers-peers"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     args = parser.parse_args()
@@ -211,28 +239,47 @@ def main():
             print(f"{name}: CTranslate2, {threads} thread(s)", file=sys.stderr)
             runs.append({"system": f"CTranslate2 {threads} thread(s)",
                          **bench_ctranslate2(model_dir, work, ids, args.new_tokens, threads, repeats)})
+        measured = {}
         for ranks in (1, 2):
             print(f"{name}: parallelformers, {ranks} rank(s)", file=sys.stderr)
-            runs.append({"system": f"parallelformers {ranks} rank(s), {ranks} core(s)",
-                         **bench_ours(model_dir, args.prompt_len, args.new_tokens, ranks, repeats)})
+            measured[ranks] = bench_ours(model_dir, args.prompt_len, args.new_tokens, ranks, repeats)
+            runs.append({"system": f"parallelformers {ranks} rank(s), {ranks} core(s)", **summary(measured[ranks])})
+        print(f"{name}: parallelformers, 2 ranks, f16", file=sys.stderr)
+        runs.append({"system": "parallelformers 2 rank(s), 2 core(s), f16",
+                     **summary(bench_ours(model_dir, args.prompt_len, args.new_tokens, 2, repeats, "f16"))})
+        if name == "smollm2":
+            print(f"{name}: parallelformers, 2 ranks, GGUF kept quantized", file=sys.stderr)
+            runs.append({"system": "parallelformers 2 rank(s), 2 core(s), GGUF Q4_1 kept quantized",
+                         **summary(bench_ours(default_model_gguf(), args.prompt_len, args.new_tokens, 2, repeats,
+                                              "quantized"))})
+        bandwidth = measured[2]["read_bandwidth_bytes_per_s"]
+        limit = bandwidth / bytes_per_token
         results[name] = {
             "weight_bytes_per_token": bytes_per_token,
-            "bandwidth_limit_tokens_per_s": args.bandwidth_gbs * 1e9 / bytes_per_token,
+            "read_bandwidth_bytes_per_s": bandwidth,
+            "bandwidth_limit_tokens_per_s": limit,
             "runs": runs,
+            "targets": [{"target": t, "value": v, "goal": g, "met": m} for t, v, g, m in targets(runs, limit)],
         }
-        print(f"{name}: memory-bandwidth limit {results[name]['bandwidth_limit_tokens_per_s']:.1f} tokens/s "
-              f"({bytes_per_token / 1e6:.0f} MB of weights per token at {args.bandwidth_gbs} GB/s)", file=sys.stderr)
+        print(f"{name}: memory-bandwidth limit {limit:.1f} tokens/s ({bytes_per_token / 1e6:.0f} MB of f32 weights "
+              f"per token at {bandwidth / 1e9:.1f} GB/s)", file=sys.stderr)
     (out / "peers.json").write_text(json.dumps(results, indent=2))
     lines = [f"# Peer benchmark\n",
-             f"Float32, batch 1, greedy, {args.prompt_len}-token prompt, {args.new_tokens} new tokens; best of "
-             f"{args.repeats} runs (1 for llama1b). Command: `scripts/bench_peers.sh`.\n"]
+             f"Batch 1, greedy, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, f32 unless the row "
+             f"says otherwise; best of {args.repeats} runs (1 for llama1b). One rank or thread is confined to one "
+             f"core. Command: `scripts/bench_peers.sh`.\n"]
     for name, result in results.items():
         lines.append(f"\n## {name}\n")
-        lines.append(f"Weights read per token: {result['weight_bytes_per_token'] / 1e6:.0f} MB; memory-bandwidth limit at "
-                     f"{args.bandwidth_gbs} GB/s: **{result['bandwidth_limit_tokens_per_s']:.1f} tokens/s**.\n")
+        lines.append(f"Weights read per token (f32): {result['weight_bytes_per_token'] / 1e6:.0f} MB; read bandwidth "
+                     f"measured by `parallelformers bench` on 2 cores: {result['read_bandwidth_bytes_per_s'] / 1e9:.1f} "
+                     f"GB/s; memory-bandwidth limit: **{result['bandwidth_limit_tokens_per_s']:.1f} tokens/s**.\n")
         lines.append("| system | prefill (ms) | greedy decode (tokens/s) |\n| --- | --- | --- |")
         for run in result["runs"]:
             lines.append(f"| {run['system']} | {run['prefill_ms']:.0f} | {run['decode_tokens_per_s']:.1f} |")
+        lines.append("\n| target | measured | goal | met |\n| --- | --- | --- | --- |")
+        for t in result["targets"]:
+            value = f"{t['value'] * 100:.0f}%" if t["goal"].endswith("%") else f"{t['value']:.2f}x"
+            lines.append(f"| {t['target']} | {value} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
     (out / "peers.md").write_text("\n".join(lines) + "\n")
     chart(results, out / "peers.png")
     print((out / "peers.md").read_text())

@@ -6,7 +6,9 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
-use crate::models::layers::softmax_last;
+use crate::models::elementwise::softmax_rows;
+use crate::models::kernels;
+use crate::models::layers::{softmax_last, with_values};
 
 /// The additive mask value for a hidden key: finite, so that a row with every key hidden gives
 /// a uniform distribution instead of NaN (as transformers does with `finfo.min`).
@@ -94,47 +96,113 @@ impl Rotary {
     }
 }
 
-/// Keys and values of earlier positions for this rank's heads, `[B, kv_heads, T, D]` each.
+/// Keys and values of earlier positions for this rank's heads, in f32. Each head's positions
+/// lie one after another in a buffer with room to grow (`[B, kv_heads, capacity, D]`), so a
+/// decode step writes only its own position; the buffers double when full.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    keys: Option<Tensor>,
-    values: Option<Tensor>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    batch: usize,
+    heads: usize,
+    dim: usize,
+    len: usize,
+    capacity: usize,
 }
+
+/// Positions reserved by a new cache, so that short generations never regrow it.
+const FIRST_CAPACITY: usize = 256;
 
 impl KvCache {
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.keys.as_ref().and_then(|k| k.dim(2).ok()).unwrap_or(0)
+        self.len
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Bytes held by the cache.
+    /// Bytes held by the cache (its whole capacity).
     pub fn bytes(&self) -> usize {
-        [&self.keys, &self.values]
-            .into_iter()
-            .flatten()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        (self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()
     }
 
-    /// Appends new keys and values and returns the whole history.
-    fn append(&mut self, keys: Tensor, values: Tensor) -> Result<(Tensor, Tensor)> {
-        let keys = match &self.keys {
-            Some(old) => Tensor::cat(&[old, &keys], 2)?,
-            None => keys,
-        };
-        let values = match &self.values {
-            Some(old) => Tensor::cat(&[old, &values], 2)?,
-            None => values,
-        };
-        self.keys = Some(keys.clone());
-        self.values = Some(values.clone());
-        Ok((keys, values))
+    /// Appends keys and values `[B, kv_heads, L, D]` after the cached positions.
+    fn append(&mut self, keys: &Tensor, values: &Tensor) -> Result<()> {
+        let (batch, heads, len, dim) = keys.dims4()?;
+        if self.capacity == 0 {
+            (self.batch, self.heads, self.dim) = (batch, heads, dim);
+        } else if (batch, heads, dim) != (self.batch, self.heads, self.dim) {
+            return Err(crate::error::Error::InvalidInput(format!(
+                "the key/value cache holds batch {}, {} heads of width {}; the new positions have batch {batch}, {heads} heads of width {dim}",
+                self.batch, self.heads, self.dim
+            )));
+        }
+        if self.len + len > self.capacity {
+            self.grow((self.len + len).max(2 * self.capacity).max(FIRST_CAPACITY));
+        }
+        let (at, capacity) = (self.len, self.capacity);
+        for (buffer, new) in [(&mut self.keys, keys), (&mut self.values, values)] {
+            with_values(&new.to_dtype(DType::F32)?, |new| {
+                for (head, rows) in new.chunks_exact(len * dim).enumerate() {
+                    let start = (head * capacity + at) * dim;
+                    buffer[start..start + rows.len()].copy_from_slice(rows);
+                }
+            })?;
+        }
+        self.len += len;
+        Ok(())
     }
+
+    /// Moves the cached positions into buffers with room for `capacity` positions per head.
+    fn grow(&mut self, capacity: usize) {
+        let (heads, dim, len) = (self.batch * self.heads, self.dim, self.len);
+        for buffer in [&mut self.keys, &mut self.values] {
+            let mut grown = vec![0f32; heads * capacity * dim];
+            for head in 0..heads {
+                let (from, to) = (head * self.capacity * dim, head * capacity * dim);
+                grown[to..to + len * dim].copy_from_slice(&buffer[from..from + len * dim]);
+            }
+            *buffer = grown;
+        }
+        self.capacity = capacity;
+    }
+
+    /// The cached positions, read in place.
+    fn view(&self) -> KvView<'_> {
+        KvView {
+            keys: &self.keys,
+            values: &self.values,
+            len: self.len,
+            head_stride: self.capacity * self.dim,
+        }
+    }
+
+    /// The cached keys and values as contiguous `[B, kv_heads, T, D]` tensors (for attention
+    /// of several new positions at once).
+    fn tensors(&self) -> Result<(Tensor, Tensor)> {
+        let shape = (self.batch, self.heads, self.len, self.dim);
+        let copy = |buffer: &[f32]| -> Result<Tensor> {
+            let mut values = Vec::with_capacity(self.batch * self.heads * self.len * self.dim);
+            for head in buffer.chunks_exact(self.capacity * self.dim) {
+                values.extend_from_slice(&head[..self.len * self.dim]);
+            }
+            Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+        };
+        Ok((copy(&self.keys)?, copy(&self.values)?))
+    }
+}
+
+/// Keys and values of `len` positions per head, head `h`'s positions starting at
+/// `h * head_stride` (`[B, kv_heads, ≥len, D]` row-major).
+#[derive(Debug, Clone, Copy)]
+struct KvView<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    len: usize,
+    head_stride: usize,
 }
 
 /// The key/value caches of every layer of a rank.
@@ -231,7 +299,7 @@ pub fn attend(
     projected: Projected,
     layout: HeadLayout,
     rotary: Option<&Rotary>,
-    cache: Option<&mut KvCache>,
+    mut cache: Option<&mut KvCache>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (batch, len, _) = projected.q.dims3()?;
@@ -249,22 +317,37 @@ pub fn attend(
         q = rotary.apply(&q, offset)?;
         k = rotary.apply(&k, offset)?;
     }
-    let (k, v) = match cache {
-        Some(cache) => cache.append(k, v)?,
-        None => (k, v),
-    };
     let scale = 1.0 / (layout.head_dim as f64).sqrt();
-    let (q, k, v) = (
-        q.to_dtype(DType::F32)?,
-        k.to_dtype(DType::F32)?,
-        v.to_dtype(DType::F32)?,
-    );
+    let q = q.to_dtype(DType::F32)?;
+    if let Some(cache) = cache.as_deref_mut() {
+        cache.append(&k, &v)?;
+    }
     if len == 1 {
-        let out = attend_one_query(&q, &k, &v, mask, &layout, scale as f32)?;
+        let out = match cache.as_deref() {
+            Some(cache) => attend_one_query(&q, cache.view(), mask, &layout, scale as f32)?,
+            None => {
+                let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+                with_values(&k, |keys| {
+                    with_values(&v, |values| {
+                        let view = KvView {
+                            keys,
+                            values,
+                            len: 1,
+                            head_stride: layout.head_dim,
+                        };
+                        attend_one_query(&q, view, mask, &layout, scale as f32)
+                    })
+                })???
+            }
+        };
         return Ok(out
             .reshape((batch, 1, layout.heads * layout.head_dim))?
             .to_dtype(dtype)?);
     }
+    let (k, v) = match cache.as_deref() {
+        Some(cache) => cache.tensors()?,
+        None => (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?),
+    };
     let (k, v) = (expand_kv(&k, &layout)?, expand_kv(&v, &layout)?);
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(mask) = mask {
@@ -278,73 +361,47 @@ pub fn attend(
         .to_dtype(dtype)?)
 }
 
-/// Runs `f` on the values of an f32 tensor, made contiguous if it is not.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
-            Ok(f(&cpu.as_slice::<f32>()?[start..end]))
-        }
-        _ => Err(candle_core::Error::Msg(
-            "attention expects contiguous f32 tensors on the CPU".into(),
-        )
-        .into()),
-    }
-}
-
 /// Attention of one new position per sequence (a decode step) over the whole cache, head by
-/// head in plain loops: at one query the general matmul's set-up costs more than the arithmetic.
-/// `q` is `[B, heads, 1, D]`, `k`/`v` are `[B, kv_heads, T, D]`, `mask` `[B, 1, 1, T]`; the
-/// result is `[B, heads, D]`.
+/// head, reading the cache in place: scores through the matrix-vector kernel (a head's keys are
+/// a `[T, D]` matrix), then a weighted sum of its values.
+/// `q` is `[B, heads, 1, D]`, `kv` holds `T` positions per key/value head, `mask` is
+/// `[B, 1, 1, T]`; the result is `[B, heads, D]`.
 fn attend_one_query(
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    kv: KvView,
     mask: Option<&Tensor>,
     layout: &HeadLayout,
     scale: f32,
 ) -> Result<Tensor> {
     let (batch, heads, _, dim) = q.dims4()?;
-    let (_, kv_heads, keys, _) = k.dims4()?;
+    let keys = kv.len;
     let mask: Option<Vec<f32>> = mask
         .map(|m| m.flatten_all().and_then(|m| m.to_vec1()))
         .transpose()?;
     let mut out = vec![0f32; batch * heads * dim];
     let mut scores = vec![0f32; keys];
     with_values(q, |q| {
-        with_values(k, |k| {
-            with_values(v, |v| {
-                for b in 0..batch {
-                    for h in 0..heads {
-                        let query = &q[(b * heads + h) * dim..][..dim];
-                        let base = (b * kv_heads + layout.kv_head_of(h)) * keys * dim;
-                        for (t, score) in scores.iter_mut().enumerate() {
-                            let key = &k[base + t * dim..][..dim];
-                            let bias = mask.as_ref().map_or(0.0, |m| m[b * keys + t]);
-                            *score = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale
-                                + bias;
-                        }
-                        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut total = 0f32;
-                        for score in scores.iter_mut() {
-                            *score = (*score - max).exp();
-                            total += *score;
-                        }
-                        let output = &mut out[(b * heads + h) * dim..][..dim];
-                        for (t, weight) in scores.iter().enumerate() {
-                            let value = &v[base + t * dim..][..dim];
-                            let weight = weight / total;
-                            output
-                                .iter_mut()
-                                .zip(value)
-                                .for_each(|(o, x)| *o += weight * x);
-                        }
-                    }
+        for b in 0..batch {
+            for h in 0..heads {
+                let query = &q[(b * heads + h) * dim..][..dim];
+                let base = (b * layout.kv_heads + layout.kv_head_of(h)) * kv.head_stride;
+                kernels::matvec(&kv.keys[base..base + keys * dim], query, &mut scores);
+                let bias = mask.as_ref().map(|m| &m[b * keys..(b + 1) * keys]);
+                for (t, score) in scores.iter_mut().enumerate() {
+                    *score = *score * scale + bias.map_or(0.0, |m| m[t]);
                 }
-            })
-        })
-    })???;
+                softmax_rows(&mut scores, keys);
+                let output = &mut out[(b * heads + h) * dim..][..dim];
+                for (t, &weight) in scores.iter().enumerate() {
+                    let value = &kv.values[base + t * dim..][..dim];
+                    output
+                        .iter_mut()
+                        .zip(value)
+                        .for_each(|(o, x)| *o += weight * x);
+                }
+            }
+        }
+    })?;
     Ok(Tensor::from_vec(out, (batch, heads, dim), q.device())?)
 }
 
@@ -471,7 +528,16 @@ mod tests {
         mask[keys] = HIDDEN; // the second sequence's first key is padding
         let mask = Tensor::from_vec(mask, (batch, 1, 1, keys), &dev).unwrap();
         let scale = 1.0 / (dim as f32).sqrt();
-        let fast = attend_one_query(&q, &k, &v, Some(&mask), &layout, scale).unwrap();
+        let mut cache = KvCache::default();
+        for (start, len) in [(0, keys - 1), (keys - 1, 1)] {
+            cache
+                .append(
+                    &k.narrow(2, start, len).unwrap(),
+                    &v.narrow(2, start, len).unwrap(),
+                )
+                .unwrap();
+        }
+        let fast = attend_one_query(&q, cache.view(), Some(&mask), &layout, scale).unwrap();
         let (k2, v2) = (
             expand_kv(&k, &layout).unwrap(),
             expand_kv(&v, &layout).unwrap(),
@@ -496,6 +562,32 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert!(diff < 1e-6, "{diff}");
+    }
+
+    #[test]
+    fn the_cache_grows_in_place_and_returns_every_position_in_order() {
+        let (batch, heads, dim) = (2, 3, 4);
+        let total = FIRST_CAPACITY + 40;
+        let all = Tensor::arange(0f32, (batch * heads * total * dim) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((batch, heads, total, dim))
+            .unwrap();
+        let mut cache = KvCache::default();
+        let mut start = 0;
+        for len in [5, FIRST_CAPACITY - 5, 1, 39] {
+            let piece = all.narrow(2, start, len).unwrap();
+            cache.append(&piece, &(&piece * 2.0).unwrap()).unwrap();
+            start += len;
+        }
+        assert_eq!(cache.len(), total);
+        assert!(cache.capacity >= total && cache.capacity >= 2 * FIRST_CAPACITY);
+        let (keys, values) = cache.tensors().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&keys), flat(&all));
+        assert_eq!(flat(&values), flat(&(&all * 2.0).unwrap()));
+        let wrong = Tensor::zeros((batch, heads + 1, 1, dim), DType::F32, &Device::Cpu).unwrap();
+        let err = cache.append(&wrong, &wrong).unwrap_err().to_string();
+        assert!(err.contains("4 heads"), "{err}");
     }
 
     #[test]

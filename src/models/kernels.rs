@@ -7,7 +7,7 @@
 
 /// Whether this CPU runs the AVX-512 kernels (AVX-512 F/BW/VL, FMA and F16C).
 #[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
+pub(crate) fn has_avx512() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
@@ -26,6 +26,12 @@ fn has_avx2() -> bool {
 pub trait Weight: Copy + Sync {
     /// One weight as f32.
     fn widen(self) -> f32;
+
+    /// The slice itself when the weights already are f32 (nothing to widen).
+    fn as_f32(slice: &[Self]) -> Option<&[f32]> {
+        let _ = slice;
+        None
+    }
 
     /// Loads eight weights starting at `ptr` as f32 lanes.
     ///
@@ -87,6 +93,10 @@ fn dot_portable<W: Weight>(a: &[W], b: &[f32]) -> f32 {
 impl Weight for f32 {
     fn widen(self) -> f32 {
         self
+    }
+
+    fn as_f32(slice: &[f32]) -> Option<&[f32]> {
+        Some(slice)
     }
 
     #[cfg(target_arch = "x86_64")]

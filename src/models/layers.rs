@@ -8,13 +8,13 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::checkpoint::Activation;
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::models::kernels;
 use crate::models::quantized::QuantizedMatrix;
+use crate::models::{elementwise, kernels};
 
 /// Sums `t` across ranks (through f32, whatever its dtype).
 pub fn all_reduce(t: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
@@ -142,12 +142,47 @@ impl Linear {
 }
 
 impl Linear {
-    /// `x @ weight.T` for several rows in f32: a 16-bit or quantized weight is widened first,
-    /// because the CPU's f32 matmul is several times faster than its 16-bit one and keeps f32
-    /// accuracy.
+    /// `x @ weight.T` for several rows in f32. AVX-512 CPUs read the weight where it lies
+    /// (widening 16-bit values and dequantizing blocks inside the kernel); elsewhere a 16-bit
+    /// or quantized weight is widened first, because the CPU's f32 matmul is several times
+    /// faster than its 16-bit one and keeps f32 accuracy.
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        #[cfg(target_arch = "x86_64")]
+        if crate::models::matmul::available() {
+            if let Some(y) = self.tiled_matmul(&x)? {
+                return Ok(y);
+            }
+        }
         let weight = self.weight.to_f32()?;
-        Ok(x.to_dtype(DType::F32)?.matmul(&weight.t()?)?)
+        Ok(x.matmul(&weight.t()?)?)
+    }
+
+    /// `x @ weight.T` through the prefill kernels for a contiguous f32 `x` `[m, in]`; `None`
+    /// when the weight is not contiguous.
+    #[cfg(target_arch = "x86_64")]
+    fn tiled_matmul(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        use crate::models::matmul;
+        let (m, k) = x.dims2()?;
+        let n = self.weight.rows()?;
+        let y = with_dense(x, |input| match input {
+            DenseSlice::F32(input) => match &self.weight {
+                LinearWeight::Quantized(q) => Ok(Some(matmul::matmul_dequantized(
+                    input,
+                    n,
+                    k,
+                    |rows, out| q.dequantize_rows(rows, out),
+                ))),
+                LinearWeight::Dense(w) => {
+                    with_dense(w, |w| on_dense!(w, w => matmul::matmul(input, w, k)))
+                }
+            },
+            _ => Ok(None),
+        })?
+        .transpose()?
+        .flatten();
+        y.map(|y| Ok(Tensor::from_vec(y, (m, n), &Device::Cpu)?))
+            .transpose()
     }
 
     /// `x @ weight.T` for a single row `x` `[1, in]`, streaming the weight once through the
@@ -163,24 +198,52 @@ impl Linear {
             }
             LinearWeight::Dense(weight) => weight,
         };
-        let (storage, layout) = weight.storage_and_layout();
-        let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-            (&*storage, layout.contiguous_offsets())
-        else {
-            drop(storage);
-            return self.matmul(x);
-        };
-        match weight.dtype() {
-            DType::F32 => dense_rows(&cpu.as_slice::<f32>()?[start..end], &input, &mut out),
-            DType::F16 => dense_rows(&cpu.as_slice::<half::f16>()?[start..end], &input, &mut out),
-            DType::BF16 => dense_rows(&cpu.as_slice::<half::bf16>()?[start..end], &input, &mut out),
-            _ => {
-                drop(storage);
-                return self.matmul(x);
-            }
+        match with_dense(
+            weight,
+            |w| on_dense!(w, w => dense_rows(w, &input, &mut out)),
+        )? {
+            Some(()) => Ok(Tensor::from_vec(out, (1, rows), &Device::Cpu)?),
+            None => self.matmul(x),
         }
-        Ok(Tensor::from_vec(out, (1, rows), &Device::Cpu)?)
     }
+}
+
+/// The values of a contiguous CPU tensor in one of the dtypes the kernels read.
+enum DenseSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+    BF16(&'a [half::bf16]),
+}
+
+/// Evaluates `$body` with `$w` bound to the typed slice inside a [`DenseSlice`], whatever its
+/// dtype (the kernels are generic over the weight type).
+macro_rules! on_dense {
+    ($slice:expr, $w:ident => $body:expr) => {
+        match $slice {
+            DenseSlice::F32($w) => $body,
+            DenseSlice::F16($w) => $body,
+            DenseSlice::BF16($w) => $body,
+        }
+    };
+}
+use on_dense;
+
+/// Calls `f` with the values of `t` when it is a contiguous CPU tensor in f32, f16 or bf16;
+/// `None` otherwise.
+fn with_dense<R>(t: &Tensor, f: impl FnOnce(DenseSlice) -> R) -> Result<Option<R>> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let slice = match t.dtype() {
+        DType::F32 => DenseSlice::F32(&cpu.as_slice::<f32>()?[start..end]),
+        DType::F16 => DenseSlice::F16(&cpu.as_slice::<half::f16>()?[start..end]),
+        DType::BF16 => DenseSlice::BF16(&cpu.as_slice::<half::bf16>()?[start..end]),
+        _ => return Ok(None),
+    };
+    Ok(Some(f(slice)))
 }
 
 /// `out = w · x` for a dense row-major `w` through the decode kernel, rows spread over the
@@ -406,12 +469,45 @@ pub fn activate(activation: Activation, x: &Tensor) -> Result<Tensor> {
     Ok(match activation {
         Activation::GeluErf => x.gelu_erf()?,
         Activation::GeluTanh => x.gelu()?,
-        Activation::Silu => candle_nn::Activation::Silu.forward(x)?,
+        Activation::Silu => map_values(x, elementwise::silu)?,
         Activation::Relu => x.relu()?,
     })
 }
 
-/// Softmax over the last dimension in f32.
+/// `activation(gate) * up`, the gated MLP step, fused into one pass for SiLU.
+pub fn gated(activation: Activation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if activation != Activation::Silu || gate.shape() != up.shape() {
+        return Ok((activate(activation, gate)? * up)?);
+    }
+    let up = up.to_dtype(DType::F32)?;
+    with_values(&up, |up| {
+        map_values(gate, |gate| elementwise::silu_mul(gate, up))
+    })?
+}
+
+/// Softmax over the last dimension in f32 (a row whose entries are all masked gives zeros).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    let cols = x.dim(D::Minus1)?;
+    map_values(x, |values| elementwise::softmax_rows(values, cols))
+}
+
+/// A copy of `x` in f32 whose values `f` rewrote in place.
+fn map_values(x: &Tensor, f: impl FnOnce(&mut [f32])) -> Result<Tensor> {
+    let mut values: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    f(&mut values);
+    Ok(Tensor::from_vec(values, x.shape(), x.device())?)
+}
+
+/// Runs `f` on the values of an f32 tensor, made contiguous if it is not.
+pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+        }
+        _ => {
+            Err(candle_core::Error::Msg("expected contiguous f32 values on the CPU".into()).into())
+        }
+    }
 }

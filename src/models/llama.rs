@@ -9,7 +9,7 @@ use crate::comm::Communicator;
 use crate::error::Result;
 use crate::models::attention::{attend, HeadLayout, LayerCaches, Projected, Rotary};
 use crate::models::layers::{
-    activate, Linear, RmsNorm, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+    gated, Linear, RmsNorm, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
 use crate::models::{apply_head, weight_and_bias, Batch, ShardedModel};
 use crate::parallel::engine::ShardLoader;
@@ -122,9 +122,12 @@ impl ShardedModel for Llama {
             )?;
             x = (x + layer.o.forward(&attn, comm)?)?;
             let normed = layer.post_norm.forward(&x)?;
-            let gated = (activate(self.activation, &layer.gate.forward(&normed)?)?
-                * layer.up.forward(&normed)?)?;
-            x = (x + layer.down.forward(&gated, comm)?)?;
+            let hidden = gated(
+                self.activation,
+                &layer.gate.forward(&normed)?,
+                &layer.up.forward(&normed)?,
+            )?;
+            x = (x + layer.down.forward(&hidden, comm)?)?;
         }
         let x = self.norm.forward(&x)?;
         apply_head(&self.head, &x, input.last_only, comm)

@@ -3,10 +3,13 @@
 
 pub mod attention;
 pub mod bert;
+pub mod elementwise;
 pub mod gpt2;
 pub mod kernels;
 pub mod layers;
 pub mod llama;
+#[cfg(target_arch = "x86_64")]
+pub mod matmul;
 pub mod quantized;
 
 use candle_core::Tensor;

@@ -12,6 +12,7 @@
 use std::ops::Range;
 
 use crate::checkpoint::gguf::{decode_into, GgmlType};
+use crate::models::kernels;
 
 /// A row-major matrix of GGUF quantized blocks: each row is `cols / block_size` whole blocks.
 #[derive(Debug, Clone)]
@@ -170,27 +171,9 @@ impl QuantizedMatrix {
         for (i, y) in rows.zip(out.iter_mut()) {
             row.clear();
             decode_into(self.ty, self.row_data(i..i + 1), 0, self.cols, &mut row);
-            *y = dot(&row, x);
+            kernels::matvec(&row, x, std::slice::from_mut(y));
         }
     }
-}
-
-/// A dot product in sixteen independent lanes (so the compiler may vectorise it).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a_chunks
-        .remainder()
-        .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (ca, cb) in a_chunks.zip(b_chunks) {
-        for ((lane, x), y) in lanes.iter_mut().zip(ca).zip(cb) {
-            *lane += x * y;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// AVX-512 kernels, keeping the activations in f32. Codes are widened to 32-bit lanes and turned
