@@ -9,7 +9,7 @@
 //! ```
 
 use anyhow::Context;
-use parallelformers::{parallelize, GenerateParams, Options};
+use parallelformers::{parallelize, GenerationConfig, Options};
 
 fn main() -> anyhow::Result<()> {
     parallelformers::run_worker_if_requested();
@@ -33,9 +33,9 @@ fn main() -> anyhow::Result<()> {
     )?;
     let generated = model.generate(
         &prompt,
-        &GenerateParams {
+        &GenerationConfig {
             max_new_tokens: 6,
-            ..GenerateParams::default()
+            ..GenerationConfig::default()
         },
     )?;
     let pids = model.worker_pids();

@@ -2,38 +2,32 @@
 //! returned [`ParallelModel`] for forward passes and generation. The main process holds no
 //! weights: it validates inputs, talks to the ranks, and supervises them.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
-use crate::checkpoint::source::{ModelSource, ResolvedModel};
+use crate::checkpoint::source::{ModelSource, ResolvedModel, WeightsLocation};
 use crate::checkpoint::ModelConfig;
 use crate::error::{Error, Result};
+use crate::generation::{GenerateRequest, GeneratedBatch, GenerationConfig};
 use crate::options::{Options, Verbosity};
-use crate::parallel::ipc::{
-    ForwardInput, GenerateRequest, Generated, LoadSpec, Reply, Request, WireTensor,
-};
+use crate::parallel::ipc::{ForwardInput, LoadSpec, Reply, Request, WireTensor};
 use crate::parallel::launcher::{default_threads, LaunchSpec, WorkerGroup};
 use crate::parallel::memory::RankMemory;
 use crate::parallel::Plan;
+use crate::text::TextSide;
+use crate::tokenizer::stream::TextStream;
 
-/// Greedy-generation parameters (transformers' names and defaults).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GenerateParams {
-    /// Stop after this many new tokens.
-    pub max_new_tokens: usize,
-    /// Suppress end-of-sequence until this many new tokens exist.
-    pub min_new_tokens: usize,
-    /// End-of-sequence ids; `None` = the model's (`config.json` / `generation_config.json`).
-    pub eos_token_ids: Option<Vec<u32>>,
-}
-
-impl Default for GenerateParams {
-    fn default() -> Self {
-        GenerateParams {
-            max_new_tokens: 20,
-            min_new_tokens: 0,
-            eos_token_ids: None,
-        }
-    }
+/// The result of generating for one prompt, with rank 0's timings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// New token ids of the first (with greedy decoding, the only) returned sequence.
+    pub ids: Vec<u32>,
+    /// New token ids of every returned sequence (`num_return_sequences`).
+    pub sequences: Vec<Vec<u32>>,
+    /// Time of the prompt's forward pass, in seconds.
+    pub prefill_seconds: f64,
+    /// Time of all later forward passes and token choices, in seconds.
+    pub decode_seconds: f64,
 }
 
 /// A model split over worker processes.
@@ -41,6 +35,8 @@ pub struct ParallelModel {
     group: WorkerGroup,
     model: ResolvedModel,
     loaded: Vec<RankMemory>,
+    generation_defaults: GenerationConfig,
+    seed: Option<u64>,
 }
 
 /// Splits the model `source` names (a checkpoint directory, a `.gguf` file, a Hub id, or
@@ -56,6 +52,10 @@ pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<P
 /// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
 pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<ParallelModel> {
     Plan::new(&model.config, options.ranks)?;
+    let generation_defaults = match &model.location {
+        WeightsLocation::Safetensors(dir) => GenerationConfig::from_model_dir(dir)?,
+        WeightsLocation::Gguf(_) => GenerationConfig::default(),
+    };
     let program = match &options.worker_program {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -75,7 +75,6 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
         location: model.location.clone(),
         config: model.config.clone(),
         dtype: options.dtype,
-        seed: options.seed.unwrap_or_else(rand::random),
     });
     let loaded = group
         .request(&load, Some(options.load_timeout))?
@@ -92,6 +91,8 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
         group,
         model,
         loaded,
+        generation_defaults,
+        seed: options.seed,
     })
 }
 
@@ -182,54 +183,145 @@ impl ParallelModel {
         }
     }
 
-    /// Generates greedily after `prompt`, returning the new tokens and rank 0's timings.
-    pub fn generate(&mut self, prompt: &[u32], params: &GenerateParams) -> Result<Generated> {
-        self.generate_stream(prompt, params, |_| {})
+    /// The model's generation defaults: transformers' defaults overridden by the checkpoint's
+    /// `generation_config.json`. Start from these and change what a request needs.
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.generation_defaults
     }
 
-    /// Like [`ParallelModel::generate`], calling `on_token` with each token as soon as rank 0
-    /// has chosen it.
+    /// Generates after `prompt` as `config` says (greedy or sampling).
+    pub fn generate(&mut self, prompt: &[u32], config: &GenerationConfig) -> Result<Generated> {
+        self.generate_stream(prompt, config, |_| ControlFlow::Continue(()))
+    }
+
+    /// Like [`ParallelModel::generate`], calling `on_token` with each token of the first
+    /// sequence as soon as rank 0 has chosen it; returning [`ControlFlow::Break`] cancels the
+    /// generation (the ranks stop at their next step and the tokens so far are returned).
     pub fn generate_stream(
         &mut self,
         prompt: &[u32],
-        params: &GenerateParams,
-        mut on_token: impl FnMut(u32),
+        config: &GenerationConfig,
+        mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<Generated> {
+        let batch = self.generate_batch(&[prompt.to_vec()], config, |row, token| match row {
+            0 => on_token(token),
+            _ => ControlFlow::Continue(()),
+        })?;
+        Ok(Generated {
+            ids: batch.sequences.first().cloned().unwrap_or_default(),
+            sequences: batch.sequences,
+            prefill_seconds: batch.prefill_seconds,
+            decode_seconds: batch.decode_seconds,
+        })
+    }
+
+    /// Generates for several prompts of any lengths in one batch (padded on the left, each
+    /// stopping on its own); results are in prompt order, `num_return_sequences` per prompt.
+    /// `on_token(row, token)` sees each token of each row as soon as it is chosen; returning
+    /// [`ControlFlow::Break`] cancels every row.
+    pub fn generate_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+        mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
+    ) -> Result<GeneratedBatch> {
         if !self.model.config.is_causal() {
             return Err(Error::InvalidInput(format!(
                 "{} is an encoder and cannot generate text",
                 self.model.config.architecture
             )));
         }
-        if prompt.is_empty() {
-            return Err(Error::InvalidInput("the prompt is empty".into()));
+        if prompts.is_empty() {
+            return Err(Error::InvalidInput("no prompt to generate for".into()));
         }
-        self.check_ids(prompt)?;
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
+            return Err(Error::InvalidInput(format!("prompt {i} is empty")));
+        }
+        prompts.iter().try_for_each(|p| self.check_ids(p))?;
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        config.validate(
+            self.model.config.vocab_size,
+            self.model.config.max_positions,
+            longest,
+        )?;
+        if config.num_beams > 1 {
+            return Err(Error::InvalidInput(
+                "beam search (num_beams > 1) is not implemented yet; use greedy decoding or sampling".into(),
+            ));
+        }
+        let eos = config
+            .eos_token_id
+            .clone()
+            .unwrap_or_else(|| self.model.eos_token_ids.clone());
+        let rows = prompts.len() * config.num_return_sequences;
+        let mut stops = StopStrings::new(&self.model, &config.stop, rows)?;
         let request = Request::Generate(GenerateRequest {
-            input_ids: prompt.to_vec(),
-            max_new_tokens: params.max_new_tokens,
-            min_new_tokens: params.min_new_tokens,
-            eos_token_ids: params
-                .eos_token_ids
-                .clone()
-                .unwrap_or_else(|| self.model.eos_token_ids.clone()),
+            prompts: prompts.to_vec(),
+            config: config.clone(),
+            pad_token_id: config.pad_token_id.or(eos.first().copied()).unwrap_or(0),
+            eos_token_ids: eos,
+            seed: config.seed.or(self.seed).unwrap_or_else(rand::random),
         });
-        let mut on_partial = |reply: &Reply| {
-            if let Reply::Token(token) = reply {
-                on_token(*token);
+        // Where the main process ended a row itself (cancelled, stop string): tokens the
+        // ranks chose after that are dropped.
+        let mut ended: Vec<Option<usize>> = vec![None; rows];
+        let mut seen = vec![0usize; rows];
+        let mut decode_error = None;
+        let mut on_partial = |reply: &Reply| -> Option<Request> {
+            let &Reply::Token { row, token } = reply else {
+                return None;
+            };
+            let row = row as usize;
+            if ended.get(row).is_none_or(Option::is_some) {
+                return None;
+            }
+            seen[row] += 1;
+            if on_token(row, token).is_break() {
+                for (end, &count) in ended.iter_mut().zip(&seen) {
+                    end.get_or_insert(count);
+                }
+                return Some(Request::Finish((0..rows as u32).collect()));
+            }
+            match stops.as_mut().map(|s| s.push(row, token)) {
+                Some(Ok(true)) => {
+                    ended[row] = Some(seen[row]);
+                    Some(Request::Finish(vec![row as u32]))
+                }
+                Some(Err(e)) => {
+                    decode_error.get_or_insert(e);
+                    None
+                }
+                _ => None,
             }
         };
-        match self
+        let replies = self
             .group
-            .request_streaming(&request, None, &mut on_partial)?
-            .into_iter()
-            .next()
-        {
-            Some(Reply::Generated(generated)) => Ok(generated),
-            other => Err(Error::Launch(format!(
-                "unexpected answer to a generate request: {other:?}"
-            ))),
+            .request_streaming(&request, None, &mut on_partial)?;
+        if let Some(e) = decode_error {
+            return Err(e);
         }
+        let mut batches = replies
+            .into_iter()
+            .map(|reply| match reply {
+                Reply::Generated(batch) => Ok(batch),
+                other => Err(Error::Launch(format!(
+                    "unexpected answer to a generate request: {other:?}"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut first = batches.remove(0);
+        if let Some(rank) = batches.iter().position(|b| b.sequences != first.sequences) {
+            return Err(Error::Launch(format!(
+                "rank {} generated other tokens than rank 0",
+                rank + 1
+            )));
+        }
+        for (sequence, end) in first.sequences.iter_mut().zip(&ended) {
+            if let Some(end) = end {
+                sequence.truncate(*end);
+            }
+        }
+        Ok(first)
     }
 
     /// Each rank's memory now.
@@ -249,5 +341,55 @@ impl ParallelModel {
     /// Stops every rank and frees every resource (also done on drop).
     pub fn deparallelize(mut self) {
         self.group.shutdown();
+    }
+}
+
+/// Stop strings watched in the text of each row as it streams.
+struct StopStrings<'a> {
+    text: TextSide,
+    stops: &'a [String],
+    rows: Vec<(TextStream, String)>,
+}
+
+impl<'a> StopStrings<'a> {
+    /// `None` without stop strings; an error when the model has no tokenizer to decode with.
+    fn new(model: &ResolvedModel, stops: &'a [String], rows: usize) -> Result<Option<Self>> {
+        if stops.is_empty() {
+            return Ok(None);
+        }
+        let text = TextSide::load(model)?.ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "stop strings need the model's tokenizer, and {} has none",
+                model.location.path().display()
+            ))
+        })?;
+        Ok(Some(StopStrings {
+            text,
+            stops,
+            rows: (0..rows)
+                .map(|_| (TextStream::new(), String::new()))
+                .collect(),
+        }))
+    }
+
+    /// Adds `token` to `row`'s text; whether the text now contains a stop string.
+    fn push(&mut self, row: usize, token: u32) -> Result<bool> {
+        let (stream, text) = &mut self.rows[row];
+        let piece = stream
+            .push(&self.text.tokenizer, token)
+            .map_err(|e| Error::Tokenizer(format!("cannot decode token {token}: {e}")))?;
+        let Some(piece) = piece else {
+            return Ok(false);
+        };
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let mut start = text.len().saturating_sub(longest);
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        text.push_str(&piece);
+        Ok(self
+            .stops
+            .iter()
+            .any(|stop| text[start..].contains(stop.as_str())))
     }
 }

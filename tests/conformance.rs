@@ -4,7 +4,7 @@
 mod common;
 
 use common::{fixture, masked_max_diff, options, reference, reference_batch};
-use parallelformers::{parallelize, GenerateParams, WeightDType};
+use parallelformers::{parallelize, GenerationConfig, WeightDType};
 
 /// f32 outputs must be within this of transformers' (absolute, at unpadded positions).
 const F32_TOLERANCE: f64 = 1e-4;
@@ -29,9 +29,9 @@ fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
         let stopping = model
             .generate(
                 &prompt.ids(),
-                &GenerateParams {
+                &GenerationConfig {
                     max_new_tokens: 12,
-                    ..GenerateParams::default()
+                    ..GenerationConfig::default()
                 },
             )
             .unwrap();
@@ -43,10 +43,11 @@ fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
         let forced = model
             .generate(
                 &prompt.ids(),
-                &GenerateParams {
+                &GenerationConfig {
                     max_new_tokens: 12,
                     min_new_tokens: 12,
-                    eos_token_ids: None,
+                    eos_token_id: None,
+                    ..GenerationConfig::default()
                 },
             )
             .unwrap();

@@ -10,7 +10,7 @@ use common::{fixture, options, run, run_with_stdin};
 use parallelformers::checkpoint::source::ResolvedModel;
 use parallelformers::text::TextSide;
 use parallelformers::tokenizer::Message;
-use parallelformers::{parallelize, GenerateParams, ModelSource, WeightDType};
+use parallelformers::{parallelize, GenerationConfig, ModelSource, WeightDType};
 use serde_json::Value;
 
 /// The default model, fetched on first use (once per test binary).
@@ -106,9 +106,9 @@ fn check_greedy_answers(rank_counts: &[usize], dtype: WeightDType) {
         for answer in answers["answers"].as_array().unwrap() {
             let prompt = text.chat_prompt(&messages(&answer["messages"])).unwrap();
             assert_eq!(prompt, ids(&answer["prompt_ids"]), "{}", answer["name"]);
-            let params = GenerateParams {
+            let params = GenerationConfig {
                 max_new_tokens,
-                ..GenerateParams::default()
+                ..GenerationConfig::default()
             };
             let generated = model.generate(&prompt, &params).unwrap();
             assert_eq!(

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{fixture, masked_max_diff, options, read_tensors, reference_batch, run, run_with_env};
-use parallelformers::{parallelize, GenerateParams, WeightDType};
+use parallelformers::{parallelize, GenerationConfig, WeightDType};
 
 fn tiny_gguf() -> PathBuf {
     fixture("gguf").join("tiny_llama_q8_0.gguf")
@@ -28,10 +28,10 @@ fn check_tiny_gguf(dtype: WeightDType) {
             diff < 1e-4,
             "{ranks} ranks in {dtype:?} differ from transformers by {diff}"
         );
-        let params = GenerateParams {
+        let params = GenerationConfig {
             max_new_tokens: 12,
-            eos_token_ids: Some(vec![]),
-            ..GenerateParams::default()
+            eos_token_id: Some(vec![]),
+            ..GenerationConfig::default()
         };
         let generated = model
             .generate(&refs["generate_input_ids"].ids(), &params)

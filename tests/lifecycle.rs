@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{binary, fixture, options, process_exists, shm_segments};
-use parallelformers::{parallelize, GenerateParams};
+use parallelformers::{parallelize, GenerationConfig};
 
 fn assert_all_gone(pids: &[u32]) {
     for &pid in pids {
@@ -39,9 +39,9 @@ fn dropping_the_model_stops_every_worker() {
 #[test]
 fn an_invalid_request_is_refused_and_the_model_stays_usable() {
     let mut model = parallelize(fixture("llama"), options(2)).unwrap();
-    let params = GenerateParams {
+    let params = GenerationConfig {
         max_new_tokens: 3,
-        ..GenerateParams::default()
+        ..GenerationConfig::default()
     };
     let err = model.generate(&[1, 5000], &params).unwrap_err().to_string();
     assert!(err.contains("token id 5000"), "{err}");
@@ -73,9 +73,9 @@ fn the_kv_cache_is_reported_and_freed_after_generation() {
     model
         .generate(
             &[1, 2, 3],
-            &GenerateParams {
+            &GenerationConfig {
                 max_new_tokens: 4,
-                ..GenerateParams::default()
+                ..GenerationConfig::default()
             },
         )
         .unwrap();
@@ -114,9 +114,9 @@ fn a_library_users_own_program_can_host_the_ranks() {
     let expected = model
         .generate(
             &[4, 5, 6],
-            &GenerateParams {
+            &GenerationConfig {
                 max_new_tokens: 6,
-                ..GenerateParams::default()
+                ..GenerationConfig::default()
             },
         )
         .unwrap();
@@ -139,9 +139,9 @@ fn a_killed_rank_fails_the_next_request_fast_naming_the_rank_and_stops_the_other
     let err = model
         .generate(
             &[1, 2, 3],
-            &GenerateParams {
+            &GenerationConfig {
                 max_new_tokens: 4,
-                ..GenerateParams::default()
+                ..GenerationConfig::default()
             },
         )
         .unwrap_err()
@@ -155,7 +155,7 @@ fn a_killed_rank_fails_the_next_request_fast_naming_the_rank_and_stops_the_other
     assert!(model.failure().is_some());
     assert_all_gone(&pids);
     let again = model
-        .generate(&[1], &GenerateParams::default())
+        .generate(&[1], &GenerationConfig::default())
         .unwrap_err()
         .to_string();
     assert!(again.contains("stopped"), "{again}");

@@ -7,7 +7,7 @@ use parallelformers::bandwidth::measure_read_bandwidth;
 use parallelformers::checkpoint::ModelConfig;
 use parallelformers::options::WeightDType;
 use parallelformers::parallel::memory::RankMemory;
-use parallelformers::GenerateParams;
+use parallelformers::GenerationConfig;
 
 use super::ModelArgs;
 
@@ -57,16 +57,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let bandwidth = measure_read_bandwidth(options.ranks.min(cores));
     let mut model = parallelize_resolved(args.model.resolve()?, options)?;
     let ids = prompt(args.prompt_len, model.config().vocab_size);
-    let params = GenerateParams {
+    // Greedy, exactly `new_tokens` tokens: no end-of-sequence id.
+    let params = GenerationConfig {
         max_new_tokens: args.new_tokens,
         min_new_tokens: args.new_tokens,
-        eos_token_ids: Some(Vec::new()),
+        eos_token_id: Some(Vec::new()),
+        ..GenerationConfig::default()
     };
     // Warm-up: page in code and weights, size the allocator.
     model.generate(
         &ids,
-        &GenerateParams {
+        &GenerationConfig {
             max_new_tokens: 2,
+            min_new_tokens: 2,
             ..params.clone()
         },
     )?;

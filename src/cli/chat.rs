@@ -2,17 +2,22 @@
 //! history, streamed to the terminal as tokens arrive.
 
 use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
 
 use anyhow::Context;
 use clap::Args;
 use parallelformers::text::TextSide;
 use parallelformers::tokenizer::{Message, TextStream};
-use parallelformers::{GenerateParams, ParallelModel};
+use parallelformers::{GenerationConfig, ParallelModel};
 
+use super::generation_args::GenerationArgs;
 use super::ModelArgs;
 
 /// Ranks `chat` uses unless told otherwise.
 const DEFAULT_RANKS: usize = 2;
+
+/// Longest answer unless `--max-new-tokens` says otherwise.
+const CHAT_MAX_NEW_TOKENS: usize = 256;
 
 /// Arguments of `chat`.
 #[derive(Debug, Args)]
@@ -22,9 +27,8 @@ pub struct ChatArgs {
     /// A system message to start the conversation with.
     #[arg(long)]
     system: Option<String>,
-    /// Maximum number of new tokens per answer.
-    #[arg(long, default_value_t = 256)]
-    max_new_tokens: usize,
+    #[command(flatten)]
+    generation: GenerationArgs,
     /// The question; without it, an interactive conversation starts.
     prompt: Option<String>,
 }
@@ -34,17 +38,13 @@ fn answer(
     model: &mut ParallelModel,
     text: &TextSide,
     messages: &[Message],
-    max_new_tokens: usize,
+    config: &GenerationConfig,
 ) -> anyhow::Result<String> {
     let prompt = text.chat_prompt(messages)?;
-    let params = GenerateParams {
-        max_new_tokens,
-        ..GenerateParams::default()
-    };
     let mut stream = TextStream::new();
     let mut stdout = std::io::stdout();
     let mut failure = None;
-    let generated = model.generate_stream(&prompt, &params, |token| {
+    let generated = model.generate_stream(&prompt, config, |token| {
         match stream.push(&text.tokenizer, token) {
             Ok(Some(piece)) => {
                 let _ = write!(stdout, "{piece}");
@@ -53,6 +53,7 @@ fn answer(
             Ok(None) => {}
             Err(e) => failure = Some(e),
         }
+        ControlFlow::Continue(())
     })?;
     if let Some(e) = failure {
         return Err(anyhow::anyhow!("cannot decode the answer: {e}"));
@@ -80,6 +81,10 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     );
     let mut model =
         parallelformers::api::parallelize_resolved(resolved, args.model.options(DEFAULT_RANKS))?;
+    let config = args.generation.apply(&GenerationConfig {
+        max_new_tokens: CHAT_MAX_NEW_TOKENS,
+        ..model.generation_config().clone()
+    });
     let mut messages: Vec<Message> = args
         .system
         .iter()
@@ -94,7 +99,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     };
     if let Some(prompt) = args.prompt {
         messages.push(user(prompt));
-        answer(&mut model, &text, &messages, args.max_new_tokens)?;
+        answer(&mut model, &text, &messages, &config)?;
         model.deparallelize();
         return Ok(());
     }
@@ -113,7 +118,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             break;
         }
         messages.push(user(line));
-        let reply = answer(&mut model, &text, &messages, args.max_new_tokens)?;
+        let reply = answer(&mut model, &text, &messages, &config)?;
         messages.push(Message {
             role: "assistant".into(),
             content: reply,

@@ -1,11 +1,16 @@
-//! `parallelformers generate`: greedy continuation of a raw prompt or of token ids.
+//! `parallelformers generate`: continuation of a raw prompt or of token ids, printed as it is
+//! generated, with every generation option of transformers' `generate` as a flag.
 
 use anyhow::{bail, Context};
 use clap::Args;
 use parallelformers::api::parallelize_resolved;
 use parallelformers::text::TextSide;
-use parallelformers::GenerateParams;
+use std::io::Write;
+use std::ops::ControlFlow;
 
+use parallelformers::tokenizer::TextStream;
+
+use super::generation_args::GenerationArgs;
 use super::ModelArgs;
 
 /// Arguments of `generate`.
@@ -13,12 +18,8 @@ use super::ModelArgs;
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Maximum number of new tokens.
-    #[arg(long, default_value_t = 20)]
-    max_new_tokens: usize,
-    /// End-of-sequence is suppressed until this many new tokens exist.
-    #[arg(long, default_value_t = 0)]
-    min_new_tokens: usize,
+    #[command(flatten)]
+    generation: GenerationArgs,
     /// Prompt as comma-separated token ids instead of text.
     #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
     input_ids: Option<Vec<u32>>,
@@ -43,38 +44,65 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (None, None, _) => bail!("give a PROMPT or --input-ids"),
     };
     let mut model = parallelize_resolved(resolved, args.model.options(1))?;
-    let params = GenerateParams {
-        max_new_tokens: args.max_new_tokens,
-        min_new_tokens: args.min_new_tokens,
-        eos_token_ids: None,
+    let config = args.generation.apply(model.generation_config());
+    // Text streams to standard output as tokens are chosen (complete characters only).
+    let mut stream = TextStream::new();
+    let mut stdout = std::io::stdout();
+    let streaming = !args.json && text.is_some() && config.num_return_sequences == 1;
+    let mut on_token = |token: u32| {
+        if let (true, Some(text)) = (streaming, &text) {
+            if let Ok(Some(piece)) = stream.push(&text.tokenizer, token) {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+        }
+        ControlFlow::Continue(())
     };
     let generated = model
-        .generate(&prompt_ids, &params)
+        .generate_stream(&prompt_ids, &config, &mut on_token)
         .context("generation failed")?;
     model.deparallelize();
-    let decoded = text
-        .as_ref()
-        .map(|t| t.decode(&generated.ids))
-        .transpose()?;
+    if streaming {
+        if let Some(text) = &text {
+            if let Some(rest) = stream.finish(&text.tokenizer)? {
+                print!("{rest}");
+            }
+        }
+        println!();
+        return Ok(());
+    }
+    let decoded = match &text {
+        Some(t) => Some(
+            generated
+                .sequences
+                .iter()
+                .map(|ids| t.decode(ids))
+                .collect::<parallelformers::Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
     if args.json {
         let mut object = serde_json::json!({ "generated_ids": generated.ids });
-        if let Some(decoded) = decoded {
-            object["text"] = serde_json::Value::String(decoded);
+        if generated.sequences.len() > 1 {
+            object["sequences"] = serde_json::json!(generated.sequences);
+        }
+        if let Some(decoded) = &decoded {
+            object["text"] = serde_json::Value::String(decoded[0].clone());
+            if decoded.len() > 1 {
+                object["texts"] = serde_json::json!(decoded);
+            }
         }
         println!("{object}");
-    } else {
-        match decoded {
-            Some(decoded) => println!("{decoded}"),
-            None => println!(
+        return Ok(());
+    }
+    match decoded {
+        Some(decoded) => decoded.iter().for_each(|d| println!("{d}")),
+        None => generated.sequences.iter().for_each(|ids| {
+            println!(
                 "{}",
-                generated
-                    .ids
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-        }
+                ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            )
+        }),
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod forward;
 mod generate;
+mod generation_args;
 mod inspect;
 
 use clap::{Args, Parser, Subcommand};

@@ -77,21 +77,21 @@ impl Rotary {
         Rotary { inv_freq }
     }
 
-    /// Rotates `x` `[B, H, L, D]` whose positions start at `offset`.
-    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let len = x.dim(2)?;
+    /// Rotates `x` `[B, H, L, D]` whose position ids are `positions` `[B, L]`.
+    pub fn apply(&self, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        let (batch, _, len, _) = x.dims4()?;
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for pos in offset..offset + len {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &pos in positions {
             for &f in &self.inv_freq {
                 let angle = pos as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (len, half), &Device::Cpu)?.to_dtype(x.dtype())?;
-        let sin = Tensor::from_vec(sin, (len, half), &Device::Cpu)?.to_dtype(x.dtype())?;
+        let cos = Tensor::from_vec(cos, (batch, len, half), &Device::Cpu)?.to_dtype(x.dtype())?;
+        let sin = Tensor::from_vec(sin, (batch, len, half), &Device::Cpu)?.to_dtype(x.dtype())?;
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
 }
@@ -293,12 +293,13 @@ pub struct Projected {
     pub v: Tensor,
 }
 
-/// Scaled dot-product attention of the projected heads, with rotary positions when given and
+/// Scaled dot-product attention of the projected heads, with rotary positions (`[B, L]` ids)
+/// when given and
 /// the cache extended when given. Returns `[B, L, heads*D]` in the input's dtype.
 pub fn attend(
     projected: Projected,
     layout: HeadLayout,
-    rotary: Option<&Rotary>,
+    rotary: Option<(&Rotary, &[u32])>,
     mut cache: Option<&mut KvCache>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
@@ -312,10 +313,9 @@ pub fn attend(
     let mut q = split(&projected.q, layout.heads)?;
     let mut k = split(&projected.k, layout.kv_heads)?;
     let v = split(&projected.v, layout.kv_heads)?;
-    let offset = cache.as_ref().map_or(0, |c| c.len());
-    if let Some(rotary) = rotary {
-        q = rotary.apply(&q, offset)?;
-        k = rotary.apply(&k, offset)?;
+    if let Some((rotary, positions)) = rotary {
+        q = rotary.apply(&q, positions)?;
+        k = rotary.apply(&k, positions)?;
     }
     let scale = 1.0 / (layout.head_dim as f64).sqrt();
     let q = q.to_dtype(DType::F32)?;

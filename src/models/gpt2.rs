@@ -88,12 +88,18 @@ impl Gpt2 {
 impl ShardedModel for Gpt2 {
     fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
         let past = input.past_len(self.caches.len());
-        check_positions(past + input.seq_len, self.max_positions)?;
-        let positions = Tensor::arange(past as u32, (past + input.seq_len) as u32, &Device::Cpu)?;
-        let mut x = self
+        let positions = input.position_ids(past);
+        let end = positions.iter().max().map_or(0, |&p| p as usize + 1);
+        check_positions(end, self.max_positions)?;
+        let positions = Tensor::from_vec(positions, input.batch * input.seq_len, &Device::Cpu)?;
+        let mut x = (self
             .wte
             .forward(input.ids, &[input.batch, input.seq_len], comm)?
-            .broadcast_add(&self.wpe.index_select(&positions, 0)?)?;
+            + self.wpe.index_select(&positions, 0)?.reshape((
+                input.batch,
+                input.seq_len,
+                self.wpe.dim(1)?,
+            ))?)?;
         let mask = input.mask(past, true, None)?;
         let width = self.layout.heads * self.layout.head_dim;
         for (i, block) in self.blocks.iter().enumerate() {

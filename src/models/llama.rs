@@ -105,6 +105,7 @@ impl ShardedModel for Llama {
             .embed
             .forward(input.ids, &[input.batch, input.seq_len], comm)?;
         let mask = input.mask(past, true, self.sliding_window)?;
+        let positions = input.position_ids(past);
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_norm.forward(&x)?;
             let projected = Projected {
@@ -116,7 +117,7 @@ impl ShardedModel for Llama {
             let attn = attend(
                 projected,
                 self.layout,
-                Some(&self.rotary),
+                Some((&self.rotary, &positions)),
                 cache,
                 mask.as_ref(),
             )?;

@@ -35,6 +35,9 @@ pub struct Batch<'a> {
     pub use_cache: bool,
     /// Compute the head only for the last position of each sequence.
     pub last_only: bool,
+    /// Position ids `[batch, seq_len]`; `None` = the cached length onwards, as transformers'
+    /// forward does (generation passes positions that skip left padding).
+    pub positions: Option<&'a [u32]>,
 }
 
 impl Batch<'_> {
@@ -44,6 +47,16 @@ impl Batch<'_> {
             cached
         } else {
             0
+        }
+    }
+
+    /// Position ids `[batch, seq_len]` after `past_len` cached positions.
+    pub fn position_ids(&self, past_len: usize) -> Vec<u32> {
+        match self.positions {
+            Some(p) => p.to_vec(),
+            None => (0..self.batch)
+                .flat_map(|_| (past_len..past_len + self.seq_len).map(|p| p as u32))
+                .collect(),
         }
     }
 

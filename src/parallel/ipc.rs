@@ -10,6 +10,7 @@ use std::io::{ErrorKind, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::checkpoint::ModelConfig;
+pub use crate::generation::{GenerateRequest, GeneratedBatch};
 use crate::parallel::memory::RankMemory;
 
 /// Largest frame accepted (1 GiB): a bound on what a peer can make us allocate.
@@ -24,8 +25,6 @@ pub struct LoadSpec {
     pub config: ModelConfig,
     /// Weight and activation dtype.
     pub dtype: crate::options::WeightDType,
-    /// Seed for sampling decisions (rank 0 draws with it).
-    pub seed: u64,
 }
 
 /// A batch of token sequences for one forward pass.
@@ -41,19 +40,6 @@ pub struct ForwardInput {
     pub attention_mask: Option<Vec<u32>>,
 }
 
-/// Greedy generation for one prompt.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GenerateRequest {
-    /// The prompt's token ids.
-    pub input_ids: Vec<u32>,
-    /// Stop after this many new tokens.
-    pub max_new_tokens: usize,
-    /// End-of-sequence is suppressed until this many new tokens exist.
-    pub min_new_tokens: usize,
-    /// End-of-sequence ids; generation stops after emitting one.
-    pub eos_token_ids: Vec<u32>,
-}
-
 /// Messages from the main process to every rank.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
@@ -61,8 +47,11 @@ pub enum Request {
     Load(LoadSpec),
     /// Run a forward pass.
     Forward(ForwardInput),
-    /// Generate greedily.
+    /// Generate for one or several prompts.
     Generate(GenerateRequest),
+    /// Sent to rank 0 while it generates: finish these rows now (a cancelled stream, a
+    /// matched stop string). Not answered; ignored when it arrives after the generation.
+    Finish(Vec<u32>),
     /// Report memory use.
     Memory,
     /// Exit cleanly.
@@ -76,17 +65,6 @@ pub struct WireTensor {
     pub shape: Vec<usize>,
     /// Row-major values.
     pub data: Vec<f32>,
-}
-
-/// The result of a generation, with timings measured on rank 0.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Generated {
-    /// New token ids only.
-    pub ids: Vec<u32>,
-    /// Time of the prompt's forward pass, in seconds.
-    pub prefill_seconds: f64,
-    /// Time of all later forward passes and token choices, in seconds.
-    pub decode_seconds: f64,
 }
 
 /// Messages from a rank to the main process.
@@ -103,10 +81,15 @@ pub enum Reply {
     Parallelized(RankMemory),
     /// Forward output (rank 0 only; others answer [`Reply::Done`]).
     Forward(WireTensor),
-    /// A token rank 0 just chose, sent while a generation runs (streaming).
-    Token(u32),
-    /// Generation output (rank 0 only).
-    Generated(Generated),
+    /// A token rank 0 just chose for a row, sent while a generation runs (streaming).
+    Token {
+        /// The row (prompt × returned sequence) it extends.
+        row: u32,
+        /// The token.
+        token: u32,
+    },
+    /// Generation output (every rank, so that the main process can check they agree).
+    Generated(GeneratedBatch),
     /// Memory use.
     Memory(RankMemory),
     /// The request succeeded and this rank has nothing to return.

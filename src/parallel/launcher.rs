@@ -276,16 +276,17 @@ impl WorkerGroup {
     /// Sends `request` to every rank and collects one reply from each, in rank order.
     /// An error on any rank is returned with its rank; a rank that dies stops the group.
     pub fn request(&mut self, request: &Request, timeout: Option<Duration>) -> Result<Vec<Reply>> {
-        self.request_streaming(request, timeout, &mut |_| {})
+        self.request_streaming(request, timeout, &mut |_| None)
     }
 
     /// Like [`WorkerGroup::request`], passing the partial replies (streamed tokens) that arrive
-    /// before the final ones to `on_partial`.
+    /// before the final ones to `on_partial`; a request it returns (a [`Request::Finish`]) is
+    /// sent to rank 0 at once, without an answer.
     pub fn request_streaming(
         &mut self,
         request: &Request,
         timeout: Option<Duration>,
-        on_partial: &mut dyn FnMut(&Reply),
+        on_partial: &mut dyn FnMut(&Reply) -> Option<Request>,
     ) -> Result<Vec<Reply>> {
         if let Some(failure) = &self.failure {
             return Err(Error::Launch(format!(
@@ -309,7 +310,7 @@ impl WorkerGroup {
     fn collect(
         &mut self,
         timeout: Option<Duration>,
-        on_partial: &mut dyn FnMut(&Reply),
+        on_partial: &mut dyn FnMut(&Reply) -> Option<Request>,
     ) -> Result<Vec<Reply>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut replies: Vec<Option<Reply>> = vec![None; self.ranks.len()];
@@ -320,8 +321,10 @@ impl WorkerGroup {
                     continue;
                 }
                 if let Some(reply) = self.poll_rank(i)? {
-                    if matches!(reply, Reply::Token(_)) {
-                        on_partial(&reply);
+                    if matches!(reply, Reply::Token { .. }) {
+                        if let Some(control) = on_partial(&reply) {
+                            self.send_control(&control)?;
+                        }
                         continue;
                     }
                     if let (Reply::Error(message), None) = (&reply, &first_error) {
@@ -386,6 +389,15 @@ impl WorkerGroup {
     }
 
     /// Marks the group failed because of `rank`, stops every rank, and builds the error.
+    /// Sends a control message to rank 0 in the middle of a request.
+    fn send_control(&mut self, control: &Request) -> Result<()> {
+        let sent = match self.ranks[0].stream.as_mut() {
+            Some(stream) => write_frame(stream, control),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        };
+        sent.map_err(|e| self.fail(0, format!("cannot send a control message: {e}")))
+    }
+
     fn fail(&mut self, rank: usize, message: String) -> Error {
         self.failure = Some(format!("rank {rank} failed: {message}"));
         self.stop(Duration::ZERO);

@@ -6,6 +6,7 @@
 //! calls [`parallelize`](crate::parallelize) with itself as the worker program must call
 //! [`run_worker_if_requested`] first thing in `main`.
 
+use std::cell::RefCell;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
@@ -13,7 +14,7 @@ use candle_core::DType;
 
 use crate::comm::{Communicator, ShmCommunicator, SingleRank};
 use crate::error::{Error, Result};
-use crate::generation;
+use crate::generation::{self, Hooks};
 use crate::models::{self, Batch, ShardedModel};
 use crate::parallel::engine::{ShardLoader, WeightBytes};
 use crate::parallel::ipc::{
@@ -185,23 +186,59 @@ fn run_worker() -> Result<()> {
             Request::Memory => Reply::Memory(memory(&env, &mut shard)),
             Request::Forward(req) => answer(env.rank, forward(&mut shard, &req)),
             Request::Generate(req) => {
-                let rank = env.rank;
-                let mut stream_token = |token: u32| {
-                    if rank == 0 {
-                        send(&mut stream, &Reply::Token(token))?;
-                    }
-                    Ok(())
+                let link = RefCell::new(&mut stream);
+                let mut on_token = |row: usize, token: u32| {
+                    let token = Reply::Token {
+                        row: row as u32,
+                        token,
+                    };
+                    send(&mut link.borrow_mut(), &token)
                 };
-                let generated = generation::greedy(
-                    shard.model.as_mut(),
-                    shard.comm.as_ref(),
-                    &req,
-                    &mut stream_token,
-                );
-                answer(rank, generated.map(Reply::Generated))
+                let mut finish_requested = || finish_requests(&mut link.borrow_mut());
+                let hooks = Hooks {
+                    on_token: &mut on_token,
+                    finish_requested: &mut finish_requested,
+                };
+                match generation::generate(shard.model.as_mut(), shard.comm.as_ref(), &req, hooks) {
+                    Ok(generated) => Reply::Generated(generated),
+                    Err(e) => Reply::Error(e.to_string()),
+                }
             }
+            // A finish request that arrived after its generation ended: nothing to do.
+            Request::Finish(_) => continue,
         };
         send(&mut stream, &reply)?;
+    }
+}
+
+/// The rows the main process asked rank 0 to finish since the last check (a non-blocking read
+/// of the control frames waiting on its socket).
+fn finish_requests(stream: &mut UnixStream) -> Result<Vec<usize>> {
+    let lost = |e: std::io::Error| Error::Launch(format!("lost the launcher: {e}"));
+    let mut rows = Vec::new();
+    loop {
+        let mut waiting = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(stream),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for a socket this process owns, and a zero timeout.
+        let ready = unsafe { libc::poll(&mut waiting, 1, 0) };
+        if ready < 0 {
+            return Err(lost(std::io::Error::last_os_error()));
+        }
+        if ready == 0 || waiting.revents & libc::POLLIN == 0 {
+            return Ok(rows);
+        }
+        match read_frame::<Request>(stream) {
+            Ok(Request::Finish(finished)) => rows.extend(finished.into_iter().map(|r| r as usize)),
+            Ok(other) => {
+                return Err(Error::Launch(format!(
+                    "unexpected request while generating: {other:?}"
+                )))
+            }
+            Err(e) => return Err(lost(e)),
+        }
     }
 }
 
@@ -244,8 +281,7 @@ fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
         .keep_quantized(spec.dtype == crate::WeightDType::Quantized);
     let model = models::load(&mut loader, &spec.config)?;
     let weights = loader.bytes();
-    // Sampling (issue 5) draws from this seed on rank 0; greedy decoding does not need it.
-    tracing::debug!(rank = env.rank, seed = spec.seed, "shard loaded");
+    tracing::debug!(rank = env.rank, "shard loaded");
     comm.barrier()?;
     Ok(Shard {
         model,
@@ -263,6 +299,7 @@ fn forward(shard: &mut Shard, req: &ForwardInput) -> Result<Reply> {
         attention_mask: req.attention_mask.as_deref(),
         use_cache: false,
         last_only: false,
+        positions: None,
     };
     let out = shard.model.forward(&batch, shard.comm.as_ref())?;
     if shard.comm.rank() != 0 {

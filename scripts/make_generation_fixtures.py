@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Generation references from transformers for tests/fixtures/generation/.
+
+Run by hand (not in CI) after scripts/make_fixtures.py, from anywhere:
+
+    /root/.cache/pf-venv/bin/python scripts/make_generation_fixtures.py
+
+It loads the committed tiny checkpoints of every family that generates and records what
+`model.generate` returns for greedy decoding with `repetition_penalty` and
+`no_repeat_ngram_size`, beam search (2 to 5 beams, several length penalties, with each returned
+sequence's score) and a left-padded batch of prompts of different lengths. It also records the
+output of transformers' logits processors and warpers on fixed logits (processors.json), which
+the sampling unit tests compare against. `null` in a recorded score stands for -inf.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
+from transformers.generation.logits_process import (  # noqa: E402
+    MinNewTokensLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+transformers.logging.set_verbosity_error()
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+OUT = FIXTURES / "generation"
+MODELS = ["llama", "gpt2", "mistral", "qwen2", "smollm_like"]
+PAD = 0
+
+
+def listed(t: torch.Tensor):
+    """A tensor as nested lists, -inf as None."""
+    return [[None if math.isinf(v) and v < 0 else v for v in row] for row in t.tolist()]
+
+
+def base_config(model, **options) -> GenerationConfig:
+    eos = model.generation_config.eos_token_id
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=10, temperature=1.0, top_k=None, top_p=None,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0, eos_token_id=eos,
+        pad_token_id=PAD,
+    )
+    for key, value in options.items():
+        setattr(config, key, value)
+    return config
+
+
+@torch.no_grad()
+def run(model, prompts: list[list[int]], **options):
+    """`generate` on left-padded prompts; the new tokens of each returned sequence, cut after
+    its first end-of-sequence, and the beam scores when beams are used."""
+    config = base_config(model, **options)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    model.generation_config = config
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                         return_dict_in_generate=True, output_scores=config.num_beams > 1)
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    sequences = []
+    for row in out.sequences[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        sequences.append(row[:cut])
+    case = {"prompts": prompts, "options": options, "sequences": sequences}
+    if config.num_beams > 1:
+        case["sequence_scores"] = out.sequences_scores.tolist()
+    return case
+
+
+def model_cases(name: str) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.float32)
+    model.eval()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(7)
+    prompt = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    one = [prompt(6)]
+    cases = {
+        "greedy": run(model, one),
+        "repetition_penalty": run(model, one, repetition_penalty=1.5),
+        "repetition_penalty_below_one": run(model, one, repetition_penalty=0.7),
+        "no_repeat_ngram": run(model, one, no_repeat_ngram_size=2),
+        "penalty_and_ngram": run(model, one, repetition_penalty=1.2, no_repeat_ngram_size=3),
+        "min_new_tokens": run(model, one, min_new_tokens=8),
+        "batched_greedy": run(model, [prompt(3), prompt(7), prompt(5)]),
+        "batched_penalty": run(model, [prompt(4), prompt(6)], repetition_penalty=1.3, no_repeat_ngram_size=2),
+    }
+    for beams, penalty, early in [(2, 1.0, False), (3, 0.8, True), (4, 1.5, False), (5, 2.0, "never"), (4, 1.0, True)]:
+        cases[f"beams_{beams}_lp_{penalty}_early_{early}"] = run(
+            model, one, num_beams=beams, length_penalty=penalty, early_stopping=early,
+            num_return_sequences=min(beams, 3), max_new_tokens=8)
+    cases["beams_batched"] = run(model, [prompt(4), prompt(6)], num_beams=3, num_return_sequences=2,
+                                 max_new_tokens=6)
+    return {
+        "model": name,
+        "eos_token_id": model.generation_config.eos_token_id,
+        "pad_token_id": PAD,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "cases": cases,
+    }
+
+
+def processor_cases() -> dict:
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 40, generator=gen) * 3.0
+    logits[2, 5] = logits[2, 6] = logits[2].max() + 1.0  # a tie at the top
+    input_ids = torch.randint(0, 40, (3, 9), generator=gen)
+    input_ids[:, -3:] = input_ids[:, 2:5]  # repeated n-grams
+    processors = {
+        "repetition_penalty_1.3": RepetitionPenaltyLogitsProcessor(1.3),
+        "repetition_penalty_0.8": RepetitionPenaltyLogitsProcessor(0.8),
+        "no_repeat_ngram_2": NoRepeatNGramLogitsProcessor(2),
+        "no_repeat_ngram_3": NoRepeatNGramLogitsProcessor(3),
+        "min_new_tokens_eos_3_7": MinNewTokensLengthLogitsProcessor(6, 5, [3, 7]),
+        "temperature_0.7": TemperatureLogitsWarper(0.7),
+        "temperature_1.8": TemperatureLogitsWarper(1.8),
+        "top_k_5": TopKLogitsWarper(5),
+        "top_k_1": TopKLogitsWarper(1),
+        "top_p_0.8": TopPLogitsWarper(0.8),
+        "top_p_0.3": TopPLogitsWarper(0.3),
+        "typical_p_0.9": TypicalLogitsWarper(0.9),
+        "typical_p_0.4": TypicalLogitsWarper(0.4),
+    }
+    cases = {name: listed(p(input_ids, logits.clone())) for name, p in processors.items()}
+    # The whole sampling pipeline in transformers' order.
+    chain = [RepetitionPenaltyLogitsProcessor(1.2), NoRepeatNGramLogitsProcessor(2), TemperatureLogitsWarper(0.8),
+             TopKLogitsWarper(12), TopPLogitsWarper(0.9), TypicalLogitsWarper(0.95)]
+    scores = logits.clone()
+    for p in chain:
+        scores = p(input_ids, scores)
+    cases["pipeline"] = listed(scores)
+    return {
+        "transformers_version": transformers.__version__,
+        "logits": logits.tolist(),
+        "input_ids": input_ids.tolist(),
+        "prompt_len": 5,
+        "outputs": cases,
+    }
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
+    for name in MODELS:
+        (OUT / f"{name}.json").write_text(json.dumps(model_cases(name), indent=1) + "\n")
+        print(f"wrote {OUT / name}.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+//! Generation options with transformers' names and defaults, the model's
+//! `generation_config.json` as defaults, and the checks that run before any rank works.
+
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::{Error, Result};
+
+/// When beam search stops (transformers' `early_stopping`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EarlyStopping {
+    /// `false`: stop when the best finished score can no longer be beaten, estimated with the
+    /// current length (transformers' heuristic).
+    #[default]
+    Heuristic,
+    /// `true`: stop as soon as `num_beams` hypotheses are finished.
+    Done,
+    /// `"never"`: stop only when no better hypothesis can exist at any later length.
+    Never,
+}
+
+impl std::str::FromStr for EarlyStopping {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "false" => Ok(EarlyStopping::Heuristic),
+            "true" => Ok(EarlyStopping::Done),
+            "never" => Ok(EarlyStopping::Never),
+            other => Err(format!(
+                "early_stopping must be true, false or never, not {other:?}"
+            )),
+        }
+    }
+}
+
+/// `early_stopping` in a `generation_config.json`: `true`, `false` or `"never"`.
+fn early_stopping_json<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<EarlyStopping>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Flag(bool),
+        Word(String),
+    }
+    Option::<Raw>::deserialize(d)?
+        .map(|raw| match raw {
+            Raw::Flag(true) => Ok(EarlyStopping::Done),
+            Raw::Flag(false) => Ok(EarlyStopping::Heuristic),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        })
+        .transpose()
+}
+
+/// How to generate, with transformers' `GenerationConfig` names and defaults. Start from
+/// [`GenerationConfig::default`] or from a model's own defaults
+/// ([`ParallelModel::generation_config`](crate::ParallelModel::generation_config)).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    /// Stop after this many new tokens.
+    pub max_new_tokens: usize,
+    /// End-of-sequence ids are suppressed until this many new tokens exist.
+    pub min_new_tokens: usize,
+    /// Sample from the processed distribution instead of taking its most likely token.
+    pub do_sample: bool,
+    /// Divides the logits before sampling (> 0).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens when sampling (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`, in (0, 1].
+    pub top_p: f32,
+    /// Keep the tokens whose information content is closest to the entropy, up to this mass
+    /// (locally typical sampling), in (0, 1].
+    pub typical_p: f32,
+    /// Divides positive (multiplies negative) logits of tokens already in the sequence (> 0;
+    /// 1 = off).
+    pub repetition_penalty: f32,
+    /// Never repeat an n-gram of this size (0 = off).
+    pub no_repeat_ngram_size: usize,
+    /// Beams of beam search (1 = no beam search).
+    pub num_beams: usize,
+    /// Beam scores are divided by `length ^ length_penalty`.
+    pub length_penalty: f32,
+    /// When beam search stops.
+    pub early_stopping: EarlyStopping,
+    /// Sequences returned per prompt (at most `num_beams` with beam search).
+    pub num_return_sequences: usize,
+    /// End-of-sequence ids (one or several); `None` = the model's.
+    pub eos_token_id: Option<Vec<u32>>,
+    /// The id that pads shorter prompts of a batch on the left; `None` = the first
+    /// end-of-sequence id (as transformers does).
+    pub pad_token_id: Option<u32>,
+    /// Stop when the decoded text of a sequence ends with one of these strings.
+    pub stop: Vec<String>,
+    /// Seed of the sampler; `None` = the model's ([`Options::seed`](crate::Options::seed)),
+    /// else a fresh one for every request.
+    pub seed: Option<u64>,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_new_tokens: 20,
+            min_new_tokens: 0,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            typical_p: 1.0,
+            repetition_penalty: 1.0,
+            no_repeat_ngram_size: 0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
+            num_return_sequences: 1,
+            eos_token_id: None,
+            pad_token_id: None,
+            stop: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+/// `eos_token_id` may be one id or a list of ids.
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<u32>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(u32),
+        Many(Vec<u32>),
+    }
+    Ok(Option::<Raw>::deserialize(d)?.map(|raw| match raw {
+        Raw::One(id) => vec![id],
+        Raw::Many(ids) => ids,
+    }))
+}
+
+/// The keys of `generation_config.json` this crate reads, with the JSON's `null`s allowed.
+#[derive(Debug, Default, Deserialize)]
+struct ModelDefaults {
+    max_new_tokens: Option<usize>,
+    min_new_tokens: Option<usize>,
+    do_sample: Option<bool>,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    typical_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    no_repeat_ngram_size: Option<usize>,
+    num_beams: Option<usize>,
+    length_penalty: Option<f32>,
+    #[serde(default, deserialize_with = "early_stopping_json")]
+    early_stopping: Option<EarlyStopping>,
+    num_return_sequences: Option<usize>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    eos_token_id: Option<Vec<u32>>,
+    pad_token_id: Option<u32>,
+}
+
+impl GenerationConfig {
+    /// transformers' defaults overridden by a checkpoint's `generation_config.json`, when the
+    /// file exists.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(GenerationConfig::default());
+        };
+        Self::from_json(&text).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
+    }
+
+    /// transformers' defaults overridden by the keys of a `generation_config.json` text.
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        let m: ModelDefaults = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let d = GenerationConfig::default();
+        Ok(GenerationConfig {
+            max_new_tokens: m.max_new_tokens.unwrap_or(d.max_new_tokens),
+            min_new_tokens: m.min_new_tokens.unwrap_or(d.min_new_tokens),
+            do_sample: m.do_sample.unwrap_or(d.do_sample),
+            temperature: m.temperature.unwrap_or(d.temperature),
+            top_k: m.top_k.unwrap_or(d.top_k),
+            top_p: m.top_p.unwrap_or(d.top_p),
+            typical_p: m.typical_p.unwrap_or(d.typical_p),
+            repetition_penalty: m.repetition_penalty.unwrap_or(d.repetition_penalty),
+            no_repeat_ngram_size: m.no_repeat_ngram_size.unwrap_or(d.no_repeat_ngram_size),
+            num_beams: m.num_beams.unwrap_or(d.num_beams),
+            length_penalty: m.length_penalty.unwrap_or(d.length_penalty),
+            early_stopping: m.early_stopping.unwrap_or(d.early_stopping),
+            num_return_sequences: m.num_return_sequences.unwrap_or(d.num_return_sequences),
+            eos_token_id: m.eos_token_id,
+            pad_token_id: m.pad_token_id,
+            ..d
+        })
+    }
+
+    /// Refuses contradictory or out-of-range options, naming the option and its value.
+    /// `vocab_size` bounds the end-of-sequence ids; `context` is the model's longest sequence,
+    /// and `longest_prompt` the longest prompt of the request.
+    pub fn validate(&self, vocab_size: usize, context: usize, longest_prompt: usize) -> Result<()> {
+        let fail = |message: String| Err(Error::InvalidInput(message));
+        if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return fail(format!(
+                "temperature must be a positive number when sampling (do_sample), got {}",
+                self.temperature
+            ));
+        }
+        for (name, value) in [("top_p", self.top_p), ("typical_p", self.typical_p)] {
+            if !(value > 0.0 && value <= 1.0) {
+                return fail(format!("{name} must be in (0, 1], got {value}"));
+            }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return fail(format!(
+                "repetition_penalty must be a positive number, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if !self.length_penalty.is_finite() {
+            return fail(format!(
+                "length_penalty must be finite, got {}",
+                self.length_penalty
+            ));
+        }
+        if self.num_beams == 0 || self.num_return_sequences == 0 {
+            return fail(format!(
+                "num_beams ({}) and num_return_sequences ({}) must be at least 1",
+                self.num_beams, self.num_return_sequences
+            ));
+        }
+        if self.num_beams > 1 && self.num_return_sequences > self.num_beams {
+            return fail(format!(
+                "num_return_sequences ({}) cannot exceed num_beams ({}) with beam search",
+                self.num_return_sequences, self.num_beams
+            ));
+        }
+        if self.num_beams == 1 && !self.do_sample && self.num_return_sequences > 1 {
+            return fail(format!(
+                "greedy decoding returns one sequence per prompt; num_return_sequences is {} (use do_sample or num_beams)",
+                self.num_return_sequences
+            ));
+        }
+        if self.num_beams > 1 && self.do_sample {
+            return fail("sampling with beams (do_sample with num_beams > 1) is not supported; use one or the other".into());
+        }
+        if self.min_new_tokens > self.max_new_tokens {
+            return fail(format!(
+                "min_new_tokens ({}) exceeds max_new_tokens ({})",
+                self.min_new_tokens, self.max_new_tokens
+            ));
+        }
+        if let Some(id) = self
+            .eos_token_id
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= vocab_size)
+        {
+            return fail(format!(
+                "eos_token_id {id} is outside the vocabulary of {vocab_size} tokens"
+            ));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return fail("a stop string is empty".into());
+        }
+        if longest_prompt + self.max_new_tokens > context {
+            return fail(format!(
+                "a prompt of {longest_prompt} tokens plus max_new_tokens {} exceeds the model's context of {context} positions",
+                self.max_new_tokens
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_defaults_override_transformers_defaults() {
+        let c = GenerationConfig::from_json(
+            r#"{"do_sample": true, "temperature": 0.6, "top_p": 0.9, "top_k": null,
+                "eos_token_id": [2, 7], "early_stopping": "never", "transformers_version": "5"}"#,
+        )
+        .unwrap();
+        assert!(c.do_sample);
+        assert_eq!((c.temperature, c.top_p, c.top_k), (0.6, 0.9, 50));
+        assert_eq!(c.eos_token_id, Some(vec![2, 7]));
+        assert_eq!(c.early_stopping, EarlyStopping::Never);
+        let one =
+            GenerationConfig::from_json(r#"{"eos_token_id": 3, "early_stopping": true}"#).unwrap();
+        assert_eq!(one.eos_token_id, Some(vec![3]));
+        assert_eq!(one.early_stopping, EarlyStopping::Done);
+        assert!(GenerationConfig::from_json(r#"{"early_stopping": "soon"}"#).is_err());
+    }
+
+    #[test]
+    fn contradictory_or_out_of_range_options_are_named() {
+        let check = |c: GenerationConfig, needle: &str| {
+            let err = c.validate(100, 64, 8).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        };
+        let d = GenerationConfig::default;
+        check(
+            GenerationConfig {
+                do_sample: true,
+                temperature: 0.0,
+                ..d()
+            },
+            "temperature",
+        );
+        check(
+            GenerationConfig { top_p: 0.0, ..d() },
+            "top_p must be in (0, 1], got 0",
+        );
+        check(GenerationConfig { top_p: 1.5, ..d() }, "top_p");
+        check(
+            GenerationConfig {
+                typical_p: -1.0,
+                ..d()
+            },
+            "typical_p",
+        );
+        check(
+            GenerationConfig {
+                repetition_penalty: 0.0,
+                ..d()
+            },
+            "repetition_penalty",
+        );
+        check(
+            GenerationConfig {
+                num_beams: 2,
+                num_return_sequences: 3,
+                ..d()
+            },
+            "cannot exceed num_beams (2)",
+        );
+        check(
+            GenerationConfig {
+                num_return_sequences: 2,
+                ..d()
+            },
+            "greedy decoding",
+        );
+        check(
+            GenerationConfig {
+                min_new_tokens: 30,
+                ..d()
+            },
+            "min_new_tokens (30)",
+        );
+        check(
+            GenerationConfig {
+                eos_token_id: Some(vec![100]),
+                ..d()
+            },
+            "eos_token_id 100",
+        );
+        check(
+            GenerationConfig {
+                max_new_tokens: 60,
+                ..d()
+            },
+            "context of 64",
+        );
+        check(
+            GenerationConfig {
+                stop: vec![String::new()],
+                ..d()
+            },
+            "stop string",
+        );
+        assert!(GenerationConfig {
+            do_sample: true,
+            temperature: 0.5,
+            ..d()
+        }
+        .validate(100, 64, 8)
+        .is_ok());
+    }
+}

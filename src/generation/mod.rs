@@ -1,0 +1,407 @@
+//! Token-by-token generation inside the ranks, in lock-step: every rank runs the same forward
+//! passes; rank 0 processes the logits, chooses each row's next token (greedy or sampled from
+//! its seeded generator) and broadcasts the choices, so all ranks extend their caches with the
+//! same ids whatever rounding their own logits carry.
+//!
+//! Several prompts run as one batch: prompts are padded on the left, the attention mask hides
+//! the padding, position ids skip it (as transformers' `generate` does), and each row stops on
+//! its own; a finished row is fed padding until every row is done.
+
+pub mod config;
+pub mod processors;
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::comm::Communicator;
+use crate::error::{Error, Result};
+use crate::models::{Batch, ShardedModel};
+pub use config::{EarlyStopping, GenerationConfig};
+use processors::{History, LogitsPipeline};
+
+/// A generation request as every rank receives it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// The prompts' token ids (one or several, of any lengths).
+    pub prompts: Vec<Vec<u32>>,
+    /// The options.
+    pub config: GenerationConfig,
+    /// End-of-sequence ids; a row stops after emitting one.
+    pub eos_token_ids: Vec<u32>,
+    /// The id that pads prompts on the left and finished rows.
+    pub pad_token_id: u32,
+    /// Seed of rank 0's sampler.
+    pub seed: u64,
+}
+
+/// The new tokens of every returned sequence, with the timings of the rank that answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedBatch {
+    /// New tokens, `num_return_sequences` rows per prompt, in prompt order.
+    pub sequences: Vec<Vec<u32>>,
+    /// Time of the prompts' forward pass, in seconds.
+    pub prefill_seconds: f64,
+    /// Time of all later forward passes and token choices, in seconds.
+    pub decode_seconds: f64,
+}
+
+/// Callbacks of a generation on rank 0: `on_token(row, token)` sees each token as soon as it is
+/// decided; `finish_requested()` returns rows the caller asked to finish (a cancelled stream,
+/// a matched stop string), checked between steps.
+pub struct Hooks<'a> {
+    /// Called with each new token of each row.
+    pub on_token: &'a mut dyn FnMut(usize, u32) -> Result<()>,
+    /// Rows to finish now.
+    pub finish_requested: &'a mut dyn FnMut() -> Result<Vec<usize>>,
+}
+
+/// Generates for every prompt of `req` (greedy or sampling, as its options say). Every rank
+/// returns the same sequences; the hooks are called on rank 0 only.
+pub fn generate(
+    model: &mut dyn ShardedModel,
+    comm: &dyn Communicator,
+    req: &GenerateRequest,
+    hooks: Hooks,
+) -> Result<GeneratedBatch> {
+    if req.prompts.is_empty() || req.prompts.iter().any(Vec::is_empty) {
+        return Err(Error::InvalidInput("a prompt is empty".into()));
+    }
+    let start = Instant::now();
+    let mut rows = Rows::new(req);
+    if req.config.max_new_tokens == 0 {
+        return Ok(rows.finish(0.0, 0.0));
+    }
+    model.clear_cache();
+    let mut logits = rows.forward_prompts(model, comm)?;
+    let prefill_seconds = start.elapsed().as_secs_f64();
+    let decode_start = Instant::now();
+    let mut chooser = (comm.rank() == 0).then(|| Chooser::new(req));
+    loop {
+        let mut decision = vec![0u32; rows.count() + 1];
+        if let Some(chooser) = chooser.as_mut() {
+            for row in (hooks.finish_requested)()? {
+                rows.finish_row(row);
+            }
+            decision = chooser.decide(&logits, &rows)?;
+        }
+        let mut bytes: Vec<u8> = decision.iter().flat_map(|v| v.to_le_bytes()).collect();
+        comm.broadcast(&mut bytes, 0)?;
+        let decision: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let more = decision[0] != 0;
+        for (row, token) in rows.record(&decision[1..]) {
+            if comm.rank() == 0 {
+                (hooks.on_token)(row, token)?;
+            }
+        }
+        if !more {
+            break;
+        }
+        logits = rows.forward_step(model, comm, &rows.last_fed())?;
+    }
+    model.clear_cache();
+    Ok(rows.finish(prefill_seconds, decode_start.elapsed().as_secs_f64()))
+}
+
+/// The token a finished row gets in rank 0's broadcast (it is fed padding).
+const FINISHED: u32 = u32::MAX;
+
+/// The batch's rows: the ids the model has seen (padding included), the attention mask, the
+/// next position of each row, and what each row generated.
+struct Rows {
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<u32>>,
+    padding: Vec<usize>,
+    next_position: Vec<u32>,
+    new: Vec<Vec<u32>>,
+    done: Vec<bool>,
+    pad: u32,
+    eos: Vec<u32>,
+    limit: usize,
+}
+
+impl Rows {
+    /// Each prompt `num_return_sequences` times, padded on the left to the longest.
+    fn new(req: &GenerateRequest) -> Self {
+        let copies = req.config.num_return_sequences.max(1);
+        let prompts: Vec<&Vec<u32>> = req
+            .prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p, copies))
+            .collect();
+        let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let padding: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+        Rows {
+            ids: prompts
+                .iter()
+                .zip(&padding)
+                .map(|(p, &pad)| [vec![req.pad_token_id; pad], p.to_vec()].concat())
+                .collect(),
+            mask: padding
+                .iter()
+                .map(|&pad| [vec![0; pad], vec![1; width - pad]].concat())
+                .collect(),
+            next_position: prompts.iter().map(|p| p.len() as u32).collect(),
+            new: vec![Vec::new(); prompts.len()],
+            done: vec![false; prompts.len()],
+            padding,
+            pad: req.pad_token_id,
+            eos: req.eos_token_ids.clone(),
+            limit: req.config.max_new_tokens,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether `token`, as the next token of `row`, ends it (end of sequence or the limit).
+    fn ends(&self, row: usize, token: u32) -> bool {
+        self.eos.contains(&token) || self.new[row].len() + 1 >= self.limit
+    }
+
+    fn finish_row(&mut self, row: usize) {
+        if let Some(done) = self.done.get_mut(row) {
+            *done = true;
+        }
+    }
+
+    /// The prompts' forward pass: the last position's logits of every row.
+    fn forward_prompts(
+        &self,
+        model: &mut dyn ShardedModel,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor> {
+        // Position ids count real tokens only (the padding's positions are never attended).
+        let positions: Vec<u32> = self
+            .padding
+            .iter()
+            .zip(&self.ids)
+            .flat_map(|(&pad, ids)| (0..ids.len()).map(move |i| i.saturating_sub(pad) as u32))
+            .collect();
+        let ids: Vec<u32> = self.ids.concat();
+        let mask: Vec<u32> = self.mask.concat();
+        let width = self.ids[0].len();
+        let padded = self.padding.iter().any(|&p| p > 0);
+        model.forward(
+            &Batch {
+                ids: &ids,
+                batch: self.count(),
+                seq_len: width,
+                attention_mask: padded.then_some(mask.as_slice()),
+                use_cache: true,
+                last_only: true,
+                positions: Some(&positions),
+            },
+            comm,
+        )
+    }
+
+    /// One decode step: feeds each row's chosen token and returns the new logits.
+    fn forward_step(
+        &mut self,
+        model: &mut dyn ShardedModel,
+        comm: &dyn Communicator,
+        tokens: &[u32],
+    ) -> Result<Tensor> {
+        let positions: Vec<u32> = self.next_position.clone();
+        self.next_position.iter_mut().for_each(|p| *p += 1);
+        let padded = self.padding.iter().any(|&p| p > 0);
+        let mask: Vec<u32> = self.mask.concat();
+        model.forward(
+            &Batch {
+                ids: tokens,
+                batch: self.count(),
+                seq_len: 1,
+                attention_mask: padded.then_some(mask.as_slice()),
+                use_cache: true,
+                last_only: true,
+                positions: Some(&positions),
+            },
+            comm,
+        )
+    }
+
+    /// Appends the broadcast tokens; returns the (row, token) pairs that are new output (rows
+    /// finished earlier are fed padding, which is not output).
+    /// ([`FINISHED`] marks a row finished earlier or now, on request, and feeds it padding.)
+    fn record(&mut self, tokens: &[u32]) -> Vec<(usize, u32)> {
+        let mut emitted = Vec::new();
+        for (row, &token) in tokens.iter().enumerate() {
+            let fed = match token {
+                FINISHED => {
+                    self.done[row] = true;
+                    self.pad
+                }
+                token => {
+                    self.done[row] = self.ends(row, token);
+                    self.new[row].push(token);
+                    emitted.push((row, token));
+                    token
+                }
+            };
+            self.ids[row].push(fed);
+            self.mask[row].push(1);
+        }
+        emitted
+    }
+
+    /// The ids the last step fed to the model, one per row.
+    fn last_fed(&self) -> Vec<u32> {
+        self.ids.iter().map(|ids| ids[ids.len() - 1]).collect()
+    }
+
+    fn finish(self, prefill_seconds: f64, decode_seconds: f64) -> GeneratedBatch {
+        GeneratedBatch {
+            sequences: self.new,
+            prefill_seconds,
+            decode_seconds,
+        }
+    }
+}
+
+/// Rank 0's side: processes each row's logits and chooses its next token.
+struct Chooser {
+    pipeline: LogitsPipeline,
+    sample: bool,
+    rng: StdRng,
+}
+
+impl Chooser {
+    fn new(req: &GenerateRequest) -> Self {
+        Chooser {
+            pipeline: LogitsPipeline::new(&req.config, &req.eos_token_ids),
+            sample: req.config.do_sample,
+            rng: StdRng::seed_from_u64(req.seed),
+        }
+    }
+
+    /// `[more, token of row 0, token of row 1, ...]`: `more` is 0 once every row will be done
+    /// after these tokens; finished rows get [`FINISHED`].
+    fn decide(&mut self, logits: &Tensor, rows: &Rows) -> Result<Vec<u32>> {
+        let values: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let vocab = values.len() / rows.count();
+        let mut decision = Vec::with_capacity(rows.count() + 1);
+        decision.push(0);
+        let mut more = false;
+        for (row, scores) in values.chunks_exact(vocab).enumerate() {
+            if rows.done[row] {
+                decision.push(FINISHED);
+                continue;
+            }
+            let mut scores = scores.to_vec();
+            self.pipeline.apply(
+                &mut scores,
+                History {
+                    ids: &rows.ids[row],
+                    padding: rows.padding[row],
+                    new_tokens: rows.new[row].len(),
+                },
+            );
+            let token = match self.sample {
+                true => sample(&scores, &mut self.rng)?,
+                false => argmax(&scores)?,
+            };
+            decision.push(token);
+            more |= !rows.ends(row, token);
+        }
+        decision[0] = u32::from(more);
+        Ok(decision)
+    }
+}
+
+/// The index of the largest score (the first on ties, like `torch.argmax`).
+fn argmax(scores: &[f32]) -> Result<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in scores.iter().enumerate() {
+        if v > f32::NEG_INFINITY && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map(|(i, _)| i as u32).ok_or_else(banned)
+}
+
+/// A token drawn from the softmax of `scores` (tokens at `-inf` are never drawn).
+fn sample(scores: &[f32], rng: &mut StdRng) -> Result<u32> {
+    let probs = processors::softmax(scores);
+    let total: f64 = probs.iter().map(|&p| p as f64).sum();
+    if total.is_nan() || total <= 0.0 {
+        return Err(banned());
+    }
+    let target = rng.random::<f64>() * total;
+    let mut cumulative = 0f64;
+    let mut last = None;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            cumulative += p as f64;
+            last = Some(i);
+            if cumulative > target {
+                return Ok(i as u32);
+            }
+        }
+    }
+    last.map(|i| i as u32).ok_or_else(banned)
+}
+
+fn banned() -> Error {
+    Error::InvalidInput(
+        "every token is banned by the generation options; nothing can be generated".into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima_and_skips_banned() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]).unwrap(), 1);
+        assert_eq!(argmax(&[1.0, f32::NEG_INFINITY, 2.0]).unwrap(), 2);
+        assert!(argmax(&[f32::NEG_INFINITY; 3]).is_err());
+    }
+
+    /// The sampler's draws follow the processed distribution: a chi-square test over 20 000
+    /// draws from a fixed distribution with a banned token.
+    #[test]
+    fn sampling_draws_from_the_processed_distribution() {
+        let scores = [0.0f32, 1.0, f32::NEG_INFINITY, 2.0, -1.0];
+        let probs = processors::softmax(&scores);
+        let mut rng = StdRng::seed_from_u64(5);
+        let draws = 20_000;
+        let mut counts = [0usize; 5];
+        for _ in 0..draws {
+            counts[sample(&scores, &mut rng).unwrap() as usize] += 1;
+        }
+        assert_eq!(counts[2], 0, "a banned token was drawn");
+        let chi2: f64 = counts
+            .iter()
+            .zip(&probs)
+            .filter(|(_, &p)| p > 0.0)
+            .map(|(&c, &p)| {
+                let expected = p as f64 * draws as f64;
+                (c as f64 - expected).powi(2) / expected
+            })
+            .sum();
+        // 3 degrees of freedom: P(chi2 > 16.27) = 0.001.
+        assert!(chi2 < 16.27, "chi-square {chi2} for counts {counts:?}");
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_tokens() {
+        let scores = [0.5f32, 0.4, 0.3, 0.2];
+        let draw = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..50)
+                .map(|_| sample(&scores, &mut rng).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(9), draw(9));
+        assert_ne!(draw(9), draw(10));
+    }
+}
