@@ -28,6 +28,9 @@ pub struct Generated {
     pub prefill_seconds: f64,
     /// Time of all later forward passes and token choices, in seconds.
     pub decode_seconds: f64,
+    /// The part of `decode_seconds` rank 0 spent outside the model (processing logits,
+    /// choosing, broadcasting, streaming).
+    pub overhead_seconds: f64,
 }
 
 /// A model split over worker processes.
@@ -212,6 +215,7 @@ impl ParallelModel {
             sequences: batch.sequences,
             prefill_seconds: batch.prefill_seconds,
             decode_seconds: batch.decode_seconds,
+            overhead_seconds: batch.overhead_seconds,
         })
     }
 
@@ -244,11 +248,6 @@ impl ParallelModel {
             self.model.config.max_positions,
             longest,
         )?;
-        if config.num_beams > 1 {
-            return Err(Error::InvalidInput(
-                "beam search (num_beams > 1) is not implemented yet; use greedy decoding or sampling".into(),
-            ));
-        }
         let eos = config
             .eos_token_id
             .clone()
@@ -310,6 +309,7 @@ impl ParallelModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut first = batches.remove(0);
+        // Timings differ between ranks; only rank 0 measures the choice of tokens.
         if let Some(rank) = batches.iter().position(|b| b.sequences != first.sequences) {
             return Err(Error::Launch(format!(
                 "rank {} generated other tokens than rank 0",

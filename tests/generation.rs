@@ -1,7 +1,8 @@
 //! Generation against transformers' `generate` (tests/fixtures/generation/, written by
 //! scripts/make_generation_fixtures.py) at several rank counts: greedy decoding with
-//! `repetition_penalty`, `no_repeat_ngram_size` and `min_new_tokens`, and left-padded batches of
-//! prompts of different lengths must give identical tokens. Also: sampling is reproducible and
+//! `repetition_penalty`, `no_repeat_ngram_size` and `min_new_tokens`, left-padded batches of
+//! prompts of different lengths, and beam search (2 to 5 beams, length penalties, early
+//! stopping, several returned sequences with their scores) must give identical tokens. Also: sampling is reproducible and
 //! agreed on by every rank, a stream can be cancelled, stop strings end a sequence, and bad
 //! options are refused before any rank works.
 
@@ -50,7 +51,7 @@ fn run_batch(
 }
 
 #[test]
-fn greedy_with_penalties_and_padded_batches_matches_transformers_at_several_rank_counts() {
+fn greedy_penalties_batches_and_beams_match_transformers_at_several_rank_counts() {
     for family in FAMILIES {
         let reference = recorded(family);
         let max_ranks: usize = serde_json::from_str::<Value>(
@@ -63,11 +64,24 @@ fn greedy_with_penalties_and_padded_batches_matches_transformers_at_several_rank
             let mut model = parallelize(fixture(family), options(ranks)).unwrap();
             for (name, case) in reference["cases"].as_object().unwrap() {
                 let config = case_config(case);
-                if config.num_beams > 1 {
-                    continue; // beam search: not implemented yet (see the refusal test below)
+                let got = model
+                    .generate_batch(&prompts(case), &config, |_, _| ControlFlow::Continue(()))
+                    .unwrap();
+                assert_eq!(
+                    got.sequences,
+                    sequences(case),
+                    "{family}, {name}, {ranks} ranks"
+                );
+                if let Some(want) = case["sequence_scores"].as_array() {
+                    let scores = got.scores.expect("beam search returns scores");
+                    for (g, w) in scores.iter().zip(want) {
+                        let w = w.as_f64().unwrap();
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-4,
+                            "{family}, {name}, {ranks} ranks: score {g} vs {w}"
+                        );
+                    }
                 }
-                let got = run_batch(&mut model, &prompts(case), &config);
-                assert_eq!(got, sequences(case), "{family}, {name}, {ranks} ranks");
             }
             model.deparallelize();
         }
@@ -200,7 +214,10 @@ fn contradictory_options_and_long_prompts_are_refused_before_any_rank_works() {
     let mut model = parallelize(fixture("gpt2"), options(2)).unwrap();
     let refuse =
         |model: &mut ParallelModel, prompt: &[u32], config: GenerationConfig, needle: &str| {
-            let err = model.generate(prompt, &config).unwrap_err().to_string();
+            let err = match model.generate(prompt, &config) {
+                Ok(_) => panic!("accepted {config:?}"),
+                Err(e) => e.to_string(),
+            };
             assert!(err.contains(needle), "{err}");
         };
     let d = GenerationConfig::default;
@@ -235,9 +252,10 @@ fn contradictory_options_and_long_prompts_are_refused_before_any_rank_works() {
         &[1],
         GenerationConfig {
             num_beams: 3,
+            stop: vec!["a".into()],
             ..d()
         },
-        "beam search",
+        "not supported with beam search",
     );
     // The fixture's context is 64 positions.
     refuse(

@@ -28,6 +28,11 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Decode by sampling with the costliest common options (temperature 0.7, top-k 50,
+    /// top-p 0.9, typical-p 0.95, repetition penalty 1.1, no 3-gram repeats) instead of
+    /// greedily, to measure the cost of processing the logits.
+    #[arg(long)]
+    sampling: bool,
 }
 
 /// A deterministic prompt of `len` ids spread over the vocabulary.
@@ -62,7 +67,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         max_new_tokens: args.new_tokens,
         min_new_tokens: args.new_tokens,
         eos_token_id: Some(Vec::new()),
-        ..GenerationConfig::default()
+        ..match args.sampling {
+            true => GenerationConfig {
+                do_sample: true,
+                temperature: 0.7,
+                top_k: 50,
+                top_p: 0.9,
+                typical_p: 0.95,
+                repetition_penalty: 1.1,
+                no_repeat_ngram_size: 3,
+                seed: Some(0),
+                ..GenerationConfig::default()
+            },
+            false => GenerationConfig::default(),
+        }
     };
     // Warm-up: page in code and weights, size the allocator.
     model.generate(
@@ -75,10 +93,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     )?;
     let mut prefill = f64::INFINITY;
     let mut decode = f64::INFINITY;
+    let mut overhead = 0.0;
     for _ in 0..args.repeats.max(1) {
         let run = model.generate(&ids, &params)?;
         prefill = prefill.min(run.prefill_seconds);
-        decode = decode.min(run.decode_seconds / (run.ids.len() - 1) as f64);
+        let per_token = run.decode_seconds / (run.ids.len() - 1) as f64;
+        if per_token < decode {
+            decode = per_token;
+            overhead = run.overhead_seconds / run.decode_seconds;
+        }
     }
     let memory = model.memory_report()?;
     let model_name = model.model().location.path().display().to_string();
@@ -104,11 +127,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "read_bandwidth_bytes_per_s": bandwidth,
                 "weight_bytes_per_token": streamed,
                 "bandwidth_limit_tokens_per_s": limit,
+                "sampling": args.sampling,
+                "decode_overhead_fraction": overhead,
             })
         );
     } else {
         println!("prefill ({} tokens): {prefill_ms:.1} ms", args.prompt_len);
-        println!("greedy decode: {decode_tokens_per_s:.1} tokens/s");
+        let mode = if args.sampling { "sampled" } else { "greedy" };
+        println!("{mode} decode: {decode_tokens_per_s:.1} tokens/s, {:.1} % of it outside the model (choosing, broadcasting, streaming)", 100.0 * overhead);
         println!(
             "memory-bandwidth limit: {limit:.1} tokens/s ({:.1} GB/s read over {:.0} MB of weights per token); decode is at {:.0} %",
             bandwidth / 1e9,

@@ -243,6 +243,9 @@ impl GenerationConfig {
         if self.num_beams > 1 && self.do_sample {
             return fail("sampling with beams (do_sample with num_beams > 1) is not supported; use one or the other".into());
         }
+        if self.num_beams > 1 && !self.stop.is_empty() {
+            return fail("stop strings are not supported with beam search".into());
+        }
         if self.min_new_tokens > self.max_new_tokens {
             return fail(format!(
                 "min_new_tokens ({}) exceeds max_new_tokens ({})",

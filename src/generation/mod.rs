@@ -7,6 +7,7 @@
 //! the padding, position ids skip it (as transformers' `generate` does), and each row stops on
 //! its own; a finished row is fed padding until every row is done.
 
+mod beam;
 pub mod config;
 pub mod processors;
 
@@ -43,10 +44,16 @@ pub struct GenerateRequest {
 pub struct GeneratedBatch {
     /// New tokens, `num_return_sequences` rows per prompt, in prompt order.
     pub sequences: Vec<Vec<u32>>,
+    /// With beam search, each sequence's score: its summed log-probabilities divided by
+    /// `length ^ length_penalty` (transformers' `sequences_scores`).
+    pub scores: Option<Vec<f32>>,
     /// Time of the prompts' forward pass, in seconds.
     pub prefill_seconds: f64,
     /// Time of all later forward passes and token choices, in seconds.
     pub decode_seconds: f64,
+    /// The part of `decode_seconds` spent outside the model on the answering rank: processing
+    /// logits, choosing tokens, broadcasting them, streaming them out.
+    pub overhead_seconds: f64,
 }
 
 /// Callbacks of a generation on rank 0: `on_token(row, token)` sees each token as soon as it is
@@ -70,17 +77,22 @@ pub fn generate(
     if req.prompts.is_empty() || req.prompts.iter().any(Vec::is_empty) {
         return Err(Error::InvalidInput("a prompt is empty".into()));
     }
+    if req.config.num_beams > 1 {
+        return beam::beam_search(model, comm, req, hooks.finish_requested);
+    }
     let start = Instant::now();
-    let mut rows = Rows::new(req);
+    let mut rows = Rows::new(req, req.config.num_return_sequences);
     if req.config.max_new_tokens == 0 {
-        return Ok(rows.finish(0.0, 0.0));
+        return Ok(rows.finish(0.0, 0.0, 0.0));
     }
     model.clear_cache();
     let mut logits = rows.forward_prompts(model, comm)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut chooser = (comm.rank() == 0).then(|| Chooser::new(req));
+    let mut overhead = Overhead::default();
     loop {
+        overhead.start();
         let mut decision = vec![0u32; rows.count() + 1];
         if let Some(chooser) = chooser.as_mut() {
             for row in (hooks.finish_requested)()? {
@@ -100,19 +112,43 @@ pub fn generate(
                 (hooks.on_token)(row, token)?;
             }
         }
+        overhead.stop();
         if !more {
             break;
         }
         logits = rows.forward_step(model, comm, &rows.last_fed())?;
     }
     model.clear_cache();
-    Ok(rows.finish(prefill_seconds, decode_start.elapsed().as_secs_f64()))
+    Ok(rows.finish(
+        prefill_seconds,
+        decode_start.elapsed().as_secs_f64(),
+        overhead.seconds,
+    ))
+}
+
+/// Time spent between the model's forward passes, summed over the steps.
+#[derive(Debug, Default)]
+struct Overhead {
+    since: Option<Instant>,
+    seconds: f64,
+}
+
+impl Overhead {
+    fn start(&mut self) {
+        self.since = Some(Instant::now());
+    }
+
+    fn stop(&mut self) {
+        if let Some(since) = self.since.take() {
+            self.seconds += since.elapsed().as_secs_f64();
+        }
+    }
 }
 
 /// The token a finished row gets in rank 0's broadcast (it is fed padding).
 const FINISHED: u32 = u32::MAX;
 
-/// The batch's rows: the ids the model has seen (padding included), the attention mask, the
+/// The batch's rows (shared with [`beam`]): the ids the model has seen (padding included), the attention mask, the
 /// next position of each row, and what each row generated.
 struct Rows {
     ids: Vec<Vec<u32>>,
@@ -127,9 +163,9 @@ struct Rows {
 }
 
 impl Rows {
-    /// Each prompt `num_return_sequences` times, padded on the left to the longest.
-    fn new(req: &GenerateRequest) -> Self {
-        let copies = req.config.num_return_sequences.max(1);
+    /// Each prompt `copies` times, padded on the left to the longest.
+    fn new(req: &GenerateRequest, copies: usize) -> Self {
+        let copies = copies.max(1);
         let prompts: Vec<&Vec<u32>> = req
             .prompts
             .iter()
@@ -233,6 +269,7 @@ impl Rows {
     /// ([`FINISHED`] marks a row finished earlier or now, on request, and feeds it padding.)
     fn record(&mut self, tokens: &[u32]) -> Vec<(usize, u32)> {
         let mut emitted = Vec::new();
+        let mut fed_ids = Vec::with_capacity(tokens.len());
         for (row, &token) in tokens.iter().enumerate() {
             let fed = match token {
                 FINISHED => {
@@ -246,10 +283,31 @@ impl Rows {
                     token
                 }
             };
-            self.ids[row].push(fed);
-            self.mask[row].push(1);
+            fed_ids.push(fed);
         }
+        self.push(&fed_ids);
         emitted
+    }
+
+    /// Appends the ids fed to each row in the last step.
+    fn push(&mut self, fed: &[u32]) {
+        for ((ids, mask), &id) in self.ids.iter_mut().zip(&mut self.mask).zip(fed) {
+            ids.push(id);
+            mask.push(1);
+        }
+    }
+
+    /// Rearranges the rows: row `i` becomes the old row `sources[i]`.
+    fn reorder(&mut self, sources: &[usize]) {
+        fn pick<T: Clone>(items: &mut Vec<T>, sources: &[usize]) {
+            *items = sources.iter().map(|&s| items[s].clone()).collect();
+        }
+        pick(&mut self.ids, sources);
+        pick(&mut self.mask, sources);
+        pick(&mut self.padding, sources);
+        pick(&mut self.next_position, sources);
+        pick(&mut self.new, sources);
+        pick(&mut self.done, sources);
     }
 
     /// The ids the last step fed to the model, one per row.
@@ -257,11 +315,18 @@ impl Rows {
         self.ids.iter().map(|ids| ids[ids.len() - 1]).collect()
     }
 
-    fn finish(self, prefill_seconds: f64, decode_seconds: f64) -> GeneratedBatch {
+    fn finish(
+        self,
+        prefill_seconds: f64,
+        decode_seconds: f64,
+        overhead_seconds: f64,
+    ) -> GeneratedBatch {
         GeneratedBatch {
             sequences: self.new,
+            scores: None,
             prefill_seconds,
             decode_seconds,
+            overhead_seconds,
         }
     }
 }
@@ -329,24 +394,23 @@ fn argmax(scores: &[f32]) -> Result<u32> {
 
 /// A token drawn from the softmax of `scores` (tokens at `-inf` are never drawn).
 fn sample(scores: &[f32], rng: &mut StdRng) -> Result<u32> {
-    let probs = processors::softmax(scores);
+    let live: Vec<usize> = (0..scores.len())
+        .filter(|&i| scores[i] > f32::NEG_INFINITY)
+        .collect();
+    let probs = processors::softmax(&live.iter().map(|&i| scores[i]).collect::<Vec<_>>());
     let total: f64 = probs.iter().map(|&p| p as f64).sum();
     if total.is_nan() || total <= 0.0 {
         return Err(banned());
     }
     let target = rng.random::<f64>() * total;
     let mut cumulative = 0f64;
-    let mut last = None;
-    for (i, &p) in probs.iter().enumerate() {
-        if p > 0.0 {
-            cumulative += p as f64;
-            last = Some(i);
-            if cumulative > target {
-                return Ok(i as u32);
-            }
+    for (&i, &p) in live.iter().zip(&probs) {
+        cumulative += p as f64;
+        if cumulative > target {
+            return Ok(i as u32);
         }
     }
-    last.map(|i| i as u32).ok_or_else(banned)
+    live.last().map(|&i| i as u32).ok_or_else(banned)
 }
 
 fn banned() -> Error {

@@ -155,9 +155,12 @@ pub fn top_k(scores: &mut [f32], k: usize, min_keep: usize) {
 /// likely.
 pub fn top_p(scores: &mut [f32], top_p: f32, min_keep: usize) {
     // Most likely last; on ties the lower id counts as more likely (as argmax prefers it).
-    let order = sorted(scores, |a, b| {
-        scores[a].total_cmp(&scores[b]).then(b.cmp(&a))
-    });
+    // Filtered tokens would sort first and stay filtered: leave them out (after top-k, a few
+    // dozen entries are sorted instead of the vocabulary).
+    let mut order: Vec<usize> = (0..scores.len())
+        .filter(|&i| scores[i] > FILTERED)
+        .collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(b.cmp(&a)));
     let probs = softmax(&order.iter().map(|&i| scores[i]).collect::<Vec<_>>());
     let mut cumulative = 0f32;
     let keep_from = order.len().saturating_sub(min_keep);
@@ -175,18 +178,22 @@ pub fn top_p(scores: &mut [f32], top_p: f32, min_keep: usize) {
 /// the distribution's entropy, in that order, until their probability mass reaches `mass`
 /// (at least `min_keep` tokens).
 pub fn typical_p(scores: &mut [f32], mass: f32, min_keep: usize) {
-    let log_probs = log_softmax(scores);
-    let entropy: f32 = -log_probs
-        .iter()
-        .map(|&l| l * l.exp())
-        .filter(|v| !v.is_nan())
-        .sum::<f32>();
+    // Filtered tokens have no probability, no share of the entropy, and would sort last: work
+    // on the possible ones only.
+    let live: Vec<usize> = (0..scores.len())
+        .filter(|&i| scores[i] > FILTERED)
+        .collect();
+    if live.is_empty() {
+        return;
+    }
+    let live_scores: Vec<f32> = live.iter().map(|&i| scores[i]).collect();
+    let log_probs = log_softmax(&live_scores);
+    let entropy: f32 = -log_probs.iter().map(|&l| l * l.exp()).sum::<f32>();
     let shifted: Vec<f32> = log_probs.iter().map(|&l| (-l - entropy).abs()).collect();
     // Most typical first; on ties the lower id first.
-    let order = sorted(scores, |a, b| {
-        shifted[a].total_cmp(&shifted[b]).then(a.cmp(&b))
-    });
-    let probs = softmax(&order.iter().map(|&i| scores[i]).collect::<Vec<_>>());
+    let mut order: Vec<usize> = (0..live.len()).collect();
+    order.sort_by(|&a, &b| shifted[a].total_cmp(&shifted[b]).then(a.cmp(&b)));
+    let probs = softmax(&order.iter().map(|&i| live_scores[i]).collect::<Vec<_>>());
     let mut cumulative = 0f32;
     let below = probs
         .iter()
@@ -198,16 +205,9 @@ pub fn typical_p(scores: &mut [f32], mass: f32, min_keep: usize) {
     let cutoff = shifted[order[below.min(order.len() - 1)]];
     for (rank, &i) in order.iter().enumerate() {
         if rank >= min_keep && shifted[i] > cutoff {
-            scores[i] = FILTERED;
+            scores[live[i]] = FILTERED;
         }
     }
-}
-
-/// The indices of `scores` in the order `compare` defines.
-fn sorted(scores: &[f32], compare: impl Fn(usize, usize) -> std::cmp::Ordering) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| compare(a, b));
-    order
 }
 
 /// Softmax of `scores` in f32 (`-inf` gives 0).

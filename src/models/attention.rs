@@ -156,6 +156,29 @@ impl KvCache {
         Ok(())
     }
 
+    /// Rearranges the batch: row `i` becomes the old row `rows[i]` (a row may be copied to
+    /// several places, as beams that share a history are).
+    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        if self.capacity == 0 {
+            return Ok(());
+        }
+        if rows.len() != self.batch || rows.iter().any(|&r| r >= self.batch) {
+            return Err(crate::error::Error::InvalidInput(format!(
+                "cannot reorder a cache of {} rows as {rows:?}",
+                self.batch
+            )));
+        }
+        let block = self.heads * self.capacity * self.dim;
+        for buffer in [&mut self.keys, &mut self.values] {
+            let old = std::mem::take(buffer);
+            *buffer = rows
+                .iter()
+                .flat_map(|&r| old[r * block..(r + 1) * block].iter().copied())
+                .collect();
+        }
+        Ok(())
+    }
+
     /// Moves the cached positions into buffers with room for `capacity` positions per head.
     fn grow(&mut self, capacity: usize) {
         let (heads, dim, len) = (self.batch * self.heads, self.dim, self.len);
@@ -222,6 +245,11 @@ impl LayerCaches {
     /// The cache of layer `index`.
     pub fn layer(&mut self, index: usize) -> &mut KvCache {
         &mut self.layers[index]
+    }
+
+    /// Rearranges every layer's rows: row `i` becomes the old row `rows[i]`.
+    pub fn reorder(&mut self, rows: &[usize]) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|c| c.reorder(rows))
     }
 
     /// Forgets everything cached.

@@ -92,6 +92,14 @@ pub trait ShardedModel: Send {
             caches.clear();
         }
     }
+    /// Rearranges the cached sequences: row `i` becomes the old row `rows[i]` (beam search
+    /// keeps the beams that survive a step).
+    fn reorder_cache(&mut self, rows: &[usize]) -> Result<()> {
+        match self.caches() {
+            Some(caches) => caches.reorder(rows),
+            None => Ok(()),
+        }
+    }
     /// Bytes held by the key/value cache.
     fn kv_cache_bytes(&mut self) -> usize {
         self.caches().map_or(0, |c| c.bytes())
