@@ -103,6 +103,78 @@ fn min_new_tokens_suppresses_end_of_sequence_like_transformers() {
 }
 
 #[test]
+fn generation_flags_follow_transformers_names_and_bad_values_are_refused() {
+    let sampled = [
+        "--max-new-tokens",
+        "10",
+        "--do-sample",
+        "true",
+        "--temperature",
+        "1.3",
+        "--top-k",
+        "30",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.2",
+        "--num-return-sequences",
+        "2",
+        "--eos-token-id",
+        "1,2",
+        "--seed",
+        "11",
+    ];
+    let one = generate_reference_prompt("llama", "2", &sampled);
+    let again = generate_reference_prompt("llama", "3", &sampled);
+    assert_eq!(
+        one["sequences"], again["sequences"],
+        "same seed, same samples"
+    );
+    assert_eq!(one["sequences"].as_array().unwrap().len(), 2);
+    let beams = generate_reference_prompt(
+        "llama",
+        "2",
+        &[
+            "--num-beams",
+            "3",
+            "--num-return-sequences",
+            "2",
+            "--max-new-tokens",
+            "6",
+        ],
+    );
+    assert_eq!(beams["sequences"].as_array().unwrap().len(), 2);
+    let model = fixture("llama");
+    for (flag, value, needle) in [
+        ("--top-p", "0", "top_p must be in (0, 1]"),
+        (
+            "--temperature",
+            "-1",
+            "temperature must be a positive number",
+        ),
+        (
+            "--early-stopping",
+            "soon",
+            "early_stopping must be true, false or never",
+        ),
+    ] {
+        let option = format!("{flag}={value}");
+        let out = run(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--do-sample",
+            "true",
+            &option,
+            "--input-ids",
+            "1,2",
+        ]);
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+    }
+}
+
+#[test]
 fn generate_from_a_text_prompt_returns_text_from_the_tokenizer() {
     let model = fixture("gpt2");
     let one = run(&[
