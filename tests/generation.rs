@@ -275,3 +275,24 @@ fn contradictory_options_and_long_prompts_are_refused_before_any_rank_works() {
     assert_eq!(model.generate(&[1, 2], &two).unwrap().ids.len(), 2);
     model.deparallelize();
 }
+
+#[test]
+fn options_that_ban_every_token_stop_every_rank_with_an_error_and_the_model_stays_usable() {
+    let mut model = parallelize(fixture("llama"), options(2)).unwrap();
+    // No token may repeat: after the 103 tokens of the vocabulary, nothing is left.
+    let exhausting = GenerationConfig {
+        no_repeat_ngram_size: 1,
+        max_new_tokens: 110,
+        eos_token_id: Some(vec![]),
+        ..GenerationConfig::default()
+    };
+    let err = model.generate(&[1], &exhausting).unwrap_err().to_string();
+    assert!(err.contains("every token is banned"), "{err}");
+    let short = GenerationConfig {
+        max_new_tokens: 3,
+        eos_token_id: Some(vec![]),
+        ..GenerationConfig::default()
+    };
+    assert_eq!(model.generate(&[1, 2], &short).unwrap().ids.len(), 3);
+    model.deparallelize();
+}

@@ -9,7 +9,7 @@ use crate::comm::Communicator;
 use crate::error::Result;
 use crate::generation::config::EarlyStopping;
 use crate::generation::processors::{History, LogitsPipeline};
-use crate::generation::{GenerateRequest, GeneratedBatch, Rows};
+use crate::generation::{broadcast_words, GenerateRequest, GeneratedBatch, Rows};
 use crate::models::ShardedModel;
 
 /// transformers' stand-in for an impossible score.
@@ -62,16 +62,6 @@ pub(super) fn beam_search(
         decode_seconds: decode_start.elapsed().as_secs_f64(),
         overhead_seconds: overhead.seconds,
     })
-}
-
-/// Broadcasts rank 0's words (fixed length known to every rank).
-fn broadcast_words(comm: &dyn Communicator, words: Vec<u32>) -> Result<Vec<u32>> {
-    let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-    comm.broadcast(&mut bytes, 0)?;
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
 }
 
 /// Sends rank 0's sequences and scores to every rank: their count and lengths first, then the

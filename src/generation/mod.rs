@@ -94,18 +94,24 @@ pub fn generate(
     loop {
         overhead.start();
         let mut decision = vec![0u32; rows.count() + 1];
+        let mut failure = None;
         if let Some(chooser) = chooser.as_mut() {
             for row in (hooks.finish_requested)()? {
                 rows.finish_row(row);
             }
-            decision = chooser.decide(&logits, &rows)?;
+            // A failed choice still reaches every rank, so that all of them stop together.
+            decision = chooser.decide(&logits, &rows).unwrap_or_else(|e| {
+                failure = Some(e);
+                let mut abort = vec![0u32; rows.count() + 1];
+                abort[0] = ABORT;
+                abort
+            });
         }
-        let mut bytes: Vec<u8> = decision.iter().flat_map(|v| v.to_le_bytes()).collect();
-        comm.broadcast(&mut bytes, 0)?;
-        let decision: Vec<u32> = bytes
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let decision = broadcast_words(comm, decision)?;
+        if decision[0] == ABORT {
+            model.clear_cache();
+            return Err(failure.unwrap_or_else(banned));
+        }
         let more = decision[0] != 0;
         for (row, token) in rows.record(&decision[1..]) {
             if comm.rank() == 0 {
@@ -144,6 +150,19 @@ impl Overhead {
         }
     }
 }
+
+/// Broadcasts rank 0's words (a length every rank knows) and returns them on every rank.
+fn broadcast_words(comm: &dyn Communicator, words: Vec<u32>) -> Result<Vec<u32>> {
+    let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    comm.broadcast(&mut bytes, 0)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// The first word of rank 0's broadcast when it could not choose: every rank stops.
+const ABORT: u32 = 2;
 
 /// The token a finished row gets in rank 0's broadcast (it is fed padding).
 const FINISHED: u32 = u32::MAX;
