@@ -222,7 +222,7 @@ impl ParallelModel {
     /// Generates for several prompts of any lengths in one batch (padded on the left, each
     /// stopping on its own); results are in prompt order, `num_return_sequences` per prompt.
     /// `on_token(row, token)` sees each token of each row as soon as it is chosen; returning
-    /// [`ControlFlow::Break`] cancels every row.
+    /// [`ControlFlow::Break`] finishes that row (the others go on).
     pub fn generate_batch(
         &mut self,
         prompts: &[Vec<u32>],
@@ -276,10 +276,8 @@ impl ParallelModel {
             }
             seen[row] += 1;
             if on_token(row, token).is_break() {
-                for (end, &count) in ended.iter_mut().zip(&seen) {
-                    end.get_or_insert(count);
-                }
-                return Some(Request::Finish((0..rows as u32).collect()));
+                ended[row] = Some(seen[row]);
+                return Some(Request::Finish(vec![row as u32]));
             }
             match stops.as_mut().map(|s| s.push(row, token)) {
                 Some(Ok(true)) => {

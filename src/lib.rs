@@ -30,6 +30,7 @@ pub mod models;
 pub mod options;
 pub mod parallel;
 pub mod policy;
+pub mod serve;
 pub mod text;
 pub mod tokenizer;
 

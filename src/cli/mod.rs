@@ -6,6 +6,7 @@ mod forward;
 mod generate;
 mod generation_args;
 mod inspect;
+mod serve;
 
 use clap::{Args, Parser, Subcommand};
 use parallelformers::checkpoint::source::{ModelSource, ResolvedModel};
@@ -23,7 +24,7 @@ pub struct Cli {
 enum Command {
     /// Run one forward pass over inputs from a safetensors file; write logits or hidden states.
     Forward(forward::ForwardArgs),
-    /// Generate text (greedy) after a prompt or a list of token ids.
+    /// Generate text (greedy, sampled or beam search) after a prompt or a list of token ids.
     Generate(generate::GenerateArgs),
     /// Print the slicing plan and the memory each rank will hold, without loading weights.
     Inspect(inspect::InspectArgs),
@@ -31,6 +32,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Chat with the model: one answer to PROMPT, or an interactive conversation.
     Chat(chat::ChatArgs),
+    /// Serve the model over HTTP with OpenAI's API (completions, chat, streaming).
+    Serve(serve::ServeArgs),
 }
 
 /// Arguments shared by every command that loads a model.
@@ -92,5 +95,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

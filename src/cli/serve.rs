@@ -1,0 +1,63 @@
+//! `parallelformers serve`: the OpenAI-compatible HTTP server over the parallel model.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::Args;
+use parallelformers::api::parallelize_resolved;
+use parallelformers::serve::{serve, ServeConfig};
+
+use super::ModelArgs;
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on (loopback unless you mean to expose the server).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0 = any free port; the address is printed when ready).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model's name in the API [default: the checkpoint's directory or file name].
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Most requests waiting or running; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Most new tokens one request may ask for.
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Seconds running requests may go on after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    grace_seconds: u64,
+}
+
+/// Runs `serve`.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let resolved = args.model.resolve()?;
+    let path = resolved.location.path();
+    let name = args.served_model_name.clone().unwrap_or_else(|| {
+        let stem = path.file_stem().or(path.file_name()).unwrap_or_default();
+        stem.to_string_lossy().into_owned()
+    });
+    let model = parallelize_resolved(resolved, args.model.options(1))?;
+    let config = ServeConfig {
+        address: SocketAddr::new(args.host, args.port),
+        model_name: name,
+        max_queue: args.max_queue,
+        max_tokens_limit: args.max_tokens,
+        max_body_bytes: args.max_body_bytes,
+        grace: Duration::from_secs(args.grace_seconds),
+    };
+    serve(model, config, |address| {
+        println!("listening on http://{address}");
+        let _ = std::io::stdout().flush();
+    })?;
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! `parallelformers serve`: an OpenAI-compatible HTTP server (axum on tokio) over a parallel
+//! model. Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream:
+//! true` as server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health`,
+//! `GET /metrics` (Prometheus text).
+//!
+//! One thread owns the model ([`scheduler`]); handlers queue jobs to it and relay its events.
+//! Requests waiting together with the same options are decoded as one batch. A full queue
+//! answers 503 with `Retry-After`; SIGINT/SIGTERM stop accepting, let running requests finish
+//! within a grace period, and stop every rank.
+
+pub mod metrics;
+pub mod openai;
+pub mod scheduler;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::api::ParallelModel;
+use crate::error::{Error, Result};
+use crate::generation::GenerationConfig;
+use crate::text::TextSide;
+use openai::{ApiError, ChatRequest, CompletionRequest, FinishReason, Route, Sampling};
+use scheduler::{Event, Job, Shared};
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub address: SocketAddr,
+    /// The name clients use for the model (`/v1/models`).
+    pub model_name: String,
+    /// Most requests waiting or running; more get 503.
+    pub max_queue: usize,
+    /// Most new tokens a request may ask for.
+    pub max_tokens_limit: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// How long running requests may go on after a stop signal.
+    pub grace: Duration,
+}
+
+/// What every handler reads.
+struct AppState {
+    jobs: Mutex<Sender<Job>>,
+    shared: Arc<Shared>,
+    config: ServeConfig,
+    text: Arc<TextSide>,
+    defaults: GenerationConfig,
+    context: usize,
+}
+
+/// Serves `model` until SIGINT or SIGTERM; `on_ready` is called with the bound address.
+pub fn serve(
+    model: ParallelModel,
+    config: ServeConfig,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let text = Arc::new(TextSide::load(model.model())?.ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{} has no tokenizer, so it cannot be served",
+            model.model().location.path().display()
+        ))
+    })?);
+    let shared = Arc::new(Shared::default());
+    shared.healthy.store(true, Ordering::Relaxed);
+    shared.metrics.set_ranks(model.load_report().to_vec());
+    let defaults = model.generation_config().clone();
+    let context = model.config().max_positions;
+    let (jobs, queue) = std::sync::mpsc::channel();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Launch(format!("cannot start the server's runtime: {e}")))?;
+    let state = Arc::new(AppState {
+        jobs: Mutex::new(jobs),
+        shared: shared.clone(),
+        config: config.clone(),
+        text: text.clone(),
+        defaults,
+        context,
+    });
+    let model_thread = std::thread::Builder::new()
+        .name("model".into())
+        .spawn({
+            let shared = shared.clone();
+            move || scheduler::run(model, text, queue, shared)
+        })
+        .map_err(|e| Error::Launch(format!("cannot start the model thread: {e}")))?;
+    let served = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.address)
+            .await
+            .map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", config.address)))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| Error::Launch(format!("no local address: {e}")))?;
+        on_ready(address);
+        let app = router(state.clone());
+        let server = axum::serve(listener, app).with_graceful_shutdown(stop_signal());
+        // Running requests get the grace period after the signal, then the server stops anyway.
+        tokio::select! {
+            result = server => result.map_err(|e| Error::Launch(format!("the server failed: {e}"))),
+            _ = async { stop_signal().await; tokio::time::sleep(config.grace).await } => Ok(()),
+        }
+    });
+    // Closing the queue lets the model thread finish its batch and stop the ranks.
+    drop(state);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let _ = model_thread.join();
+    served
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => return interrupt.await.unwrap_or(()),
+        };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::invalid("", "no such route").into_response() })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": state.config.model_name,
+        "object": "model",
+        "created": openai::now(),
+        "owned_by": "parallelformers",
+    }]}))
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.shared.healthy.load(Ordering::Relaxed) {
+        true => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        false => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "down"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> String {
+    state.shared.metrics.render()
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: std::result::Result<Json<CompletionRequest>, JsonRejection>,
+) -> Response {
+    let result = match body {
+        Ok(Json(request)) => {
+            let prompt = request.prompt_text().and_then(|p| encode(&state.text, &p));
+            match prompt {
+                Ok(ids) => respond(&state, Route::Completions, ids, &request.sampling, 16).await,
+                Err(e) => Err(e),
+            }
+        }
+        Err(rejection) => Err(rejected(rejection)),
+    };
+    finish(&state, "completions", result)
+}
+
+async fn chat(
+    State(state): State<Arc<AppState>>,
+    body: std::result::Result<Json<ChatRequest>, JsonRejection>,
+) -> Response {
+    let result = match body {
+        Ok(Json(request)) => match state.text.chat_prompt(&request.messages) {
+            Ok(ids) => {
+                let default_max = state.config.max_tokens_limit;
+                respond(&state, Route::Chat, ids, &request.sampling, default_max).await
+            }
+            Err(e) => Err(ApiError::invalid("messages", e.to_string())),
+        },
+        Err(rejection) => Err(rejected(rejection)),
+    };
+    finish(&state, "chat", result)
+}
+
+/// Counts the answer and turns an error into its response.
+fn finish(
+    state: &AppState,
+    route: &'static str,
+    result: std::result::Result<Response, ApiError>,
+) -> Response {
+    let response = result.unwrap_or_else(IntoResponse::into_response);
+    state
+        .shared
+        .metrics
+        .request(route, response.status().as_u16());
+    response
+}
+
+/// A body that is not the JSON the route expects: 400 (413 when too large), naming the problem.
+fn rejected(rejection: JsonRejection) -> ApiError {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::invalid("", "the request body is too large")
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE),
+        _ => ApiError::invalid("", rejection.body_text()),
+    }
+}
+
+/// The prompt's token ids (as the CLI encodes a prompt).
+fn encode(text: &TextSide, prompt: &str) -> std::result::Result<Vec<u32>, ApiError> {
+    let ids = text
+        .encode(prompt)
+        .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize the prompt: {e}")))?;
+    match ids.is_empty() {
+        true => Err(ApiError::invalid("prompt", "the prompt is empty")),
+        false => Ok(ids),
+    }
+}
+
+/// Checks the request, queues its job, and answers (a whole answer, or a stream).
+async fn respond(
+    state: &Arc<AppState>,
+    route: Route,
+    prompt: Vec<u32>,
+    sampling: &Sampling,
+    default_max: usize,
+) -> std::result::Result<Response, ApiError> {
+    if let Some(name) = sampling.model.as_deref() {
+        if name != state.config.model_name {
+            return Err(ApiError::unknown_model(name, &state.config.model_name));
+        }
+    }
+    if !state.shared.healthy.load(Ordering::Relaxed) {
+        return Err(ApiError::unavailable("the model is down", None));
+    }
+    let config = sampling.config(
+        &state.defaults,
+        default_max.min(state.config.max_tokens_limit),
+    );
+    if config.max_new_tokens > state.config.max_tokens_limit || config.max_new_tokens == 0 {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "max_tokens must be between 1 and {}, got {}",
+                state.config.max_tokens_limit, config.max_new_tokens
+            ),
+        ));
+    }
+    config
+        .validate(
+            state.text.tokenizer.get_vocab_size(true),
+            state.context,
+            prompt.len(),
+        )
+        .map_err(|e| ApiError::invalid("", e.to_string()))?;
+    let metrics = &state.shared.metrics;
+    if metrics.in_flight.fetch_add(1, Ordering::SeqCst) >= state.config.max_queue {
+        metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+        return Err(ApiError::unavailable(
+            "the server is busy; retry shortly",
+            Some(1),
+        ));
+    }
+    metrics.prompt_tokens(prompt.len());
+    let prompt_tokens = prompt.len();
+    let choices = config.num_return_sequences;
+    let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let job = Job {
+        prompt,
+        config,
+        events,
+        arrived: Instant::now(),
+    };
+    let queued = state
+        .jobs
+        .lock()
+        .map(|jobs| jobs.send(job).is_ok())
+        .unwrap_or(false);
+    if !queued {
+        metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+        return Err(ApiError::unavailable("the server is shutting down", None));
+    }
+    let id = format!(
+        "{}-{:016x}",
+        if route == Route::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        rand::random::<u64>()
+    );
+    let release = InFlight(state.clone());
+    match sampling.stream {
+        true => Ok(stream(
+            route,
+            id,
+            state.config.model_name.clone(),
+            receiver,
+            release,
+        )),
+        false => {
+            whole(
+                route,
+                &id,
+                &state.config.model_name,
+                receiver,
+                choices,
+                prompt_tokens,
+                release,
+            )
+            .await
+        }
+    }
+}
+
+/// Decrements the queue depth when a request ends (however it ends).
+struct InFlight(Arc<AppState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .shared
+            .metrics
+            .in_flight
+            .fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Collects every event into one answer.
+async fn whole(
+    route: Route,
+    id: &str,
+    model: &str,
+    mut events: UnboundedReceiver<Event>,
+    choices: usize,
+    prompt_tokens: usize,
+    _in_flight: InFlight,
+) -> std::result::Result<Response, ApiError> {
+    let mut texts = vec![String::new(); choices];
+    let mut finishes = vec![FinishReason::Stop; choices];
+    let mut completion_tokens = 0;
+    let mut ended = 0;
+    while ended < choices {
+        match events.recv().await {
+            Some(Event::Text { index, piece }) => texts[index].push_str(&piece),
+            Some(Event::End {
+                index,
+                finish,
+                tokens,
+            }) => {
+                finishes[index] = finish;
+                completion_tokens += tokens;
+                ended += 1;
+            }
+            Some(Event::Failed(e)) => return Err(e),
+            None => return Err(ApiError::internal("the model thread stopped")),
+        }
+    }
+    let answers = texts
+        .iter()
+        .zip(&finishes)
+        .enumerate()
+        .map(|(i, (text, &finish))| route.choice(i, text, finish))
+        .collect();
+    Ok(Json(route.answer(id, model, answers, prompt_tokens, completion_tokens)).into_response())
+}
+
+/// Relays events as OpenAI chunks (server-sent events), then `data: [DONE]`. Dropping the
+/// stream (the client left) closes the channel, which finishes the row at the next step.
+fn stream(
+    route: Route,
+    id: String,
+    model: String,
+    events: UnboundedReceiver<Event>,
+    in_flight: InFlight,
+) -> Response {
+    let chunks = UnboundedReceiverStream::new(events).map(move |event| {
+        let _hold = &in_flight;
+        let data = match event {
+            Event::Text { index, piece } => route.chunk(&id, &model, index, Some(&piece), None),
+            Event::End { index, finish, .. } => route.chunk(&id, &model, index, None, Some(finish)),
+            Event::Failed(e) => json!({"error": {"message": e.message(), "type": "server_error"}}),
+        };
+        Ok::<_, std::convert::Infallible>(SseEvent::default().data(data.to_string()))
+    });
+    let done = tokio_stream::once(Ok(SseEvent::default().data("[DONE]")));
+    Sse::new(chunks.chain(done))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

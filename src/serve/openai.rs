@@ -1,0 +1,313 @@
+//! The OpenAI API's shapes: requests of `/v1/completions` and `/v1/chat/completions`, their
+//! answers and streamed chunks, and OpenAI-style errors.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::generation::GenerationConfig;
+use crate::tokenizer::Message;
+
+/// One string or a list of strings (`prompt`, `stop`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single string.
+    One(String),
+    /// Several strings.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// The sampling fields both routes share (OpenAI's names, plus `top_k` and
+/// `repetition_penalty` as vLLM accepts them). Unknown fields are ignored; known fields of the
+/// wrong type are refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Sampling {
+    /// The model name, as `/v1/models` lists it.
+    pub model: Option<String>,
+    /// Most new tokens (OpenAI's default: 16 for completions, the server's limit for chat).
+    pub max_tokens: Option<usize>,
+    /// `max_tokens` under its newer chat name.
+    pub max_completion_tokens: Option<usize>,
+    /// 0 = greedy; otherwise sampling at this temperature (default 1).
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    pub top_p: Option<f32>,
+    /// Keep the k most likely tokens (0 = all).
+    pub top_k: Option<usize>,
+    /// transformers' repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// Sequences per prompt.
+    pub n: Option<usize>,
+    /// Stop strings.
+    pub stop: Option<OneOrMany>,
+    /// Seed of the sampler.
+    pub seed: Option<u64>,
+    /// Stream chunks as server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+impl Sampling {
+    /// The generation options of this request, on top of the model's defaults.
+    pub fn config(&self, defaults: &GenerationConfig, default_max: usize) -> GenerationConfig {
+        let temperature = self.temperature.unwrap_or(1.0);
+        GenerationConfig {
+            max_new_tokens: self
+                .max_tokens
+                .or(self.max_completion_tokens)
+                .unwrap_or(default_max),
+            min_new_tokens: 0,
+            do_sample: temperature > 0.0,
+            temperature: if temperature > 0.0 { temperature } else { 1.0 },
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k: self.top_k.unwrap_or(0),
+            typical_p: 1.0,
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            no_repeat_ngram_size: 0,
+            num_beams: 1,
+            num_return_sequences: self.n.unwrap_or(1),
+            stop: self
+                .stop
+                .clone()
+                .map(OneOrMany::into_vec)
+                .unwrap_or_default(),
+            seed: self.seed,
+            ..defaults.clone()
+        }
+    }
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// The prompt (one string, or a list of one).
+    pub prompt: OneOrMany,
+    /// Sampling fields.
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation so far.
+    pub messages: Vec<Message>,
+    /// Sampling fields.
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+impl CompletionRequest {
+    /// The single prompt text.
+    pub fn prompt_text(&self) -> Result<String, ApiError> {
+        match self.prompt.clone().into_vec().as_slice() {
+            [one] => Ok(one.clone()),
+            other => Err(ApiError::invalid(
+                "prompt",
+                format!("one prompt per request is supported, got {}", other.len()),
+            )),
+        }
+    }
+}
+
+/// Why a sequence ended, as OpenAI reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End of sequence or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+/// Which route a request came through (the shapes of its answer differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/v1/completions`.
+    Completions,
+    /// `/v1/chat/completions`.
+    Chat,
+}
+
+impl Route {
+    /// The `object` of a whole answer.
+    fn object(self) -> &'static str {
+        match self {
+            Route::Completions => "text_completion",
+            Route::Chat => "chat.completion",
+        }
+    }
+
+    /// One choice of a whole answer.
+    pub fn choice(self, index: usize, text: &str, finish: FinishReason) -> Value {
+        match self {
+            Route::Completions => {
+                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+            Route::Chat => json!({
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+        }
+    }
+
+    /// One streamed chunk: a piece of text of choice `index`, or its end.
+    pub fn chunk(
+        self,
+        id: &str,
+        model: &str,
+        index: usize,
+        piece: Option<&str>,
+        finish: Option<FinishReason>,
+    ) -> Value {
+        let choice = match self {
+            Route::Completions => {
+                json!({"index": index, "text": piece.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
+            Route::Chat => {
+                let delta = match piece {
+                    Some(p) => json!({"role": "assistant", "content": p}),
+                    None => json!({}),
+                };
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        let object = match self {
+            Route::Completions => "text_completion",
+            Route::Chat => "chat.completion.chunk",
+        };
+        json!({"id": id, "object": object, "created": now(), "model": model, "choices": [choice]})
+    }
+
+    /// The whole answer.
+    pub fn answer(
+        self,
+        id: &str,
+        model: &str,
+        choices: Vec<Value>,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    ) -> Value {
+        json!({
+            "id": id,
+            "object": self.object(),
+            "created": now(),
+            "model": model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        })
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An OpenAI-style error answer: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    param: Option<String>,
+    code: Option<&'static str>,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// 400: a field is missing, malformed or out of range.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            param: Some(param.into()).filter(|p: &String| !p.is_empty()),
+            code: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 404: no model of this name.
+    pub fn unknown_model(name: &str, served: &str) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            message: format!("the model {name:?} does not exist; this server serves {served:?}"),
+            retry_after: None,
+        }
+    }
+
+    /// 503: the queue is full (retry after a second) or the model is down.
+    pub fn unavailable(message: impl Into<String>, retry_after: Option<u64>) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            param: None,
+            code: None,
+            message: message.into(),
+            retry_after,
+        }
+    }
+
+    /// 500: generation failed.
+    pub fn internal(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            param: None,
+            code: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The same error with another HTTP status.
+    pub fn with_status(self, status: StatusCode) -> Self {
+        ApiError { status, ..self }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

@@ -1,0 +1,337 @@
+//! `parallelformers serve` driven over loopback with an HTTP client: OpenAI-shaped completions
+//! and chat (whole and streamed as server-sent events), the model list, health and metrics,
+//! OpenAI-style errors with the right status, the queue limit, and a clean stop on SIGTERM
+//! (no rank process and no shared-memory segment left).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{binary, fixture, process_exists, shm_segments};
+use serde_json::{json, Value};
+
+/// A server on a free loopback port, stopped (SIGTERM) when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(binary())
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server {
+            child,
+            base: address,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Value, (u16, Value)> {
+        match ureq::post(&self.url(path)).send_json(body.clone()) {
+            Ok(response) => Ok(response.into_json().unwrap()),
+            Err(ureq::Error::Status(code, response)) => Err((code, response.into_json().unwrap())),
+            Err(e) => panic!("{path}: {e}"),
+        }
+    }
+
+    /// The `data:` payloads of a streamed answer, in order.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let response = ureq::post(&self.url(path)).send_json(body.clone()).unwrap();
+        assert_eq!(response.content_type(), "text/event-stream");
+        let mut text = String::new();
+        response.into_reader().read_to_string(&mut text).unwrap();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Sends SIGTERM and waits for the exit; the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the server did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// The rank processes of a server (children of its process).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn completions_whole_and_streamed_models_health_metrics_and_a_clean_stop() {
+    let segments_before = shm_segments();
+    let model = fixture("gpt2");
+    let mut server = Server::start(&["--model", model.to_str().unwrap(), "--ranks", "2"]);
+    let ranks = children(server.child.id());
+    assert_eq!(ranks.len(), 2, "two rank processes");
+    let health: Value = ureq::get(&server.url("/health"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let models: Value = ureq::get(&server.url("/v1/models"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "gpt2");
+
+    let request =
+        json!({"model": "gpt2", "prompt": "the model", "max_tokens": 6, "temperature": 0});
+    let whole = server.post("/v1/completions", &request).unwrap();
+    assert_eq!(whole["object"], "text_completion");
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(whole["usage"]["completion_tokens"], 6);
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let events = server.stream("/v1/completions", &streamed);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let joined: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, text, "the stream carries the same text");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+
+    // Two choices, sampled with a seed, are reproducible.
+    let sampled =
+        json!({"prompt": "the model", "max_tokens": 5, "temperature": 1.2, "n": 2, "seed": 3});
+    let first = server.post("/v1/completions", &sampled).unwrap();
+    assert_eq!(first["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        server.post("/v1/completions", &sampled).unwrap()["choices"],
+        first["choices"]
+    );
+
+    let generated = 6 + 6 + 2 * first["usage"]["completion_tokens"].as_u64().unwrap();
+    let metrics = ureq::get(&server.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("parallelformers_requests_total{route=\"completions\",status=\"200\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "parallelformers_completion_tokens_total {generated}"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("parallelformers_rank_memory_bytes{rank=\"1\",kind=\"resident\"}"));
+
+    assert!(server.stop().success());
+    assert!(
+        ranks.iter().all(|&p| !process_exists(p)),
+        "a rank outlived the server"
+    );
+    assert_eq!(
+        shm_segments(),
+        segments_before,
+        "a shared-memory segment was left"
+    );
+}
+
+#[test]
+fn bad_requests_get_openai_errors_with_the_right_status_and_the_server_keeps_serving() {
+    let model = fixture("gpt2");
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "32",
+        "--max-body-bytes",
+        "2000",
+    ]);
+    let raw = |body: &str| match ureq::post(&server.url("/v1/completions"))
+        .set("content-type", "application/json")
+        .send_string(body)
+    {
+        Ok(r) => (r.status(), r.into_json::<Value>().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json::<Value>().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    let (status, body) = raw("{not json");
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let (status, _) = raw(r#"{"prompt": 5}"#);
+    assert_eq!(status, 400, "a field of the wrong type");
+    let (status, body) = raw(&format!(r#"{{"prompt": "{}"}}"#, "x".repeat(5000)));
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = raw(r#"{"prompt": "a", "max_tokens": 100000}"#);
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "max_tokens");
+    let (status, body) = raw(r#"{"prompt": "a", "top_p": 0}"#);
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"].as_str().unwrap().contains("top_p"));
+    let (code, body) = server
+        .post("/v1/completions", &json!({"model": "gpt-4", "prompt": "a"}))
+        .unwrap_err();
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    let (code, _) = server
+        .post("/v1/chat/completions", &json!({"max_tokens": 3}))
+        .unwrap_err();
+    assert_eq!(code, 400, "missing messages");
+    // This checkpoint has no chat template: a clear 400, not a crash.
+    let (code, body) = server
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .unwrap_err();
+    assert_eq!(code, 400, "{body}");
+    // Still serving.
+    let ok = server
+        .post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2}))
+        .unwrap();
+    assert_eq!(ok["usage"]["completion_tokens"], 2);
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    // The default model decodes slowly enough for a long request to hold the only place.
+    let server = Server::start(&["--max-queue", "1"]);
+    let long = {
+        let url = server.url("/v1/completions");
+        std::thread::spawn(move || {
+            ureq::post(&url)
+                .send_json(json!({"prompt": "a", "max_tokens": 120, "stream": true}))
+                .unwrap()
+                .into_string()
+                .unwrap()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ureq::get(&server.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap()
+        .contains("parallelformers_queue_depth 1")
+    {
+        assert!(Instant::now() < deadline, "the long request never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    match ureq::post(&server.url("/v1/completions"))
+        .send_json(json!({"prompt": "b", "max_tokens": 1}))
+    {
+        Err(ureq::Error::Status(503, response)) => {
+            assert_eq!(response.header("retry-after"), Some("1"));
+            let body: Value = response.into_json().unwrap();
+            assert_eq!(body["error"]["type"], "server_error");
+        }
+        other => panic!("not refused: {:?}", other.map(|r| r.status())),
+    }
+    assert!(long.join().unwrap().ends_with("data: [DONE]\n\n"));
+}
+
+#[test]
+fn chat_completions_apply_the_template_and_stream_on_the_default_model() {
+    let server = Server::start(&["--ranks", "2"]);
+    let request = json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    });
+    let whole = server.post("/v1/chat/completions", &request).unwrap();
+    assert_eq!(whole["object"], "chat.completion");
+    let answer = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(answer.contains("Paris"), "{answer}");
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let events = server.stream("/v1/chat/completions", &streamed);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let joined: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(joined, answer);
+    // A stop string ends the answer and is left out of it, as OpenAI does.
+    let mut stopped = request.clone();
+    stopped["stop"] = json!("Paris");
+    let cut = server.post("/v1/chat/completions", &stopped).unwrap();
+    let text = cut["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        answer.starts_with(text) && !text.contains("Paris"),
+        "{text:?} from {answer:?}"
+    );
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+}
