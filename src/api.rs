@@ -131,6 +131,12 @@ impl ParallelModel {
         self.group.pids()
     }
 
+    /// Checks that every rank still runs; a rank that died makes the model unusable and is
+    /// named in the error (with its last words).
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.group.check_health()
+    }
+
     /// Why the model is unusable, if a rank failed.
     pub fn failure(&self) -> Option<&str> {
         self.group.failure()

@@ -335,3 +335,65 @@ fn chat_completions_apply_the_template_and_stream_on_the_default_model() {
     );
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
 }
+
+#[test]
+fn a_dead_rank_turns_health_red_and_requests_fail_fast() {
+    let segments_before = shm_segments();
+    let model = fixture("gpt2");
+    let mut server = Server::start(&["--model", model.to_str().unwrap(), "--ranks", "2"]);
+    let ranks = children(server.child.id());
+    // SAFETY: killing a rank process this test started (through the server).
+    unsafe { libc::kill(ranks[1] as i32, libc::SIGKILL) };
+    let killed = Instant::now();
+    loop {
+        match ureq::get(&server.url("/health")).call() {
+            Err(ureq::Error::Status(503, _)) => break,
+            _ => assert!(
+                killed.elapsed() < Duration::from_secs(2),
+                "/health stayed green"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let asked = Instant::now();
+    let (code, body) = server
+        .post("/v1/completions", &json!({"prompt": "a", "max_tokens": 4}))
+        .unwrap_err();
+    assert_eq!(code, 503, "{body}");
+    assert!(asked.elapsed() < Duration::from_secs(1));
+    server.stop();
+    assert!(
+        ranks.iter().all(|&p| !process_exists(p)),
+        "a rank outlived the server"
+    );
+    assert_eq!(
+        shm_segments(),
+        segments_before,
+        "a shared-memory segment was left"
+    );
+}
+
+/// The official `openai` Python client, unchanged, against the server. `.ci/run` installs it
+/// from the Python Package Index and names its interpreter in `PARALLELFORMERS_TEST_PYTHON`;
+/// without that variable (a machine without the client) the test says so and does nothing.
+#[test]
+fn openai_python_client_works_unchanged() {
+    let Some(python) = std::env::var_os("PARALLELFORMERS_TEST_PYTHON") else {
+        eprintln!("PARALLELFORMERS_TEST_PYTHON is not set: the openai client test does not run");
+        return;
+    };
+    let server = Server::start(&["--ranks", "2"]);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(&server.base)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -6,6 +6,7 @@ mod forward;
 mod generate;
 mod generation_args;
 mod inspect;
+mod loadtest;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -34,6 +35,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Serve the model over HTTP with OpenAI's API (completions, chat, streaming).
     Serve(serve::ServeArgs),
+    /// Load-test a running server: concurrent streaming clients for a bounded time.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 /// Arguments shared by every command that loads a model.
@@ -96,5 +99,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Loadtest(args) => loadtest::run(args),
     }
 }

@@ -6,7 +6,9 @@
 //! (64 tokens side by side per column), a fraction of the weight's size at prefill, and reads
 //! f32 weight rows where they lie. A tile keeps 6 weight rows × 64 tokens of sums in 24
 //! registers: each column costs four vector loads of activations and six broadcast weights for
-//! 24 fused multiply-adds, and the next tile's weight rows are prefetched meanwhile. Blocks of
+//! 24 fused multiply-adds, and the next tile's weight rows are prefetched meanwhile. A few
+//! tokens (a decode step of a batch) use tiles of 12 rows × 16 tokens instead, so that the
+//! weights are still read once for all of them. Blocks of
 //! weight rows are spread over the compute threads; 16-bit and quantized blocks are widened to
 //! f32 once per block and reused by every token.
 //!
@@ -17,18 +19,24 @@ use std::ops::Range;
 
 use crate::models::kernels::{self, Weight};
 
-/// 16-lane vectors of tokens per tile.
-const TILE_VECTORS: usize = 4;
-/// Tokens per tile.
-const TILE_TOKENS: usize = TILE_VECTORS * 16;
-/// Weight rows per tile.
-const TILE_ROWS: usize = 6;
-/// Weight rows per task (a multiple of [`TILE_ROWS`]); a 16-bit or quantized task widens this
-/// many rows at a time.
+/// 16-lane vectors of tokens per tile when there are many tokens (prefill): 64 tokens × 6
+/// weight rows.
+const WIDE_VECTORS: usize = 4;
+/// Weight rows per tile of the wide tiling.
+const WIDE_ROWS: usize = 6;
+/// Tokens up to which the narrow tiling is used (a decode step of a batch): 16 tokens × 12
+/// weight rows, so that a few tokens do not pay for 64.
+const NARROW_TOKENS: usize = 16;
+/// Weight rows per tile of the narrow tiling.
+const NARROW_ROWS: usize = 12;
+/// Most tokens a tile holds (the wide tiling's).
+const MAX_TILE_TOKENS: usize = WIDE_VECTORS * 16;
+/// Weight rows per task (a multiple of both tilings' rows); a 16-bit or quantized task widens
+/// this many rows at a time.
 const BLOCK_ROWS: usize = 48;
-/// Tokens per pass over a row tile (a multiple of [`TILE_TOKENS`]), so that the pass's packed
-/// activations stay in the second-level cache.
-const BLOCK_TOKENS: usize = 4 * TILE_TOKENS;
+/// Token groups per pass over a row tile, so that the pass's packed activations stay in the
+/// second-level cache.
+const BLOCK_GROUPS: usize = 4;
 /// Most columns per pass, so that a tile's weight rows stay in the first-level cache while
 /// every token group passes over them.
 const BLOCK_COLUMNS: usize = 1024;
@@ -105,12 +113,14 @@ fn product(shape: Shape, task: impl Fn(Range<usize>, &mut Vec<f32>, Output) + Sy
     y
 }
 
-/// The dimensions of one product.
+/// The dimensions of one product, and the tiling they call for.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
     m: usize,
     k: usize,
     n: usize,
+    /// 16-lane vectors of tokens per tile.
+    vectors: usize,
 }
 
 impl Shape {
@@ -121,24 +131,32 @@ impl Shape {
             k > 0 && x.len().is_multiple_of(k) && w_len.is_multiple_of(k),
             "matmul operand lengths"
         );
+        let m = x.len() / k;
         Shape {
-            m: x.len() / k,
+            m,
             k,
             n: w_len / k,
+            vectors: if m <= NARROW_TOKENS { 1 } else { WIDE_VECTORS },
         }
+    }
+
+    /// Tokens per tile.
+    fn tile_tokens(self) -> usize {
+        self.vectors * 16
     }
 }
 
-/// The activations regrouped for the tiles: for each group of [`TILE_TOKENS`] tokens, for each
+/// The activations regrouped for the tiles: for each group of a tile's tokens, for each
 /// column, the group's values side by side (zero past the last token).
 fn pack_tokens(x: &[f32], shape: Shape) -> Vec<f32> {
-    let groups = shape.m.div_ceil(TILE_TOKENS);
-    let mut packed = vec![0f32; groups * shape.k * TILE_TOKENS];
-    for (group, packed) in packed.chunks_exact_mut(shape.k * TILE_TOKENS).enumerate() {
-        let first = group * TILE_TOKENS;
-        let tokens = &x[first * shape.k..((first + TILE_TOKENS).min(shape.m)) * shape.k];
+    let tile = shape.tile_tokens();
+    let groups = shape.m.div_ceil(tile);
+    let mut packed = vec![0f32; groups * shape.k * tile];
+    for (group, packed) in packed.chunks_exact_mut(shape.k * tile).enumerate() {
+        let first = group * tile;
+        let tokens = &x[first * shape.k..((first + tile).min(shape.m)) * shape.k];
         // SAFETY: `available()` was asserted by `Shape::of`; `tokens` holds whole rows of k.
-        unsafe { avx512::transpose_group(tokens, shape.k, packed) };
+        unsafe { avx512::transpose_group(tokens, shape.k, shape.vectors, packed) };
     }
     packed
 }
@@ -169,7 +187,8 @@ mod avx512 {
     use std::ops::Range;
 
     use super::{
-        column_passes, Output, Shape, Weight, BLOCK_TOKENS, TILE_ROWS, TILE_TOKENS, TILE_VECTORS,
+        column_passes, Output, Shape, Weight, BLOCK_GROUPS, MAX_TILE_TOKENS, NARROW_ROWS,
+        WIDE_ROWS, WIDE_VECTORS,
     };
 
     /// Replaces `out` with `w` widened to f32.
@@ -197,25 +216,22 @@ mod avx512 {
         out.set_len(w.len());
     }
 
-    /// Writes `packed[c * TILE_TOKENS + t] = tokens[t * k + c]` for the (at most
-    /// [`TILE_TOKENS`]) rows of `tokens`, leaving the lanes of missing tokens untouched.
+    /// Writes `packed[c * tile + t] = tokens[t * k + c]` for the (at most `tile = vectors ·
+    /// 16`) rows of `tokens`, leaving the lanes of missing tokens untouched.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F; `tokens` is a whole number (≤ [`TILE_TOKENS`]) of rows
-    /// of `k`, and `packed` holds `k * TILE_TOKENS` values.
+    /// The CPU must support AVX-512 F; `tokens` is a whole number (≤ `tile`) of rows of `k`,
+    /// and `packed` holds `k * tile` values.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn transpose_group(tokens: &[f32], k: usize, packed: &mut [f32]) {
+    pub unsafe fn transpose_group(tokens: &[f32], k: usize, vectors: usize, packed: &mut [f32]) {
+        let tile = vectors * 16;
         let count = tokens.len() / k;
-        assert!(
-            count <= TILE_TOKENS
-                && packed.len() == k * TILE_TOKENS
-                && k < i32::MAX as usize / TILE_TOKENS
-        );
+        assert!(count <= tile && packed.len() == k * tile && k < i32::MAX as usize / tile);
         let stride = _mm512_mullo_epi32(
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
             _mm512_set1_epi32(k as i32),
         );
-        for half in 0..TILE_VECTORS {
+        for half in 0..vectors {
             let lanes = count.saturating_sub(half * 16).min(16);
             if lanes == 0 {
                 break;
@@ -235,11 +251,7 @@ mod avx512 {
                     stride,
                     base.add(c).cast(),
                 );
-                _mm512_mask_storeu_ps(
-                    packed.as_mut_ptr().add(c * TILE_TOKENS + half * 16),
-                    mask,
-                    values,
-                );
+                _mm512_mask_storeu_ps(packed.as_mut_ptr().add(c * tile + half * 16), mask, values);
             }
         }
     }
@@ -259,21 +271,43 @@ mod avx512 {
         out: Output,
         first_column: usize,
     ) {
+        match shape.vectors {
+            WIDE_VECTORS => {
+                tiles::<WIDE_VECTORS, WIDE_ROWS>(tokens_packed, w, shape, out, first_column)
+            }
+            _ => tiles::<1, NARROW_ROWS>(tokens_packed, w, shape, out, first_column),
+        }
+    }
+
+    /// [`block`] in tiles of `V` vectors of tokens × `R` weight rows.
+    ///
+    /// # Safety
+    /// As for [`block`]; `V` is `shape.vectors`.
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn tiles<const V: usize, const R: usize>(
+        tokens_packed: &[f32],
+        w: &[f32],
+        shape: Shape,
+        out: Output,
+        first_column: usize,
+    ) {
         let rows = w.len() / shape.k;
+        let tile_tokens = V * 16;
+        let block_tokens = BLOCK_GROUPS * tile_tokens;
         for (pass, columns) in column_passes(shape.k).enumerate() {
-            for tokens in (0..shape.m).step_by(BLOCK_TOKENS) {
-                let token_end = (tokens + BLOCK_TOKENS).min(shape.m);
-                for row in (0..rows).step_by(TILE_ROWS) {
-                    for token in (tokens..token_end).step_by(TILE_TOKENS) {
+            for tokens in (0..shape.m).step_by(block_tokens) {
+                let token_end = (tokens + block_tokens).min(shape.m);
+                for row in (0..rows).step_by(R) {
+                    for token in (tokens..token_end).step_by(tile_tokens) {
                         // The first token group fetches the next tile's weight rows from
                         // memory while it works, so that they are in cache when it starts.
-                        let next = row + TILE_ROWS..(row + 2 * TILE_ROWS).min(rows);
+                        let next = row + R..(row + 2 * R).min(rows);
                         let tile = Tile {
-                            tokens: token..(token + TILE_TOKENS).min(token_end),
-                            rows: row..(row + TILE_ROWS).min(rows),
+                            tokens: token..(token + tile_tokens).min(token_end),
+                            rows: row..(row + R).min(rows),
                             prefetch: if token == tokens { next } else { 0..0 },
                         };
-                        tile.compute(
+                        tile.compute::<V, R>(
                             tokens_packed,
                             w,
                             shape,
@@ -288,7 +322,7 @@ mod avx512 {
         }
     }
 
-    /// Up to [`TILE_TOKENS`] tokens (a packed group) times up to [`TILE_ROWS`] weight rows.
+    /// A packed group of tokens times a few weight rows.
     struct Tile {
         tokens: Range<usize>,
         rows: Range<usize>,
@@ -304,7 +338,7 @@ mod avx512 {
         /// As for [`block`]; `tokens` and `rows` are inside the packed tokens and `w`.
         #[target_feature(enable = "avx512f,fma")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn compute(
+        unsafe fn compute<const V: usize, const R: usize>(
             &self,
             tokens: &[f32],
             w: &[f32],
@@ -316,13 +350,13 @@ mod avx512 {
         ) {
             let k = shape.k;
             let group = tokens.as_ptr().add(self.tokens.start * k);
-            let ws: [*const f32; TILE_ROWS] = std::array::from_fn(|r| {
+            let ws: [*const f32; R] = std::array::from_fn(|r| {
                 let row = (self.rows.start + r).min(self.rows.end - 1);
                 w.as_ptr().add(row * k)
             });
-            let ahead: [*const f32; TILE_ROWS] =
+            let ahead: [*const f32; R] =
                 std::array::from_fn(|r| w.as_ptr().wrapping_add((self.prefetch.start + r) * k));
-            let mut acc = [[_mm512_setzero_ps(); TILE_VECTORS]; TILE_ROWS];
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
             for start in columns.clone().step_by(16) {
                 for &row in &ahead[..self.prefetch.len()] {
                     // A hint only: the rows to prefetch exist, so the address is inside `w`.
@@ -330,18 +364,18 @@ mod avx512 {
                 }
                 for c in start..(start + 16).min(columns.end) {
                     // SAFETY: column c < k of the token group and of each weight row.
-                    let lanes = group.add(c * TILE_TOKENS);
-                    let xv: [__m512; TILE_VECTORS] =
+                    let lanes = group.add(c * V * 16);
+                    let xv: [__m512; V] =
                         std::array::from_fn(|v| _mm512_loadu_ps(lanes.add(v * 16)));
                     for (r, &wp) in ws.iter().enumerate() {
                         let wv = _mm512_set1_ps(*wp.add(c));
-                        for v in 0..TILE_VECTORS {
+                        for v in 0..V {
                             acc[r][v] = _mm512_fmadd_ps(xv[v], wv, acc[r][v]);
                         }
                     }
                 }
             }
-            let mut sums = [[0f32; TILE_TOKENS]; TILE_ROWS];
+            let mut sums = [[0f32; MAX_TILE_TOKENS]; R];
             for (sum, acc) in sums.iter_mut().zip(acc) {
                 for (v, acc) in acc.iter().enumerate() {
                     _mm512_storeu_ps(sum.as_mut_ptr().add(v * 16), *acc);

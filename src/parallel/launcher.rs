@@ -371,6 +371,16 @@ impl WorkerGroup {
     }
 
     /// Fails the group if any rank has exited.
+    /// Checks, without a request, that every rank still runs (a dead one fails the group).
+    pub fn check_health(&mut self) -> Result<()> {
+        if let Some(failure) = &self.failure {
+            return Err(Error::Launch(format!(
+                "the worker group is stopped: {failure}"
+            )));
+        }
+        self.check_alive()
+    }
+
     fn check_alive(&mut self) -> Result<()> {
         for i in 0..self.ranks.len() {
             if let Ok(Some(status)) = self.ranks[i].child.try_wait() {
@@ -388,7 +398,6 @@ impl WorkerGroup {
         Ok(())
     }
 
-    /// Marks the group failed because of `rank`, stops every rank, and builds the error.
     /// Sends a control message to rank 0 in the middle of a request.
     fn send_control(&mut self, control: &Request) -> Result<()> {
         let sent = match self.ranks[0].stream.as_mut() {
@@ -398,6 +407,7 @@ impl WorkerGroup {
         sent.map_err(|e| self.fail(0, format!("cannot send a control message: {e}")))
     }
 
+    /// Marks the group failed because of `rank`, stops every rank, and builds the error.
     fn fail(&mut self, rank: usize, message: String) -> Error {
         self.failure = Some(format!("rank {rank} failed: {message}"));
         self.stop(Duration::ZERO);

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,9 @@ use crate::tokenizer::TextStream;
 
 /// Most requests decoded together.
 const MAX_BATCH: usize = 16;
+
+/// How often an idle model thread checks that every rank is alive.
+const HEALTH_CHECK: Duration = Duration::from_millis(200);
 
 /// One request waiting for the model.
 pub struct Job {
@@ -77,9 +80,15 @@ pub fn run(
     let mut pending: VecDeque<Job> = VecDeque::new();
     loop {
         if pending.is_empty() {
-            match jobs.recv() {
+            match jobs.recv_timeout(HEALTH_CHECK) {
                 Ok(job) => pending.push_back(job),
-                Err(_) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Idle: notice a rank that died, so that /health turns red.
+                    let alive = model.check_alive().is_ok();
+                    shared.healthy.store(alive, Ordering::Relaxed);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         pending.extend(jobs.try_iter());
