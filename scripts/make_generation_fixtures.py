@@ -155,8 +155,54 @@ def processor_cases() -> dict:
     }
 
 
+def embedding_fixture() -> None:
+    """tests/fixtures/embedding/: the bert fixture's weights with a small WordPiece tokenizer and
+    sentence-transformers' pooling configuration (mean pooling, then normalisation), and the
+    embeddings sentence-transformers computes that way, for the server's /v1/embeddings."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertModel
+
+    out = FIXTURES / "embedding"
+    (out / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(FIXTURES / "bert" / name, out / name)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    words = "the a model of cat dog runs fast slow red blue is on under house tree".split()
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {t: i for i, t in enumerate(specials + words + letters + ["##" + l for l in letters])}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ], indent=1) + "\n")
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False}, indent=1) + "\n")
+    texts = ["the cat runs fast", "a red house under the tree", "dog"]
+    model = BertModel.from_pretrained(out, dtype=torch.float32)
+    model.eval()
+    encoded = [tokenizer.encode(t).ids for t in texts]
+    width = max(len(e) for e in encoded)
+    ids = torch.tensor([e + [0] * (width - len(e)) for e in encoded])
+    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    # sentence-transformers' mean pooling and Normalize module.
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
+    embeddings = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    (out / "embeddings.json").write_text(json.dumps({"texts": texts, "embeddings": embeddings.tolist()}) + "\n")
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    embedding_fixture()
     (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
     for name in MODELS:
         (OUT / f"{name}.json").write_text(json.dumps(model_cases(name), indent=1) + "\n")

@@ -250,6 +250,10 @@ fn bad_requests_get_openai_errors_with_the_right_status_and_the_server_keeps_ser
         )
         .unwrap_err();
     assert_eq!(code, 400, "{body}");
+    let (code, _) = server
+        .post("/v1/embeddings", &json!({"input": "a"}))
+        .unwrap_err();
+    assert_eq!(code, 400, "a model that generates does not embed");
     // Still serving.
     let ok = server
         .post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2}))
@@ -373,7 +377,8 @@ fn a_dead_rank_turns_health_red_and_requests_fail_fast() {
     );
 }
 
-/// The official `openai` Python client, unchanged, against the server. `.ci/run` installs it
+/// The official `openai` Python client, unchanged, against the server (completions, chat,
+/// streaming, errors) and against an encoder's server (embeddings). `.ci/run` installs it
 /// from the Python Package Index and names its interpreter in `PARALLELFORMERS_TEST_PYTHON`;
 /// without that variable (a machine without the client) the test says so and does nothing.
 #[test]
@@ -383,11 +388,14 @@ fn openai_python_client_works_unchanged() {
         return;
     };
     let server = Server::start(&["--ranks", "2"]);
+    let encoder = fixture("embedding");
+    let embeddings = Server::start(&["--model", encoder.to_str().unwrap()]);
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_client.py");
     let out = Command::new(python)
         .arg(script)
         .arg(&server.base)
+        .arg(&embeddings.base)
         .output()
         .unwrap();
     assert!(
@@ -396,4 +404,61 @@ fn openai_python_client_works_unchanged() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn embeddings_pool_and_normalise_like_sentence_transformers() {
+    let model = fixture("embedding");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("embeddings.json")).unwrap())
+            .unwrap();
+    let server = Server::start(&["--model", model.to_str().unwrap(), "--ranks", "2"]);
+    let answer = server
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "embedding", "input": reference["texts"]}),
+        )
+        .unwrap();
+    assert_eq!(answer["object"], "list");
+    let data = answer["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    for (i, (got, want)) in data
+        .iter()
+        .zip(reference["embeddings"].as_array().unwrap())
+        .enumerate()
+    {
+        assert_eq!(got["index"], i);
+        let (got, want) = (
+            got["embedding"].as_array().unwrap(),
+            want.as_array().unwrap(),
+        );
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+            assert!((g - w).abs() < 1e-4, "text {i}: {g} vs {w}");
+        }
+    }
+    let one = server
+        .post("/v1/embeddings", &json!({"input": "dog"}))
+        .unwrap();
+    // Alone or in a padded batch, a text gets the same vector (up to summation order).
+    let alone = one["data"][0]["embedding"].as_array().unwrap();
+    let batched = answer["data"][2]["embedding"].as_array().unwrap();
+    for (a, b) in alone.iter().zip(batched) {
+        assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5);
+    }
+    let (code, _) = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "the cat", "max_tokens": 2}),
+        )
+        .unwrap_err();
+    assert_eq!(code, 400, "an encoder does not complete text");
+    let (code, _) = server
+        .post(
+            "/v1/embeddings",
+            &json!({"input": "dog", "encoding_format": "hex"}),
+        )
+        .unwrap_err();
+    assert_eq!(code, 400);
 }

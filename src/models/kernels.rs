@@ -72,6 +72,32 @@ pub fn matvec<W: Weight>(w: &[W], x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Most tokens [`matmul_few`] takes: beyond, the tiled prefill product is faster.
+pub(crate) const FEW_TOKENS: usize = 16;
+
+/// `out[t·n + o] = Σ_c x[t·k + c] · w[o·k + c]` for a few tokens (`x` `[m, k]`, `m` ≤
+/// [`FEW_TOKENS`]) and a row-major `w` `[n, k]`: a batch's decode step. Like [`matvec`], it
+/// streams each weight row once from memory, for all the tokens at once.
+///
+/// # Panics
+/// If the CPU lacks AVX-512 (callers check [`has_avx512`]) or the lengths disagree.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn matmul_few<W: Weight>(w: &[W], x: &[f32], k: usize, out: &mut [f32]) {
+    assert!(has_avx512(), "matmul_few needs AVX-512");
+    assert!(
+        k > 0 && x.len() % k == 0 && w.len() % k == 0,
+        "matmul_few operand lengths"
+    );
+    assert_eq!(
+        out.len(),
+        x.len() / k * (w.len() / k),
+        "matmul_few output length"
+    );
+    // SAFETY: the CPU supports the kernel's features and the lengths are consistent (checked
+    // just above).
+    unsafe { avx512::matmul_few(w, x, k, out) }
+}
+
 /// A dot product in eight independent lanes (so the compiler may vectorise it).
 fn dot_portable<W: Weight>(a: &[W], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
@@ -217,6 +243,69 @@ mod avx512 {
 
     use super::Weight;
 
+    /// Weight rows of a [`matmul_few`] group.
+    const FEW_ROWS: usize = 4;
+    /// Tokens of a [`matmul_few`] pass over a group: 4 × 4 sums in registers.
+    const FEW_PASS: usize = 4;
+
+    /// [`super::matmul_few`]: groups of four weight rows; for each, passes of four tokens over
+    /// all columns, sixteen at a time (the group's rows stay in cache between passes, so they
+    /// come from memory once). The first pass prefetches the next group's rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VL, FMA and F16C; `x` is `[m, k]`, `w` `[n, k]` and
+    /// `out` `[m, n]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+    pub unsafe fn matmul_few<W: Weight>(w: &[W], x: &[f32], k: usize, out: &mut [f32]) {
+        let (m, n) = (x.len() / k, w.len() / k);
+        let per_line = 64 / std::mem::size_of::<W>();
+        for row in (0..n).step_by(FEW_ROWS) {
+            let rows = FEW_ROWS.min(n - row);
+            let ws: [*const W; FEW_ROWS] =
+                std::array::from_fn(|r| w.as_ptr().add((row + r.min(rows - 1)) * k));
+            let next = w.as_ptr().wrapping_add((row + FEW_ROWS) * k);
+            let end = w.as_ptr_range().end;
+            for first in (0..m).step_by(FEW_PASS) {
+                let tokens = FEW_PASS.min(m - first);
+                let xs: [*const f32; FEW_PASS] =
+                    std::array::from_fn(|t| x.as_ptr().add((first + t.min(tokens - 1)) * k));
+                let mut acc = [[_mm512_setzero_ps(); FEW_ROWS]; FEW_PASS];
+                let mut c = 0;
+                while c < k {
+                    let mask = if k - c >= 16 {
+                        u16::MAX
+                    } else {
+                        (1u16 << (k - c)) - 1
+                    };
+                    if first == 0 && c % per_line == 0 {
+                        for r in 0..FEW_ROWS {
+                            // A hint only: an address past the weights is never handed to it.
+                            let ahead = next.wrapping_add(r * k + c);
+                            if ahead < end {
+                                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                            }
+                        }
+                    }
+                    // SAFETY: the mask selects columns c .. min(c + 16, k) of each row.
+                    let wv: [__m512; FEW_ROWS] =
+                        std::array::from_fn(|r| W::load16(ws[r].add(c), mask));
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_maskz_loadu_ps(mask, xs[t].add(c));
+                        for (a, &wr) in acc.iter_mut().zip(&wv) {
+                            *a = _mm512_fmadd_ps(xv, wr, *a);
+                        }
+                    }
+                    c += 16;
+                }
+                for (t, acc) in acc.iter().enumerate().take(tokens) {
+                    for (r, a) in acc.iter().enumerate().take(rows) {
+                        out[(first + t) * n + row + r] = _mm512_reduce_add_ps(*a);
+                    }
+                }
+            }
+        }
+    }
+
     /// Rows computed together, sharing each load of `x`.
     const ROWS: usize = 8;
 
@@ -330,6 +419,38 @@ mod tests {
                     assert!(
                         (*got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
                         "{kernel} kernel, cols {cols}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_few_token_product_matches_the_matrix_vector_kernel_row_by_row() {
+        if !has_avx512() {
+            return;
+        }
+        for (m, k, n) in [
+            (1, 16, 4),
+            (2, 17, 5),
+            (5, 100, 13),
+            (8, 576, 30),
+            (16, 33, 7),
+        ] {
+            let x = data(m * k, 7);
+            let w16: Vec<half::f16> = data(n * k, 8)
+                .into_iter()
+                .map(half::f16::from_f32)
+                .collect();
+            let mut few = vec![f32::NAN; m * n];
+            matmul_few(&w16, &x, k, &mut few);
+            for t in 0..m {
+                let mut one = vec![0f32; n];
+                matvec(&w16, &x[t * k..(t + 1) * k], &mut one);
+                for (o, (a, b)) in few[t * n..(t + 1) * n].iter().zip(&one).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (k as f32).sqrt(),
+                        "{m}x{k}x{n} token {t} row {o}: {a} vs {b}"
                     );
                 }
             }

@@ -173,6 +173,12 @@ impl Linear {
                     k,
                     |rows, out| q.dequantize_rows(rows, out),
                 ))),
+                // A few tokens (a batch's decode step) stream the weight once, like a matvec.
+                LinearWeight::Dense(w) if m <= kernels::FEW_TOKENS => with_dense(w, |w| {
+                    let mut out = vec![0f32; m * n];
+                    on_dense!(w, w => kernels::matmul_few(w, input, k, &mut out));
+                    out
+                }),
                 LinearWeight::Dense(w) => {
                     with_dense(w, |w| on_dense!(w, w => matmul::matmul(input, w, k)))
                 }

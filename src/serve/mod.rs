@@ -10,6 +10,7 @@
 
 pub mod metrics;
 pub mod openai;
+pub mod pooling;
 pub mod scheduler;
 
 use std::net::SocketAddr;
@@ -31,11 +32,13 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::api::ParallelModel;
+use crate::checkpoint::source::WeightsLocation;
 use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
 use crate::text::TextSide;
 use openai::{ApiError, ChatRequest, CompletionRequest, FinishReason, Route, Sampling};
-use scheduler::{Event, Job, Shared};
+use pooling::Pooling;
+use scheduler::{EmbedJob, Event, GenerateJob, Job, Shared};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -62,6 +65,8 @@ struct AppState {
     text: Arc<TextSide>,
     defaults: GenerationConfig,
     context: usize,
+    /// How an encoder's embeddings are pooled; `None` for models that generate.
+    pooling: Option<Pooling>,
 }
 
 /// Serves `model` until SIGINT or SIGTERM; `on_ready` is called with the bound address.
@@ -81,6 +86,11 @@ pub fn serve(
     shared.metrics.set_ranks(model.load_report().to_vec());
     let defaults = model.generation_config().clone();
     let context = model.config().max_positions;
+    let pooling = match (&model.model().location, model.config().is_causal()) {
+        (_, true) => None,
+        (WeightsLocation::Safetensors(dir), false) => Some(Pooling::from_model_dir(dir)?),
+        (WeightsLocation::Gguf(_), false) => None,
+    };
     let (jobs, queue) = std::sync::mpsc::channel();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -94,6 +104,7 @@ pub fn serve(
         text: text.clone(),
         defaults,
         context,
+        pooling,
     });
     let model_thread = std::thread::Builder::new()
         .name("model".into())
@@ -144,6 +155,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -208,6 +220,84 @@ async fn chat(
         Err(rejection) => Err(rejected(rejection)),
     };
     finish(&state, "chat", result)
+}
+
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    body: std::result::Result<Json<openai::EmbeddingRequest>, JsonRejection>,
+) -> Response {
+    let result = match body {
+        Ok(Json(request)) => embed(&state, request).await,
+        Err(rejection) => Err(rejected(rejection)),
+    };
+    finish(&state, "embeddings", result)
+}
+
+/// Tokenizes the inputs, has the model thread embed them, answers OpenAI's list.
+async fn embed(
+    state: &Arc<AppState>,
+    request: openai::EmbeddingRequest,
+) -> std::result::Result<Response, ApiError> {
+    if let Some(name) = request.model.as_deref() {
+        if name != state.config.model_name {
+            return Err(ApiError::unknown_model(name, &state.config.model_name));
+        }
+    }
+    let Some(pooling) = state.pooling else {
+        return Err(ApiError::invalid(
+            "model",
+            "this model generates text; embeddings need an encoder checkpoint",
+        ));
+    };
+    let inputs = request
+        .texts()?
+        .iter()
+        .map(|text| encode(&state.text, text))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    if let Some(long) = inputs.iter().find(|ids| ids.len() > state.context) {
+        return Err(ApiError::invalid(
+            "input",
+            format!(
+                "an input of {} tokens exceeds the model's context of {} positions",
+                long.len(),
+                state.context
+            ),
+        ));
+    }
+    let tokens: usize = inputs.iter().map(Vec::len).sum();
+    state.shared.metrics.prompt_tokens(tokens);
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = Job::Embed(EmbedJob {
+        inputs,
+        pooling,
+        reply,
+    });
+    let queued = state
+        .jobs
+        .lock()
+        .map(|jobs| jobs.send(job).is_ok())
+        .unwrap_or(false);
+    if !queued {
+        return Err(ApiError::unavailable("the server is shutting down", None));
+    }
+    let vectors = answer
+        .await
+        .map_err(|_| ApiError::internal("the model thread stopped"))??;
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = openai::embedding_value(&vector, request.encoding_format.as_deref());
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": state.config.model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
 }
 
 /// Counts the answer and turns an error into its response.
@@ -292,12 +382,12 @@ async fn respond(
     let prompt_tokens = prompt.len();
     let choices = config.num_return_sequences;
     let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-    let job = Job {
+    let job = Job::Generate(GenerateJob {
         prompt,
         config,
         events,
         arrived: Instant::now(),
-    };
+    });
     let queued = state
         .jobs
         .lock()

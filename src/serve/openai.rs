@@ -121,6 +121,51 @@ impl CompletionRequest {
     }
 }
 
+/// `POST /v1/embeddings`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    /// One text or several.
+    pub input: OneOrMany,
+    /// The model name.
+    pub model: Option<String>,
+    /// `float` (default) or `base64` (little-endian f32 bytes, as the official clients ask).
+    pub encoding_format: Option<String>,
+}
+
+impl EmbeddingRequest {
+    /// The texts to embed (at least one; `encoding_format` must be `float` or `base64`).
+    pub fn texts(&self) -> Result<Vec<String>, ApiError> {
+        if let Some(format) = self
+            .encoding_format
+            .as_deref()
+            .filter(|f| !matches!(*f, "float" | "base64"))
+        {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                format!("encoding_format must be float or base64, not {format:?}"),
+            ));
+        }
+        let texts = self.input.clone().into_vec();
+        match texts.is_empty() {
+            true => Err(ApiError::invalid("input", "no input to embed")),
+            false => Ok(texts),
+        }
+    }
+}
+
+/// One embedding as the request's `encoding_format` asks: a list of numbers, or the base64 of
+/// its little-endian f32 bytes.
+pub fn embedding_value(vector: &[f32], format: Option<&str>) -> Value {
+    use base64::Engine;
+    match format {
+        Some("base64") => {
+            let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+        _ => json!(vector),
+    }
+}
+
 /// Why a sequence ended, as OpenAI reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -15,8 +15,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::api::ParallelModel;
 use crate::error::Error;
 use crate::generation::GenerationConfig;
+use crate::parallel::ipc::ForwardInput;
 use crate::serve::metrics::Metrics;
 use crate::serve::openai::{ApiError, FinishReason};
+use crate::serve::pooling::Pooling;
 use crate::text::TextSide;
 use crate::tokenizer::TextStream;
 
@@ -27,7 +29,25 @@ const MAX_BATCH: usize = 16;
 const HEALTH_CHECK: Duration = Duration::from_millis(200);
 
 /// One request waiting for the model.
-pub struct Job {
+pub enum Job {
+    /// Generate text.
+    Generate(GenerateJob),
+    /// Embed texts with an encoder.
+    Embed(EmbedJob),
+}
+
+/// Texts to embed, and where the vectors go.
+pub struct EmbedJob {
+    /// Each text's token ids.
+    pub inputs: Vec<Vec<u32>>,
+    /// How token states become one vector.
+    pub pooling: Pooling,
+    /// The answer.
+    pub reply: tokio::sync::oneshot::Sender<Result<Vec<Vec<f32>>, ApiError>>,
+}
+
+/// A generation waiting for the model.
+pub struct GenerateJob {
     /// Prompt token ids.
     pub prompt: Vec<u32>,
     /// Its options (jobs with equal options share a batch).
@@ -92,12 +112,24 @@ pub fn run(
             }
         }
         pending.extend(jobs.try_iter());
-        let mut batch = vec![pending.pop_front().expect("a job is pending")];
+        let first = match pending.pop_front() {
+            Some(Job::Generate(job)) => job,
+            Some(Job::Embed(job)) => {
+                embed(&mut model, job, &shared);
+                continue;
+            }
+            None => continue,
+        };
+        let mut batch = vec![first];
         let mut i = 0;
         while i < pending.len() && batch.len() < MAX_BATCH {
-            match pending[i].config == batch[0].config {
-                true => batch.extend(pending.remove(i)),
-                false => i += 1,
+            match &pending[i] {
+                Job::Generate(job) if job.config == batch[0].config => {
+                    if let Some(Job::Generate(job)) = pending.remove(i) {
+                        batch.push(job);
+                    }
+                }
+                _ => i += 1,
             }
         }
         run_batch(&mut model, &text, batch, &shared);
@@ -106,7 +138,7 @@ pub fn run(
 }
 
 /// Generates for `batch` (jobs with equal options) and tells each job what happened.
-fn run_batch(model: &mut ParallelModel, text: &TextSide, batch: Vec<Job>, shared: &Shared) {
+fn run_batch(model: &mut ParallelModel, text: &TextSide, batch: Vec<GenerateJob>, shared: &Shared) {
     let config = batch[0].config.clone();
     let copies = config.num_return_sequences.max(1);
     let prompts: Vec<Vec<u32>> = batch.iter().map(|j| j.prompt.clone()).collect();
@@ -169,13 +201,7 @@ fn run_batch(model: &mut ParallelModel, text: &TextSide, batch: Vec<Job>, shared
             }
         }
         Err(e) => {
-            let dead = model.failure().is_some();
-            shared.healthy.store(!dead, Ordering::Relaxed);
-            let error = match (&e, dead) {
-                (_, true) => ApiError::unavailable(format!("the model is down: {e}"), None),
-                (Error::InvalidInput(message), false) => ApiError::invalid("", message.clone()),
-                _ => ApiError::internal(format!("generation failed: {e}")),
-            };
+            let error = api_error(model, shared, &e);
             for job in &batch {
                 let _ = job.events.send(Event::Failed(error.clone()));
             }
@@ -186,6 +212,55 @@ fn run_batch(model: &mut ParallelModel, text: &TextSide, batch: Vec<Job>, shared
         seconds = started.elapsed().as_secs_f64(),
         "batch done"
     );
+}
+
+/// The answer to a request the model failed: 503 once a rank died (and `/health` turns red),
+/// 400 for input the model refused, 500 otherwise.
+fn api_error(model: &ParallelModel, shared: &Shared, e: &Error) -> ApiError {
+    let dead = model.failure().is_some();
+    shared.healthy.store(!dead, Ordering::Relaxed);
+    match (e, dead) {
+        (_, true) => ApiError::unavailable(format!("the model is down: {e}"), None),
+        (Error::InvalidInput(message), false) => ApiError::invalid("", message.clone()),
+        _ => ApiError::internal(format!("the model failed: {e}")),
+    }
+}
+
+/// Runs an encoder over the texts (one batch, padded on the right) and pools each.
+fn embed(model: &mut ParallelModel, job: EmbedJob, shared: &Shared) {
+    let width = job.inputs.iter().map(Vec::len).max().unwrap_or(0);
+    let input = ForwardInput {
+        input_ids: job
+            .inputs
+            .iter()
+            .flat_map(|ids| {
+                ids.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, width - ids.len()))
+            })
+            .collect(),
+        batch: job.inputs.len(),
+        seq_len: width,
+        attention_mask: Some(
+            job.inputs
+                .iter()
+                .flat_map(|ids| (0..width).map(|i| u32::from(i < ids.len())))
+                .collect(),
+        ),
+    };
+    let answer = match model.forward(&input) {
+        Ok(states) => {
+            let hidden = states.shape.last().copied().unwrap_or(0);
+            Ok(job
+                .inputs
+                .iter()
+                .zip(states.data.chunks_exact(width * hidden.max(1)))
+                .map(|(ids, states)| job.pooling.pool(states, hidden, ids.len()))
+                .collect())
+        }
+        Err(e) => Err(api_error(model, shared, &e)),
+    };
+    let _ = job.reply.send(answer);
 }
 
 /// One row's text on its way out: complete characters only, and never past a stop string

@@ -2,7 +2,9 @@
 
 Run by tests/serve.rs (`openai_python_client_works_unchanged`) with the server's address:
 
-    python tests/clients/openai_client.py http://127.0.0.1:PORT
+    python tests/clients/openai_client.py http://127.0.0.1:PORT [http://127.0.0.1:EMBEDDING_PORT]
+
+The second server, when given, serves an encoder checkpoint for the embeddings check.
 
 Exits non-zero with a message on the first check that fails.
 """
@@ -48,6 +50,14 @@ def main() -> None:
         assert getattr(error, "status_code", None) == 404, error
     else:
         raise AssertionError("an unknown model was accepted")
+    if len(sys.argv) > 2:
+        encoder = OpenAI(base_url=sys.argv[2] + "/v1", api_key="unused")
+        name = encoder.models.list().data[0].id
+        result = encoder.embeddings.create(model=name, input=["the cat runs fast", "dog"])
+        vectors = [item.embedding for item in result.data]
+        assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0, result
+        norm = sum(v * v for v in vectors[0]) ** 0.5
+        assert abs(norm - 1.0) < 1e-4, norm
     print("openai client: ok")
 
 
