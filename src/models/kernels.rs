@@ -85,7 +85,7 @@ pub(crate) const FEW_TOKENS: usize = 16;
 pub(crate) fn matmul_few<W: Weight>(w: &[W], x: &[f32], k: usize, out: &mut [f32]) {
     assert!(has_avx512(), "matmul_few needs AVX-512");
     assert!(
-        k > 0 && x.len() % k == 0 && w.len() % k == 0,
+        k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),
         "matmul_few operand lengths"
     );
     assert_eq!(
