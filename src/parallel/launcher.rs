@@ -320,7 +320,9 @@ impl WorkerGroup {
                 if slot.is_some() {
                     continue;
                 }
-                if let Some(reply) = self.poll_rank(i)? {
+                // Drain what the rank has sent: a batch streams several tokens per step, and
+                // a backlog would fill the socket and stall the rank.
+                while let Some(reply) = self.poll_rank(i)? {
                     if matches!(reply, Reply::Token { .. }) {
                         if let Some(control) = on_partial(&reply) {
                             self.send_control(&control)?;
@@ -331,6 +333,7 @@ impl WorkerGroup {
                         first_error = Some((i, message.clone(), Instant::now()));
                     }
                     *slot = Some(reply);
+                    break;
                 }
             }
             self.check_alive()?;
@@ -370,7 +373,6 @@ impl WorkerGroup {
         }
     }
 
-    /// Fails the group if any rank has exited.
     /// Checks, without a request, that every rank still runs (a dead one fails the group).
     pub fn check_health(&mut self) -> Result<()> {
         if let Some(failure) = &self.failure {
@@ -381,6 +383,7 @@ impl WorkerGroup {
         self.check_alive()
     }
 
+    /// Fails the group if any rank has exited.
     fn check_alive(&mut self) -> Result<()> {
         for i in 0..self.ranks.len() {
             if let Ok(Some(status)) = self.ranks[i].child.try_wait() {
