@@ -5,17 +5,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{binary, fixture, options, process_exists, shm_segments};
+use common::{assert_all_gone, binary, fixture, options, process_exists, shm_segments};
 use parallelformers::{parallelize, GenerationConfig};
-
-fn assert_all_gone(pids: &[u32]) {
-    for &pid in pids {
-        assert!(
-            !process_exists(pid),
-            "worker {pid} is still there (running or zombie)"
-        );
-    }
-}
 
 #[test]
 fn deparallelize_stops_every_worker_and_frees_the_shared_memory() {

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{binary, fixture, process_exists, shm_segments};
+use common::{assert_all_gone, binary, fixture, shm_segments};
 use serde_json::{json, Value};
 
 /// A server on a free loopback port, stopped (SIGTERM) when dropped.
@@ -112,6 +112,16 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Asserts that the server's ranks are gone and that no shared-memory segment was left.
+fn assert_released(ranks: &[u32], segments_before: &[String]) {
+    assert_all_gone(ranks);
+    assert_eq!(
+        shm_segments(),
+        segments_before,
+        "a shared-memory segment was left"
+    );
+}
+
 #[test]
 fn completions_whole_and_streamed_models_health_metrics_and_a_clean_stop() {
     let segments_before = shm_segments();
@@ -188,15 +198,7 @@ fn completions_whole_and_streamed_models_health_metrics_and_a_clean_stop() {
     assert!(metrics.contains("parallelformers_rank_memory_bytes{rank=\"1\",kind=\"resident\"}"));
 
     assert!(server.stop().success());
-    assert!(
-        ranks.iter().all(|&p| !process_exists(p)),
-        "a rank outlived the server"
-    );
-    assert_eq!(
-        shm_segments(),
-        segments_before,
-        "a shared-memory segment was left"
-    );
+    assert_released(&ranks, &segments_before);
 }
 
 #[test]
@@ -366,15 +368,7 @@ fn a_dead_rank_turns_health_red_and_requests_fail_fast() {
     assert_eq!(code, 503, "{body}");
     assert!(asked.elapsed() < Duration::from_secs(1));
     server.stop();
-    assert!(
-        ranks.iter().all(|&p| !process_exists(p)),
-        "a rank outlived the server"
-    );
-    assert_eq!(
-        shm_segments(),
-        segments_before,
-        "a shared-memory segment was left"
-    );
+    assert_released(&ranks, &segments_before);
 }
 
 /// The official `openai` Python client, unchanged, against the server (completions, chat,

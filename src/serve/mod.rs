@@ -238,11 +238,7 @@ async fn embed(
     state: &Arc<AppState>,
     request: openai::EmbeddingRequest,
 ) -> std::result::Result<Response, ApiError> {
-    if let Some(name) = request.model.as_deref() {
-        if name != state.config.model_name {
-            return Err(ApiError::unknown_model(name, &state.config.model_name));
-        }
-    }
+    check_model(state, request.model.as_deref())?;
     let Some(pooling) = state.pooling else {
         return Err(ApiError::invalid(
             "model",
@@ -272,14 +268,7 @@ async fn embed(
         pooling,
         reply,
     });
-    let queued = state
-        .jobs
-        .lock()
-        .map(|jobs| jobs.send(job).is_ok())
-        .unwrap_or(false);
-    if !queued {
-        return Err(ApiError::unavailable("the server is shutting down", None));
-    }
+    enqueue(state, job)?;
     let vectors = answer
         .await
         .map_err(|_| ApiError::internal("the model thread stopped"))??;
@@ -298,6 +287,29 @@ async fn embed(
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response())
+}
+
+/// 404 when a request names another model than the one served (naming none is fine).
+fn check_model(state: &AppState, name: Option<&str>) -> std::result::Result<(), ApiError> {
+    match name {
+        Some(name) if name != state.config.model_name => {
+            Err(ApiError::unknown_model(name, &state.config.model_name))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Hands a job to the model thread; 503 once the server is shutting down.
+fn enqueue(state: &AppState, job: Job) -> std::result::Result<(), ApiError> {
+    let queued = state
+        .jobs
+        .lock()
+        .map(|jobs| jobs.send(job).is_ok())
+        .unwrap_or(false);
+    match queued {
+        true => Ok(()),
+        false => Err(ApiError::unavailable("the server is shutting down", None)),
+    }
 }
 
 /// Counts the answer and turns an error into its response.
@@ -342,11 +354,7 @@ async fn respond(
     sampling: &Sampling,
     default_max: usize,
 ) -> std::result::Result<Response, ApiError> {
-    if let Some(name) = sampling.model.as_deref() {
-        if name != state.config.model_name {
-            return Err(ApiError::unknown_model(name, &state.config.model_name));
-        }
-    }
+    check_model(state, sampling.model.as_deref())?;
     if !state.shared.healthy.load(Ordering::Relaxed) {
         return Err(ApiError::unavailable("the model is down", None));
     }
@@ -388,14 +396,9 @@ async fn respond(
         events,
         arrived: Instant::now(),
     });
-    let queued = state
-        .jobs
-        .lock()
-        .map(|jobs| jobs.send(job).is_ok())
-        .unwrap_or(false);
-    if !queued {
+    if let Err(e) = enqueue(state, job) {
         metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
-        return Err(ApiError::unavailable("the server is shutting down", None));
+        return Err(e);
     }
     let id = format!(
         "{}-{:016x}",

@@ -223,6 +223,16 @@ pub fn assert_no_processes_tagged(tag: &str) {
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
 
+/// Asserts that none of `pids` exists any more (not even as a zombie).
+pub fn assert_all_gone(pids: &[u32]) {
+    for &pid in pids {
+        assert!(
+            !process_exists(pid),
+            "worker {pid} is still there (running or zombie)"
+        );
+    }
+}
+
 /// Whether process `pid` still exists (a zombie counts).
 pub fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
