@@ -3,6 +3,7 @@
 //! weights: it validates inputs, talks to the ranks, and supervises them.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::checkpoint::source::{ModelSource, ResolvedModel, WeightsLocation};
@@ -40,6 +41,8 @@ pub struct ParallelModel {
     loaded: Vec<RankMemory>,
     generation_defaults: GenerationConfig,
     seed: Option<u64>,
+    /// The tokenizer, loaded the first time stop strings need it.
+    text: Option<Arc<TextSide>>,
 }
 
 /// Splits the model `source` names (a checkpoint directory, a `.gguf` file, a Hub id, or
@@ -96,6 +99,7 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
         loaded,
         generation_defaults,
         seed: options.seed,
+        text: None,
     })
 }
 
@@ -135,6 +139,21 @@ impl ParallelModel {
     /// named in the error (with its last words).
     pub fn check_alive(&mut self) -> Result<()> {
         self.group.check_health()
+    }
+
+    /// The model's tokenizer, loaded once; an error when the model has none.
+    fn text_side(&mut self) -> Result<Arc<TextSide>> {
+        if let Some(text) = &self.text {
+            return Ok(text.clone());
+        }
+        let text = Arc::new(TextSide::load(&self.model)?.ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "stop strings need the model's tokenizer, and {} has none",
+                self.model.location.path().display()
+            ))
+        })?);
+        self.text = Some(text.clone());
+        Ok(text)
     }
 
     /// Why the model is unusable, if a rank failed.
@@ -259,7 +278,10 @@ impl ParallelModel {
             .clone()
             .unwrap_or_else(|| self.model.eos_token_ids.clone());
         let rows = prompts.len() * config.num_return_sequences;
-        let mut stops = StopStrings::new(&self.model, &config.stop, rows)?;
+        let mut stops = match config.stop.is_empty() {
+            true => None,
+            false => Some(StopStrings::new(self.text_side()?, &config.stop, rows)),
+        };
         let request = Request::Generate(GenerateRequest {
             prompts: prompts.to_vec(),
             config: config.clone(),
@@ -350,30 +372,21 @@ impl ParallelModel {
 
 /// Stop strings watched in the text of each row as it streams.
 struct StopStrings<'a> {
-    text: TextSide,
+    text: Arc<TextSide>,
     stops: &'a [String],
     rows: Vec<(TextStream, String)>,
 }
 
 impl<'a> StopStrings<'a> {
-    /// `None` without stop strings; an error when the model has no tokenizer to decode with.
-    fn new(model: &ResolvedModel, stops: &'a [String], rows: usize) -> Result<Option<Self>> {
-        if stops.is_empty() {
-            return Ok(None);
-        }
-        let text = TextSide::load(model)?.ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "stop strings need the model's tokenizer, and {} has none",
-                model.location.path().display()
-            ))
-        })?;
-        Ok(Some(StopStrings {
+    /// Watches `rows` rows for `stops`, decoding with `text`'s tokenizer.
+    fn new(text: Arc<TextSide>, stops: &'a [String], rows: usize) -> Self {
+        StopStrings {
             text,
             stops,
             rows: (0..rows)
                 .map(|_| (TextStream::new(), String::new()))
                 .collect(),
-        }))
+        }
     }
 
     /// Adds `token` to `row`'s text; whether the text now contains a stop string.

@@ -77,9 +77,9 @@ impl Rotary {
         Rotary { inv_freq }
     }
 
-    /// Rotates `x` `[B, H, L, D]` whose position ids are `positions` `[B, L]`.
-    pub fn apply(&self, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
-        let (batch, _, len, _) = x.dims4()?;
+    /// The angles of position ids `positions` (`batch` rows of `len`), computed once per
+    /// forward pass and shared by every layer's queries and keys.
+    pub fn angles(&self, positions: &[u32], batch: usize, len: usize) -> Result<RotaryAngles> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -90,8 +90,25 @@ impl Rotary {
                 sin.push(angle.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (batch, len, half), &Device::Cpu)?.to_dtype(x.dtype())?;
-        let sin = Tensor::from_vec(sin, (batch, len, half), &Device::Cpu)?.to_dtype(x.dtype())?;
+        Ok(RotaryAngles {
+            cos: Tensor::from_vec(cos, (batch, len, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (batch, len, half), &Device::Cpu)?,
+        })
+    }
+}
+
+/// Cosines and sines `[B, L, D/2]` of a batch's positions.
+#[derive(Debug, Clone)]
+pub struct RotaryAngles {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryAngles {
+    /// Rotates `x` `[B, H, L, D]` at these positions.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let cos = self.cos.to_dtype(x.dtype())?;
+        let sin = self.sin.to_dtype(x.dtype())?;
         Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
     }
 }
@@ -321,13 +338,12 @@ pub struct Projected {
     pub v: Tensor,
 }
 
-/// Scaled dot-product attention of the projected heads, with rotary positions (`[B, L]` ids)
-/// when given and
-/// the cache extended when given. Returns `[B, L, heads*D]` in the input's dtype.
+/// Scaled dot-product attention of the projected heads: queries and keys rotated by the given
+/// angles, the cache extended when given. Returns `[B, L, heads*D]` in the input's dtype.
 pub fn attend(
     projected: Projected,
     layout: HeadLayout,
-    rotary: Option<(&Rotary, &[u32])>,
+    rotary: Option<&RotaryAngles>,
     mut cache: Option<&mut KvCache>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
@@ -341,9 +357,9 @@ pub fn attend(
     let mut q = split(&projected.q, layout.heads)?;
     let mut k = split(&projected.k, layout.kv_heads)?;
     let v = split(&projected.v, layout.kv_heads)?;
-    if let Some((rotary, positions)) = rotary {
-        q = rotary.apply(&q, positions)?;
-        k = rotary.apply(&k, positions)?;
+    if let Some(angles) = rotary {
+        q = angles.apply(&q)?;
+        k = angles.apply(&k)?;
     }
     let scale = 1.0 / (layout.head_dim as f64).sqrt();
     let q = q.to_dtype(DType::F32)?;

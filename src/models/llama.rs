@@ -105,7 +105,9 @@ impl ShardedModel for Llama {
             .embed
             .forward(input.ids, &[input.batch, input.seq_len], comm)?;
         let mask = input.mask(past, true, self.sliding_window)?;
-        let positions = input.position_ids(past);
+        let angles = self
+            .rotary
+            .angles(&input.position_ids(past), input.batch, input.seq_len)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_norm.forward(&x)?;
             let projected = Projected {
@@ -114,13 +116,7 @@ impl ShardedModel for Llama {
                 v: layer.v.forward(&normed)?,
             };
             let cache = input.use_cache.then(|| self.caches.layer(i));
-            let attn = attend(
-                projected,
-                self.layout,
-                Some((&self.rotary, &positions)),
-                cache,
-                mask.as_ref(),
-            )?;
+            let attn = attend(projected, self.layout, Some(&angles), cache, mask.as_ref())?;
             x = (x + layer.o.forward(&attn, comm)?)?;
             let normed = layer.post_norm.forward(&x)?;
             let hidden = gated(
