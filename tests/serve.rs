@@ -301,6 +301,54 @@ fn a_full_queue_answers_503_with_retry_after() {
     assert!(long.join().unwrap().ends_with("data: [DONE]\n\n"));
 }
 
+/// Continuous batching: a request that arrives while a long one streams joins the running
+/// batch (with other options) and is answered while the long one is still streaming.
+#[test]
+fn a_request_joins_the_running_batch_and_ends_while_a_longer_one_streams() {
+    let server = Server::start(&[]);
+    let (first_chunk, first_chunk_seen) = std::sync::mpsc::channel();
+    let long = {
+        let url = server.url("/v1/completions");
+        std::thread::spawn(move || {
+            let body = json!({"prompt": "Once upon a time", "max_tokens": 150, "temperature": 0, "stream": true});
+            let reader = ureq::post(&url).send_json(body).unwrap().into_reader();
+            let mut chunks = Vec::new();
+            for line in BufReader::new(reader).lines() {
+                let line = line.unwrap();
+                if let Some(data) = line.strip_prefix("data: ") {
+                    if chunks.is_empty() {
+                        let _ = first_chunk.send(());
+                    }
+                    chunks.push((Instant::now(), data.to_string()));
+                }
+            }
+            chunks
+        })
+    };
+    first_chunk_seen
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the long request never streamed");
+    let short = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "The sky is", "max_tokens": 5, "temperature": 0.8, "seed": 3}),
+        )
+        .unwrap();
+    let short_done = Instant::now();
+    assert!(short["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    let chunks = long.join().unwrap();
+    assert_eq!(chunks.last().unwrap().1, "[DONE]");
+    let text_chunks_after = chunks
+        .iter()
+        .filter(|(at, data)| *at > short_done && data.contains("\"text\""))
+        .count();
+    assert!(
+        text_chunks_after > 0,
+        "the long request did not stream after the short one ended ({} chunks)",
+        chunks.len()
+    );
+}
+
 #[test]
 fn chat_completions_apply_the_template_and_stream_on_the_default_model() {
     let server = Server::start(&["--ranks", "2"]);

@@ -10,6 +10,7 @@
 mod beam;
 pub mod config;
 pub mod processors;
+pub mod session;
 
 use std::time::Instant;
 
@@ -89,7 +90,8 @@ pub fn generate(
     let mut logits = rows.forward_prompts(model, comm)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
-    let mut chooser = (comm.rank() == 0).then(|| Chooser::new(req));
+    let mut chooser =
+        (comm.rank() == 0).then(|| Chooser::new(&req.config, &req.eos_token_ids, req.seed));
     let mut overhead = Overhead::default();
     loop {
         overhead.start();
@@ -233,29 +235,7 @@ impl Rows {
         model: &mut dyn ShardedModel,
         comm: &dyn Communicator,
     ) -> Result<Tensor> {
-        // Position ids count real tokens only (the padding's positions are never attended).
-        let positions: Vec<u32> = self
-            .padding
-            .iter()
-            .zip(&self.ids)
-            .flat_map(|(&pad, ids)| (0..ids.len()).map(move |i| i.saturating_sub(pad) as u32))
-            .collect();
-        let ids: Vec<u32> = self.ids.concat();
-        let mask: Vec<u32> = self.mask.concat();
-        let width = self.ids[0].len();
-        let padded = self.padding.iter().any(|&p| p > 0);
-        model.forward(
-            &Batch {
-                ids: &ids,
-                batch: self.count(),
-                seq_len: width,
-                attention_mask: padded.then_some(mask.as_slice()),
-                use_cache: true,
-                last_only: true,
-                positions: Some(&positions),
-            },
-            comm,
-        )
+        prefill(model, comm, &self.ids, &self.padding)
     }
 
     /// One decode step: feeds each row's chosen token and returns the new logits.
@@ -350,6 +330,40 @@ impl Rows {
     }
 }
 
+/// The forward pass of prompts padded on the left to one width (`ids[i]` starts with
+/// `padding[i]` pad ids), filling the caches: the last position's logits of every row.
+fn prefill(
+    model: &mut dyn ShardedModel,
+    comm: &dyn Communicator,
+    ids: &[Vec<u32>],
+    padding: &[usize],
+) -> Result<Tensor> {
+    // Position ids count real tokens only (the padding's positions are never attended).
+    let positions: Vec<u32> = padding
+        .iter()
+        .zip(ids)
+        .flat_map(|(&pad, ids)| (0..ids.len()).map(move |i| i.saturating_sub(pad) as u32))
+        .collect();
+    let width = ids.first().map_or(0, Vec::len);
+    let mask: Vec<u32> = padding
+        .iter()
+        .flat_map(|&pad| (0..width).map(move |i| u32::from(i >= pad)))
+        .collect();
+    let flat: Vec<u32> = ids.concat();
+    model.forward(
+        &Batch {
+            ids: &flat,
+            batch: ids.len(),
+            seq_len: width,
+            attention_mask: padding.iter().any(|&p| p > 0).then_some(mask.as_slice()),
+            use_cache: true,
+            last_only: true,
+            positions: Some(&positions),
+        },
+        comm,
+    )
+}
+
 /// Rank 0's side: processes each row's logits and chooses its next token.
 struct Chooser {
     pipeline: LogitsPipeline,
@@ -358,11 +372,22 @@ struct Chooser {
 }
 
 impl Chooser {
-    fn new(req: &GenerateRequest) -> Self {
+    /// A chooser with `config`'s processors and a generator seeded with `seed`.
+    fn new(config: &GenerationConfig, eos: &[u32], seed: u64) -> Self {
         Chooser {
-            pipeline: LogitsPipeline::new(&req.config, &req.eos_token_ids),
-            sample: req.config.do_sample,
-            rng: StdRng::seed_from_u64(req.seed),
+            pipeline: LogitsPipeline::new(config, eos),
+            sample: config.do_sample,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The next token of a sequence with `history`, given its `scores`.
+    fn choose(&mut self, scores: &[f32], history: History) -> Result<u32> {
+        let mut scores = scores.to_vec();
+        self.pipeline.apply(&mut scores, history);
+        match self.sample {
+            true => sample(&scores, &mut self.rng),
+            false => argmax(&scores),
         }
     }
 
@@ -379,19 +404,12 @@ impl Chooser {
                 decision.push(FINISHED);
                 continue;
             }
-            let mut scores = scores.to_vec();
-            self.pipeline.apply(
-                &mut scores,
-                History {
-                    ids: &rows.ids[row],
-                    padding: rows.padding[row],
-                    new_tokens: rows.new[row].len(),
-                },
-            );
-            let token = match self.sample {
-                true => sample(&scores, &mut self.rng)?,
-                false => argmax(&scores)?,
+            let history = History {
+                ids: &rows.ids[row],
+                padding: rows.padding[row],
+                new_tokens: rows.new[row].len(),
             };
+            let token = self.choose(scores, history)?;
             decision.push(token);
             more |= !rows.ends(row, token);
         }

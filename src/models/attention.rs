@@ -173,27 +173,53 @@ impl KvCache {
         Ok(())
     }
 
-    /// Rearranges the batch: row `i` becomes the old row `rows[i]` (a row may be copied to
-    /// several places, as beams that share a history are).
-    fn reorder(&mut self, rows: &[usize]) -> Result<()> {
-        if self.capacity == 0 {
-            return Ok(());
-        }
-        if rows.len() != self.batch || rows.iter().any(|&r| r >= self.batch) {
+    /// A cache of `len` positions whose row `i` is row `rows[i].1` of cache `rows[i].0`. Each
+    /// row's positions are aligned to the end: a shorter row gets zeros in front (padding, which
+    /// the attention mask must hide), a longer one loses its first positions (which must be
+    /// padding). This one copy reorders beams, drops finished rows, trims padding every row has,
+    /// and joins the rows of two batches.
+    fn gather(rows: &[(&KvCache, usize)], len: usize) -> Result<KvCache> {
+        let Some(&(first, _)) = rows.first() else {
+            return Ok(KvCache::default());
+        };
+        let (heads, dim) = (first.heads, first.dim);
+        if let Some((cache, row)) = rows
+            .iter()
+            .find(|(c, r)| (c.heads, c.dim) != (heads, dim) || *r >= c.batch)
+        {
             return Err(crate::error::Error::InvalidInput(format!(
-                "cannot reorder a cache of {} rows as {rows:?}",
-                self.batch
+                "cannot take row {row} of a key/value cache of {} rows, {} heads of width {} (the batch has {heads} heads of width {dim})",
+                cache.batch, cache.heads, cache.dim
             )));
         }
-        let block = self.heads * self.capacity * self.dim;
-        for buffer in [&mut self.keys, &mut self.values] {
-            let old = std::mem::take(buffer);
-            *buffer = rows
-                .iter()
-                .flat_map(|&r| old[r * block..(r + 1) * block].iter().copied())
-                .collect();
+        let capacity = rows
+            .iter()
+            .map(|(c, _)| c.capacity)
+            .max()
+            .unwrap_or(0)
+            .max(len);
+        let size = rows.len() * heads * capacity * dim;
+        let mut gathered = KvCache {
+            keys: vec![0f32; size],
+            values: vec![0f32; size],
+            batch: rows.len(),
+            heads,
+            dim,
+            len,
+            capacity,
+        };
+        for (to_row, &(cache, from_row)) in rows.iter().enumerate() {
+            let kept = cache.len.min(len);
+            let (skipped, padding) = (cache.len - kept, len - kept);
+            for head in 0..heads {
+                let from = ((from_row * heads + head) * cache.capacity + skipped) * dim;
+                let to = ((to_row * heads + head) * capacity + padding) * dim;
+                let n = kept * dim;
+                gathered.keys[to..to + n].copy_from_slice(&cache.keys[from..from + n]);
+                gathered.values[to..to + n].copy_from_slice(&cache.values[from..from + n]);
+            }
         }
-        Ok(())
+        Ok(gathered)
     }
 
     /// Moves the cached positions into buffers with room for `capacity` positions per head.
@@ -264,9 +290,48 @@ impl LayerCaches {
         &mut self.layers[index]
     }
 
-    /// Rearranges every layer's rows: row `i` becomes the old row `rows[i]`.
-    pub fn reorder(&mut self, rows: &[usize]) -> Result<()> {
-        self.layers.iter_mut().try_for_each(|c| c.reorder(rows))
+    /// Rearranges every layer's rows: row `i` becomes the old row `rows[i]` (a row may be
+    /// copied to several places, as beams that share a history are, or left out, as finished
+    /// sequences are), keeping the last `len` positions of each.
+    pub fn select(&mut self, rows: &[usize], len: usize) -> Result<()> {
+        let picked: Vec<(&LayerCaches, usize)> = rows.iter().map(|&r| (&*self, r)).collect();
+        *self = LayerCaches::gather(&picked, len, self.layers.len())?;
+        Ok(())
+    }
+
+    /// Caches of `layers` layers whose row `i` is row `rows[i].1` of `rows[i].0`, its positions
+    /// aligned to the end of `len` (padded with zeros in front, or losing leading padding).
+    pub fn gather(rows: &[(&LayerCaches, usize)], len: usize, layers: usize) -> Result<Self> {
+        (0..layers)
+            .map(|layer| {
+                let picked = rows
+                    .iter()
+                    .map(|(c, r)| c.layers.get(layer).map(|cache| (cache, *r)))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        crate::error::Error::InvalidInput(format!(
+                            "a key/value cache lacks layer {layer}"
+                        ))
+                    })?;
+                KvCache::gather(&picked, len)
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(|layers| LayerCaches { layers })
+    }
+
+    /// Takes the cached positions out, leaving empty caches with as many layers.
+    pub fn take(&mut self) -> LayerCaches {
+        std::mem::replace(self, LayerCaches::new(self.layers.len()))
+    }
+
+    /// Number of cached sequences.
+    pub fn rows(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.batch)
+    }
+
+    /// Number of layers.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
     }
 
     /// Forgets everything cached.
@@ -632,6 +697,66 @@ mod tests {
         let wrong = Tensor::zeros((batch, heads + 1, 1, dim), DType::F32, &Device::Cpu).unwrap();
         let err = cache.append(&wrong, &wrong).unwrap_err().to_string();
         assert!(err.contains("4 heads"), "{err}");
+    }
+
+    /// Positions `[B, heads, len, dim]` numbered so that every value says where it came from.
+    fn numbered(batch: usize, heads: usize, len: usize, dim: usize, offset: f32) -> Tensor {
+        let count = batch * heads * len * dim;
+        (Tensor::arange(0f32, count as f32, &Device::Cpu).unwrap() + offset as f64)
+            .unwrap()
+            .reshape((batch, heads, len, dim))
+            .unwrap()
+    }
+
+    #[test]
+    fn gathering_rows_aligns_them_to_the_end_padding_or_trimming_the_front() {
+        let (heads, dim) = (2, 3);
+        let mut long = KvCache::default();
+        let long_keys = numbered(2, heads, 4, dim, 0.0);
+        long.append(&long_keys, &(&long_keys * -1.0).unwrap())
+            .unwrap();
+        let mut short = KvCache::default();
+        let short_keys = numbered(1, heads, 2, dim, 1000.0);
+        short
+            .append(&short_keys, &(&short_keys * -1.0).unwrap())
+            .unwrap();
+        // Row 1 of the long batch, the short row padded by 2, and row 0 trimmed to 3 positions.
+        let gathered = KvCache::gather(&[(&long, 1), (&short, 0), (&long, 0)], 4).unwrap();
+        let trimmed = KvCache::gather(&[(&long, 0)], 3).unwrap();
+        let (keys, values) = gathered.tensors().unwrap();
+        assert_eq!(keys.dims(), [3, heads, 4, dim]);
+        let row = |t: &Tensor, r: usize| {
+            t.get(r)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(row(&keys, 0), row(&long_keys, 1));
+        assert_eq!(row(&keys, 2), row(&long_keys, 0));
+        let padded = Tensor::cat(
+            &[
+                Tensor::zeros((1, heads, 2, dim), DType::F32, &Device::Cpu).unwrap(),
+                short_keys.clone(),
+            ],
+            2,
+        )
+        .unwrap();
+        assert_eq!(row(&keys, 1), row(&padded, 0));
+        assert_eq!(row(&values, 1), row(&(&padded * -1.0).unwrap(), 0));
+        let (trimmed_keys, _) = trimmed.tensors().unwrap();
+        assert_eq!(
+            row(&trimmed_keys, 0),
+            row(&long_keys.narrow(2, 1, 3).unwrap(), 0)
+        );
+        // The gathered cache keeps growing in place.
+        let mut grown = gathered;
+        let next = numbered(3, heads, 1, dim, 5000.0);
+        grown.append(&next, &next).unwrap();
+        assert_eq!(grown.len(), 5);
+        let err = KvCache::gather(&[(&long, 2)], 4).unwrap_err().to_string();
+        assert!(err.contains("row 2"), "{err}");
     }
 
     #[test]

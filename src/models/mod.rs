@@ -96,7 +96,10 @@ pub trait ShardedModel: Send {
     /// keeps the beams that survive a step).
     fn reorder_cache(&mut self, rows: &[usize]) -> Result<()> {
         match self.caches() {
-            Some(caches) => caches.reorder(rows),
+            Some(caches) => {
+                let len = caches.len();
+                caches.select(rows, len)
+            }
             None => Ok(()),
         }
     }

@@ -10,6 +10,7 @@ use std::io::{ErrorKind, Read, Write};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::checkpoint::ModelConfig;
+pub use crate::generation::session::{EndReason, SequenceRequest, SessionSummary};
 pub use crate::generation::{GenerateRequest, GeneratedBatch};
 use crate::parallel::memory::RankMemory;
 
@@ -49,9 +50,17 @@ pub enum Request {
     Forward(ForwardInput),
     /// Generate for one or several prompts.
     Generate(GenerateRequest),
-    /// Sent to rank 0 while it generates: finish these rows now (a cancelled stream, a
-    /// matched stop string). Not answered; ignored when it arrives after the generation.
+    /// Start a continuous-batching session with these sequences.
+    Session(Vec<SequenceRequest>),
+    /// Sent to rank 0 during a session: add these sequences. Not answered.
+    Join(Vec<SequenceRequest>),
+    /// Sent to rank 0 while it generates: finish these rows (of a generation) or sequences (of
+    /// a session) now: a cancelled stream, a matched stop string. Not answered; ignored when
+    /// it arrives after the generation.
     Finish(Vec<u32>),
+    /// Sent to rank 0 during a session: no sequence will join any more; end the session once
+    /// its batch is empty. Not answered.
+    EndSession,
     /// Report memory use.
     Memory,
     /// Exit cleanly.
@@ -83,19 +92,41 @@ pub enum Reply {
     Forward(WireTensor),
     /// A token rank 0 just chose for a row, sent while a generation runs (streaming).
     Token {
-        /// The row (prompt × returned sequence) it extends.
+        /// The row (prompt × returned sequence) it extends; in a session, the sequence's id.
         row: u32,
         /// The token.
         token: u32,
     },
     /// Generation output (every rank, so that the main process can check they agree).
     Generated(GeneratedBatch),
+    /// A sequence of a session ended (rank 0, during the session).
+    Ended {
+        /// The sequence.
+        id: u32,
+        /// Why.
+        reason: EndReason,
+    },
+    /// The session's batch is empty and rank 0 waits for sequences to join or the end of
+    /// the session (rank 0, during the session).
+    Idle,
+    /// The session ended (every rank, so that the main process can check they agree).
+    SessionEnded(SessionSummary),
     /// Memory use.
     Memory(RankMemory),
     /// The request succeeded and this rank has nothing to return.
     Done,
     /// The request failed on this rank.
     Error(String),
+}
+
+impl Reply {
+    /// Whether this reply is sent during a request rather than as its answer.
+    pub fn is_partial(&self) -> bool {
+        matches!(
+            self,
+            Reply::Token { .. } | Reply::Ended { .. } | Reply::Idle
+        )
+    }
 }
 
 /// Writes one message as a frame.

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -276,17 +277,17 @@ impl WorkerGroup {
     /// Sends `request` to every rank and collects one reply from each, in rank order.
     /// An error on any rank is returned with its rank; a rank that dies stops the group.
     pub fn request(&mut self, request: &Request, timeout: Option<Duration>) -> Result<Vec<Reply>> {
-        self.request_streaming(request, timeout, &mut |_| None)
+        self.request_streaming(request, timeout, &mut |_: &Reply| None)
     }
 
-    /// Like [`WorkerGroup::request`], passing the partial replies (streamed tokens) that arrive
-    /// before the final ones to `on_partial`; a request it returns (a [`Request::Finish`]) is
-    /// sent to rank 0 at once, without an answer.
+    /// Like [`WorkerGroup::request`], passing the partial replies ([`Reply::is_partial`]) that
+    /// arrive before the final ones to `listener`; the control messages it returns are sent to
+    /// rank 0 at once, without an answer.
     pub fn request_streaming(
         &mut self,
         request: &Request,
         timeout: Option<Duration>,
-        on_partial: &mut dyn FnMut(&Reply) -> Option<Request>,
+        listener: &mut dyn Listener,
     ) -> Result<Vec<Reply>> {
         if let Some(failure) = &self.failure {
             return Err(Error::Launch(format!(
@@ -304,27 +305,28 @@ impl WorkerGroup {
                 return Err(self.fail(i, format!("cannot send a request: {e}")));
             }
         }
-        self.collect(timeout, on_partial)
+        self.collect(timeout, listener)
     }
 
     fn collect(
         &mut self,
         timeout: Option<Duration>,
-        on_partial: &mut dyn FnMut(&Reply) -> Option<Request>,
+        listener: &mut dyn Listener,
     ) -> Result<Vec<Reply>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut replies: Vec<Option<Reply>> = vec![None; self.ranks.len()];
         let mut first_error: Option<(usize, String, Instant)> = None;
         while replies.iter().any(Option::is_none) {
-            for (i, slot) in replies.iter_mut().enumerate() {
-                if slot.is_some() {
-                    continue;
-                }
+            let waiting: Vec<usize> = (0..self.ranks.len())
+                .filter(|&i| replies[i].is_none())
+                .collect();
+            self.wait_readable(&waiting);
+            for &i in &waiting {
                 // Drain what the rank has sent: a batch streams several tokens per step, and
                 // a backlog would fill the socket and stall the rank.
                 while let Some(reply) = self.poll_rank(i)? {
-                    if matches!(reply, Reply::Token { .. }) {
-                        if let Some(control) = on_partial(&reply) {
+                    if reply.is_partial() {
+                        for control in listener.partial(&reply) {
                             self.send_control(&control)?;
                         }
                         continue;
@@ -332,8 +334,13 @@ impl WorkerGroup {
                     if let (Reply::Error(message), None) = (&reply, &first_error) {
                         first_error = Some((i, message.clone(), Instant::now()));
                     }
-                    *slot = Some(reply);
+                    replies[i] = Some(reply);
                     break;
+                }
+            }
+            if replies[0].is_none() {
+                for control in listener.tick() {
+                    self.send_control(&control)?;
                 }
             }
             self.check_alive()?;
@@ -357,10 +364,34 @@ impl WorkerGroup {
         Ok(replies.into_iter().flatten().collect())
     }
 
-    /// Reads rank `i`'s reply if one has arrived; a broken connection fails the group.
+    /// Sleeps until one of the `ranks` has something to read, or [`POLL`] has passed.
+    fn wait_readable(&self, ranks: &[usize]) {
+        let mut fds: Vec<libc::pollfd> = ranks
+            .iter()
+            .filter_map(|&i| self.ranks[i].stream.as_ref())
+            .map(|stream| libc::pollfd {
+                fd: stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfds for sockets this process owns. An error
+        // (an interrupting signal) only ends the wait early.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                POLL.as_millis() as i32,
+            );
+        }
+    }
+
+    /// Reads rank `i`'s reply if one has arrived, without waiting for one that has not; a
+    /// broken connection fails the group.
     fn poll_rank(&mut self, i: usize) -> Result<Option<Reply>> {
         let rank = &mut self.ranks[i];
         let polled = match rank.stream.as_mut() {
+            Some(stream) if !readable(stream) => Ok(None),
             Some(stream) => rank.reader.poll(stream),
             None => Err(std::io::ErrorKind::NotConnected.into()),
         };
@@ -471,6 +502,37 @@ impl WorkerGroup {
 impl Drop for WorkerGroup {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Whether `stream` has data (or an end of stream) to read now.
+fn readable(stream: &UnixStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a socket this process owns, and a zero timeout.
+    unsafe { libc::poll(&mut fd, 1, 0) > 0 && fd.revents != 0 }
+}
+
+/// The caller's side of a streaming request: it hears the partial replies and may answer with
+/// control messages for rank 0.
+pub trait Listener {
+    /// A partial reply (a streamed token, an ended sequence, an idle session); returns the
+    /// control messages to send to rank 0.
+    fn partial(&mut self, reply: &Reply) -> Vec<Request>;
+    /// Called whenever the launcher wakes while rank 0 works (at least every 20 ms); returns
+    /// the control messages to send to rank 0.
+    fn tick(&mut self) -> Vec<Request> {
+        Vec::new()
+    }
+}
+
+/// A closure listener answers each partial reply with at most one control message.
+impl<F: FnMut(&Reply) -> Option<Request>> Listener for F {
+    fn partial(&mut self, reply: &Reply) -> Vec<Request> {
+        self(reply).into_iter().collect()
     }
 }
 

@@ -14,6 +14,7 @@ use candle_core::DType;
 
 use crate::comm::{Communicator, ShmCommunicator, SingleRank};
 use crate::error::{Error, Result};
+use crate::generation::session::{self, Control, EndReason, SessionLink};
 use crate::generation::{self, Hooks};
 use crate::models::{self, Batch, ShardedModel};
 use crate::parallel::engine::{ShardLoader, WeightBytes};
@@ -204,41 +205,106 @@ fn run_worker() -> Result<()> {
                     Err(e) => Reply::Error(e.to_string()),
                 }
             }
-            // A finish request that arrived after its generation ended: nothing to do.
-            Request::Finish(_) => continue,
+            Request::Session(initial) => {
+                let mut link = RankZeroLink {
+                    stream: &mut stream,
+                };
+                let link = (env.rank == 0).then_some(&mut link as &mut dyn SessionLink);
+                match session::run(shard.model.as_mut(), shard.comm.as_ref(), initial, link) {
+                    Ok(summary) => Reply::SessionEnded(summary),
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
+            // Control messages that arrived after their generation or session ended: nothing
+            // to do.
+            Request::Finish(_) | Request::Join(_) | Request::EndSession => continue,
         };
         send(&mut stream, &reply)?;
     }
 }
 
-/// The rows the main process asked rank 0 to finish since the last check (a non-blocking read
-/// of the control frames waiting on its socket).
-fn finish_requests(stream: &mut UnixStream) -> Result<Vec<usize>> {
-    let lost = |e: std::io::Error| Error::Launch(format!("lost the launcher: {e}"));
-    let mut rows = Vec::new();
+fn lost_launcher(e: std::io::Error) -> Error {
+    Error::Launch(format!("lost the launcher: {e}"))
+}
+
+/// The control messages waiting on rank 0's socket (with `wait`, at least one: blocks until
+/// one arrives).
+fn control_messages(stream: &mut UnixStream, wait: bool) -> Result<Vec<Request>> {
+    let mut messages = Vec::new();
     loop {
         let mut waiting = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(stream),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd for a socket this process owns, and a zero timeout.
-        let ready = unsafe { libc::poll(&mut waiting, 1, 0) };
+        let timeout = if wait && messages.is_empty() { -1 } else { 0 };
+        // SAFETY: one valid pollfd for a socket this process owns.
+        let ready = unsafe { libc::poll(&mut waiting, 1, timeout) };
         if ready < 0 {
-            return Err(lost(std::io::Error::last_os_error()));
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(lost_launcher(error));
         }
-        if ready == 0 || waiting.revents & libc::POLLIN == 0 {
-            return Ok(rows);
+        if ready == 0 || waiting.revents == 0 {
+            return Ok(messages);
         }
-        match read_frame::<Request>(stream) {
-            Ok(Request::Finish(finished)) => rows.extend(finished.into_iter().map(|r| r as usize)),
-            Ok(other) => {
+        messages.push(read_frame::<Request>(stream).map_err(lost_launcher)?);
+    }
+}
+
+/// The rows the main process asked rank 0 to finish since the last check.
+fn finish_requests(stream: &mut UnixStream) -> Result<Vec<usize>> {
+    let mut rows = Vec::new();
+    for message in control_messages(stream, false)? {
+        match message {
+            Request::Finish(finished) => rows.extend(finished.into_iter().map(|r| r as usize)),
+            other => {
                 return Err(Error::Launch(format!(
                     "unexpected request while generating: {other:?}"
                 )))
             }
-            Err(e) => return Err(lost(e)),
         }
+    }
+    Ok(rows)
+}
+
+/// Rank 0's socket during a session.
+struct RankZeroLink<'a> {
+    stream: &'a mut UnixStream,
+}
+
+impl SessionLink for RankZeroLink<'_> {
+    fn token(&mut self, id: u32, token: u32) -> Result<()> {
+        let reply = Reply::Token { row: id, token };
+        write_frame(self.stream, &reply).map_err(lost_launcher)
+    }
+
+    fn ended(&mut self, id: u32, reason: &EndReason) -> Result<()> {
+        let reply = Reply::Ended {
+            id,
+            reason: reason.clone(),
+        };
+        write_frame(self.stream, &reply).map_err(lost_launcher)
+    }
+
+    fn idle(&mut self) -> Result<()> {
+        write_frame(self.stream, &Reply::Idle).map_err(lost_launcher)
+    }
+
+    fn controls(&mut self, wait: bool) -> Result<Vec<Control>> {
+        control_messages(self.stream, wait)?
+            .into_iter()
+            .map(|message| match message {
+                Request::Join(sequences) => Ok(Control::Join(sequences)),
+                Request::Finish(ids) => Ok(Control::Finish(ids)),
+                Request::EndSession => Ok(Control::End),
+                other => Err(Error::Launch(format!(
+                    "unexpected request during a session: {other:?}"
+                ))),
+            })
+            .collect()
     }
 }
 

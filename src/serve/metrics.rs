@@ -44,14 +44,18 @@ impl Metrics {
         self.first_tokens.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records a batch's decoding: `tokens` new tokens (all rows) over `decode`.
-    pub fn decoded(&self, tokens: usize, steps: usize, decode: Duration) {
+    /// Counts tokens generated.
+    pub fn completion_tokens(&self, tokens: usize) {
         self.completion_tokens
             .fetch_add(tokens as u64, Ordering::Relaxed);
+    }
+
+    /// Records `tokens` output tokens after a sequence's first that took `decode` in all.
+    pub fn decode_time(&self, tokens: usize, decode: Duration) {
         self.decode_micros
             .fetch_add(decode.as_micros() as u64, Ordering::Relaxed);
         self.decoded_tokens
-            .fetch_add(steps as u64, Ordering::Relaxed);
+            .fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
     /// Replaces the per-rank memory figures.
@@ -114,13 +118,13 @@ impl Metrics {
             (
                 "parallelformers_time_per_output_token_seconds_sum",
                 "counter",
-                "Summed time of the decode steps.",
+                "Summed wait between consecutive tokens of a sequence.",
                 seconds(&self.decode_micros).to_string(),
             ),
             (
                 "parallelformers_time_per_output_token_seconds_count",
                 "counter",
-                "Decode steps.",
+                "Tokens after the first of each sequence.",
                 load(&self.decoded_tokens).to_string(),
             ),
         ];

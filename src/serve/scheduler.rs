@@ -1,10 +1,13 @@
-//! The thread that owns the parallel model. It takes the queued jobs, runs those that share
-//! their options as one batch (all waiting requests with the same options decode together, one
-//! row each), and streams each row's text to its job as tokens are chosen. A job whose client
-//! went away has its row finished at the next step.
+//! The thread that owns the parallel model. Generation jobs run in a continuous-batching
+//! session ([`ParallelModel::generate_session`]): each job's choices join the running batch
+//! between decode steps as soon as they arrive (up to [`MAX_BATCH`] rows), stream their text as
+//! tokens are chosen, and leave the batch the moment they end. A job whose client went away
+//! leaves at the next step. An embedding job waits until the batch drains, then runs alone.
 
-use std::collections::VecDeque;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -12,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::api::ParallelModel;
-use crate::error::Error;
+use crate::api::{ParallelModel, SequenceEnd, SessionDriver, SessionSequence};
+use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
 use crate::parallel::ipc::ForwardInput;
 use crate::serve::metrics::Metrics;
@@ -22,7 +25,7 @@ use crate::serve::pooling::Pooling;
 use crate::text::TextSide;
 use crate::tokenizer::TextStream;
 
-/// Most requests decoded together.
+/// Most sequences decoded together.
 const MAX_BATCH: usize = 16;
 
 /// How often an idle model thread checks that every rank is alive.
@@ -50,7 +53,7 @@ pub struct EmbedJob {
 pub struct GenerateJob {
     /// Prompt token ids.
     pub prompt: Vec<u32>,
-    /// Its options (jobs with equal options share a batch).
+    /// Its options.
     pub config: GenerationConfig,
     /// Where its events go; a closed channel means the client left.
     pub events: UnboundedSender<Event>,
@@ -112,106 +115,202 @@ pub fn run(
             }
         }
         pending.extend(jobs.try_iter());
-        let first = match pending.pop_front() {
-            Some(Job::Generate(job)) => job,
-            Some(Job::Embed(job)) => {
-                embed(&mut model, job, &shared);
-                continue;
+        match pending.pop_front() {
+            Some(Job::Embed(job)) => embed(&mut model, job, &shared),
+            Some(Job::Generate(job)) => {
+                run_session(&mut model, &text, job, &jobs, &mut pending, &shared)
             }
-            None => continue,
-        };
-        let mut batch = vec![first];
-        let mut i = 0;
-        while i < pending.len() && batch.len() < MAX_BATCH {
-            match &pending[i] {
-                Job::Generate(job) if job.config == batch[0].config => {
-                    if let Some(Job::Generate(job)) = pending.remove(i) {
-                        batch.push(job);
-                    }
-                }
-                _ => i += 1,
-            }
+            None => {}
         }
-        run_batch(&mut model, &text, batch, &shared);
     }
     model.deparallelize();
 }
 
-/// Generates for `batch` (jobs with equal options) and tells each job what happened.
-fn run_batch(model: &mut ParallelModel, text: &TextSide, batch: Vec<GenerateJob>, shared: &Shared) {
-    let config = batch[0].config.clone();
-    let copies = config.num_return_sequences.max(1);
-    let prompts: Vec<Vec<u32>> = batch.iter().map(|j| j.prompt.clone()).collect();
-    let mut outputs: Vec<Output> = (0..batch.len() * copies)
-        .map(|_| Output::new(&config.stop))
-        .collect();
-    let mut answered = vec![false; batch.len()];
-    let started = Instant::now();
-    let result = model.generate_batch(&prompts, &config, |row, token| {
-        let job = &batch[row / copies];
-        if !std::mem::replace(&mut answered[row / copies], true) {
-            shared.metrics.first_token(job.arrived.elapsed());
+/// Runs `first`, then the jobs of `pending` and those arriving meanwhile, in one
+/// continuous-batching session until the batch is empty and the next job cannot join it.
+fn run_session(
+    model: &mut ParallelModel,
+    text: &TextSide,
+    first: GenerateJob,
+    jobs: &Receiver<Job>,
+    pending: &mut VecDeque<Job>,
+    shared: &Shared,
+) {
+    pending.push_front(Job::Generate(first));
+    let mut driver = Session {
+        text,
+        jobs,
+        pending,
+        metrics: &shared.metrics,
+        live: HashMap::new(),
+        next_id: 0,
+        broken: Vec::new(),
+    };
+    let result = model.generate_session(&mut driver);
+    let mut broken = std::mem::take(&mut driver.broken);
+    let untouched = driver.next_id == 0;
+    match result {
+        Ok(stats) => tracing::debug!(
+            sequences = stats.sequences,
+            steps = stats.steps,
+            "session done"
+        ),
+        Err(e) => {
+            // A session refused before it took any job (the model cannot generate): the
+            // first job hears why, so that it is not run again.
+            if untouched {
+                if let Some(Job::Generate(job)) = pending.pop_front() {
+                    broken.push(Rc::new(JobState::new(job)));
+                }
+            }
+            let error = api_error(model, shared, &e);
+            for job in broken {
+                let _ = job.events.send(Event::Failed(error.clone()));
+            }
         }
-        let piece = outputs[row].push(&text.tokenizer, token);
-        let gone = match piece {
-            Some(piece) => job
-                .events
+    }
+}
+
+/// A job as its running choices share it.
+struct JobState {
+    events: UnboundedSender<Event>,
+    arrived: Instant,
+    answered: Cell<bool>,
+}
+
+impl JobState {
+    fn new(job: GenerateJob) -> Self {
+        JobState {
+            events: job.events,
+            arrived: job.arrived,
+            answered: Cell::new(false),
+        }
+    }
+}
+
+/// One choice of a job, running as a sequence of the session.
+struct Choice {
+    job: Rc<JobState>,
+    index: usize,
+    output: Output,
+    tokens: usize,
+    last_token: Option<Instant>,
+}
+
+/// The scheduler's side of a session: hands queued jobs to the batch and relays each
+/// sequence's text to its job.
+struct Session<'a> {
+    text: &'a TextSide,
+    jobs: &'a Receiver<Job>,
+    pending: &'a mut VecDeque<Job>,
+    metrics: &'a Metrics,
+    live: HashMap<u32, Choice>,
+    next_id: u32,
+    /// Jobs whose sequences the session's failure ended; they hear why once it is known.
+    broken: Vec<Rc<JobState>>,
+}
+
+impl SessionDriver for Session<'_> {
+    fn join(&mut self) -> Vec<SessionSequence> {
+        self.pending.extend(self.jobs.try_iter());
+        let mut joining = Vec::new();
+        while let Some(Job::Generate(job)) = self.pending.front() {
+            let choices = job.config.num_return_sequences.max(1);
+            let running = self.live.len();
+            if running + choices > MAX_BATCH && running > 0 {
+                break;
+            }
+            let Some(Job::Generate(job)) = self.pending.pop_front() else {
+                break;
+            };
+            if job.events.is_closed() {
+                continue;
+            }
+            let (prompt, job_config) = (job.prompt.clone(), job.config.clone());
+            let state = Rc::new(JobState::new(job));
+            for index in 0..choices {
+                let mut config = job_config.clone();
+                config.num_return_sequences = 1;
+                config.seed = config.seed.map(|seed| seed.wrapping_add(index as u64));
+                let id = self.next_id;
+                self.next_id = self.next_id.wrapping_add(1);
+                let choice = Choice {
+                    job: state.clone(),
+                    index,
+                    output: Output::new(&config.stop),
+                    tokens: 0,
+                    last_token: None,
+                };
+                self.live.insert(id, choice);
+                joining.push(SessionSequence {
+                    id,
+                    prompt: prompt.clone(),
+                    config,
+                });
+            }
+        }
+        joining
+    }
+
+    fn token(&mut self, id: u32, token: u32) -> ControlFlow<()> {
+        let Some(choice) = self.live.get_mut(&id) else {
+            return ControlFlow::Break(());
+        };
+        let now = Instant::now();
+        match choice.last_token.replace(now) {
+            Some(last) => self.metrics.decode_time(1, now - last),
+            None if !choice.job.answered.replace(true) => {
+                self.metrics.first_token(choice.job.arrived.elapsed())
+            }
+            None => {}
+        }
+        choice.tokens += 1;
+        let events = &choice.job.events;
+        let gone = match choice.output.push(&self.text.tokenizer, token) {
+            Some(piece) => events
                 .send(Event::Text {
-                    index: row % copies,
+                    index: choice.index,
                     piece,
                 })
                 .is_err(),
-            None => job.events.is_closed(),
+            None => events.is_closed(),
         };
         match gone {
             true => ControlFlow::Break(()),
             false => ControlFlow::Continue(()),
         }
-    });
-    match result {
-        Ok(generated) => {
-            let eos = config
-                .eos_token_id
-                .clone()
-                .unwrap_or_else(|| model.model().eos_token_ids.clone());
-            let tokens: usize = generated.sequences.iter().map(Vec::len).sum();
-            let steps = generated.sequences.iter().map(Vec::len).max().unwrap_or(0);
-            shared.metrics.decoded(
-                tokens,
-                steps,
-                Duration::from_secs_f64(generated.decode_seconds),
-            );
-            for (row, sequence) in generated.sequences.iter().enumerate() {
-                let job = &batch[row / copies];
-                let index = row % copies;
-                if let Some(rest) = outputs[row].finish(&text.tokenizer) {
-                    let _ = job.events.send(Event::Text { index, piece: rest });
+    }
+
+    fn ended(&mut self, id: u32, end: Result<SequenceEnd>) {
+        let Some(mut choice) = self.live.remove(&id) else {
+            return;
+        };
+        let events = &choice.job.events;
+        match end {
+            Ok(end) => {
+                self.metrics.completion_tokens(choice.tokens);
+                if let Some(rest) = choice.output.finish(&self.text.tokenizer) {
+                    let _ = events.send(Event::Text {
+                        index: choice.index,
+                        piece: rest,
+                    });
                 }
-                let ended_by_length = sequence.len() >= config.max_new_tokens
-                    && sequence.last().is_none_or(|t| !eos.contains(t));
-                let finish = match ended_by_length && !outputs[row].stopped {
-                    true => FinishReason::Length,
-                    false => FinishReason::Stop,
+                let finish = match (end, choice.output.stopped) {
+                    (SequenceEnd::Length, false) => FinishReason::Length,
+                    _ => FinishReason::Stop,
                 };
-                let _ = job.events.send(Event::End {
-                    index,
+                let _ = events.send(Event::End {
+                    index: choice.index,
                     finish,
-                    tokens: sequence.len(),
+                    tokens: choice.tokens,
                 });
             }
-        }
-        Err(e) => {
-            let error = api_error(model, shared, &e);
-            for job in &batch {
-                let _ = job.events.send(Event::Failed(error.clone()));
+            Err(Error::InvalidInput(message)) => {
+                let _ = events.send(Event::Failed(ApiError::invalid("", message)));
             }
+            Err(_) => self.broken.push(choice.job),
         }
     }
-    tracing::debug!(
-        jobs = batch.len(),
-        seconds = started.elapsed().as_secs_f64(),
-        "batch done"
-    );
 }
 
 /// The answer to a request the model failed: 503 once a rank died (and `/health` turns red),

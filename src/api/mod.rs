@@ -16,7 +16,12 @@ use crate::parallel::launcher::{default_threads, LaunchSpec, WorkerGroup};
 use crate::parallel::memory::RankMemory;
 use crate::parallel::Plan;
 use crate::text::TextSide;
-use crate::tokenizer::stream::TextStream;
+
+mod session;
+mod stops;
+
+pub use session::{SequenceEnd, SessionDriver, SessionSequence, SessionStats};
+use stops::StopWatch;
 
 /// The result of generating for one prompt, with rank 0's timings.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,16 +166,24 @@ impl ParallelModel {
         self.group.failure()
     }
 
-    fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        match ids
-            .iter()
-            .find(|&&id| id as usize >= self.model.config.vocab_size)
-        {
-            Some(id) => Err(Error::InvalidInput(format!(
-                "token id {id} is outside the vocabulary of {} tokens",
-                self.model.config.vocab_size
+    /// What generation requests are checked against, and their defaults.
+    fn rules(&self) -> RequestRules {
+        RequestRules {
+            vocab_size: self.model.config.vocab_size,
+            max_positions: self.model.config.max_positions,
+            eos_token_ids: self.model.eos_token_ids.clone(),
+            seed: self.seed,
+        }
+    }
+
+    /// Refuses to generate with an encoder.
+    fn check_generates(&self) -> Result<()> {
+        match self.model.config.is_causal() {
+            true => Ok(()),
+            false => Err(Error::InvalidInput(format!(
+                "{} is an encoder and cannot generate text",
+                self.model.config.architecture
             ))),
-            None => Ok(()),
         }
     }
 
@@ -201,7 +214,7 @@ impl ParallelModel {
                 )));
             }
         }
-        self.check_ids(&input.input_ids)?;
+        self.rules().check_ids(&input.input_ids)?;
         let request = Request::Forward(input.clone());
         match self.group.request(&request, None)?.into_iter().next() {
             Some(Reply::Forward(tensor)) => Ok(tensor),
@@ -254,40 +267,35 @@ impl ParallelModel {
         config: &GenerationConfig,
         mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
     ) -> Result<GeneratedBatch> {
-        if !self.model.config.is_causal() {
-            return Err(Error::InvalidInput(format!(
-                "{} is an encoder and cannot generate text",
-                self.model.config.architecture
-            )));
-        }
+        self.check_generates()?;
         if prompts.is_empty() {
             return Err(Error::InvalidInput("no prompt to generate for".into()));
         }
         if let Some(i) = prompts.iter().position(Vec::is_empty) {
             return Err(Error::InvalidInput(format!("prompt {i} is empty")));
         }
-        prompts.iter().try_for_each(|p| self.check_ids(p))?;
+        let rules = self.rules();
+        prompts.iter().try_for_each(|p| rules.check_ids(p))?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        config.validate(
-            self.model.config.vocab_size,
-            self.model.config.max_positions,
-            longest,
-        )?;
-        let eos = config
-            .eos_token_id
-            .clone()
-            .unwrap_or_else(|| self.model.eos_token_ids.clone());
+        let (eos, seed) = rules.options(config, longest)?;
         let rows = prompts.len() * config.num_return_sequences;
         let mut stops = match config.stop.is_empty() {
             true => None,
-            false => Some(StopStrings::new(self.text_side()?, &config.stop, rows)),
+            false => {
+                let text = self.text_side()?;
+                Some(
+                    (0..rows)
+                        .map(|_| StopWatch::new(text.clone(), &config.stop))
+                        .collect::<Vec<_>>(),
+                )
+            }
         };
         let request = Request::Generate(GenerateRequest {
             prompts: prompts.to_vec(),
             config: config.clone(),
             pad_token_id: config.pad_token_id.or(eos.first().copied()).unwrap_or(0),
             eos_token_ids: eos,
-            seed: config.seed.or(self.seed).unwrap_or_else(rand::random),
+            seed,
         });
         // Where the main process ended a row itself (cancelled, stop string): tokens the
         // ranks chose after that are dropped.
@@ -307,7 +315,7 @@ impl ParallelModel {
                 ended[row] = Some(seen[row]);
                 return Some(Request::Finish(vec![row as u32]));
             }
-            match stops.as_mut().map(|s| s.push(row, token)) {
+            match stops.as_mut().map(|s| s[row].push(token)) {
                 Some(Ok(true)) => {
                     ended[row] = Some(seen[row]);
                     Some(Request::Finish(vec![row as u32]))
@@ -370,43 +378,37 @@ impl ParallelModel {
     }
 }
 
-/// Stop strings watched in the text of each row as it streams.
-struct StopStrings<'a> {
-    text: Arc<TextSide>,
-    stops: &'a [String],
-    rows: Vec<(TextStream, String)>,
+/// What generation requests are checked against, and where their defaults come from.
+#[derive(Debug, Clone)]
+struct RequestRules {
+    vocab_size: usize,
+    max_positions: usize,
+    /// The model's end-of-sequence ids.
+    eos_token_ids: Vec<u32>,
+    /// The seed of [`Options::seed`].
+    seed: Option<u64>,
 }
 
-impl<'a> StopStrings<'a> {
-    /// Watches `rows` rows for `stops`, decoding with `text`'s tokenizer.
-    fn new(text: Arc<TextSide>, stops: &'a [String], rows: usize) -> Self {
-        StopStrings {
-            text,
-            stops,
-            rows: (0..rows)
-                .map(|_| (TextStream::new(), String::new()))
-                .collect(),
+impl RequestRules {
+    /// Refuses ids outside the vocabulary.
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            Some(id) => Err(Error::InvalidInput(format!(
+                "token id {id} is outside the vocabulary of {} tokens",
+                self.vocab_size
+            ))),
+            None => Ok(()),
         }
     }
 
-    /// Adds `token` to `row`'s text; whether the text now contains a stop string.
-    fn push(&mut self, row: usize, token: u32) -> Result<bool> {
-        let (stream, text) = &mut self.rows[row];
-        let piece = stream
-            .push(&self.text.tokenizer, token)
-            .map_err(|e| Error::Tokenizer(format!("cannot decode token {token}: {e}")))?;
-        let Some(piece) = piece else {
-            return Ok(false);
-        };
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let mut start = text.len().saturating_sub(longest);
-        while !text.is_char_boundary(start) {
-            start -= 1;
-        }
-        text.push_str(&piece);
-        Ok(self
-            .stops
-            .iter()
-            .any(|stop| text[start..].contains(stop.as_str())))
+    /// Validates `config` for prompts of up to `longest` tokens; returns its end-of-sequence
+    /// ids and its seed (the request's, else the model's, else a fresh one).
+    fn options(&self, config: &GenerationConfig, longest: usize) -> Result<(Vec<u32>, u64)> {
+        config.validate(self.vocab_size, self.max_positions, longest)?;
+        let eos = config
+            .eos_token_id
+            .clone()
+            .unwrap_or_else(|| self.eos_token_ids.clone());
+        Ok((eos, config.seed.or(self.seed).unwrap_or_else(rand::random)))
     }
 }

@@ -1,0 +1,430 @@
+//! Continuous batching: one running batch that sequences join and leave between decode steps.
+//!
+//! A session starts with some sequences and runs until the main process ends it. Before each
+//! step rank 0 reads the main process's control messages (sequences to join, sequences to
+//! finish, the end of the session), chooses each row's next token with that sequence's own
+//! options and seeded generator, and broadcasts the tokens together with the joining sequences,
+//! so that every rank changes its batch in the same way.
+//!
+//! Joining sequences are prefilled as a batch of their own while the running batch's caches are
+//! set aside; then both caches are gathered into one, every row aligned to the end (the rows
+//! shorter than the batch get left padding that the attention mask hides, and position ids
+//! count real tokens only). A row that ends leaves the caches at once, together with any
+//! padding that every remaining row has, so the batch is never wider than its longest sequence.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::comm::Communicator;
+use crate::error::{Error, Result};
+use crate::generation::processors::History;
+use crate::generation::{broadcast_words, prefill, Chooser, GenerationConfig};
+use crate::models::attention::LayerCaches;
+use crate::models::{Batch, ShardedModel};
+
+/// One sequence of a session, as every rank receives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequenceRequest {
+    /// The caller's name for the sequence (unique within the session).
+    pub id: u32,
+    /// The prompt's token ids (not empty).
+    pub prompt: Vec<u32>,
+    /// Its options (greedy or sampling, one returned sequence, `max_new_tokens` ≥ 1).
+    pub config: GenerationConfig,
+    /// End-of-sequence ids; the sequence ends after emitting one.
+    pub eos_token_ids: Vec<u32>,
+    /// Seed of its sampler on rank 0.
+    pub seed: u64,
+}
+
+/// Why a sequence of a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    /// It emitted an end-of-sequence id (its last token).
+    EndOfSequence,
+    /// It reached `max_new_tokens`.
+    Length,
+    /// The main process finished it (a cancelled stream, a stop string).
+    Finished,
+    /// Its options leave no token to choose; the message says why.
+    Failed(String),
+}
+
+/// What every rank returns when a session ends.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    /// Every sequence that ran, with its new tokens, in the order they ended.
+    pub sequences: Vec<(u32, Vec<u32>)>,
+    /// Decode steps run (each extends every running sequence by one token).
+    pub steps: usize,
+    /// Time of the joining sequences' forward passes, in seconds.
+    pub prefill_seconds: f64,
+    /// Time of the decode steps and token choices, in seconds.
+    pub decode_seconds: f64,
+    /// The part of `decode_seconds` spent outside the model on the answering rank.
+    pub overhead_seconds: f64,
+}
+
+/// A control message from the main process to rank 0 during a session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// Add these sequences to the batch.
+    Join(Vec<SequenceRequest>),
+    /// Finish these sequences now.
+    Finish(Vec<u32>),
+    /// No sequence will join any more: end the session once the batch is empty.
+    End,
+}
+
+/// Rank 0's line to the main process during a session.
+pub trait SessionLink {
+    /// Streams a token of sequence `id`.
+    fn token(&mut self, id: u32, token: u32) -> Result<()>;
+    /// Says that sequence `id` ended (after its last token).
+    fn ended(&mut self, id: u32, reason: &EndReason) -> Result<()>;
+    /// Says that the batch is empty and rank 0 waits for a control message.
+    fn idle(&mut self) -> Result<()>;
+    /// The control messages that have arrived; with `wait`, blocks until at least one has.
+    fn controls(&mut self, wait: bool) -> Result<Vec<Control>>;
+}
+
+/// The first word of a step's broadcast when the session ends.
+const END: u32 = 1;
+/// A row's word when the main process finished it.
+const FINISHED: u32 = u32::MAX;
+/// A row's word when no token could be chosen for it.
+const FAILED: u32 = u32::MAX - 1;
+
+/// Runs a continuous-batching session that starts with `initial`. Every rank runs it; rank 0
+/// passes its `link` to the main process, the others `None`.
+pub fn run(
+    model: &mut dyn ShardedModel,
+    comm: &dyn Communicator,
+    initial: Vec<SequenceRequest>,
+    mut link: Option<&mut dyn SessionLink>,
+) -> Result<SessionSummary> {
+    model.clear_cache();
+    let mut batch = RunningBatch::default();
+    let mut inbox = Inbox::default();
+    let mut summary = SessionSummary::default();
+    let mut joining = initial;
+    let mut logits: Option<Tensor> = None;
+    loop {
+        if !joining.is_empty() {
+            let started = Instant::now();
+            let joined = batch.admit(model, comm, &joining, link.is_some())?;
+            logits = Some(match logits.take() {
+                Some(running) => Tensor::cat(&[running, joined], 0)?,
+                None => joined,
+            });
+            summary.prefill_seconds += started.elapsed().as_secs_f64();
+        }
+        let step_start = Instant::now();
+        let mut words = vec![0u32; 2 + batch.rows.len()];
+        let mut payload = Vec::new();
+        if let Some(link) = link.as_deref_mut() {
+            inbox.collect(link, batch.rows.is_empty())?;
+            words = batch.decide(logits.as_ref(), &mut inbox)?;
+            if !inbox.joining.is_empty() {
+                payload = postcard::to_stdvec(&std::mem::take(&mut inbox.joining))
+                    .map_err(|e| Error::Launch(format!("cannot encode joining sequences: {e}")))?;
+                words[1] = payload.len() as u32;
+            }
+        }
+        let words = broadcast_words(comm, words)?;
+        joining = receive_joining(comm, payload, words[1] as usize)?;
+        if words[0] == END {
+            break;
+        }
+        let ended = batch.record(&words[2..]);
+        if let Some(link) = link.as_deref_mut() {
+            for (row, &word) in batch.rows.iter().zip(&words[2..]) {
+                if word < FAILED {
+                    link.token(row.id, word)?;
+                }
+            }
+            for (row, reason) in &ended {
+                let reason = match (reason, inbox.failures.remove(&batch.rows[*row].id)) {
+                    (EndReason::Failed(_), Some(message)) => EndReason::Failed(message),
+                    (reason, _) => reason.clone(),
+                };
+                link.ended(batch.rows[*row].id, &reason)?;
+            }
+        }
+        summary
+            .sequences
+            .extend(ended.iter().map(|(row, _)| batch.rows[*row].output()));
+        batch.remove(model, &ended)?;
+        let overhead = step_start.elapsed().as_secs_f64();
+        summary.overhead_seconds += overhead;
+        summary.decode_seconds += overhead;
+        logits = None;
+        if !batch.rows.is_empty() {
+            let started = Instant::now();
+            logits = Some(batch.step(model, comm)?);
+            summary.decode_seconds += started.elapsed().as_secs_f64();
+            summary.steps += 1;
+        }
+    }
+    model.clear_cache();
+    Ok(summary)
+}
+
+/// Rank 0's broadcast of the joining sequences (`len` bytes), decoded on every rank.
+fn receive_joining(
+    comm: &dyn Communicator,
+    mut payload: Vec<u8>,
+    len: usize,
+) -> Result<Vec<SequenceRequest>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    payload.resize(len, 0);
+    comm.broadcast(&mut payload, 0)?;
+    postcard::from_bytes(&payload)
+        .map_err(|e| Error::Launch(format!("malformed joining sequences: {e}")))
+}
+
+/// What rank 0 has heard from the main process and not acted on yet.
+#[derive(Default)]
+struct Inbox {
+    joining: Vec<SequenceRequest>,
+    finishing: Vec<u32>,
+    end: bool,
+    /// Why a sequence failed, by id, until its end is reported.
+    failures: HashMap<u32, String>,
+}
+
+impl Inbox {
+    /// Reads the waiting control messages; with an empty batch and nothing to do, says so and
+    /// waits for the next.
+    fn collect(&mut self, link: &mut dyn SessionLink, batch_empty: bool) -> Result<()> {
+        self.apply(link.controls(false)?);
+        if batch_empty && self.joining.is_empty() && !self.end {
+            link.idle()?;
+            while self.joining.is_empty() && !self.end {
+                self.apply(link.controls(true)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, controls: Vec<Control>) {
+        for control in controls {
+            match control {
+                Control::Join(sequences) => self.joining.extend(sequences),
+                Control::Finish(ids) => self.finishing.extend(ids),
+                Control::End => self.end = true,
+            }
+        }
+    }
+}
+
+/// One running sequence.
+struct Row {
+    id: u32,
+    /// Prompt and new tokens.
+    ids: Vec<u32>,
+    prompt_len: usize,
+    /// Real (not padding) positions in the caches.
+    cached: usize,
+    limit: usize,
+    eos: Vec<u32>,
+    /// Rank 0's processors and generator for this sequence.
+    chooser: Option<Chooser>,
+}
+
+impl Row {
+    fn new(sequence: &SequenceRequest, chooses: bool) -> Self {
+        Row {
+            id: sequence.id,
+            ids: sequence.prompt.clone(),
+            prompt_len: sequence.prompt.len(),
+            cached: 0,
+            limit: sequence.config.max_new_tokens,
+            eos: sequence.eos_token_ids.clone(),
+            chooser: chooses
+                .then(|| Chooser::new(&sequence.config, &sequence.eos_token_ids, sequence.seed)),
+        }
+    }
+
+    fn new_tokens(&self) -> &[u32] {
+        &self.ids[self.prompt_len..]
+    }
+
+    fn output(&self) -> (u32, Vec<u32>) {
+        (self.id, self.new_tokens().to_vec())
+    }
+}
+
+/// The running batch: its rows, and the width of the caches (the longest row's positions).
+#[derive(Default)]
+struct RunningBatch {
+    rows: Vec<Row>,
+    width: usize,
+}
+
+/// The caches of a model that decodes incrementally.
+fn caches_of(model: &mut dyn ShardedModel) -> Result<&mut LayerCaches> {
+    model.caches().ok_or_else(|| {
+        Error::InvalidInput("this model has no key/value cache and cannot generate".into())
+    })
+}
+
+impl RunningBatch {
+    /// Prefills `joining` and adds it to the batch; returns its rows' logits `[n, vocab]`.
+    fn admit(
+        &mut self,
+        model: &mut dyn ShardedModel,
+        comm: &dyn Communicator,
+        joining: &[SequenceRequest],
+        chooses: bool,
+    ) -> Result<Tensor> {
+        let running = caches_of(model)?.take();
+        let longest = joining.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
+        let padding: Vec<usize> = joining.iter().map(|s| longest - s.prompt.len()).collect();
+        let padded: Vec<Vec<u32>> = joining
+            .iter()
+            .zip(&padding)
+            .map(|(s, &pad)| [vec![0; pad], s.prompt.clone()].concat())
+            .collect();
+        let logits = prefill(model, comm, &padded, &padding)?;
+        let caches = caches_of(model)?;
+        let joined = caches.take();
+        let width = self.width.max(longest);
+        let rows: Vec<(&LayerCaches, usize)> = (0..self.rows.len())
+            .map(|r| (&running, r))
+            .chain((0..joining.len()).map(|r| (&joined, r)))
+            .collect();
+        *caches = LayerCaches::gather(&rows, width, joined.layer_count())?;
+        self.width = width;
+        self.rows.extend(joining.iter().map(|s| {
+            let mut row = Row::new(s, chooses);
+            row.cached = s.prompt.len();
+            row
+        }));
+        let vocab = logits.dim(2)?;
+        Ok(logits.reshape((joining.len(), vocab))?)
+    }
+
+    /// Rank 0's words for the step: `[END or 0, 0, one word per row]`, a row's word being its
+    /// next token, [`FINISHED`] or [`FAILED`].
+    fn decide(&mut self, logits: Option<&Tensor>, inbox: &mut Inbox) -> Result<Vec<u32>> {
+        let mut words = vec![0u32; 2];
+        if self.rows.is_empty() {
+            if inbox.joining.is_empty() && inbox.end {
+                words[0] = END;
+            }
+            return Ok(words);
+        }
+        let values: Vec<f32> = match logits {
+            Some(logits) => logits.flatten_all()?.to_vec1()?,
+            None => return Err(Error::Launch("a running batch has no logits".into())),
+        };
+        let vocab = values.len() / self.rows.len();
+        let finishing = std::mem::take(&mut inbox.finishing);
+        for (row, scores) in self.rows.iter_mut().zip(values.chunks_exact(vocab)) {
+            if finishing.contains(&row.id) {
+                words.push(FINISHED);
+                continue;
+            }
+            let history = History {
+                ids: &row.ids,
+                padding: 0,
+                new_tokens: row.ids.len() - row.prompt_len,
+            };
+            let chosen = match row.chooser.as_mut() {
+                Some(chooser) => chooser.choose(scores, history),
+                None => Err(Error::Launch("only rank 0 chooses tokens".into())),
+            };
+            words.push(chosen.unwrap_or_else(|e| {
+                inbox.failures.insert(row.id, e.to_string());
+                FAILED
+            }));
+        }
+        // A sequence may be finished before it joins (its client left at once).
+        inbox.finishing = finishing
+            .into_iter()
+            .filter(|id| inbox.joining.iter().any(|s| s.id == *id))
+            .collect();
+        Ok(words)
+    }
+
+    /// Appends each row's token; returns the rows that ended, with why.
+    fn record(&mut self, words: &[u32]) -> Vec<(usize, EndReason)> {
+        let mut ended = Vec::new();
+        for (index, (row, &word)) in self.rows.iter_mut().zip(words).enumerate() {
+            let reason = match word {
+                FINISHED => Some(EndReason::Finished),
+                FAILED => Some(EndReason::Failed(String::new())),
+                token => {
+                    row.ids.push(token);
+                    if row.eos.contains(&token) {
+                        Some(EndReason::EndOfSequence)
+                    } else if row.new_tokens().len() >= row.limit {
+                        Some(EndReason::Length)
+                    } else {
+                        None
+                    }
+                }
+            };
+            if let Some(reason) = reason {
+                ended.push((index, reason));
+            }
+        }
+        ended
+    }
+
+    /// Drops the `ended` rows from the batch and the caches, with the padding every remaining
+    /// row has.
+    fn remove(&mut self, model: &mut dyn ShardedModel, ended: &[(usize, EndReason)]) -> Result<()> {
+        if ended.is_empty() {
+            return Ok(());
+        }
+        let kept: Vec<usize> = (0..self.rows.len())
+            .filter(|r| !ended.iter().any(|(e, _)| e == r))
+            .collect();
+        let mut index = 0;
+        self.rows.retain(|_| {
+            index += 1;
+            kept.contains(&(index - 1))
+        });
+        self.width = self.rows.iter().map(|r| r.cached).max().unwrap_or(0);
+        caches_of(model)?.select(&kept, self.width)
+    }
+
+    /// One decode step: feeds each row its last token; returns the logits `[rows, vocab]`.
+    fn step(&mut self, model: &mut dyn ShardedModel, comm: &dyn Communicator) -> Result<Tensor> {
+        let tokens: Vec<u32> = self.rows.iter().map(|r| r.ids[r.ids.len() - 1]).collect();
+        let positions: Vec<u32> = self.rows.iter().map(|r| r.cached as u32).collect();
+        let width = self.width + 1;
+        let padded = self.rows.iter().any(|r| r.cached < self.width);
+        let mask: Vec<u32> = self
+            .rows
+            .iter()
+            .flat_map(|r| {
+                let padding = self.width - r.cached;
+                (0..width).map(move |column| u32::from(column >= padding))
+            })
+            .collect();
+        let logits = model.forward(
+            &Batch {
+                ids: &tokens,
+                batch: self.rows.len(),
+                seq_len: 1,
+                attention_mask: padded.then_some(mask.as_slice()),
+                use_cache: true,
+                last_only: true,
+                positions: Some(&positions),
+            },
+            comm,
+        )?;
+        self.width = width;
+        self.rows.iter_mut().for_each(|r| r.cached += 1);
+        let vocab = logits.dim(2)?;
+        Ok(logits.reshape((self.rows.len(), vocab))?)
+    }
+}
