@@ -7,10 +7,11 @@
 //! so that every rank changes its batch in the same way.
 //!
 //! Joining sequences are prefilled as a batch of their own while the running batch's caches are
-//! set aside; then both caches are gathered into one, every row aligned to the end (the rows
-//! shorter than the batch get left padding that the attention mask hides, and position ids
-//! count real tokens only). A row that ends leaves the caches at once, together with any
-//! padding that every remaining row has, so the batch is never wider than its longest sequence.
+//! set aside; then their rows are appended to the running caches, every row aligned to the end
+//! (the rows shorter than the batch get left padding that the attention mask hides, and
+//! position ids count real tokens only). A row that ends leaves the caches at once, together
+//! with any padding that every remaining row has, so the batch is never wider than its longest
+//! sequence. Both changes move rows in place.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -293,14 +294,11 @@ impl RunningBatch {
             .collect();
         let logits = prefill(model, comm, &padded, &padding)?;
         let caches = caches_of(model)?;
-        let joined = caches.take();
-        let width = self.width.max(longest);
-        let rows: Vec<(&LayerCaches, usize)> = (0..self.rows.len())
-            .map(|r| (&running, r))
-            .chain((0..joining.len()).map(|r| (&joined, r)))
-            .collect();
-        *caches = LayerCaches::gather(&rows, width, joined.layer_count())?;
-        self.width = width;
+        if !self.rows.is_empty() {
+            let joined = std::mem::replace(caches, running);
+            caches.append_rows(&joined)?;
+        }
+        self.width = self.width.max(longest);
         self.rows.extend(joining.iter().map(|s| {
             let mut row = Row::new(s, chooses);
             row.cached = s.prompt.len();
@@ -393,7 +391,7 @@ impl RunningBatch {
             kept.contains(&(index - 1))
         });
         self.width = self.rows.iter().map(|r| r.cached).max().unwrap_or(0);
-        caches_of(model)?.select(&kept, self.width)
+        caches_of(model)?.retain(&kept, self.width)
     }
 
     /// One decode step: feeds each row its last token; returns the logits `[rows, vocab]`.

@@ -222,6 +222,83 @@ impl KvCache {
         Ok(gathered)
     }
 
+    /// Keeps rows `kept` (increasing), each with its last `len` positions (dropping leading
+    /// padding that every kept row has), moving them in place.
+    fn retain(&mut self, kept: &[usize], len: usize) -> Result<()> {
+        if kept.is_empty() {
+            *self = KvCache::default();
+            return Ok(());
+        }
+        if len > self.len
+            || kept.windows(2).any(|w| w[0] >= w[1])
+            || kept.iter().any(|&r| r >= self.batch)
+        {
+            return Err(crate::error::Error::InvalidInput(format!(
+                "cannot keep rows {kept:?} with {len} positions of a key/value cache of {} rows and {} positions",
+                self.batch, self.len
+            )));
+        }
+        let (dim, skipped) = (self.dim, self.len - len);
+        let block = self.heads * self.capacity * dim;
+        // Every row moves to an earlier place (or stays), so a row is never overwritten
+        // before it has moved.
+        for (to, &from) in kept.iter().enumerate() {
+            for head in 0..self.heads {
+                let source = from * block + (head * self.capacity + skipped) * dim;
+                let target = to * block + head * self.capacity * dim;
+                for buffer in [&mut self.keys, &mut self.values] {
+                    buffer.copy_within(source..source + len * dim, target);
+                }
+            }
+        }
+        self.keys.truncate(kept.len() * block);
+        self.values.truncate(kept.len() * block);
+        (self.batch, self.len) = (kept.len(), len);
+        Ok(())
+    }
+
+    /// Appends the rows of `other`, aligning every row to the end of the longer of the two
+    /// (the shorter rows get zeros in front: padding the attention mask must hide).
+    fn append_rows(&mut self, other: &KvCache) -> Result<()> {
+        if self.batch == 0 {
+            *self = other.clone();
+            return Ok(());
+        }
+        if (other.heads, other.dim) != (self.heads, self.dim) {
+            return Err(crate::error::Error::InvalidInput(format!(
+                "cannot join a key/value cache of {} heads of width {} to one of {} heads of width {}",
+                other.heads, other.dim, self.heads, self.dim
+            )));
+        }
+        let len = self.len.max(other.len);
+        if len > self.capacity {
+            self.grow(len.max(2 * self.capacity));
+        }
+        let (dim, shift) = (self.dim, len - self.len);
+        if shift > 0 {
+            for head in 0..self.batch * self.heads {
+                let start = head * self.capacity * dim;
+                for buffer in [&mut self.keys, &mut self.values] {
+                    buffer.copy_within(start..start + self.len * dim, start + shift * dim);
+                    buffer[start..start + shift * dim].fill(0.0);
+                }
+            }
+        }
+        let block = self.heads * self.capacity * dim;
+        let rows = self.batch + other.batch;
+        self.keys.resize(rows * block, 0.0);
+        self.values.resize(rows * block, 0.0);
+        for head in 0..other.batch * other.heads {
+            let source = head * other.capacity * dim;
+            let target = self.batch * block + (head * self.capacity + len - other.len) * dim;
+            let n = other.len * dim;
+            self.keys[target..target + n].copy_from_slice(&other.keys[source..source + n]);
+            self.values[target..target + n].copy_from_slice(&other.values[source..source + n]);
+        }
+        (self.batch, self.len) = (rows, len);
+        Ok(())
+    }
+
     /// Moves the cached positions into buffers with room for `capacity` positions per head.
     fn grow(&mut self, capacity: usize) {
         let (heads, dim, len) = (self.batch * self.heads, self.dim, self.len);
@@ -319,19 +396,31 @@ impl LayerCaches {
             .map(|layers| LayerCaches { layers })
     }
 
+    /// Keeps rows `kept` (increasing) of every layer, each with its last `len` positions, in
+    /// place (sequences that ended leave the batch, with the padding every remaining row has).
+    pub fn retain(&mut self, kept: &[usize], len: usize) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|c| c.retain(kept, len))
+    }
+
+    /// Appends the rows of `other` to every layer, each row aligned to the end of the longer
+    /// of the two (sequences join a running batch).
+    pub fn append_rows(&mut self, other: &LayerCaches) -> Result<()> {
+        if other.layers.len() != self.layers.len() {
+            return Err(crate::error::Error::InvalidInput(format!(
+                "cannot join caches of {} layers to caches of {}",
+                other.layers.len(),
+                self.layers.len()
+            )));
+        }
+        self.layers
+            .iter_mut()
+            .zip(&other.layers)
+            .try_for_each(|(c, o)| c.append_rows(o))
+    }
+
     /// Takes the cached positions out, leaving empty caches with as many layers.
     pub fn take(&mut self) -> LayerCaches {
         std::mem::replace(self, LayerCaches::new(self.layers.len()))
-    }
-
-    /// Number of cached sequences.
-    pub fn rows(&self) -> usize {
-        self.layers.first().map_or(0, |c| c.batch)
-    }
-
-    /// Number of layers.
-    pub fn layer_count(&self) -> usize {
-        self.layers.len()
     }
 
     /// Forgets everything cached.
@@ -757,6 +846,52 @@ mod tests {
         assert_eq!(grown.len(), 5);
         let err = KvCache::gather(&[(&long, 2)], 4).unwrap_err().to_string();
         assert!(err.contains("row 2"), "{err}");
+    }
+
+    #[test]
+    fn retaining_and_appending_rows_in_place_equal_gathering_them() {
+        let (heads, dim) = (2, 3);
+        let mut wide = KvCache::default();
+        let wide_keys = numbered(4, heads, 6, dim, 0.0);
+        wide.append(&wide_keys, &(&wide_keys * 0.5).unwrap())
+            .unwrap();
+        let mut narrow = KvCache::default();
+        let narrow_keys = numbered(2, heads, 3, dim, 700.0);
+        narrow
+            .append(&narrow_keys, &(&narrow_keys * 0.5).unwrap())
+            .unwrap();
+        let flat = |c: &KvCache| {
+            let (k, v) = c.tensors().unwrap();
+            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (flat(k), flat(v))
+        };
+        // Drop rows 0 and 2 and the first two positions.
+        let mut kept = wide.clone();
+        kept.retain(&[1, 3], 4).unwrap();
+        let want = KvCache::gather(&[(&wide, 1), (&wide, 3)], 4).unwrap();
+        assert_eq!(flat(&kept), flat(&want));
+        // A longer batch joins a shorter one (the old rows shift right), and the other way.
+        let mut joined = narrow.clone();
+        joined.append_rows(&kept).unwrap();
+        let want =
+            KvCache::gather(&[(&narrow, 0), (&narrow, 1), (&kept, 0), (&kept, 1)], 4).unwrap();
+        assert_eq!(flat(&joined), flat(&want));
+        let mut joined = kept.clone();
+        joined.append_rows(&narrow).unwrap();
+        let want =
+            KvCache::gather(&[(&kept, 0), (&kept, 1), (&narrow, 0), (&narrow, 1)], 4).unwrap();
+        assert_eq!(flat(&joined), flat(&want));
+        // Both keep growing in place; keeping nothing empties the cache.
+        joined
+            .append(
+                &numbered(4, heads, 1, dim, 0.0),
+                &numbered(4, heads, 1, dim, 0.0),
+            )
+            .unwrap();
+        assert_eq!(joined.len(), 5);
+        joined.retain(&[], 0).unwrap();
+        assert_eq!((joined.len(), joined.bytes()), (0, 0));
+        assert!(kept.retain(&[1, 0], 2).is_err());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::text::TextSide;
 use crate::tokenizer::TextStream;
 
 /// Most sequences decoded together.
-const MAX_BATCH: usize = 16;
+const MAX_BATCH: usize = 32;
 
 /// How often an idle model thread checks that every rank is alive.
 const HEALTH_CHECK: Duration = Duration::from_millis(200);
