@@ -4,7 +4,8 @@
 //! `GET /metrics` (Prometheus text).
 //!
 //! One thread owns the model ([`scheduler`]); handlers queue jobs to it and relay its events.
-//! Requests waiting together with the same options are decoded as one batch. A full queue
+//! Requests join the running batch between decode steps and leave it when they end (continuous
+//! batching, [`ParallelModel::generate_session`]). A full queue
 //! answers 503 with `Retry-After`; SIGINT/SIGTERM stop accepting, let running requests finish
 //! within a grace period, and stop every rank.
 

@@ -1,6 +1,6 @@
 //! The thread that owns the parallel model. Generation jobs run in a continuous-batching
 //! session ([`ParallelModel::generate_session`]): each job's choices join the running batch
-//! between decode steps as soon as they arrive (up to [`MAX_BATCH`] rows), stream their text as
+//! between decode steps as soon as they arrive (up to `MAX_BATCH` rows), stream their text as
 //! tokens are chosen, and leave the batch the moment they end. A job whose client went away
 //! leaves at the next step. An embedding job waits until the batch drains, then runs alone.
 
