@@ -349,6 +349,57 @@ fn a_request_joins_the_running_batch_and_ends_while_a_longer_one_streams() {
     );
 }
 
+/// A client that goes away mid-stream cancels its sequence: it leaves the batch after a few
+/// more tokens instead of decoding to `max_tokens`, and the server goes on serving.
+#[test]
+fn a_client_that_disconnects_cancels_its_request() {
+    let server = Server::start(&[]);
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 150, "temperature": 0, "stream": true});
+    let reader = ureq::post(&server.url("/v1/completions"))
+        .send_json(body)
+        .unwrap()
+        .into_reader();
+    let mut lines = BufReader::new(reader).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    drop(lines);
+    let metric = |name: &str| -> Option<u64> {
+        let text = ureq::get(&server.url("/metrics"))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let generated = loop {
+        match metric("parallelformers_completion_tokens_total") {
+            Some(n) if n > 0 => break n,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled request never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        generated < 100,
+        "{generated} tokens generated for a client that left"
+    );
+    assert_eq!(metric("parallelformers_queue_depth"), Some(0));
+    let after = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}),
+        )
+        .unwrap();
+    assert_eq!(after["usage"]["completion_tokens"], 2);
+}
+
 #[test]
 fn chat_completions_apply_the_template_and_stream_on_the_default_model() {
     let server = Server::start(&["--ranks", "2"]);
