@@ -401,6 +401,44 @@ fn a_client_that_disconnects_cancels_its_request() {
 }
 
 #[test]
+fn an_api_key_is_required_on_the_api_routes_when_set() {
+    let gpt2 = fixture("gpt2");
+    let server = Server::start(&[
+        "--model",
+        gpt2.to_str().unwrap(),
+        "--api-key",
+        "s3cret-key",
+    ]);
+    let body = json!({"prompt": "hello", "max_tokens": 2, "temperature": 0});
+    let url = server.url("/v1/completions");
+    for header in [None, Some("Bearer wrong-key!"), Some("s3cret-key")] {
+        let mut request = ureq::post(&url);
+        if let Some(value) = header {
+            request = request.set("Authorization", value);
+        }
+        match request.send_json(body.clone()) {
+            Err(ureq::Error::Status(401, response)) => {
+                let error: Value = response.into_json().unwrap();
+                assert_eq!(error["error"]["code"], "invalid_api_key");
+            }
+            other => panic!("{header:?}: {:?}", other.map(|r| r.status())),
+        }
+    }
+    assert!(matches!(
+        ureq::get(&server.url("/v1/models")).call(),
+        Err(ureq::Error::Status(401, _))
+    ));
+    let answer: Value = ureq::post(&url)
+        .set("Authorization", "Bearer s3cret-key")
+        .send_json(body)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 2);
+    assert_eq!(ureq::get(&server.url("/health")).call().unwrap().status(), 200);
+}
+
+#[test]
 fn chat_completions_apply_the_template_and_stream_on_the_default_model() {
     let server = Server::start(&["--ranks", "2"]);
     let request = json!({

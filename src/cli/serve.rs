@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Seconds running requests may go on after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10)]
     grace_seconds: u64,
+    /// Require this key as `Authorization: Bearer <key>` on every /v1/ route (/health and
+    /// /metrics stay open).
+    #[arg(long, env = "PARALLELFORMERS_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 /// Runs `serve`.
@@ -54,6 +58,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_tokens_limit: args.max_tokens,
         max_body_bytes: args.max_body_bytes,
         grace: Duration::from_secs(args.grace_seconds),
+        api_key: args.api_key.filter(|key| !key.is_empty()),
     };
     serve(model, config, |address| {
         println!("listening on http://{address}");

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -56,6 +57,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// How long running requests may go on after a stop signal.
     pub grace: Duration,
+    /// When set, every `/v1/` request must carry it as `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
 }
 
 /// What every handler reads.
@@ -153,16 +156,45 @@ async fn stop_signal() {
 
 fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
-    Router::new()
+    let api = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .merge(api)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::invalid("", "no such route").into_response() })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// Refuses a request without the server's API key (when one is set) with 401.
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let Some(key) = state.config.api_key.as_deref() else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match presented.is_some_and(|presented| same_secret(presented, key)) {
+        true => next.run(request).await,
+        false => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(presented: &str, key: &str) -> bool {
+    let (a, b) = (presented.as_bytes(), key.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {

@@ -304,6 +304,18 @@ impl ApiError {
         }
     }
 
+    /// 401: the request lacks the server's API key.
+    pub fn unauthorized() -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+            message: "a valid API key is required: send `Authorization: Bearer <key>`".into(),
+            retry_after: None,
+        }
+    }
+
     /// 503: the queue is full (retry after a second) or the model is down.
     pub fn unavailable(message: impl Into<String>, retry_after: Option<u64>) -> Self {
         ApiError {
