@@ -403,12 +403,7 @@ fn a_client_that_disconnects_cancels_its_request() {
 #[test]
 fn an_api_key_is_required_on_the_api_routes_when_set() {
     let gpt2 = fixture("gpt2");
-    let server = Server::start(&[
-        "--model",
-        gpt2.to_str().unwrap(),
-        "--api-key",
-        "s3cret-key",
-    ]);
+    let server = Server::start(&["--model", gpt2.to_str().unwrap(), "--api-key", "s3cret-key"]);
     let body = json!({"prompt": "hello", "max_tokens": 2, "temperature": 0});
     let url = server.url("/v1/completions");
     for header in [None, Some("Bearer wrong-key!"), Some("s3cret-key")] {
@@ -435,7 +430,10 @@ fn an_api_key_is_required_on_the_api_routes_when_set() {
         .into_json()
         .unwrap();
     assert_eq!(answer["usage"]["completion_tokens"], 2);
-    assert_eq!(ureq::get(&server.url("/health")).call().unwrap().status(), 200);
+    assert_eq!(
+        ureq::get(&server.url("/health")).call().unwrap().status(),
+        200
+    );
 }
 
 #[test]

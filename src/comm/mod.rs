@@ -27,7 +27,7 @@
 
 pub mod shm;
 
-pub use shm::{ShmCommunicator, ShmRegion, DEFAULT_SLOT_BYTES};
+pub use shm::{Heartbeat, ShmCommunicator, ShmRegion, DEFAULT_SLOT_BYTES};
 
 /// Errors returned by collective operations and by setting up a communicator.
 #[derive(Debug, thiserror::Error)]

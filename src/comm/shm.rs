@@ -150,6 +150,8 @@ struct RankLine {
     epoch: AtomicU64,
     /// Set to 1 by the communicator that attached as this rank.
     claimed: AtomicU64,
+    /// Raised by the rank's [`Heartbeat`] while the process runs (its supervisor reads it).
+    heartbeat: AtomicU64,
 }
 
 /// Header of one slot: what its rank called in round 0 of the current collective.
@@ -319,6 +321,22 @@ fn size_and_seal(fd: &OwnedFd, len: usize) -> Result<(), CommError> {
     Ok(())
 }
 
+/// Allocates every page of the file now (`fallocate`), so that a lack of memory is an error
+/// here, naming the size, instead of a `SIGBUS` in whichever process first touches a page.
+fn reserve(fd: &OwnedFd, len: usize) -> Result<(), CommError> {
+    let size = libc::off_t::try_from(len)
+        .map_err(|_| CommError::Create(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    // SAFETY: `fd` is an open descriptor owned by the caller; fallocate only reads its arguments.
+    if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, size) } != 0 {
+        let error = io::Error::last_os_error();
+        return Err(CommError::Create(io::Error::new(
+            error.kind(),
+            format!("cannot reserve {len} bytes of shared memory for the communicator: {error}"),
+        )));
+    }
+    Ok(())
+}
+
 /// Size in bytes of the file behind `fd`.
 fn file_size(fd: RawFd) -> Result<u64, CommError> {
     let mut stat = MaybeUninit::<libc::stat>::uninit();
@@ -345,12 +363,14 @@ impl ShmRegion {
     /// Creates a region for `world_size` ranks with `slot_bytes` bytes of data per rank and round
     /// (a positive multiple of 4; the crate uses [`DEFAULT_SLOT_BYTES`]).
     ///
-    /// The region takes about `(2 * world_size + 1) * slot_bytes` bytes of memory, committed
-    /// lazily as rounds touch it.
+    /// The region takes about `(2 * world_size + 1) * slot_bytes` bytes of memory, reserved up
+    /// front: when memory is short, creation fails with the size it needs rather than a rank
+    /// being killed by `SIGBUS` later.
     pub fn create(world_size: usize, slot_bytes: usize) -> Result<ShmRegion, CommError> {
         let layout = Layout::new(world_size, slot_bytes)?;
         let fd = create_memfd()?;
         size_and_seal(&fd, layout.total)?;
+        reserve(&fd, layout.total)?;
         let map = Mapping::map(fd.as_raw_fd(), layout.total)?;
         let mapping = Mapping { map, layout };
         let header = mapping.header();
@@ -398,6 +418,46 @@ impl ShmRegion {
     /// Whether the group has been aborted.
     pub fn is_aborted(&self) -> bool {
         self.mapping.is_aborted()
+    }
+
+    /// The heartbeat count of `rank` (see [`Heartbeat`]); it stops rising when the rank's
+    /// process stops running.
+    pub fn heartbeat(&self, rank: usize) -> u64 {
+        match rank < self.world_size() {
+            true => self
+                .mapping
+                .rank_line(rank)
+                .heartbeat
+                .load(Ordering::Relaxed),
+            false => 0,
+        }
+    }
+}
+
+/// A rank's sign of life in its group's region: a thread of the rank raises the count
+/// periodically, and the launcher that owns the region treats a count that stopped rising as a
+/// rank that stopped answering (a stopped or frozen process).
+pub struct Heartbeat {
+    mapping: Mapping,
+    rank: usize,
+}
+
+impl Heartbeat {
+    /// Maps the region behind `fd` (inherited from the launcher) to beat as `rank`.
+    pub fn attach(fd: RawFd, rank: usize, world_size: usize) -> Result<Self, CommError> {
+        if rank >= world_size {
+            return Err(CommError::InvalidRank { rank, world_size });
+        }
+        let mapping = ShmCommunicator::map_region(fd, world_size)?;
+        Ok(Heartbeat { mapping, rank })
+    }
+
+    /// Raises the count once.
+    pub fn beat(&self) {
+        self.mapping
+            .rank_line(self.rank)
+            .heartbeat
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 

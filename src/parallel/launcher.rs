@@ -20,6 +20,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::comm::{ShmRegion, DEFAULT_SLOT_BYTES};
+
+/// The smallest slot a region allows (one cache line): enough for a group that only beats.
+const LINE_BYTES: usize = 128;
 use crate::error::{Error, Result};
 use crate::parallel::ipc::{decode, read_frame, write_frame, FrameReader, Reply, Request};
 use crate::parallel::process::env;
@@ -32,6 +35,11 @@ const TAIL_LINES: usize = 20;
 const ERROR_GRACE: Duration = Duration::from_secs(2);
 /// How long ranks get to exit after a shutdown request before they are killed.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// How long a rank's heartbeat may stand still before the rank counts as stopped (it beats every
+/// [`HEARTBEAT_INTERVAL`]).
+const HEARTBEAT_STALL: Duration = Duration::from_millis(1500);
+/// How often a rank's heartbeat thread beats.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -55,6 +63,8 @@ struct RankProcess {
     reader: FrameReader,
     tail: Arc<Mutex<VecDeque<String>>>,
     tail_thread: Option<JoinHandle<()>>,
+    /// The heartbeat count last seen, and when it last changed.
+    heartbeat: (u64, Instant),
 }
 
 impl RankProcess {
@@ -75,6 +85,7 @@ impl RankProcess {
 /// The running ranks of one model.
 pub struct WorkerGroup {
     ranks: Vec<RankProcess>,
+    /// The communicator's region (also where every rank's heartbeat is read).
     region: Option<ShmRegion>,
     dir: Option<tempfile::TempDir>,
     failure: Option<String>,
@@ -113,13 +124,15 @@ impl WorkerGroup {
         let socket = dir.path().join("rendezvous.sock");
         let listener = UnixListener::bind(&socket)
             .map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", socket.display())))?;
-        let region = if spec.ranks > 1 {
-            let region = ShmRegion::create(spec.ranks, DEFAULT_SLOT_BYTES)?;
-            set_cloexec(region.fd());
-            Some(region)
+        // A single rank needs no communicator, but its region carries the heartbeat.
+        let slot_bytes = if spec.ranks > 1 {
+            DEFAULT_SLOT_BYTES
         } else {
-            None
+            LINE_BYTES
         };
+        let region = ShmRegion::create(spec.ranks, slot_bytes)?;
+        set_cloexec(region.fd());
+        let region = Some(region);
         let secret = random_secret();
         let cpus = allowed_cpus();
         let mut group = WorkerGroup {
@@ -205,6 +218,7 @@ impl WorkerGroup {
             reader: FrameReader::default(),
             tail,
             tail_thread,
+            heartbeat: (0, Instant::now()),
         })
     }
 
@@ -398,8 +412,15 @@ impl WorkerGroup {
         match polled.and_then(|payload| payload.map(|p| decode::<Reply>(&p)).transpose()) {
             Ok(reply) => Ok(reply),
             Err(e) => {
-                self.check_alive()?;
-                Err(self.fail(i, format!("connection lost: {e}")))
+                // A rank that closed its end is usually dying: let it finish, so that the error
+                // gives its exit status.
+                let deadline = Instant::now() + ERROR_GRACE / 4;
+                while Instant::now() < deadline {
+                    self.check_exited()?;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let words = self.ranks[i].last_words();
+                Err(self.fail(i, format!("connection lost: {e}; last words:\n{words}")))
             }
         }
     }
@@ -414,8 +435,33 @@ impl WorkerGroup {
         self.check_alive()
     }
 
-    /// Fails the group if any rank has exited.
+    /// Fails the group if any rank has exited, or has stopped beating ([`HEARTBEAT_STALL`]
+    /// after its first beat: a stopped or frozen process).
     fn check_alive(&mut self) -> Result<()> {
+        self.check_exited()?;
+        let now = Instant::now();
+        for i in 0..self.ranks.len() {
+            let count = self.region.as_ref().map_or(0, |r| r.heartbeat(i));
+            let (seen, since) = &mut self.ranks[i].heartbeat;
+            if count != *seen {
+                (*seen, *since) = (count, now);
+            } else if count > 0 && now - *since > HEARTBEAT_STALL {
+                let silent = now - *since;
+                let words = self.ranks[i].last_words();
+                return Err(self.fail(
+                    i,
+                    format!(
+                        "stopped answering: no sign of life for {:.1} s; last words:\n{words}",
+                        silent.as_secs_f64()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails the group if any rank has exited.
+    fn check_exited(&mut self) -> Result<()> {
         for i in 0..self.ranks.len() {
             if let Ok(Some(status)) = self.ranks[i].child.try_wait() {
                 // Let the stderr reader catch the last lines.

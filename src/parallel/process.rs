@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 
-use crate::comm::{Communicator, ShmCommunicator, SingleRank};
+use crate::comm::{Communicator, Heartbeat, ShmCommunicator, SingleRank};
 use crate::error::{Error, Result};
 use crate::generation::session::{self, Control, EndReason, SessionLink};
 use crate::generation::{self, Hooks};
@@ -21,6 +21,7 @@ use crate::parallel::engine::{ShardLoader, WeightBytes};
 use crate::parallel::ipc::{
     read_frame, write_frame, ForwardInput, LoadSpec, Reply, Request, WireTensor,
 };
+use crate::parallel::launcher::HEARTBEAT_INTERVAL;
 use crate::parallel::memory::RankMemory;
 use crate::parallel::slicing::Plan;
 use crate::policy::Policy;
@@ -136,6 +137,9 @@ struct Shard {
 fn run_worker() -> Result<()> {
     let env = WorkerEnv::from_env()?;
     pin_to(&env.cpus);
+    if let Some(fd) = env.comm_fd {
+        start_heartbeat(Heartbeat::attach(fd, env.rank, env.world_size)?);
+    }
     tracing::debug!(
         rank = env.rank,
         local_rank = env.local_rank,
@@ -306,6 +310,15 @@ impl SessionLink for RankZeroLink<'_> {
             })
             .collect()
     }
+}
+
+/// Beats every [`HEARTBEAT_INTERVAL`] from a thread of its own for as long as the process runs,
+/// so that the launcher can tell a busy rank from a stopped one.
+fn start_heartbeat(heartbeat: Heartbeat) {
+    std::thread::spawn(move || loop {
+        heartbeat.beat();
+        std::thread::sleep(HEARTBEAT_INTERVAL);
+    });
 }
 
 /// Rank 0 returns the payload; the others only say whether they succeeded.
