@@ -82,6 +82,9 @@ pub struct Options {
     pub startup_timeout: Duration,
     /// Longest wait for the ranks to load their shards.
     pub load_timeout: Duration,
+    /// Back the ranks' shared memory with an unnamed file in this directory instead of
+    /// anonymous memory (for hosts where that is scarce); `None` = anonymous memory.
+    pub comm_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -96,6 +99,7 @@ impl Default for Options {
             worker_program: None,
             startup_timeout: Duration::from_secs(30),
             load_timeout: Duration::from_secs(600),
+            comm_dir: None,
         }
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{assert_all_gone, binary, fixture, options, process_exists, shm_segments};
-use parallelformers::{parallelize, GenerationConfig};
+use parallelformers::{parallelize, GenerationConfig, Options};
 
 #[test]
 fn deparallelize_stops_every_worker_and_frees_the_shared_memory() {
@@ -150,4 +150,42 @@ fn a_killed_rank_fails_the_next_request_fast_naming_the_rank_and_stops_the_other
         .unwrap_err()
         .to_string();
     assert!(again.contains("stopped"), "{again}");
+}
+
+#[test]
+fn the_shared_memory_can_be_backed_by_an_unnamed_file_in_a_chosen_directory() {
+    let config = GenerationConfig {
+        max_new_tokens: 6,
+        ..GenerationConfig::default()
+    };
+    let mut anonymous = parallelize(fixture("llama"), options(2)).unwrap();
+    let want = anonymous.generate(&[1, 2, 3], &config).unwrap().ids;
+    anonymous.deparallelize();
+    let dir = tempfile::tempdir().unwrap();
+    let in_dir = Options {
+        comm_dir: Some(dir.path().to_path_buf()),
+        ..options(2)
+    };
+    let mut filed = parallelize(fixture("llama"), in_dir).unwrap();
+    assert_eq!(filed.generate(&[1, 2, 3], &config).unwrap().ids, want);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", filed.worker_pids()[1])).unwrap();
+    assert!(
+        maps.contains(dir.path().to_str().unwrap()),
+        "rank 1 does not map a file of the directory"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "a name was left"
+    );
+    filed.deparallelize();
+    let missing = Options {
+        comm_dir: Some("/nonexistent/comm-dir".into()),
+        ..options(2)
+    };
+    let err = match parallelize(fixture("llama"), missing) {
+        Ok(_) => panic!("a missing directory was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("/nonexistent/comm-dir"), "{err}");
 }

@@ -80,6 +80,7 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
         program,
         echo_stderr: std::env::var_os("RUST_LOG").is_some(),
         startup_timeout: options.startup_timeout,
+        comm_dir: options.comm_dir.clone(),
     };
     let mut group = WorkerGroup::spawn(&spec)?;
     let load = Request::Load(LoadSpec {

@@ -64,6 +64,10 @@ pub struct ModelArgs {
     /// Seed for sampling.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Back the ranks' shared memory with an unnamed file in this directory (when anonymous
+    /// shared memory is scarce, e.g. in a container with a small memory limit for it).
+    #[arg(long, env = "PARALLELFORMERS_COMM_DIR")]
+    pub comm_dir: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
@@ -85,6 +89,7 @@ impl ModelArgs {
             backend: self.backend,
             seed: self.seed,
             threads_per_rank: self.threads,
+            comm_dir: self.comm_dir.clone(),
             ..Options::default()
         }
     }

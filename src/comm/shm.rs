@@ -321,6 +321,49 @@ fn size_and_seal(fd: &OwnedFd, len: usize) -> Result<(), CommError> {
     Ok(())
 }
 
+/// A file in `dir` that no name points to, open for reading and writing, mode 0600.
+fn create_unnamed_file(dir: &std::path::Path) -> Result<OwnedFd, CommError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |e: io::Error| {
+        CommError::Create(io::Error::new(
+            e.kind(),
+            format!(
+                "cannot create the communicator's file in {}: {e}",
+                dir.display()
+            ),
+        ))
+    };
+    let unnamed = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir);
+    let file = match unnamed {
+        Ok(file) => file,
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || e.kind() == io::ErrorKind::PermissionDenied =>
+        {
+            return Err(failed(e))
+        }
+        // The file system has no O_TMPFILE: a random name, removed as soon as it is open.
+        Err(_) => {
+            let path = dir.join(format!(".parallelformers-{:032x}", rand::random::<u128>()));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(failed)?;
+            std::fs::remove_file(&path).map_err(failed)?;
+            file
+        }
+    };
+    Ok(OwnedFd::from(file))
+}
+
 /// Allocates every page of the file now (`fallocate`), so that a lack of memory is an error
 /// here, naming the size, instead of a `SIGBUS` in whichever process first touches a page.
 fn reserve(fd: &OwnedFd, len: usize) -> Result<(), CommError> {
@@ -370,6 +413,33 @@ impl ShmRegion {
         let layout = Layout::new(world_size, slot_bytes)?;
         let fd = create_memfd()?;
         size_and_seal(&fd, layout.total)?;
+        ShmRegion::init(fd, layout)
+    }
+
+    /// Like [`ShmRegion::create`], backed by a file in `dir` instead of anonymous memory: for
+    /// hosts where anonymous shared memory is scarce or unavailable. The file is created
+    /// without a name (`O_TMPFILE`; where the file system lacks it, with a random name that is
+    /// removed at once), readable and writable by this user only (mode 0600), so nothing is
+    /// left in `dir` however the processes end.
+    pub fn create_in(
+        dir: &std::path::Path,
+        world_size: usize,
+        slot_bytes: usize,
+    ) -> Result<ShmRegion, CommError> {
+        let layout = Layout::new(world_size, slot_bytes)?;
+        let fd = create_unnamed_file(dir)?;
+        let len = libc::off_t::try_from(layout.total)
+            .map_err(|_| CommError::Create(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // SAFETY: `fd` is an open descriptor we own; ftruncate only reads its arguments.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
+            return Err(CommError::Create(io::Error::last_os_error()));
+        }
+        ShmRegion::init(fd, layout)
+    }
+
+    /// Reserves the sized file's memory, maps it and writes the header.
+    fn init(fd: OwnedFd, layout: Layout) -> Result<ShmRegion, CommError> {
+        let (world_size, slot_bytes) = (layout.world_size, layout.slot_bytes);
         reserve(&fd, layout.total)?;
         let map = Mapping::map(fd.as_raw_fd(), layout.total)?;
         let mapping = Mapping { map, layout };

@@ -54,6 +54,8 @@ pub struct LaunchSpec {
     pub echo_stderr: bool,
     /// Deadline for every rank to connect.
     pub startup_timeout: Duration,
+    /// Where to back the shared memory with a file (`None`: anonymous memory).
+    pub comm_dir: Option<PathBuf>,
 }
 
 struct RankProcess {
@@ -130,7 +132,19 @@ impl WorkerGroup {
         } else {
             LINE_BYTES
         };
-        let region = ShmRegion::create(spec.ranks, slot_bytes)?;
+        let region = match &spec.comm_dir {
+            Some(dir) => ShmRegion::create_in(dir, spec.ranks, slot_bytes),
+            None => ShmRegion::create(spec.ranks, slot_bytes),
+        }
+        .map_err(|e| {
+            let hint = match spec.comm_dir {
+                Some(_) => "",
+                None => {
+                    " (--comm-dir DIR, or Options::comm_dir, backs it with a file in DIR instead)"
+                }
+            };
+            Error::Launch(format!("{e}{hint}"))
+        })?;
         set_cloexec(region.fd());
         let region = Some(region);
         let secret = random_secret();
