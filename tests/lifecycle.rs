@@ -189,3 +189,51 @@ fn the_shared_memory_can_be_backed_by_an_unnamed_file_in_a_chosen_directory() {
     };
     assert!(err.contains("/nonexistent/comm-dir"), "{err}");
 }
+
+/// A program that connects to the rendezvous socket as an impostor (a wrong secret, then a
+/// malformed frame), records whether the launcher hung up on it, and then runs the real worker.
+fn impostor_worker(dir: &std::path::Path) -> PathBuf {
+    let script = dir.join("impostor-worker");
+    let marker = dir.join("impostor.log");
+    let text = format!(
+        r#"#!/usr/bin/env python3
+import os, socket, struct
+def attempt(payload):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(os.environ["PARALLELFORMERS_RENDEZVOUS"])
+    s.sendall(struct.pack("<I", len(payload)) + payload)
+    s.settimeout(10)
+    dropped = s.recv(1) == b""
+    with open({marker:?}, "a") as log:
+        log.write("dropped\n" if dropped else "answered\n")
+if os.environ["PARALLELFORMERS_RANK"] == "1":
+    secret = b"0" * 32
+    attempt(bytes([0, 0, len(secret)]) + secret)  # Hello {{ rank: 0, secret: wrong }}
+    attempt(b"\xff\xff\xff")
+os.execv({binary:?}, [{binary:?}])
+"#,
+        marker = marker.to_str().unwrap(),
+        binary = binary().to_str().unwrap(),
+    );
+    std::fs::write(&script, text).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn connections_without_the_runs_secret_are_dropped_and_the_real_ranks_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        worker_program: Some(impostor_worker(dir.path())),
+        ..options(2)
+    };
+    let mut model = parallelize(fixture("llama"), options).unwrap();
+    let config = GenerationConfig {
+        max_new_tokens: 3,
+        ..GenerationConfig::default()
+    };
+    assert_eq!(model.generate(&[1, 2, 3], &config).unwrap().ids.len(), 3);
+    model.deparallelize();
+    let log = std::fs::read_to_string(dir.path().join("impostor.log")).unwrap();
+    assert_eq!(log, "dropped\ndropped\n");
+}
