@@ -85,6 +85,10 @@ pub struct Options {
     /// Back the ranks' shared memory with an unnamed file in this directory instead of
     /// anonymous memory (for hosts where that is scarce); `None` = anonymous memory.
     pub comm_dir: Option<PathBuf>,
+    /// A policy file describing the model (a `model_type` that reuses a known block wiring;
+    /// see [`PolicyFile`](crate::policy::file::PolicyFile)). Used by
+    /// [`parallelize`](crate::parallelize); a model resolved beforehand carries its own.
+    pub policy: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -100,6 +104,7 @@ impl Default for Options {
             startup_timeout: Duration::from_secs(30),
             load_timeout: Duration::from_secs(600),
             comm_dir: None,
+            policy: None,
         }
     }
 }

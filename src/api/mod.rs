@@ -15,6 +15,7 @@ use crate::parallel::ipc::{ForwardInput, LoadSpec, Reply, Request, WireTensor};
 use crate::parallel::launcher::{default_threads, LaunchSpec, WorkerGroup};
 use crate::parallel::memory::RankMemory;
 use crate::parallel::Plan;
+use crate::policy::file::PolicyFile;
 use crate::text::TextSide;
 
 mod session;
@@ -57,7 +58,13 @@ pub struct ParallelModel {
 /// Each rank then loads only its own slices. With `verbose` set, each rank's memory is printed
 /// to standard error.
 pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<ParallelModel> {
-    parallelize_resolved(ResolvedModel::resolve(&source.into())?, options)
+    let policy = options
+        .policy
+        .as_deref()
+        .map(PolicyFile::load)
+        .transpose()?;
+    let model = ResolvedModel::resolve_with_policy(&source.into(), policy.as_ref())?;
+    parallelize_resolved(model, options)
 }
 
 /// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
@@ -87,6 +94,7 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
         location: model.location.clone(),
         config: model.config.clone(),
         dtype: options.dtype,
+        policy: model.policy.clone(),
     });
     let loaded = group
         .request(&load, Some(options.load_timeout))?

@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::config::RawConfig;
 use crate::checkpoint::gguf::GgufFile;
 use crate::checkpoint::gguf_model::{config_from_gguf, GgufWeights};
 use crate::checkpoint::{default_model, hub, ModelConfig, SafetensorsCheckpoint, WeightSource};
 use crate::error::{Error, Result};
+use crate::policy::file::PolicyFile;
+use crate::policy::Policy;
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,12 +107,33 @@ pub struct ResolvedModel {
     pub config: ModelConfig,
     /// End-of-sequence ids (generation config, else model config).
     pub eos_token_ids: Vec<u32>,
+    /// The slicing policy of a policy file, when one describes the model (else the built-in
+    /// policy of its family applies).
+    pub policy: Option<Policy>,
 }
 
 impl ResolvedModel {
     /// Finds the model `source` names, downloading or fetching it where needed, and validates
     /// its configuration and weight headers.
     pub fn resolve(source: &ModelSource) -> Result<Self> {
+        Self::resolve_with_policy(source, None)
+    }
+
+    /// Like [`ResolvedModel::resolve`], for a model that a policy file describes (a
+    /// `model_type` that reuses a known block wiring; see [`PolicyFile`]). The configuration
+    /// is read with the file's spellings, and the file's rules are checked against the
+    /// checkpoint's tensors.
+    pub fn resolve_with_policy(source: &ModelSource, policy: Option<&PolicyFile>) -> Result<Self> {
+        if let Some(policy) = policy {
+            return match source {
+                ModelSource::Path(path) if path.is_dir() => Self::from_policy(path, policy),
+                ModelSource::Hub(id) => Self::from_policy(&hub::snapshot(id)?, policy),
+                _ => Err(Error::InvalidInput(
+                    "a policy file applies to a checkpoint directory (config.json and safetensors)"
+                        .into(),
+                )),
+            };
+        }
         match source {
             ModelSource::Path(path) if path.is_dir() => Self::from_directory(path),
             ModelSource::Path(path) if path.is_file() => Self::from_gguf(path),
@@ -128,12 +152,41 @@ impl ResolvedModel {
     fn from_directory(dir: &Path) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         SafetensorsCheckpoint::open(dir)?;
+        Ok(Self::directory(dir, config, None))
+    }
+
+    fn from_policy(dir: &Path, policy: &PolicyFile) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let config = policy
+            .rewrite_config(&text)
+            .and_then(|text| {
+                serde_json::from_str::<RawConfig>(&text).map_err(|e| format!("not valid: {e}"))
+            })
+            .and_then(RawConfig::resolve)
+            .map_err(|message| Error::config(&path, message))?;
+        let checkpoint = SafetensorsCheckpoint::open(dir)?;
+        policy
+            .check_coverage(
+                &checkpoint
+                    .tensors()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(|message| {
+                Error::InvalidInput(format!("policy for {}: {message}", dir.display()))
+            })?;
+        Ok(Self::directory(dir, config, Some(policy.policy())))
+    }
+
+    fn directory(dir: &Path, config: ModelConfig, policy: Option<Policy>) -> Self {
         let eos_token_ids = generation_eos_ids(dir).unwrap_or_else(|| config.eos_token_ids.clone());
-        Ok(ResolvedModel {
+        ResolvedModel {
             location: WeightsLocation::Safetensors(dir.to_path_buf()),
             config,
             eos_token_ids,
-        })
+            policy,
+        }
     }
 
     fn from_gguf(path: &Path) -> Result<Self> {
@@ -143,6 +196,7 @@ impl ResolvedModel {
             location: WeightsLocation::Gguf(path.to_path_buf()),
             eos_token_ids: config.eos_token_ids.clone(),
             config,
+            policy: None,
         })
     }
 }

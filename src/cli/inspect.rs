@@ -1,7 +1,6 @@
 //! `parallelformers inspect`: the slicing plan and per-rank weight memory, from the headers only.
 
 use clap::Args;
-use parallelformers::checkpoint::source::{ModelSource, ResolvedModel};
 use parallelformers::parallel::engine::plan_slice;
 use parallelformers::parallel::memory::human;
 use parallelformers::parallel::Plan;
@@ -17,6 +16,9 @@ pub struct InspectArgs {
     /// Number of ranks to plan for.
     #[arg(long, default_value_t = 1)]
     ranks: usize,
+    /// A policy file for a model_type that reuses a known block wiring.
+    #[arg(long, env = "PARALLELFORMERS_POLICY")]
+    policy: Option<std::path::PathBuf>,
     /// Weight dtype the ranks would hold.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightDType,
@@ -24,15 +26,14 @@ pub struct InspectArgs {
 
 /// Runs `inspect`.
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let source = args
-        .model
-        .as_deref()
-        .map_or(ModelSource::Default, ModelSource::parse);
-    let model = ResolvedModel::resolve(&source)?;
+    let model = super::resolve_model(args.model.as_deref(), args.policy.as_deref())?;
     let config = &model.config;
     let weights = model.location.open(config)?;
     let plan = Plan::new(config, args.ranks)?;
-    let policy = Policy::for_config(config);
+    let policy = model
+        .policy
+        .clone()
+        .unwrap_or_else(|| Policy::for_config(config));
     let element = candle_core::DType::from(args.dtype).size_in_bytes() as u64;
     println!(
         "{} ({}), {} layers, {} ranks, policy `{}`, dtype {:?}",

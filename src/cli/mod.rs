@@ -11,6 +11,7 @@ mod serve;
 
 use clap::{Args, Parser, Subcommand};
 use parallelformers::checkpoint::source::{ModelSource, ResolvedModel};
+use parallelformers::policy::file::PolicyFile;
 use parallelformers::{Backend, Options, Verbosity, WeightDType};
 
 /// Split a Hugging Face transformer over worker processes (tensor parallelism) and run it.
@@ -68,16 +69,16 @@ pub struct ModelArgs {
     /// shared memory is scarce, e.g. in a container with a small memory limit for it).
     #[arg(long, env = "PARALLELFORMERS_COMM_DIR")]
     pub comm_dir: Option<std::path::PathBuf>,
+    /// A policy file for a model_type that reuses a known block wiring (see the README's
+    /// "Policy files").
+    #[arg(long, env = "PARALLELFORMERS_POLICY")]
+    pub policy: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
     /// The model these arguments name, found and validated.
     pub fn resolve(&self) -> parallelformers::Result<ResolvedModel> {
-        let source = self
-            .model
-            .as_deref()
-            .map_or(ModelSource::Default, ModelSource::parse);
-        ResolvedModel::resolve(&source)
+        resolve_model(self.model.as_deref(), self.policy.as_deref())
     }
 
     /// The library options these arguments describe, with `default_ranks` unless `--ranks`.
@@ -93,6 +94,17 @@ impl ModelArgs {
             ..Options::default()
         }
     }
+}
+
+/// The model a `--model` value (or none: the default model) names, described by the policy file
+/// at `policy` when given.
+pub fn resolve_model(
+    model: Option<&str>,
+    policy: Option<&std::path::Path>,
+) -> parallelformers::Result<ResolvedModel> {
+    let source = model.map_or(ModelSource::Default, ModelSource::parse);
+    let policy = policy.map(PolicyFile::load).transpose()?;
+    ResolvedModel::resolve_with_policy(&source, policy.as_ref())
 }
 
 /// Runs the selected subcommand.

@@ -213,6 +213,7 @@ impl<'a> ShardLoader<'a> {
 
     /// Finds `name` in the source, as given or behind one of the policy's prefixes, with its shape.
     fn resolve(&self, name: &str) -> Option<(String, Vec<usize>)> {
+        let name = self.policy.checkpoint_name(name);
         std::iter::once("")
             .chain(self.policy.prefixes.iter().map(String::as_str))
             .map(|prefix| format!("{prefix}{name}"))

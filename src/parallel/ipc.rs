@@ -26,6 +26,8 @@ pub struct LoadSpec {
     pub config: ModelConfig,
     /// Weight and activation dtype.
     pub dtype: crate::options::WeightDType,
+    /// The policy of a policy file (`None`: the built-in policy of the configuration's family).
+    pub policy: Option<crate::policy::Policy>,
 }
 
 /// A batch of token sequences for one forward pass.

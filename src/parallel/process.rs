@@ -164,7 +164,15 @@ fn run_worker() -> Result<()> {
     )?;
     let spec = match read_frame::<Request>(&mut stream) {
         Ok(Request::Load(spec)) => spec,
-        Ok(Request::Shutdown) | Err(_) => return Ok(()),
+        Ok(Request::Shutdown) => return Ok(()),
+        // The launcher is gone.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+        Err(e) => {
+            return Err(Error::Launch(format!(
+                "rank {} cannot read its load request: {e}",
+                env.rank
+            )))
+        }
         Ok(other) => {
             return Err(Error::Launch(format!(
                 "expected a load request first, got {other:?}"
@@ -354,7 +362,10 @@ fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
     };
     let weights = spec.location.open(&spec.config)?;
     let plan = Plan::new(&spec.config, env.world_size)?;
-    let policy = Policy::for_config(&spec.config);
+    let policy = spec
+        .policy
+        .clone()
+        .unwrap_or_else(|| Policy::for_config(&spec.config));
     let dtype: DType = spec.dtype.into();
     let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, env.rank, dtype)
         .keep_quantized(spec.dtype == crate::WeightDType::Quantized);

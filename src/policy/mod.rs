@@ -5,6 +5,7 @@
 //! wiring asks for tensors by name; the engine looks up their role here and reads the rank's
 //! slice. A new family that reuses known blocks needs a new table, not new slicing code.
 
+pub mod file;
 mod tables;
 
 use serde::{Deserialize, Serialize};
@@ -28,7 +29,7 @@ pub enum Partition {
 /// How one tensor is divided among ranks. Shapes are `[out, in]` as `nn.Linear` stores them,
 /// unless `transposed` (GPT-2's `Conv1D` stores `[in, out]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     /// The output dimension is split (column-parallel linear, vocabulary-parallel embedding,
     /// their biases). A fused tensor lists one partition per part (GPT-2 `c_attn`: q, k, v) and
@@ -90,6 +91,19 @@ pub struct Policy {
     pub prefixes: Vec<String>,
     /// Rules, first match wins.
     pub rules: Vec<Rule>,
+    /// How the wiring's tensor names are spelled in the checkpoint (policy files only).
+    #[serde(default)]
+    pub renames: Vec<Rename>,
+}
+
+/// One of the wiring's name patterns and the checkpoint's spelling of it; their `*`s
+/// correspond in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rename {
+    /// The wiring's name pattern (`layers.*.self_attn.q_proj.weight`).
+    pub wiring: String,
+    /// The checkpoint's name pattern (`blocks.*.attn.wq.weight`).
+    pub checkpoint: String,
 }
 
 impl Policy {
@@ -102,6 +116,24 @@ impl Policy {
         }
     }
 
+    /// The checkpoint's spelling of the wiring's tensor `name` (relative to the base model):
+    /// the first rename that matches it, else the name itself.
+    pub fn checkpoint_name(&self, name: &str) -> String {
+        self.renames
+            .iter()
+            .find_map(|rename| {
+                let captured = glob_captures(&rename.wiring, name)?;
+                let mut pieces = rename.checkpoint.split('*');
+                let mut spelled = pieces.next().unwrap_or_default().to_string();
+                for (piece, value) in pieces.zip(captured) {
+                    spelled.push_str(value);
+                    spelled.push_str(piece);
+                }
+                Some(spelled)
+            })
+            .unwrap_or_else(|| name.to_string())
+    }
+
     /// The role of the tensor `name` (relative to the base model, or a top-level head name).
     pub fn role_of(&self, name: &str) -> Option<&Role> {
         let base = self
@@ -112,22 +144,25 @@ impl Policy {
             .unwrap_or(name);
         self.rules
             .iter()
-            .find(|rule| glob_match(&rule.pattern, base))
+            .find(|rule| glob_captures(&rule.pattern, base).is_some())
             .map(|rule| &rule.role)
     }
 }
 
-/// Matches `text` against `pattern`, where `*` stands for any (possibly empty) run of characters.
-fn glob_match(pattern: &str, text: &str) -> bool {
+/// Matches `text` against `pattern`, where `*` stands for any (possibly empty) run of
+/// characters; on a match, what each `*` stood for (the shortest runs, from the left).
+fn glob_captures<'t>(pattern: &str, text: &'t str) -> Option<Vec<&'t str>> {
     match pattern.split_once('*') {
-        None => pattern == text,
+        None => (pattern == text).then(Vec::new),
         Some((head, rest)) => {
-            let Some(text) = text.strip_prefix(head) else {
-                return false;
-            };
+            let text = text.strip_prefix(head)?;
             (0..=text.len())
                 .filter(|&i| text.is_char_boundary(i))
-                .any(|i| glob_match(rest, &text[i..]))
+                .find_map(|i| {
+                    let mut captured = glob_captures(rest, &text[i..])?;
+                    captured.insert(0, &text[..i]);
+                    Some(captured)
+                })
         }
     }
 }
@@ -165,16 +200,32 @@ mod tests {
 
     #[test]
     fn star_matches_layer_numbers_and_nothing_else_differs() {
-        assert!(glob_match(
-            "h.*.attn.c_attn.weight",
-            "h.11.attn.c_attn.weight"
-        ));
-        assert!(!glob_match(
-            "h.*.attn.c_attn.weight",
-            "h.11.attn.c_attn.bias"
-        ));
-        assert!(glob_match("*", ""));
-        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert_eq!(
+            glob_captures("h.*.attn.c_attn.weight", "h.11.attn.c_attn.weight"),
+            Some(vec!["11"])
+        );
+        assert_eq!(
+            glob_captures("h.*.attn.c_attn.weight", "h.11.attn.c_attn.bias"),
+            None
+        );
+        assert_eq!(glob_captures("*", ""), Some(vec![""]));
+        assert_eq!(glob_captures("a*b*c", "axxbyyc"), Some(vec!["xx", "yy"]));
+    }
+
+    #[test]
+    fn renames_carry_what_the_stars_matched() {
+        let policy = Policy {
+            renames: vec![Rename {
+                wiring: "layers.*.mlp.*_proj.weight".into(),
+                checkpoint: "blocks.*.ffn.w_*.weight".into(),
+            }],
+            ..tables::llama()
+        };
+        assert_eq!(
+            policy.checkpoint_name("layers.7.mlp.gate_proj.weight"),
+            "blocks.7.ffn.w_gate.weight"
+        );
+        assert_eq!(policy.checkpoint_name("norm.weight"), "norm.weight");
     }
 
     #[test]
@@ -214,9 +265,12 @@ mod tests {
     }
 
     #[test]
-    fn policies_round_trip_through_json() {
+    fn policies_round_trip_through_json_and_the_wire() {
         let p = tables::bert();
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<Policy>(&text).unwrap(), p);
+        // The ranks receive policies in their load request.
+        let wire = postcard::to_stdvec(&p).unwrap();
+        assert_eq!(postcard::from_bytes::<Policy>(&wire).unwrap(), p);
     }
 }

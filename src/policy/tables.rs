@@ -26,6 +26,7 @@ fn policy(name: &str, prefixes: &[&str], rules: Vec<Rule>) -> Policy {
         name: name.to_string(),
         prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
         rules,
+        renames: Vec::new(),
     }
 }
 
