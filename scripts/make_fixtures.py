@@ -45,6 +45,8 @@ from transformers import (  # noqa: E402
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    RobertaConfig,
+    RobertaModel,
 )
 
 transformers.logging.set_verbosity_error()
@@ -361,6 +363,17 @@ def bert_mlm_spec(out: Path):
     )
 
 
+def roberta_spec(out: Path):
+    # Positions start after the padding id and skip padding tokens (found by id, not by mask).
+    cfg = RobertaConfig(
+        vocab_size=99, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+        intermediate_size=96, max_position_embeddings=64 + PAD_ID + 1, type_vocab_size=1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD_ID,
+    )
+    return dict(cls=RobertaModel, cfg=cfg, causal=False, output="last_hidden_state",
+                max_ranks=4, tied=None, tie_pairs=[])
+
+
 FIXTURES = {
     # name: (spec builder, base seed)
     "gpt2": (gpt2_spec, 1000),
@@ -370,6 +383,7 @@ FIXTURES = {
     "qwen2": (qwen2_spec, 5000),
     "bert": (bert_spec, 6000),
     "bert_mlm": (bert_mlm_spec, 7000),
+    "roberta": (roberta_spec, 8000),
 }
 
 MAX_SEED_TRIES = 20

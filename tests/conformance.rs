@@ -114,6 +114,12 @@ fn bert_hidden_states_match_transformers_at_every_rank_count() {
     check_all_ranks("bert");
 }
 
+/// RoBERTa: BERT's blocks with positions numbered after the padding id, skipping padding.
+#[test]
+fn roberta_hidden_states_match_transformers_at_every_rank_count() {
+    check_all_ranks("roberta");
+}
+
 #[test]
 fn bert_masked_lm_logits_match_transformers_at_every_rank_count() {
     check_all_ranks("bert_mlm");

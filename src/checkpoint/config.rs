@@ -115,6 +115,7 @@ pub struct RawConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     type_vocab_size: Option<usize>,
+    pad_token_id: Option<u32>,
 }
 
 /// The resolved configuration the model code uses: no `Option` where a default exists.
@@ -167,6 +168,9 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Number of token types (BERT).
     pub type_vocab_size: usize,
+    /// RoBERTa's positions: each token that is not this padding id takes the next position
+    /// after it, padding tokens take the padding id itself. `None`: positions `0..L`.
+    pub padding_positions: Option<u32>,
 }
 
 impl ModelConfig {
@@ -193,19 +197,19 @@ fn family_of(
     let family = match model_type {
         "gpt2" => Family::Gpt2,
         "llama" | "mistral" | "qwen2" => Family::Llama,
-        "bert" => Family::Bert,
+        "bert" | "roberta" => Family::Bert,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, llama, mistral, qwen2, bert)"
+            "model_type `{other}` is not supported (supported: gpt2, llama, mistral, qwen2, bert, roberta); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
     let output = match (family, architecture) {
         (Family::Bert, "BertForMaskedLM") => OutputKind::Logits,
-        (Family::Bert, "BertModel") | (Family::Bert, "") => OutputKind::LastHiddenState,
+        (Family::Bert, "BertModel" | "RobertaModel" | "") => OutputKind::LastHiddenState,
         (Family::Bert, other) => {
             return Err(format!(
-                "architecture `{other}` is not supported for bert (supported: BertModel, BertForMaskedLM)"
+                "architecture `{other}` is not supported for {model_type} (supported: BertModel, BertForMaskedLM, RobertaModel)"
             ))
         }
         _ => OutputKind::Logits,
@@ -288,6 +292,10 @@ impl RawConfig {
             _ => None,
         };
         let is_qwen2 = model_type == "qwen2";
+        let padding_positions = match model_type.as_str() {
+            "roberta" => Some(self.pad_token_id.unwrap_or(1)),
+            _ => None,
+        };
         let attention_bias = self.attention_bias.unwrap_or(false);
         Ok(ModelConfig {
             family,
@@ -316,6 +324,7 @@ impl RawConfig {
             attn_out_bias: family != Family::Llama || attention_bias,
             mlp_bias: family != Family::Llama || self.mlp_bias.unwrap_or(false),
             type_vocab_size: self.type_vocab_size.unwrap_or(2),
+            padding_positions,
         })
     }
 }

@@ -45,9 +45,21 @@ pub struct Bert {
     layout: HeadLayout,
     activation: Activation,
     max_positions: usize,
+    /// RoBERTa's padding id for positions (see [`ModelConfig::padding_positions`]).
+    padding_positions: Option<u32>,
 }
 
 impl Bert {
+    /// Position ids `[batch, seq_len]`: `0..L` for BERT; for RoBERTa, as transformers'
+    /// `create_position_ids_from_input_ids` numbers them (from the padding id + 1, skipping
+    /// padding tokens, which take the padding id).
+    fn position_ids(&self, input: &Batch) -> Vec<u32> {
+        match self.padding_positions {
+            Some(pad) => padding_aware_positions(input.ids, input.seq_len, pad),
+            None => input.position_ids(0),
+        }
+    }
+
     /// Loads the rank's shard.
     pub fn load(loader: &mut ShardLoader, c: &ModelConfig) -> Result<Self> {
         let (h, inner, eps) = (c.hidden_size, c.intermediate_size, c.norm_eps);
@@ -106,19 +118,27 @@ impl Bert {
             layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
             activation: c.activation,
             max_positions: c.max_positions,
+            padding_positions: c.padding_positions,
         })
     }
 }
 
 impl ShardedModel for Bert {
     fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
-        check_positions(input.seq_len, self.max_positions)?;
-        let positions = Tensor::arange(0u32, input.seq_len as u32, &Device::Cpu)?;
-        let x = self
+        let positions = self.position_ids(input);
+        let end = positions.iter().max().map_or(0, |&p| p as usize + 1);
+        check_positions(end, self.max_positions)?;
+        let hidden = self.position.dim(1)?;
+        let positions = Tensor::from_vec(positions, input.batch * input.seq_len, &Device::Cpu)?;
+        let x = (self
             .word
             .forward(input.ids, &[input.batch, input.seq_len], comm)?
-            .broadcast_add(&self.position.index_select(&positions, 0)?)?
-            .broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
+            + self.position.index_select(&positions, 0)?.reshape((
+                input.batch,
+                input.seq_len,
+                hidden,
+            ))?)?
+        .broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
         let mut x = self.embed_norm.forward(&x)?;
         let mask = input.mask(0, false, None)?;
         for layer in &self.layers {
@@ -152,5 +172,35 @@ impl ShardedModel for Bert {
 
     fn caches(&mut self) -> Option<&mut crate::models::attention::LayerCaches> {
         None
+    }
+}
+
+/// RoBERTa's positions of `ids` (rows of `seq_len`): the padding id `pad` for padding tokens,
+/// `pad + n` for the n-th other token of the row.
+fn padding_aware_positions(ids: &[u32], seq_len: usize, pad: u32) -> Vec<u32> {
+    ids.chunks(seq_len.max(1))
+        .flat_map(|row| {
+            let mut real = 0;
+            row.iter().map(move |&id| match id == pad {
+                true => pad,
+                false => {
+                    real += 1;
+                    pad + real
+                }
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roberta_positions_skip_padding_tokens_wherever_they_are() {
+        assert_eq!(
+            padding_aware_positions(&[5, 1, 7, 9, 1, 1], 3, 1),
+            [2, 1, 3, 2, 1, 1]
+        );
     }
 }

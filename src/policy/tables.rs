@@ -88,7 +88,7 @@ pub fn llama() -> Policy {
 pub fn bert() -> Policy {
     policy(
         "bert",
-        &["bert.", ""],
+        &["bert.", "roberta.", ""],
         vec![
             rule("embeddings.word_embeddings.weight", column(Vocab)),
             rule("embeddings.position_embeddings.weight", Role::Replicate),
