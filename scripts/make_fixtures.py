@@ -47,6 +47,12 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
     RobertaConfig,
     RobertaModel,
+    DistilBertConfig,
+    DistilBertModel,
+    ElectraConfig,
+    ElectraModel,
+    AlbertConfig,
+    AlbertModel,
 )
 
 transformers.logging.set_verbosity_error()
@@ -374,6 +380,37 @@ def roberta_spec(out: Path):
                 max_ranks=4, tied=None, tie_pairs=[])
 
 
+def distilbert_spec(out: Path):
+    cfg = DistilBertConfig(
+        vocab_size=99, dim=64, n_heads=4, n_layers=2, hidden_dim=96, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, pad_token_id=PAD_ID,
+    )
+    return dict(cls=DistilBertModel, cfg=cfg, causal=False, output="last_hidden_state",
+                max_ranks=4, tied=None, tie_pairs=[])
+
+
+def electra_spec(out: Path):
+    # Factorized embeddings: 32 wide, projected to the 64-wide encoder.
+    cfg = ElectraConfig(
+        vocab_size=99, embedding_size=32, hidden_size=64, num_attention_heads=4,
+        num_hidden_layers=2, intermediate_size=96, max_position_embeddings=64, type_vocab_size=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD_ID,
+    )
+    return dict(cls=ElectraModel, cfg=cfg, causal=False, output="last_hidden_state",
+                max_ranks=4, tied=None, tie_pairs=[])
+
+
+def albert_spec(out: Path):
+    # Factorized embeddings and one layer shared by every block.
+    cfg = AlbertConfig(
+        vocab_size=99, embedding_size=32, hidden_size=64, num_attention_heads=4,
+        num_hidden_layers=3, intermediate_size=96, max_position_embeddings=64, type_vocab_size=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
+        pad_token_id=PAD_ID,
+    )
+    return dict(cls=AlbertModel, cfg=cfg, causal=False, output="last_hidden_state",
+                max_ranks=4, tied=None, tie_pairs=[])
+
 FIXTURES = {
     # name: (spec builder, base seed)
     "gpt2": (gpt2_spec, 1000),
@@ -384,6 +421,9 @@ FIXTURES = {
     "bert": (bert_spec, 6000),
     "bert_mlm": (bert_mlm_spec, 7000),
     "roberta": (roberta_spec, 8000),
+    "distilbert": (distilbert_spec, 9000),
+    "electra": (electra_spec, 10000),
+    "albert": (albert_spec, 11000),
 }
 
 MAX_SEED_TRIES = 20

@@ -70,6 +70,7 @@ fn max_ranks(name: &str) -> usize {
     let heads = config["num_attention_heads"]
         .as_u64()
         .or(config["n_head"].as_u64())
+        .or(config["n_heads"].as_u64())
         .unwrap() as usize;
     heads.min(4)
 }
@@ -118,6 +119,32 @@ fn bert_hidden_states_match_transformers_at_every_rank_count() {
 #[test]
 fn roberta_hidden_states_match_transformers_at_every_rank_count() {
     check_all_ranks("roberta");
+}
+
+/// DistilBERT: BERT's blocks under other names, without token types.
+#[test]
+fn distilbert_hidden_states_match_transformers_at_every_rank_count() {
+    check_all_ranks("distilbert");
+}
+
+/// ELECTRA: narrower embeddings projected to the encoder's width.
+#[test]
+fn electra_hidden_states_match_transformers_at_every_rank_count() {
+    check_all_ranks("electra");
+}
+
+/// ALBERT: factorized embeddings and one layer shared by every block.
+#[test]
+fn albert_hidden_states_match_transformers_at_every_rank_count() {
+    check_all_ranks("albert");
+    // The shared layer is held once, not once per block: one rank holds at most the file.
+    let model = parallelize(fixture("albert"), options(1)).unwrap();
+    let held = model.load_report()[0].weights;
+    let file = std::fs::metadata(fixture("albert").join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(held.sliced + held.replicated <= file, "{held:?} > {file} bytes");
+    model.deparallelize();
 }
 
 #[test]

@@ -87,22 +87,22 @@ pub struct RawConfig {
     model_type: Option<String>,
     architectures: Option<Vec<String>>,
     vocab_size: Option<usize>,
-    #[serde(alias = "n_embd")]
+    #[serde(alias = "n_embd", alias = "dim")]
     hidden_size: Option<usize>,
-    #[serde(alias = "n_layer")]
+    #[serde(alias = "n_layer", alias = "n_layers")]
     num_hidden_layers: Option<usize>,
-    #[serde(alias = "n_head")]
+    #[serde(alias = "n_head", alias = "n_heads")]
     num_attention_heads: Option<usize>,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
-    #[serde(alias = "n_inner")]
+    #[serde(alias = "n_inner", alias = "hidden_dim")]
     intermediate_size: Option<usize>,
     #[serde(alias = "n_positions")]
     max_position_embeddings: Option<usize>,
     #[serde(alias = "layer_norm_epsilon", alias = "layer_norm_eps")]
     norm_eps: Option<f64>,
     rms_norm_eps: Option<f64>,
-    #[serde(alias = "activation_function")]
+    #[serde(alias = "activation_function", alias = "activation")]
     hidden_act: Option<String>,
     rope_theta: Option<f64>,
     rope_parameters: Option<RawRope>,
@@ -116,6 +116,9 @@ pub struct RawConfig {
     mlp_bias: Option<bool>,
     type_vocab_size: Option<usize>,
     pad_token_id: Option<u32>,
+    embedding_size: Option<usize>,
+    num_hidden_groups: Option<usize>,
+    inner_group_num: Option<usize>,
 }
 
 /// The resolved configuration the model code uses: no `Option` where a default exists.
@@ -171,6 +174,9 @@ pub struct ModelConfig {
     /// RoBERTa's positions: each token that is not this padding id takes the next position
     /// after it, padding tokens take the padding id itself. `None`: positions `0..L`.
     pub padding_positions: Option<u32>,
+    /// Width of factorized word embeddings (ELECTRA, ALBERT), projected to `hidden_size`
+    /// after the embedding LayerNorm; `None`: as wide as the hidden state.
+    pub embedding_size: Option<usize>,
 }
 
 impl ModelConfig {
@@ -197,19 +203,22 @@ fn family_of(
     let family = match model_type {
         "gpt2" => Family::Gpt2,
         "llama" | "mistral" | "qwen2" => Family::Llama,
-        "bert" | "roberta" => Family::Bert,
+        "bert" | "roberta" | "distilbert" | "electra" | "albert" => Family::Bert,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, llama, mistral, qwen2, bert, roberta); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, llama, mistral, qwen2, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
     let output = match (family, architecture) {
         (Family::Bert, "BertForMaskedLM") => OutputKind::Logits,
-        (Family::Bert, "BertModel" | "RobertaModel" | "") => OutputKind::LastHiddenState,
+        (
+            Family::Bert,
+            "BertModel" | "RobertaModel" | "DistilBertModel" | "ElectraModel" | "AlbertModel" | "",
+        ) => OutputKind::LastHiddenState,
         (Family::Bert, other) => {
             return Err(format!(
-                "architecture `{other}` is not supported for {model_type} (supported: BertModel, BertForMaskedLM, RobertaModel)"
+                "architecture `{other}` is not supported for {model_type} (supported: BertModel, BertForMaskedLM, RobertaModel, DistilBertModel, ElectraModel, AlbertModel)"
             ))
         }
         _ => OutputKind::Logits,
@@ -292,6 +301,15 @@ impl RawConfig {
             _ => None,
         };
         let is_qwen2 = model_type == "qwen2";
+        if let Some(groups) = [self.num_hidden_groups, self.inner_group_num]
+            .into_iter()
+            .flatten()
+            .find(|&g| g != 1)
+        {
+            return Err(format!(
+                "ALBERT with {groups} layer groups or layers per group is not supported (only one layer shared by every block: num_hidden_groups = inner_group_num = 1)"
+            ));
+        }
         let padding_positions = match model_type.as_str() {
             "roberta" => Some(self.pad_token_id.unwrap_or(1)),
             _ => None,
@@ -325,6 +343,7 @@ impl RawConfig {
             mlp_bias: family != Family::Llama || self.mlp_bias.unwrap_or(false),
             type_vocab_size: self.type_vocab_size.unwrap_or(2),
             padding_positions,
+            embedding_size: self.embedding_size.filter(|&e| e != hidden_size),
         })
     }
 }

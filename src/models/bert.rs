@@ -38,8 +38,11 @@ struct MlmHead {
 pub struct Bert {
     word: VocabParallelEmbedding,
     position: Tensor,
-    token_type: Tensor,
+    /// Token type 0's embedding (DistilBERT has none).
+    token_type: Option<Tensor>,
     embed_norm: LayerNorm,
+    /// Factorized embeddings' projection to the hidden width (ELECTRA, ALBERT), replicated.
+    project: Option<Linear>,
     layers: Vec<Layer>,
     mlm: Option<MlmHead>,
     layout: HeadLayout,
@@ -63,9 +66,10 @@ impl Bert {
     /// Loads the rank's shard.
     pub fn load(loader: &mut ShardLoader, c: &ModelConfig) -> Result<Self> {
         let (h, inner, eps) = (c.hidden_size, c.intermediate_size, c.norm_eps);
+        let e = c.embedding_size.unwrap_or(h);
         let plan = loader.plan().clone();
         let rank = loader.rank();
-        let word = loader.load("embeddings.word_embeddings.weight", &[c.vocab_size, h])?;
+        let word = loader.load("embeddings.word_embeddings.weight", &[c.vocab_size, e])?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("encoder.layer.{i}");
@@ -106,13 +110,20 @@ impl Bert {
             word: VocabParallelEmbedding::new(word, plan.vocab.elements(rank).start),
             position: to_f32(loader.load(
                 "embeddings.position_embeddings.weight",
-                &[c.max_positions, h],
+                &[c.max_positions, e],
             )?)?,
-            token_type: to_f32(loader.load(
-                "embeddings.token_type_embeddings.weight",
-                &[c.type_vocab_size, h],
-            )?)?,
-            embed_norm: layer_norm(loader, "embeddings.LayerNorm", h, eps)?,
+            token_type: loader
+                .try_load(
+                    "embeddings.token_type_embeddings.weight",
+                    &[c.type_vocab_size, e],
+                )?
+                .map(|table| to_f32(table.narrow(0, 0, 1)?))
+                .transpose()?,
+            embed_norm: layer_norm(loader, "embeddings.LayerNorm", e, eps)?,
+            project: match c.embedding_size {
+                Some(_) => Some(weight_and_bias(loader, "embeddings_project", h, e, true)?.into()),
+                None => None,
+            },
             layers,
             mlm,
             layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
@@ -137,9 +148,15 @@ impl ShardedModel for Bert {
                 input.batch,
                 input.seq_len,
                 hidden,
-            ))?)?
-        .broadcast_add(&self.token_type.narrow(0, 0, 1)?)?;
+            ))?)?;
+        let x = match &self.token_type {
+            Some(token_type) => x.broadcast_add(token_type)?,
+            None => x,
+        };
         let mut x = self.embed_norm.forward(&x)?;
+        if let Some(project) = &self.project {
+            x = project.forward(&x)?;
+        }
         let mask = input.mask(0, false, None)?;
         for layer in &self.layers {
             let projected = Projected {

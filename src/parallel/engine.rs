@@ -167,6 +167,9 @@ pub struct ShardLoader<'a> {
     dtype: DType,
     keep_quantized: bool,
     bytes: WeightBytes,
+    /// Slices read so far, by stored name: a tensor that several blocks share (ALBERT) is read
+    /// and held once.
+    read: std::collections::HashMap<String, Tensor>,
 }
 
 impl<'a> ShardLoader<'a> {
@@ -186,6 +189,7 @@ impl<'a> ShardLoader<'a> {
             dtype,
             keep_quantized: false,
             bytes: WeightBytes::default(),
+            read: std::collections::HashMap::new(),
         }
     }
 
@@ -319,6 +323,9 @@ impl<'a> ShardLoader<'a> {
         slice: &SlicePlan,
         shape: &[usize],
     ) -> Result<Tensor> {
+        if let Some(tensor) = self.read.get(full) {
+            return Ok(tensor.clone());
+        }
         let tensor = if slice.blocks.is_empty() {
             self.source.read(full, None)?
         } else {
@@ -347,6 +354,7 @@ impl<'a> ShardLoader<'a> {
             role,
             (tensor.elem_count() * self.dtype.size_in_bytes()) as u64,
         );
+        self.read.insert(full.to_string(), tensor.clone());
         Ok(tensor)
     }
 }

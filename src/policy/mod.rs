@@ -112,7 +112,11 @@ impl Policy {
         match config.family {
             Family::Gpt2 => tables::gpt2(),
             Family::Llama => tables::llama(),
-            Family::Bert => tables::bert(),
+            Family::Bert => match config.model_type.as_str() {
+                "distilbert" => tables::distilbert(),
+                "albert" => tables::albert(),
+                _ => tables::bert(),
+            },
         }
     }
 

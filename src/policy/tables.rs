@@ -1,6 +1,7 @@
-//! The built-in policies: GPT-2, the Llama family (Llama, Mistral, Qwen2) and BERT.
+//! The built-in policies: GPT-2, the Llama family (Llama, Mistral, Qwen2), and BERT with the
+//! encoders that reuse its blocks under other names (RoBERTa, ELECTRA, DistilBERT, ALBERT).
 
-use super::{Partition, Policy, Role, Rule};
+use super::{Partition, Policy, Rename, Role, Rule};
 use Partition::{Heads, Intermediate, KvHeads, Vocab};
 
 fn rule(pattern: &str, role: Role) -> Rule {
@@ -28,6 +29,27 @@ fn policy(name: &str, prefixes: &[&str], rules: Vec<Rule>) -> Policy {
         rules,
         renames: Vec::new(),
     }
+}
+
+/// A policy whose tensors are the BERT wiring's under other names: for each entry, the
+/// checkpoint's pattern, the wiring's pattern and the role.
+fn renamed(name: &str, prefixes: &[&str], entries: &[(&str, &str, Role)]) -> Policy {
+    let mut renamed = policy(
+        name,
+        prefixes,
+        entries
+            .iter()
+            .map(|(checkpoint, _, role)| rule(checkpoint, role.clone()))
+            .collect(),
+    );
+    renamed.renames = entries
+        .iter()
+        .map(|(checkpoint, wiring, _)| Rename {
+            wiring: wiring.to_string(),
+            checkpoint: checkpoint.to_string(),
+        })
+        .collect();
+    renamed
 }
 
 /// GPT-2: fused `c_attn` (q, k, v) and `Conv1D` weights stored `[in, out]`.
@@ -88,7 +110,7 @@ pub fn llama() -> Policy {
 pub fn bert() -> Policy {
     policy(
         "bert",
-        &["bert.", "roberta.", ""],
+        &["bert.", "roberta.", "electra.", ""],
         vec![
             rule("embeddings.word_embeddings.weight", column(Vocab)),
             rule("embeddings.position_embeddings.weight", Role::Replicate),
@@ -106,6 +128,188 @@ pub fn bert() -> Policy {
             rule("cls.predictions.decoder.weight", column(Vocab)),
             rule("cls.predictions.decoder.bias", column(Vocab)),
             rule("cls.predictions.bias", column(Vocab)),
+            // ELECTRA's projection of its narrower embeddings.
+            rule("embeddings_project.*", Role::Replicate),
         ],
     )
+}
+
+/// DistilBERT: BERT's post-LayerNorm blocks under other names, without token types.
+pub fn distilbert() -> Policy {
+    let l = "transformer.layer.*";
+    renamed(
+        "distilbert",
+        &["distilbert.", ""],
+        &[
+            (
+                "embeddings.word_embeddings.weight",
+                "embeddings.word_embeddings.weight",
+                column(Vocab),
+            ),
+            (
+                "embeddings.position_embeddings.weight",
+                "embeddings.position_embeddings.weight",
+                Role::Replicate,
+            ),
+            (
+                "embeddings.LayerNorm.*",
+                "embeddings.LayerNorm.*",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.attention.q_lin.*"),
+                "encoder.layer.*.attention.self.query.*",
+                column(Heads),
+            ),
+            (
+                &format!("{l}.attention.k_lin.*"),
+                "encoder.layer.*.attention.self.key.*",
+                column(Heads),
+            ),
+            (
+                &format!("{l}.attention.v_lin.*"),
+                "encoder.layer.*.attention.self.value.*",
+                column(Heads),
+            ),
+            (
+                &format!("{l}.attention.out_lin.weight"),
+                "encoder.layer.*.attention.output.dense.weight",
+                row(Heads),
+            ),
+            (
+                &format!("{l}.attention.out_lin.bias"),
+                "encoder.layer.*.attention.output.dense.bias",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.sa_layer_norm.*"),
+                "encoder.layer.*.attention.output.LayerNorm.*",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.ffn.lin1.*"),
+                "encoder.layer.*.intermediate.dense.*",
+                column(Intermediate),
+            ),
+            (
+                &format!("{l}.ffn.lin2.weight"),
+                "encoder.layer.*.output.dense.weight",
+                row(Intermediate),
+            ),
+            (
+                &format!("{l}.ffn.lin2.bias"),
+                "encoder.layer.*.output.dense.bias",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.output_layer_norm.*"),
+                "encoder.layer.*.output.LayerNorm.*",
+                Role::Replicate,
+            ),
+        ],
+    )
+}
+
+/// ALBERT: factorized embeddings, and one layer whose weights every block shares (each block
+/// of the wiring reads the same tensors, which the loader reads once).
+pub fn albert() -> Policy {
+    let g = "encoder.albert_layer_groups.0.albert_layers.0";
+    let shared = |part: &str, wiring: &str, weight: Role, bias: Role| {
+        [
+            (
+                format!("{g}.{part}.weight"),
+                format!("encoder.layer.*.{wiring}.weight"),
+                weight,
+            ),
+            (
+                format!("{g}.{part}.bias"),
+                format!("encoder.layer.*.{wiring}.bias"),
+                bias,
+            ),
+        ]
+    };
+    let mut entries: Vec<(String, String, Role)> = vec![
+        (
+            "embeddings.word_embeddings.weight".into(),
+            "embeddings.word_embeddings.weight".into(),
+            column(Vocab),
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            "embeddings.position_embeddings.weight".into(),
+            Role::Replicate,
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            "embeddings.token_type_embeddings.weight".into(),
+            Role::Replicate,
+        ),
+        (
+            "embeddings.LayerNorm.*".into(),
+            "embeddings.LayerNorm.*".into(),
+            Role::Replicate,
+        ),
+        (
+            "encoder.embedding_hidden_mapping_in.*".into(),
+            "embeddings_project.*".into(),
+            Role::Replicate,
+        ),
+    ];
+    for part in [
+        shared(
+            "attention.query",
+            "attention.self.query",
+            column(Heads),
+            column(Heads),
+        ),
+        shared(
+            "attention.key",
+            "attention.self.key",
+            column(Heads),
+            column(Heads),
+        ),
+        shared(
+            "attention.value",
+            "attention.self.value",
+            column(Heads),
+            column(Heads),
+        ),
+        shared(
+            "attention.dense",
+            "attention.output.dense",
+            row(Heads),
+            Role::Replicate,
+        ),
+        shared(
+            "attention.LayerNorm",
+            "attention.output.LayerNorm",
+            Role::Replicate,
+            Role::Replicate,
+        ),
+        shared(
+            "ffn",
+            "intermediate.dense",
+            column(Intermediate),
+            column(Intermediate),
+        ),
+        shared(
+            "ffn_output",
+            "output.dense",
+            row(Intermediate),
+            Role::Replicate,
+        ),
+        shared(
+            "full_layer_layer_norm",
+            "output.LayerNorm",
+            Role::Replicate,
+            Role::Replicate,
+        ),
+    ] {
+        entries.extend(part);
+    }
+    let entries: Vec<(&str, &str, Role)> = entries
+        .iter()
+        .map(|(c, w, r)| (c.as_str(), w.as_str(), r.clone()))
+        .collect();
+    renamed("albert", &["albert.", ""], &entries)
 }
