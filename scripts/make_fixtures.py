@@ -53,6 +53,12 @@ from transformers import (  # noqa: E402
     ElectraModel,
     AlbertConfig,
     AlbertModel,
+    GPTBigCodeConfig,
+    GPTBigCodeForCausalLM,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
 )
 
 transformers.logging.set_verbosity_error()
@@ -411,6 +417,39 @@ def albert_spec(out: Path):
     return dict(cls=AlbertModel, cfg=cfg, causal=False, output="last_hidden_state",
                 max_ranks=4, tied=None, tie_pairs=[])
 
+def gpt_bigcode_spec(out: Path):
+    # Multi-query attention: one key/value head that every rank holds.
+    cfg = GPTBigCodeConfig(
+        vocab_size=101, n_embd=64, n_head=4, n_layer=2, n_positions=64, n_inner=96,
+        multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return dict(cls=GPTBigCodeForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+                tied=True, tie_pairs=[("lm_head.weight", "transformer.wte.weight")])
+
+
+def opt_spec(out: Path):
+    # Learned positions offset by 2, pre-LayerNorm blocks, ReLU.
+    cfg = OPTConfig(
+        vocab_size=97, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=96,
+        max_position_embeddings=64, word_embed_proj_dim=64, do_layer_norm_before=True,
+        dropout=0.0, attention_dropout=0.0, pad_token_id=PAD_ID, bos_token_id=2, eos_token_id=2,
+    )
+    return dict(cls=OPTForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+                tied=True, tie_pairs=[("lm_head.weight", "model.decoder.embed_tokens.weight")])
+
+
+def gpt_neo_spec(out: Path):
+    # Global and local (window 4) attention layers, unscaled attention scores.
+    cfg = GPTNeoConfig(
+        vocab_size=97, hidden_size=64, num_heads=4, num_layers=2, intermediate_size=96,
+        max_position_embeddings=64, attention_types=[[["global", "local"], 1]], window_size=4,
+        resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0, bos_token_id=1,
+        eos_token_id=2,
+    )
+    return dict(cls=GPTNeoForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+                tied=True, tie_pairs=[("lm_head.weight", "transformer.wte.weight")])
+
 FIXTURES = {
     # name: (spec builder, base seed)
     "gpt2": (gpt2_spec, 1000),
@@ -424,6 +463,9 @@ FIXTURES = {
     "distilbert": (distilbert_spec, 9000),
     "electra": (electra_spec, 10000),
     "albert": (albert_spec, 11000),
+    "gpt_bigcode": (gpt_bigcode_spec, 12000),
+    "opt": (opt_spec, 13000),
+    "gpt_neo": (gpt_neo_spec, 14000),
 }
 
 MAX_SEED_TRIES = 20

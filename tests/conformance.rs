@@ -71,6 +71,7 @@ fn max_ranks(name: &str) -> usize {
         .as_u64()
         .or(config["n_head"].as_u64())
         .or(config["n_heads"].as_u64())
+        .or(config["num_heads"].as_u64())
         .unwrap() as usize;
     heads.min(4)
 }
@@ -88,6 +89,24 @@ fn check_all_ranks(name: &str) {
 #[test]
 fn gpt2_matches_transformers_at_every_rank_count() {
     check_all_ranks("gpt2");
+}
+
+/// GPTBigCode: one key/value head (multi-query) that every rank holds.
+#[test]
+fn gpt_bigcode_with_multi_query_attention_matches_transformers_at_every_rank_count() {
+    check_all_ranks("gpt_bigcode");
+}
+
+/// OPT: separate q/k/v, positions offset by 2, ReLU.
+#[test]
+fn opt_matches_transformers_at_every_rank_count() {
+    check_all_ranks("opt");
+}
+
+/// GPT-Neo: global and local attention layers, unscaled scores.
+#[test]
+fn gpt_neo_with_local_attention_matches_transformers_at_every_rank_count() {
+    check_all_ranks("gpt_neo");
 }
 
 #[test]
@@ -143,7 +162,10 @@ fn albert_hidden_states_match_transformers_at_every_rank_count() {
     let file = std::fs::metadata(fixture("albert").join("model.safetensors"))
         .unwrap()
         .len();
-    assert!(held.sliced + held.replicated <= file, "{held:?} > {file} bytes");
+    assert!(
+        held.sliced + held.replicated <= file,
+        "{held:?} > {file} bytes"
+    );
     model.deparallelize();
 }
 

@@ -89,13 +89,13 @@ pub struct RawConfig {
     vocab_size: Option<usize>,
     #[serde(alias = "n_embd", alias = "dim")]
     hidden_size: Option<usize>,
-    #[serde(alias = "n_layer", alias = "n_layers")]
+    #[serde(alias = "n_layer", alias = "n_layers", alias = "num_layers")]
     num_hidden_layers: Option<usize>,
-    #[serde(alias = "n_head", alias = "n_heads")]
+    #[serde(alias = "n_head", alias = "n_heads", alias = "num_heads")]
     num_attention_heads: Option<usize>,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
-    #[serde(alias = "n_inner", alias = "hidden_dim")]
+    #[serde(alias = "n_inner", alias = "hidden_dim", alias = "ffn_dim")]
     intermediate_size: Option<usize>,
     #[serde(alias = "n_positions")]
     max_position_embeddings: Option<usize>,
@@ -119,6 +119,12 @@ pub struct RawConfig {
     embedding_size: Option<usize>,
     num_hidden_groups: Option<usize>,
     inner_group_num: Option<usize>,
+    multi_query: Option<bool>,
+    do_layer_norm_before: Option<bool>,
+    word_embed_proj_dim: Option<usize>,
+    enable_bias: Option<bool>,
+    attention_layers: Option<Vec<String>>,
+    window_size: Option<usize>,
 }
 
 /// The resolved configuration the model code uses: no `Option` where a default exists.
@@ -177,6 +183,9 @@ pub struct ModelConfig {
     /// Width of factorized word embeddings (ELECTRA, ALBERT), projected to `hidden_size`
     /// after the embedding LayerNorm; `None`: as wide as the hidden state.
     pub embedding_size: Option<usize>,
+    /// Per layer, the local attention window of GPT-Neo's local layers (`None`: global);
+    /// empty for the other families.
+    pub attention_windows: Vec<Option<usize>>,
 }
 
 impl ModelConfig {
@@ -201,12 +210,12 @@ fn family_of(
     architecture: &str,
 ) -> std::result::Result<(Family, OutputKind), String> {
     let family = match model_type {
-        "gpt2" => Family::Gpt2,
+        "gpt2" | "gpt_bigcode" | "opt" | "gpt_neo" => Family::Gpt2,
         "llama" | "mistral" | "qwen2" => Family::Llama,
         "bert" | "roberta" | "distilbert" | "electra" | "albert" => Family::Bert,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, llama, mistral, qwen2, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
@@ -250,10 +259,14 @@ impl RawConfig {
         let hidden_size = required(self.hidden_size, "hidden_size")?;
         let num_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
         let num_heads = required(self.num_attention_heads, "num_attention_heads")?;
+        let multi_query = model_type == "gpt_bigcode" && self.multi_query != Some(false);
         let num_kv_heads = required(
-            self.num_key_value_heads.or(Some(num_heads)),
+            self.num_key_value_heads
+                .or(Some(if multi_query { 1 } else { num_heads })),
             "num_key_value_heads",
         )?;
+        self.check_opt_layout(&model_type, hidden_size)?;
+        let attention_windows = self.gpt_neo_windows(&model_type, num_layers)?;
         if num_heads % num_kv_heads != 0 {
             return Err(format!(
                 "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
@@ -301,6 +314,11 @@ impl RawConfig {
             _ => None,
         };
         let is_qwen2 = model_type == "qwen2";
+        let qkv_bias = match model_type.as_str() {
+            "gpt_neo" => false,
+            "opt" => self.enable_bias.unwrap_or(true),
+            _ => family != Family::Llama || is_qwen2 || self.attention_bias.unwrap_or(false),
+        };
         if let Some(groups) = [self.num_hidden_groups, self.inner_group_num]
             .into_iter()
             .flatten()
@@ -338,13 +356,60 @@ impl RawConfig {
                 .unwrap_or_default(),
             bos_token_id: self.bos_token_id,
             sliding_window,
-            qkv_bias: family != Family::Llama || is_qwen2 || attention_bias,
+            qkv_bias,
             attn_out_bias: family != Family::Llama || attention_bias,
             mlp_bias: family != Family::Llama || self.mlp_bias.unwrap_or(false),
             type_vocab_size: self.type_vocab_size.unwrap_or(2),
             padding_positions,
             embedding_size: self.embedding_size.filter(|&e| e != hidden_size),
+            attention_windows,
         })
+    }
+
+    /// Refuses the OPT variants whose layout differs from the GPT-2 wiring (post-LayerNorm
+    /// blocks, a projected word embedding).
+    fn check_opt_layout(&self, model_type: &str, hidden: usize) -> std::result::Result<(), String> {
+        if model_type != "opt" {
+            return Ok(());
+        }
+        if self.do_layer_norm_before == Some(false) {
+            return Err("OPT with do_layer_norm_before = false is not supported".into());
+        }
+        match self.word_embed_proj_dim {
+            Some(width) if width != hidden => Err(format!(
+                "OPT with word_embed_proj_dim ({width}) different from hidden_size ({hidden}) is not supported"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// GPT-Neo's per-layer windows from `attention_layers` ("global" or "local").
+    fn gpt_neo_windows(
+        &self,
+        model_type: &str,
+        layers: usize,
+    ) -> std::result::Result<Vec<Option<usize>>, String> {
+        if model_type != "gpt_neo" {
+            return Ok(Vec::new());
+        }
+        let kinds = self.attention_layers.clone().unwrap_or_default();
+        if kinds.len() != layers {
+            return Err(format!(
+                "attention_layers lists {} layers but the model has {layers}",
+                kinds.len()
+            ));
+        }
+        let window = self.window_size.unwrap_or(256);
+        kinds
+            .iter()
+            .map(|kind| match kind.as_str() {
+                "global" => Ok(None),
+                "local" => Ok(Some(window)),
+                other => Err(format!(
+                    "attention_layers holds `{other}`; only global and local are known"
+                )),
+            })
+            .collect()
     }
 }
 

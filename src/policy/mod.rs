@@ -110,7 +110,12 @@ impl Policy {
     /// The built-in policy for a resolved configuration (what transformers calls `AutoPolicy`).
     pub fn for_config(config: &ModelConfig) -> Self {
         match config.family {
-            Family::Gpt2 => tables::gpt2(),
+            Family::Gpt2 => match config.model_type.as_str() {
+                "gpt_bigcode" => tables::gpt_bigcode(),
+                "opt" => tables::opt(),
+                "gpt_neo" => tables::gpt_neo(),
+                _ => tables::gpt2(),
+            },
             Family::Llama => tables::llama(),
             Family::Bert => match config.model_type.as_str() {
                 "distilbert" => tables::distilbert(),

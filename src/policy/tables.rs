@@ -1,5 +1,6 @@
-//! The built-in policies: GPT-2, the Llama family (Llama, Mistral, Qwen2), and BERT with the
-//! encoders that reuse its blocks under other names (RoBERTa, ELECTRA, DistilBERT, ALBERT).
+//! The built-in policies: the GPT-2 family (GPT-2, GPTBigCode, OPT, GPT-Neo), the Llama family
+//! (Llama, Mistral, Qwen2), and BERT with the encoders that reuse its blocks under other names
+//! (RoBERTa, ELECTRA, DistilBERT, ALBERT).
 
 use super::{Partition, Policy, Rename, Role, Rule};
 use Partition::{Heads, Intermediate, KvHeads, Vocab};
@@ -78,6 +79,147 @@ pub fn gpt2() -> Policy {
             rule("h.*.ln_*", Role::Replicate),
             rule("h.*.c_proj.bias", Role::Replicate),
             rule("ln_f.*", Role::Replicate),
+        ],
+    )
+}
+
+/// GPTBigCode (StarCoder): GPT-2's names with linear weights, and a fused multi-query
+/// `c_attn` (the queries, then the one key and value head, which every rank holds).
+pub fn gpt_bigcode() -> Policy {
+    policy(
+        "gpt_bigcode",
+        &["transformer.", ""],
+        vec![
+            rule("wte.weight", column(Vocab)),
+            rule("lm_head.weight", column(Vocab)),
+            rule(
+                "h.*.attn.c_attn.*",
+                Role::column_parts(vec![Heads, KvHeads, KvHeads]),
+            ),
+            rule("h.*.attn.c_proj.weight", row(Heads)),
+            rule("h.*.mlp.c_fc.*", column(Intermediate)),
+            rule("h.*.mlp.c_proj.weight", row(Intermediate)),
+            rule("wpe.weight", Role::Replicate),
+            rule("h.*.ln_*", Role::Replicate),
+            rule("h.*.c_proj.bias", Role::Replicate),
+            rule("ln_f.*", Role::Replicate),
+        ],
+    )
+}
+
+/// OPT: GPT-2's blocks under its own names, separate q/k/v, positions offset by 2.
+pub fn opt() -> Policy {
+    let l = "layers.*";
+    renamed(
+        "opt",
+        &["model.decoder.", ""],
+        &[
+            ("embed_tokens.weight", "wte.weight", column(Vocab)),
+            ("lm_head.weight", "lm_head.weight", column(Vocab)),
+            ("embed_positions.weight", "wpe.weight", Role::Replicate),
+            ("final_layer_norm.*", "ln_f.*", Role::Replicate),
+            (
+                &format!("{l}.self_attn.q_proj.*"),
+                "h.*.attn.q_proj.*",
+                column(Heads),
+            ),
+            (
+                &format!("{l}.self_attn.k_proj.*"),
+                "h.*.attn.k_proj.*",
+                column(KvHeads),
+            ),
+            (
+                &format!("{l}.self_attn.v_proj.*"),
+                "h.*.attn.v_proj.*",
+                column(KvHeads),
+            ),
+            (
+                &format!("{l}.self_attn.out_proj.weight"),
+                "h.*.attn.c_proj.weight",
+                row(Heads),
+            ),
+            (
+                &format!("{l}.self_attn.out_proj.bias"),
+                "h.*.attn.c_proj.bias",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.self_attn_layer_norm.*"),
+                "h.*.ln_1.*",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.final_layer_norm.*"),
+                "h.*.ln_2.*",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.fc1.*"),
+                "h.*.mlp.c_fc.*",
+                column(Intermediate),
+            ),
+            (
+                &format!("{l}.fc2.weight"),
+                "h.*.mlp.c_proj.weight",
+                row(Intermediate),
+            ),
+            (
+                &format!("{l}.fc2.bias"),
+                "h.*.mlp.c_proj.bias",
+                Role::Replicate,
+            ),
+        ],
+    )
+}
+
+/// GPT-Neo: GPT-2's names with separate q/k/v under `attn.attention`, linear weights.
+pub fn gpt_neo() -> Policy {
+    let a = "h.*.attn.attention";
+    renamed(
+        "gpt_neo",
+        &["transformer.", ""],
+        &[
+            ("wte.weight", "wte.weight", column(Vocab)),
+            ("lm_head.weight", "lm_head.weight", column(Vocab)),
+            ("wpe.weight", "wpe.weight", Role::Replicate),
+            ("ln_f.*", "ln_f.*", Role::Replicate),
+            (
+                &format!("{a}.q_proj.weight"),
+                "h.*.attn.q_proj.weight",
+                column(Heads),
+            ),
+            (
+                &format!("{a}.k_proj.weight"),
+                "h.*.attn.k_proj.weight",
+                column(KvHeads),
+            ),
+            (
+                &format!("{a}.v_proj.weight"),
+                "h.*.attn.v_proj.weight",
+                column(KvHeads),
+            ),
+            (
+                &format!("{a}.out_proj.weight"),
+                "h.*.attn.c_proj.weight",
+                row(Heads),
+            ),
+            (
+                &format!("{a}.out_proj.bias"),
+                "h.*.attn.c_proj.bias",
+                Role::Replicate,
+            ),
+            ("h.*.ln_*", "h.*.ln_*", Role::Replicate),
+            ("h.*.mlp.c_fc.*", "h.*.mlp.c_fc.*", column(Intermediate)),
+            (
+                "h.*.mlp.c_proj.weight",
+                "h.*.mlp.c_proj.weight",
+                row(Intermediate),
+            ),
+            (
+                "h.*.mlp.c_proj.bias",
+                "h.*.mlp.c_proj.bias",
+                Role::Replicate,
+            ),
         ],
     )
 }
