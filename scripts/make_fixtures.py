@@ -59,6 +59,10 @@ from transformers import (  # noqa: E402
     GPTNeoForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    GPTJConfig,
+    GPTJForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
 )
 
 transformers.logging.set_verbosity_error()
@@ -450,6 +454,28 @@ def gpt_neo_spec(out: Path):
     return dict(cls=GPTNeoForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
                 tied=True, tie_pairs=[("lm_head.weight", "transformer.wte.weight")])
 
+def phi_spec(out: Path):
+    # Attention and MLP in parallel on one LayerNorm, rotary on half of each head.
+    cfg = PhiConfig(
+        vocab_size=97, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+        intermediate_size=96, max_position_embeddings=64, partial_rotary_factor=0.5,
+        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return dict(cls=PhiForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+                tied=False, tie_pairs=[("lm_head.weight", "model.embed_tokens.weight")])
+
+
+def gptj_spec(out: Path):
+    # Parallel attention and MLP, interleaved rotary on the first 8 of 16 dims per head.
+    cfg = GPTJConfig(
+        vocab_size=97, n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=64,
+        rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    return dict(cls=GPTJForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+                tied=False, tie_pairs=[("lm_head.weight", "transformer.wte.weight")])
+
 FIXTURES = {
     # name: (spec builder, base seed)
     "gpt2": (gpt2_spec, 1000),
@@ -466,6 +492,8 @@ FIXTURES = {
     "gpt_bigcode": (gpt_bigcode_spec, 12000),
     "opt": (opt_spec, 13000),
     "gpt_neo": (gpt_neo_spec, 14000),
+    "phi": (phi_spec, 15000),
+    "gptj": (gptj_spec, 16000),
 }
 
 MAX_SEED_TRIES = 20

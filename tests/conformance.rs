@@ -109,6 +109,18 @@ fn gpt_neo_with_local_attention_matches_transformers_at_every_rank_count() {
     check_all_ranks("gpt_neo");
 }
 
+/// Phi: attention and MLP in parallel, rotary on half of each head, an LM head with a bias.
+#[test]
+fn phi_with_partial_rotary_matches_transformers_at_every_rank_count() {
+    check_all_ranks("phi");
+}
+
+/// GPT-J: parallel block, interleaved rotary on the first dimensions, no attention biases.
+#[test]
+fn gptj_with_interleaved_partial_rotary_matches_transformers_at_every_rank_count() {
+    check_all_ranks("gptj");
+}
+
 #[test]
 fn sharded_llama_checkpoint_matches_transformers_at_every_rank_count() {
     check_all_ranks("llama");

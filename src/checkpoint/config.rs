@@ -18,6 +18,8 @@ pub enum Family {
     Llama,
     /// BERT: bidirectional encoder with post-LayerNorm.
     Bert,
+    /// Phi, GPT-J: attention and MLP in parallel on one LayerNorm, partial rotary positions.
+    Phi,
 }
 
 /// What the model returns from a forward pass.
@@ -76,6 +78,7 @@ impl TokenIds {
 #[derive(Debug, Clone, Default, Deserialize)]
 struct RawRope {
     rope_theta: Option<f64>,
+    partial_rotary_factor: Option<f64>,
     rope_type: Option<String>,
     #[serde(rename = "type")]
     legacy_type: Option<String>,
@@ -125,6 +128,9 @@ pub struct RawConfig {
     enable_bias: Option<bool>,
     attention_layers: Option<Vec<String>>,
     window_size: Option<usize>,
+    partial_rotary_factor: Option<f64>,
+    rotary_dim: Option<usize>,
+    qk_layernorm: Option<bool>,
 }
 
 /// The resolved configuration the model code uses: no `Option` where a default exists.
@@ -186,6 +192,11 @@ pub struct ModelConfig {
     /// Per layer, the local attention window of GPT-Neo's local layers (`None`: global);
     /// empty for the other families.
     pub attention_windows: Vec<Option<usize>>,
+    /// Rotary positions on the first `rotary_dim` dimensions of each head only (Phi, GPT-J);
+    /// `None`: the whole head.
+    pub rotary_dim: Option<usize>,
+    /// Rotary pairs are adjacent dimensions (GPT-J's `rotate_every_two`), not the two halves.
+    pub rotary_interleaved: bool,
 }
 
 impl ModelConfig {
@@ -213,9 +224,10 @@ fn family_of(
         "gpt2" | "gpt_bigcode" | "opt" | "gpt_neo" => Family::Gpt2,
         "llama" | "mistral" | "qwen2" => Family::Llama,
         "bert" | "roberta" | "distilbert" | "electra" | "albert" => Family::Bert,
+        "phi" | "gptj" => Family::Phi,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
@@ -282,11 +294,11 @@ impl RawConfig {
             }
         };
         let intermediate_size = match (family, self.intermediate_size) {
-            (Family::Gpt2, None) => 4 * hidden_size,
+            (Family::Gpt2 | Family::Phi, None) => 4 * hidden_size,
             (_, v) => required(v, "intermediate_size")?,
         };
         let default_act = match family {
-            Family::Gpt2 => "gelu_new",
+            Family::Gpt2 | Family::Phi => "gelu_new",
             Family::Llama => "silu",
             Family::Bert => "gelu",
         };
@@ -295,19 +307,24 @@ impl RawConfig {
             .ok_or_else(|| format!("hidden_act `{act_name}` is not supported"))?;
         let norm_eps = match family {
             Family::Llama => self.rms_norm_eps.or(self.norm_eps).unwrap_or(1e-6),
-            Family::Gpt2 => self.norm_eps.unwrap_or(1e-5),
+            Family::Gpt2 | Family::Phi => self.norm_eps.unwrap_or(1e-5),
             Family::Bert => self.norm_eps.unwrap_or(1e-12),
         };
-        let rope_theta = if family == Family::Llama {
+        let rope_theta = if matches!(family, Family::Llama | Family::Phi) {
             Some(resolve_rope(&self)?)
         } else {
             None
         };
         let max_positions = self.max_position_embeddings.unwrap_or(match family {
             Family::Gpt2 => 1024,
+            Family::Phi => 2048,
             Family::Bert => 512,
             Family::Llama => 4096,
         });
+        let rotary_dim = self.rotary_dim_of(&model_type, head_dim)?;
+        let rotary_interleaved = model_type == "gptj";
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        let attn_out_bias = !rotary_interleaved && (family != Family::Llama || attention_bias);
         let sliding_window = match model_type.as_str() {
             "mistral" => self.sliding_window,
             "qwen2" if self.use_sliding_window == Some(true) => self.sliding_window,
@@ -315,9 +332,9 @@ impl RawConfig {
         };
         let is_qwen2 = model_type == "qwen2";
         let qkv_bias = match model_type.as_str() {
-            "gpt_neo" => false,
+            "gpt_neo" | "gptj" => false,
             "opt" => self.enable_bias.unwrap_or(true),
-            _ => family != Family::Llama || is_qwen2 || self.attention_bias.unwrap_or(false),
+            _ => family != Family::Llama || is_qwen2 || attention_bias,
         };
         if let Some(groups) = [self.num_hidden_groups, self.inner_group_num]
             .into_iter()
@@ -332,7 +349,6 @@ impl RawConfig {
             "roberta" => Some(self.pad_token_id.unwrap_or(1)),
             _ => None,
         };
-        let attention_bias = self.attention_bias.unwrap_or(false);
         Ok(ModelConfig {
             family,
             architecture,
@@ -357,13 +373,44 @@ impl RawConfig {
             bos_token_id: self.bos_token_id,
             sliding_window,
             qkv_bias,
-            attn_out_bias: family != Family::Llama || attention_bias,
+            attn_out_bias,
             mlp_bias: family != Family::Llama || self.mlp_bias.unwrap_or(false),
             type_vocab_size: self.type_vocab_size.unwrap_or(2),
             padding_positions,
             embedding_size: self.embedding_size.filter(|&e| e != hidden_size),
             attention_windows,
+            rotary_dim,
+            rotary_interleaved,
         })
+    }
+
+    /// The rotary width of Phi (`partial_rotary_factor` of the head) and GPT-J (`rotary_dim`).
+    fn rotary_dim_of(
+        &self,
+        model_type: &str,
+        head_dim: usize,
+    ) -> std::result::Result<Option<usize>, String> {
+        if self.qk_layernorm == Some(true) {
+            return Err("Phi with qk_layernorm is not supported".into());
+        }
+        let dim = match model_type {
+            "phi" => {
+                let nested = self.rope_parameters.as_ref();
+                let factor = nested
+                    .and_then(|r| r.partial_rotary_factor)
+                    .or(self.partial_rotary_factor)
+                    .unwrap_or(0.5);
+                (head_dim as f64 * factor) as usize
+            }
+            "gptj" => self.rotary_dim.unwrap_or(head_dim),
+            _ => return Ok(None),
+        };
+        if dim == 0 || dim > head_dim || dim % 2 != 0 {
+            return Err(format!(
+                "the rotary width {dim} must be even and between 2 and the head width {head_dim}"
+            ));
+        }
+        Ok(Some(dim))
     }
 
     /// Refuses the OPT variants whose layout differs from the GPT-2 wiring (post-LayerNorm

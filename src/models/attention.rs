@@ -62,19 +62,30 @@ impl MaskSpec<'_> {
     }
 }
 
-/// Rotary position embedding (the `rotate_half` layout of transformers' Llama).
+/// Rotary position embedding: the `rotate_half` layout of transformers' Llama, or GPT-J's
+/// interleaved pairs, on the whole head or its first dimensions.
 #[derive(Debug, Clone)]
 pub struct Rotary {
     inv_freq: Vec<f32>,
+    interleaved: bool,
 }
 
 impl Rotary {
     /// For heads of width `head_dim` and base frequency `theta`.
     pub fn new(head_dim: usize, theta: f64) -> Self {
-        let inv_freq = (0..head_dim / 2)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        Rotary::partial(head_dim, theta, false)
+    }
+
+    /// On the first `rotary_dim` dimensions of each head (the others pass unchanged), pairing
+    /// adjacent dimensions when `interleaved`.
+    pub fn partial(rotary_dim: usize, theta: f64, interleaved: bool) -> Self {
+        let inv_freq = (0..rotary_dim / 2)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / rotary_dim as f64)) as f32)
             .collect();
-        Rotary { inv_freq }
+        Rotary {
+            inv_freq,
+            interleaved,
+        }
     }
 
     /// The angles of position ids `positions` (`batch` rows of `len`), computed once per
@@ -93,6 +104,7 @@ impl Rotary {
         Ok(RotaryAngles {
             cos: Tensor::from_vec(cos, (batch, len, half), &Device::Cpu)?,
             sin: Tensor::from_vec(sin, (batch, len, half), &Device::Cpu)?,
+            interleaved: self.interleaved,
         })
     }
 }
@@ -102,14 +114,31 @@ impl Rotary {
 pub struct RotaryAngles {
     cos: Tensor,
     sin: Tensor,
+    interleaved: bool,
 }
 
 impl RotaryAngles {
-    /// Rotates `x` `[B, H, L, D]` at these positions.
+    /// Rotates `x` `[B, H, L, D]` at these positions (its first dimensions, as many as the
+    /// angles cover).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let cos = self.cos.to_dtype(x.dtype())?;
         let sin = self.sin.to_dtype(x.dtype())?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        let (dim, rotated) = (x.dim(3)?, 2 * self.cos.dim(2)?);
+        let rotate = |x: &Tensor| -> Result<Tensor> {
+            let x = x.contiguous()?;
+            Ok(match self.interleaved {
+                true => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+                false => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+            })
+        };
+        if rotated == dim {
+            return rotate(x);
+        }
+        let head = rotate(&x.narrow(3, 0, rotated)?)?;
+        Ok(Tensor::cat(
+            &[head, x.narrow(3, rotated, dim - rotated)?],
+            3,
+        )?)
     }
 }
 

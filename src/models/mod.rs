@@ -10,6 +10,7 @@ pub mod layers;
 pub mod llama;
 #[cfg(target_arch = "x86_64")]
 pub mod matmul;
+pub mod phi;
 pub mod quantized;
 
 use candle_core::Tensor;
@@ -118,6 +119,7 @@ pub fn load(loader: &mut ShardLoader, config: &ModelConfig) -> Result<Box<dyn Sh
     Ok(match config.family {
         Family::Gpt2 => Box::new(gpt2::Gpt2::load(loader, config)?),
         Family::Llama => Box::new(llama::Llama::load(loader, config)?),
+        Family::Phi => Box::new(phi::Phi::load(loader, config)?),
         Family::Bert => Box::new(bert::Bert::load(loader, config)?),
     })
 }

@@ -117,6 +117,10 @@ impl Policy {
                 _ => tables::gpt2(),
             },
             Family::Llama => tables::llama(),
+            Family::Phi => match config.model_type.as_str() {
+                "gptj" => tables::gptj(),
+                _ => tables::phi(),
+            },
             Family::Bert => match config.model_type.as_str() {
                 "distilbert" => tables::distilbert(),
                 "albert" => tables::albert(),

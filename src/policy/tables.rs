@@ -224,6 +224,78 @@ pub fn gpt_neo() -> Policy {
     )
 }
 
+/// Phi: separate q/k/v, attention and MLP in parallel; the LM head and its bias split by
+/// vocabulary rows.
+pub fn phi() -> Policy {
+    policy(
+        "phi",
+        &["model.", ""],
+        vec![
+            rule("embed_tokens.weight", column(Vocab)),
+            rule("lm_head.*", column(Vocab)),
+            rule("layers.*.self_attn.q_proj.*", column(Heads)),
+            rule("layers.*.self_attn.k_proj.*", column(KvHeads)),
+            rule("layers.*.self_attn.v_proj.*", column(KvHeads)),
+            rule("layers.*.self_attn.dense.weight", row(Heads)),
+            rule("layers.*.mlp.fc1.*", column(Intermediate)),
+            rule("layers.*.mlp.fc2.weight", row(Intermediate)),
+            rule("layers.*.self_attn.dense.bias", Role::Replicate),
+            rule("layers.*.mlp.fc2.bias", Role::Replicate),
+            rule("layers.*.input_layernorm.*", Role::Replicate),
+            rule("final_layernorm.*", Role::Replicate),
+        ],
+    )
+}
+
+/// GPT-J: Phi's wiring under its own names, without attention biases.
+pub fn gptj() -> Policy {
+    renamed(
+        "gptj",
+        &["transformer.", ""],
+        &[
+            ("wte.weight", "embed_tokens.weight", column(Vocab)),
+            ("lm_head.*", "lm_head.*", column(Vocab)),
+            (
+                "h.*.attn.q_proj.weight",
+                "layers.*.self_attn.q_proj.weight",
+                column(Heads),
+            ),
+            (
+                "h.*.attn.k_proj.weight",
+                "layers.*.self_attn.k_proj.weight",
+                column(KvHeads),
+            ),
+            (
+                "h.*.attn.v_proj.weight",
+                "layers.*.self_attn.v_proj.weight",
+                column(KvHeads),
+            ),
+            (
+                "h.*.attn.out_proj.weight",
+                "layers.*.self_attn.dense.weight",
+                row(Heads),
+            ),
+            (
+                "h.*.mlp.fc_in.*",
+                "layers.*.mlp.fc1.*",
+                column(Intermediate),
+            ),
+            (
+                "h.*.mlp.fc_out.weight",
+                "layers.*.mlp.fc2.weight",
+                row(Intermediate),
+            ),
+            (
+                "h.*.mlp.fc_out.bias",
+                "layers.*.mlp.fc2.bias",
+                Role::Replicate,
+            ),
+            ("h.*.ln_1.*", "layers.*.input_layernorm.*", Role::Replicate),
+            ("ln_f.*", "final_layernorm.*", Role::Replicate),
+        ],
+    )
+}
+
 /// Llama, Mistral and Qwen2: separate q/k/v (Qwen2 with biases), SwiGLU, RMSNorm.
 pub fn llama() -> Policy {
     policy(
