@@ -63,6 +63,8 @@ from transformers import (  # noqa: E402
     GPTJForCausalLM,
     PhiConfig,
     PhiForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
 )
 
 transformers.logging.set_verbosity_error()
@@ -476,6 +478,18 @@ def gptj_spec(out: Path):
     return dict(cls=GPTJForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
                 tied=False, tie_pairs=[("lm_head.weight", "transformer.wte.weight")])
 
+def gpt_neox_spec(out: Path):
+    # q/k/v fused head by head, rotary on a quarter of each head, parallel residual.
+    cfg = GPTNeoXConfig(
+        vocab_size=97, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+        intermediate_size=96, max_position_embeddings=64, rotary_pct=0.25,
+        use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    return dict(cls=GPTNeoXForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+                tied=False, tie_pairs=[])
+
+
 FIXTURES = {
     # name: (spec builder, base seed)
     "gpt2": (gpt2_spec, 1000),
@@ -494,6 +508,7 @@ FIXTURES = {
     "gpt_neo": (gpt_neo_spec, 14000),
     "phi": (phi_spec, 15000),
     "gptj": (gptj_spec, 16000),
+    "gpt_neox": (gpt_neox_spec, 17000),
 }
 
 MAX_SEED_TRIES = 20

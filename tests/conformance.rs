@@ -121,6 +121,12 @@ fn gptj_with_interleaved_partial_rotary_matches_transformers_at_every_rank_count
     check_all_ranks("gptj");
 }
 
+/// GPT-NeoX: q/k/v fused head by head, rotary on a quarter of each head, parallel residual.
+#[test]
+fn gpt_neox_with_per_head_fused_qkv_matches_transformers_at_every_rank_count() {
+    check_all_ranks("gpt_neox");
+}
+
 #[test]
 fn sharded_llama_checkpoint_matches_transformers_at_every_rank_count() {
     check_all_ranks("llama");

@@ -107,6 +107,7 @@ pub struct RawConfig {
     rms_norm_eps: Option<f64>,
     #[serde(alias = "activation_function", alias = "activation")]
     hidden_act: Option<String>,
+    #[serde(alias = "rotary_emb_base")]
     rope_theta: Option<f64>,
     rope_parameters: Option<RawRope>,
     rope_scaling: Option<RawRope>,
@@ -128,9 +129,11 @@ pub struct RawConfig {
     enable_bias: Option<bool>,
     attention_layers: Option<Vec<String>>,
     window_size: Option<usize>,
+    #[serde(alias = "rotary_pct")]
     partial_rotary_factor: Option<f64>,
     rotary_dim: Option<usize>,
     qk_layernorm: Option<bool>,
+    use_parallel_residual: Option<bool>,
 }
 
 /// The resolved configuration the model code uses: no `Option` where a default exists.
@@ -197,6 +200,9 @@ pub struct ModelConfig {
     pub rotary_dim: Option<usize>,
     /// Rotary pairs are adjacent dimensions (GPT-J's `rotate_every_two`), not the two halves.
     pub rotary_interleaved: bool,
+    /// GPT-NeoX without `use_parallel_residual`: the MLP follows the attention instead of
+    /// running beside it.
+    pub sequential_residual: bool,
 }
 
 impl ModelConfig {
@@ -224,10 +230,10 @@ fn family_of(
         "gpt2" | "gpt_bigcode" | "opt" | "gpt_neo" => Family::Gpt2,
         "llama" | "mistral" | "qwen2" => Family::Llama,
         "bert" | "roberta" | "distilbert" | "electra" | "albert" => Family::Bert,
-        "phi" | "gptj" => Family::Phi,
+        "phi" | "gptj" | "gpt_neox" => Family::Phi,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, gpt_neox, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
@@ -323,6 +329,8 @@ impl RawConfig {
         });
         let rotary_dim = self.rotary_dim_of(&model_type, head_dim)?;
         let rotary_interleaved = model_type == "gptj";
+        let sequential_residual =
+            model_type == "gpt_neox" && self.use_parallel_residual == Some(false);
         let attention_bias = self.attention_bias.unwrap_or(false);
         let attn_out_bias = !rotary_interleaved && (family != Family::Llama || attention_bias);
         let sliding_window = match model_type.as_str() {
@@ -381,6 +389,7 @@ impl RawConfig {
             attention_windows,
             rotary_dim,
             rotary_interleaved,
+            sequential_residual,
         })
     }
 
@@ -394,7 +403,7 @@ impl RawConfig {
             return Err("Phi with qk_layernorm is not supported".into());
         }
         let dim = match model_type {
-            "phi" => {
+            "phi" | "gpt_neox" => {
                 let nested = self.rope_parameters.as_ref();
                 let factor = nested
                     .and_then(|r| r.partial_rotary_factor)

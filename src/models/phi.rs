@@ -1,7 +1,9 @@
-//! Phi and GPT-J: each block runs attention and the MLP in parallel on one LayerNorm and adds
-//! both to the residual stream; rotary positions cover the first dimensions of each head
-//! (pairs of halves for Phi, adjacent pairs for GPT-J); the LM head has a bias. GPT-J's tensors
-//! reach the wiring under Phi's names through its policy's renames.
+//! Phi, GPT-J and GPT-NeoX: each block runs attention and the MLP in parallel and adds both to
+//! the residual stream (Phi and GPT-J on one LayerNorm, GPT-NeoX on one each, or one after the
+//! other without `use_parallel_residual`); rotary positions cover the first dimensions of each
+//! head (pairs of halves; adjacent pairs for GPT-J). GPT-NeoX fuses q/k/v head by head. The LM
+//! head of Phi and GPT-J has a bias. GPT-J's and GPT-NeoX's tensors reach the wiring under
+//! Phi's names through their policies' renames.
 
 use candle_core::Tensor;
 
@@ -15,11 +17,22 @@ use crate::models::layers::{
 use crate::models::{apply_head, layer_norm, weight_and_bias, Batch, ShardedModel};
 use crate::parallel::engine::ShardLoader;
 
+/// A block's q/k/v projection.
+enum Qkv {
+    Separate {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+    },
+    /// GPT-NeoX's `query_key_value`: each head's q, k and v one after another.
+    PerHead(Linear),
+}
+
 struct Block {
     norm: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// The MLP's own LayerNorm (GPT-NeoX).
+    mlp_norm: Option<LayerNorm>,
+    qkv: Qkv,
     dense: RowParallelLinear,
     fc1: Linear,
     fc2: RowParallelLinear,
@@ -35,6 +48,7 @@ pub struct Phi {
     rotary: Rotary,
     layout: HeadLayout,
     activation: Activation,
+    sequential: bool,
 }
 
 impl Phi {
@@ -51,26 +65,35 @@ impl Phi {
             let mut proj = |name: &str, out: usize, inp: usize, bias: bool| {
                 weight_and_bias(loader, &format!("{p}.{name}"), out, inp, bias)
             };
-            let (q, k, v) = (
-                proj("self_attn.q_proj", q_width, h, c.qkv_bias)?,
-                proj("self_attn.k_proj", kv_width, h, c.qkv_bias)?,
-                proj("self_attn.v_proj", kv_width, h, c.qkv_bias)?,
-            );
+            let qkv = match c.model_type.as_str() {
+                "gpt_neox" => Qkv::PerHead(
+                    proj("self_attn.query_key_value", 3 * q_width, h, c.qkv_bias)?.into(),
+                ),
+                _ => Qkv::Separate {
+                    q: proj("self_attn.q_proj", q_width, h, c.qkv_bias)?.into(),
+                    k: proj("self_attn.k_proj", kv_width, h, c.qkv_bias)?.into(),
+                    v: proj("self_attn.v_proj", kv_width, h, c.qkv_bias)?.into(),
+                },
+            };
             let dense = proj("self_attn.dense", h, q_width, c.attn_out_bias)?;
             let fc1 = proj("mlp.fc1", inner, h, true)?;
             let fc2 = proj("mlp.fc2", h, inner, true)?;
+            let mlp_norm = format!("{p}.post_attention_layernorm");
             blocks.push(Block {
                 norm: layer_norm(loader, &format!("{p}.input_layernorm"), h, eps)?,
-                q: q.into(),
-                k: k.into(),
-                v: v.into(),
+                mlp_norm: match c.model_type.as_str() {
+                    "gpt_neox" => Some(layer_norm(loader, &mlp_norm, h, eps)?),
+                    _ => None,
+                },
+                qkv,
                 dense: dense.into(),
                 fc1: fc1.into(),
                 fc2: fc2.into(),
             });
         }
-        // Both are split by vocabulary rows, as the policy says.
-        let (head, head_bias) = weight_and_bias(loader, "lm_head", c.vocab_size, h, true)?;
+        // Both are split by vocabulary rows, as the policy says (GPT-NeoX's head has no bias).
+        let head = loader.load_linear("lm_head.weight", &[c.vocab_size, h])?;
+        let head_bias = loader.try_load("lm_head.bias", &[c.vocab_size])?;
         Ok(Phi {
             caches: LayerCaches::new(c.num_layers),
             embed: VocabParallelEmbedding::new(embed, plan.vocab.elements(rank).start),
@@ -84,6 +107,31 @@ impl Phi {
             ),
             layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
             activation: c.activation,
+            sequential: c.sequential_residual,
+        })
+    }
+
+    /// The block's queries, keys and values for this rank's heads.
+    fn project(&self, block: &Block, x: &Tensor) -> Result<Projected> {
+        Ok(match &block.qkv {
+            Qkv::Separate { q, k, v } => Projected {
+                q: q.forward(x)?,
+                k: k.forward(x)?,
+                v: v.forward(x)?,
+            },
+            Qkv::PerHead(qkv) => {
+                let (b, l, _) = x.dims3()?;
+                let (heads, d) = (self.layout.heads, self.layout.head_dim);
+                let fused = qkv.forward(x)?.reshape((b, l, heads, 3, d))?;
+                let part = |i: usize| -> Result<Tensor> {
+                    Ok(fused.narrow(3, i, 1)?.reshape((b, l, heads * d))?)
+                };
+                Projected {
+                    q: part(0)?,
+                    k: part(1)?,
+                    v: part(2)?,
+                }
+            }
         })
     }
 }
@@ -98,17 +146,25 @@ impl ShardedModel for Phi {
         let angles = self
             .rotary
             .angles(&input.position_ids(past), input.batch, input.seq_len)?;
-        for (i, block) in self.blocks.iter().enumerate() {
+        for i in 0..self.blocks.len() {
+            let block = &self.blocks[i];
             let normed = block.norm.forward(&x)?;
-            let projected = Projected {
-                q: block.q.forward(&normed)?,
-                k: block.k.forward(&normed)?,
-                v: block.v.forward(&normed)?,
-            };
+            let projected = self.project(block, &normed)?;
             let cache = input.use_cache.then(|| self.caches.layer(i));
             let attn = attend(projected, self.layout, Some(&angles), cache, mask.as_ref())?;
-            let mlp = activate(self.activation, &block.fc1.forward(&normed)?)?;
-            x = ((x + block.dense.forward(&attn, comm)?)? + block.fc2.forward(&mlp, comm)?)?;
+            let block = &self.blocks[i];
+            let attended = block.dense.forward(&attn, comm)?;
+            // The MLP reads the block's input (parallel), or its input plus the attention.
+            let mlp_input = match self.sequential {
+                true => (&x + &attended)?,
+                false => x.clone(),
+            };
+            let mlp_normed = match &block.mlp_norm {
+                Some(norm) => norm.forward(&mlp_input)?,
+                None => normed,
+            };
+            let mlp = activate(self.activation, &block.fc1.forward(&mlp_normed)?)?;
+            x = ((x + attended)? + block.fc2.forward(&mlp, comm)?)?;
         }
         let x = self.final_norm.forward(&x)?;
         apply_head(&self.head, &x, input.last_only, comm)

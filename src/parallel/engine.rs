@@ -110,6 +110,26 @@ pub fn plan_slice(
             }
             (blocks, split_dim, *transposed)
         }
+        Role::PerHead { parts } => {
+            let split = plan.split(crate::policy::Partition::Heads);
+            let split_dim = if two_d { 0 } else { 1 };
+            let stored_len = if two_d { rows } else { cols };
+            let total = split.total_elements() * parts;
+            if total != stored_len {
+                return Err(Error::TensorShape {
+                    name: name.to_string(),
+                    actual: stored_shape.to_vec(),
+                    expected: expected_shape(stored_shape, split_dim, two_d, total),
+                });
+            }
+            let heads = split.elements(rank);
+            let range = heads.start * parts..heads.end * parts;
+            (
+                vec![Block::along(split_dim, range, rows, cols)],
+                split_dim,
+                false,
+            )
+        }
         Role::Row {
             partition,
             transposed,
@@ -386,6 +406,24 @@ mod tests {
         assert_eq!(cols, vec![4..6, 10..12, 16..18]);
         assert_eq!(s.shape, vec![6, 4]);
         assert!(s.transpose);
+    }
+
+    #[test]
+    fn a_per_head_fused_projection_gives_each_rank_its_heads_rows() {
+        // Heads split 2 + 1 with 2 elements each; 3 blocks per head: rank 1 owns head 2's rows.
+        let role = Role::PerHead { parts: 3 };
+        let s = plan_slice("query_key_value", &role, &[18, 4], &plan(), 1).unwrap();
+        assert_eq!(
+            s.blocks,
+            vec![Block {
+                rows: 12..18,
+                cols: 0..4
+            }]
+        );
+        assert_eq!(s.shape, vec![6, 4]);
+        let bias = plan_slice("query_key_value.bias", &role, &[18], &plan(), 0).unwrap();
+        assert_eq!(bias.shape, vec![12]);
+        assert!(plan_slice("qkv", &role, &[17, 4], &plan(), 0).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! [[tensor]]
 //! name = "blocks.*.attn.wq.weight"            # `*` matches any run of characters
 //! wiring_name = "layers.*.self_attn.q_proj.weight"
-//! split = "column"                            # column | row | replicate
+//! split = "column"                            # column | row | per_head | replicate
 //! partition = "heads"                         # heads | kv_heads | intermediate | vocab
 //! parts = 1                                   # fused parts, each split alike (q, k, v: 3)
 //! transposed = false                          # stored [in, out] (GPT-2's Conv1D)
@@ -82,6 +82,8 @@ pub enum Split {
     Column,
     /// The input dimension is divided (an all-reduce follows).
     Row,
+    /// Stored head by head, `parts` blocks per head (a fused q/k/v of GPT-NeoX or BLOOM).
+    PerHead,
     /// Every rank holds the whole tensor.
     Replicate,
 }
@@ -236,6 +238,11 @@ impl TensorRule {
                 partition: partition()?,
                 transposed: self.transposed,
             }),
+            (Split::PerHead, parts) if self.partition.is_none() && !self.transposed => {
+                Ok(Role::PerHead {
+                    parts: parts.unwrap_or(3).clamp(1, 16),
+                })
+            }
             (Split::Replicate, None) if self.partition.is_none() => Ok(Role::Replicate),
             (split, _) => Err(format!(
                 "a {} split takes no {}",

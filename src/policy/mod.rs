@@ -49,6 +49,13 @@ pub enum Role {
         #[serde(default)]
         transposed: bool,
     },
+    /// A fused projection stored head by head (GPT-NeoX's and BLOOM's `query_key_value`: each
+    /// query head's rows are `parts` consecutive blocks of the head width, its q, k and v): the
+    /// rank takes the rows of its query heads.
+    PerHead {
+        /// Blocks per head.
+        parts: usize,
+    },
     /// Every rank holds the whole tensor (norms, position tables, biases added after a reduce).
     Replicate,
 }
@@ -119,6 +126,7 @@ impl Policy {
             Family::Llama => tables::llama(),
             Family::Phi => match config.model_type.as_str() {
                 "gptj" => tables::gptj(),
+                "gpt_neox" => tables::gpt_neox(),
                 _ => tables::phi(),
             },
             Family::Bert => match config.model_type.as_str() {
@@ -202,6 +210,7 @@ impl std::fmt::Display for Role {
                     layout(transposed)
                 )
             }
+            Role::PerHead { parts } => write!(f, "per_head({parts})"),
             Role::Replicate => write!(f, "replicate"),
         }
     }

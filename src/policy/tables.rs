@@ -296,6 +296,61 @@ pub fn gptj() -> Policy {
     )
 }
 
+/// GPT-NeoX / Pythia: Phi's wiring under its own names, q/k/v fused head by head, a LayerNorm
+/// for the MLP, an LM head without a bias.
+pub fn gpt_neox() -> Policy {
+    let l = "layers.*";
+    renamed(
+        "gpt_neox",
+        &["gpt_neox.", ""],
+        &[
+            ("embed_in.weight", "embed_tokens.weight", column(Vocab)),
+            ("embed_out.weight", "lm_head.weight", column(Vocab)),
+            (
+                &format!("{l}.attention.query_key_value.*"),
+                "layers.*.self_attn.query_key_value.*",
+                Role::PerHead { parts: 3 },
+            ),
+            (
+                &format!("{l}.attention.dense.weight"),
+                "layers.*.self_attn.dense.weight",
+                row(Heads),
+            ),
+            (
+                &format!("{l}.attention.dense.bias"),
+                "layers.*.self_attn.dense.bias",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.mlp.dense_h_to_4h.*"),
+                "layers.*.mlp.fc1.*",
+                column(Intermediate),
+            ),
+            (
+                &format!("{l}.mlp.dense_4h_to_h.weight"),
+                "layers.*.mlp.fc2.weight",
+                row(Intermediate),
+            ),
+            (
+                &format!("{l}.mlp.dense_4h_to_h.bias"),
+                "layers.*.mlp.fc2.bias",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.input_layernorm.*"),
+                "layers.*.input_layernorm.*",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.post_attention_layernorm.*"),
+                "layers.*.post_attention_layernorm.*",
+                Role::Replicate,
+            ),
+            ("final_layer_norm.*", "final_layernorm.*", Role::Replicate),
+        ],
+    )
+}
+
 /// Llama, Mistral and Qwen2: separate q/k/v (Qwen2 with biases), SwiGLU, RMSNorm.
 pub fn llama() -> Policy {
     policy(
