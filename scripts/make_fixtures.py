@@ -65,6 +65,8 @@ from transformers import (  # noqa: E402
     PhiForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    BloomConfig,
+    BloomForCausalLM,
 )
 
 transformers.logging.set_verbosity_error()
@@ -490,6 +492,17 @@ def gpt_neox_spec(out: Path):
                 tied=False, tie_pairs=[])
 
 
+def bloom_spec(out: Path):
+    # ALiBi instead of positions, q/k/v fused head by head, a LayerNorm on the embeddings.
+    cfg = BloomConfig(
+        vocab_size=97, hidden_size=64, n_head=4, n_layer=2, hidden_dropout=0.0,
+        attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=PAD_ID,
+        layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+    )
+    # (A head tied to random embeddings behind a LayerNorm only repeats the last token.)
+    return dict(cls=BloomForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+                tied=False, tie_pairs=[])
+
 FIXTURES = {
     # name: (spec builder, base seed)
     "gpt2": (gpt2_spec, 1000),
@@ -509,6 +522,7 @@ FIXTURES = {
     "phi": (phi_spec, 15000),
     "gptj": (gptj_spec, 16000),
     "gpt_neox": (gpt_neox_spec, 17000),
+    "bloom": (bloom_spec, 18000),
 }
 
 MAX_SEED_TRIES = 20

@@ -127,6 +127,12 @@ fn gpt_neox_with_per_head_fused_qkv_matches_transformers_at_every_rank_count() {
     check_all_ranks("gpt_neox");
 }
 
+/// BLOOM: ALiBi (each rank adds its heads' slopes), q/k/v fused head by head.
+#[test]
+fn bloom_with_alibi_matches_transformers_at_every_rank_count() {
+    check_all_ranks("bloom");
+}
+
 #[test]
 fn sharded_llama_checkpoint_matches_transformers_at_every_rank_count() {
     check_all_ranks("llama");

@@ -203,6 +203,9 @@ pub struct ModelConfig {
     /// GPT-NeoX without `use_parallel_residual`: the MLP follows the attention instead of
     /// running beside it.
     pub sequential_residual: bool,
+    /// BLOOM's ALiBi: no position embedding; each head adds its slope times the key's position
+    /// to its attention scores.
+    pub alibi: bool,
 }
 
 impl ModelConfig {
@@ -230,10 +233,10 @@ fn family_of(
         "gpt2" | "gpt_bigcode" | "opt" | "gpt_neo" => Family::Gpt2,
         "llama" | "mistral" | "qwen2" => Family::Llama,
         "bert" | "roberta" | "distilbert" | "electra" | "albert" => Family::Bert,
-        "phi" | "gptj" | "gpt_neox" => Family::Phi,
+        "phi" | "gptj" | "gpt_neox" | "bloom" => Family::Phi,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, gpt_neox, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, gpt_neox, bloom, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
@@ -329,8 +332,9 @@ impl RawConfig {
         });
         let rotary_dim = self.rotary_dim_of(&model_type, head_dim)?;
         let rotary_interleaved = model_type == "gptj";
+        let alibi = model_type == "bloom";
         let sequential_residual =
-            model_type == "gpt_neox" && self.use_parallel_residual == Some(false);
+            alibi || (model_type == "gpt_neox" && self.use_parallel_residual == Some(false));
         let attention_bias = self.attention_bias.unwrap_or(false);
         let attn_out_bias = !rotary_interleaved && (family != Family::Llama || attention_bias);
         let sliding_window = match model_type.as_str() {
@@ -390,6 +394,7 @@ impl RawConfig {
             rotary_dim,
             rotary_interleaved,
             sequential_residual,
+            alibi,
         })
     }
 

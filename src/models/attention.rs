@@ -62,6 +62,57 @@ impl MaskSpec<'_> {
     }
 }
 
+/// BLOOM's ALiBi slopes of all `heads` heads (transformers' `build_alibi_tensor`): powers of
+/// a base for the largest power of two of heads, then every other power of the next base.
+pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+    let closest = 1usize << (usize::BITS - 1 - heads.leading_zeros());
+    let base = |n: usize| 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+    let mut slopes: Vec<f32> = (1..=closest)
+        .map(|i| base(closest).powi(i as i32) as f32)
+        .collect();
+    slopes.extend((0..heads - closest).map(|i| base(2 * closest).powi((2 * i + 1) as i32) as f32));
+    slopes
+}
+
+/// The additive mask `[B, heads, Lq, Lk]` of ALiBi heads with `slopes`: `base` (causal and
+/// padding, `[B, 1, Lq, Lk]`, or none) plus each head's slope times the key's position, which
+/// counts the keys the attention mask keeps (as BLOOM numbers them).
+pub fn alibi_mask(
+    base: Option<&Tensor>,
+    slopes: &[f32],
+    attention_mask: Option<&[u32]>,
+    batch: usize,
+    query_len: usize,
+    key_len: usize,
+) -> Result<Tensor> {
+    let heads = slopes.len();
+    let mut values = vec![0f32; batch * heads * query_len * key_len];
+    for b in 0..batch {
+        let mut position = 0f32;
+        let positions: Vec<f32> = (0..key_len)
+            .map(|k| {
+                let kept = attention_mask.is_none_or(|m| m[b * key_len + k] != 0);
+                let p = if kept { position } else { 0.0 };
+                position += f32::from(u8::from(kept));
+                p
+            })
+            .collect();
+        for (h, slope) in slopes.iter().enumerate() {
+            for q in 0..query_len {
+                let row = ((b * heads + h) * query_len + q) * key_len;
+                for (k, p) in positions.iter().enumerate() {
+                    values[row + k] = slope * p;
+                }
+            }
+        }
+    }
+    let alibi = Tensor::from_vec(values, (batch, heads, query_len, key_len), &Device::Cpu)?;
+    Ok(match base {
+        Some(base) => alibi.broadcast_add(base)?,
+        None => alibi,
+    })
+}
+
 /// Rotary position embedding: the `rotate_half` layout of transformers' Llama, or GPT-J's
 /// interleaved pairs, on the whole head or its first dimensions.
 #[derive(Debug, Clone)]
@@ -592,7 +643,8 @@ pub fn attend(
 /// head, reading the cache in place: scores through the matrix-vector kernel (a head's keys are
 /// a `[T, D]` matrix), then a weighted sum of its values.
 /// `q` is `[B, heads, 1, D]`, `kv` holds `T` positions per key/value head, `mask` is
-/// `[B, 1, 1, T]`; the result is `[B, heads, D]`.
+/// `[B, 1, 1, T]` (or `[B, heads, 1, T]`, one row per head, for ALiBi); the result is
+/// `[B, heads, D]`.
 fn attend_one_query(
     q: &Tensor,
     kv: KvView,
@@ -613,7 +665,13 @@ fn attend_one_query(
                 let query = &q[(b * heads + h) * dim..][..dim];
                 let base = (b * layout.kv_heads + layout.kv_head_of(h)) * kv.head_stride;
                 kernels::matvec(&kv.keys[base..base + keys * dim], query, &mut scores);
-                let bias = mask.as_ref().map(|m| &m[b * keys..(b + 1) * keys]);
+                let bias = mask.as_ref().map(|m| {
+                    let row = match m.len() == batch * heads * keys {
+                        true => b * heads + h,
+                        false => b,
+                    };
+                    &m[row * keys..(row + 1) * keys]
+                });
                 for (t, score) in scores.iter_mut().enumerate() {
                     *score = *score * scale + bias.map_or(0.0, |m| m[t]);
                 }
@@ -921,6 +979,19 @@ mod tests {
         joined.retain(&[], 0).unwrap();
         assert_eq!((joined.len(), joined.bytes()), (0, 0));
         assert!(kept.retain(&[1, 0], 2).is_err());
+    }
+
+    #[test]
+    fn alibi_slopes_follow_transformers_for_powers_of_two_and_others() {
+        let eight = alibi_slopes(8);
+        assert_eq!(eight.len(), 8);
+        assert!((eight[0] - 0.5).abs() < 1e-7 && (eight[7] - 1.0 / 256.0).abs() < 1e-9);
+        // 6 heads: 4 slopes of base 2^-2, then 2^-1 and 2^-3 (odd powers of base 2^-1).
+        let six = alibi_slopes(6);
+        let want = [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125];
+        for (got, want) in six.iter().zip(want) {
+            assert!((got - want).abs() < 1e-7, "{six:?}");
+        }
     }
 
     #[test]

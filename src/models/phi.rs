@@ -1,16 +1,19 @@
-//! Phi, GPT-J and GPT-NeoX: each block runs attention and the MLP in parallel and adds both to
-//! the residual stream (Phi and GPT-J on one LayerNorm, GPT-NeoX on one each, or one after the
-//! other without `use_parallel_residual`); rotary positions cover the first dimensions of each
-//! head (pairs of halves; adjacent pairs for GPT-J). GPT-NeoX fuses q/k/v head by head. The LM
-//! head of Phi and GPT-J has a bias. GPT-J's and GPT-NeoX's tensors reach the wiring under
-//! Phi's names through their policies' renames.
+//! Phi, GPT-J, GPT-NeoX and BLOOM: each block runs attention and the MLP in parallel and adds
+//! both to the residual stream (Phi and GPT-J on one LayerNorm, GPT-NeoX on one each), or one
+//! after the other (BLOOM, GPT-NeoX without `use_parallel_residual`). Rotary positions cover the
+//! first dimensions of each head (pairs of halves; adjacent pairs for GPT-J); BLOOM has ALiBi
+//! instead, and a LayerNorm on the embeddings. GPT-NeoX and BLOOM fuse q/k/v head by head. The
+//! LM head of Phi and GPT-J has a bias. The other members' tensors reach the wiring under Phi's
+//! names through their policies' renames.
 
 use candle_core::Tensor;
 
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::models::attention::{attend, HeadLayout, LayerCaches, Projected, Rotary};
+use crate::models::attention::{
+    alibi_mask, alibi_slopes, attend, HeadLayout, LayerCaches, Projected, Rotary,
+};
 use crate::models::layers::{
     activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
@@ -42,10 +45,15 @@ struct Block {
 pub struct Phi {
     caches: LayerCaches,
     embed: VocabParallelEmbedding,
+    /// BLOOM's LayerNorm on the embeddings.
+    embed_norm: Option<LayerNorm>,
     blocks: Vec<Block>,
     final_norm: LayerNorm,
     head: VocabParallelHead,
-    rotary: Rotary,
+    /// Rotary positions, or (BLOOM) none.
+    rotary: Option<Rotary>,
+    /// BLOOM's ALiBi slopes of this rank's heads.
+    alibi: Option<Vec<f32>>,
     layout: HeadLayout,
     activation: Activation,
     sequential: bool,
@@ -65,11 +73,12 @@ impl Phi {
             let mut proj = |name: &str, out: usize, inp: usize, bias: bool| {
                 weight_and_bias(loader, &format!("{p}.{name}"), out, inp, bias)
             };
-            let qkv = match c.model_type.as_str() {
-                "gpt_neox" => Qkv::PerHead(
+            let fused_per_head = matches!(c.model_type.as_str(), "gpt_neox" | "bloom");
+            let qkv = match fused_per_head {
+                true => Qkv::PerHead(
                     proj("self_attn.query_key_value", 3 * q_width, h, c.qkv_bias)?.into(),
                 ),
-                _ => Qkv::Separate {
+                false => Qkv::Separate {
                     q: proj("self_attn.q_proj", q_width, h, c.qkv_bias)?.into(),
                     k: proj("self_attn.k_proj", kv_width, h, c.qkv_bias)?.into(),
                     v: proj("self_attn.v_proj", kv_width, h, c.qkv_bias)?.into(),
@@ -81,9 +90,9 @@ impl Phi {
             let mlp_norm = format!("{p}.post_attention_layernorm");
             blocks.push(Block {
                 norm: layer_norm(loader, &format!("{p}.input_layernorm"), h, eps)?,
-                mlp_norm: match c.model_type.as_str() {
-                    "gpt_neox" => Some(layer_norm(loader, &mlp_norm, h, eps)?),
-                    _ => None,
+                mlp_norm: match fused_per_head {
+                    true => Some(layer_norm(loader, &mlp_norm, h, eps)?),
+                    false => None,
                 },
                 qkv,
                 dense: dense.into(),
@@ -92,20 +101,34 @@ impl Phi {
             });
         }
         // Both are split by vocabulary rows, as the policy says (GPT-NeoX's head has no bias).
-        let head = loader.load_linear("lm_head.weight", &[c.vocab_size, h])?;
+        let head = match loader.try_load_linear("lm_head.weight", &[c.vocab_size, h])? {
+            Some(w) if c.tie_word_embeddings != Some(true) => w,
+            _ => embed.clone(),
+        };
         let head_bias = loader.try_load("lm_head.bias", &[c.vocab_size])?;
+        let layout = HeadLayout::of_rank(&plan, rank, c.head_dim);
         Ok(Phi {
             caches: LayerCaches::new(c.num_layers),
             embed: VocabParallelEmbedding::new(embed, plan.vocab.elements(rank).start),
+            embed_norm: match c.alibi {
+                true => Some(layer_norm(loader, "embed_layernorm", h, eps)?),
+                false => None,
+            },
             blocks,
             final_norm: layer_norm(loader, "final_layernorm", h, eps)?,
             head: VocabParallelHead::new(head, head_bias, plan.vocab.counts()),
-            rotary: Rotary::partial(
-                c.rotary_dim.unwrap_or(c.head_dim),
-                c.rope_theta.unwrap_or(10_000.0),
-                c.rotary_interleaved,
-            ),
-            layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
+            rotary: (!c.alibi).then(|| {
+                Rotary::partial(
+                    c.rotary_dim.unwrap_or(c.head_dim),
+                    c.rope_theta.unwrap_or(10_000.0),
+                    c.rotary_interleaved,
+                )
+            }),
+            alibi: c.alibi.then(|| {
+                alibi_slopes(c.num_heads)[layout.first_head..layout.first_head + layout.heads]
+                    .to_vec()
+            }),
+            layout,
             activation: c.activation,
             sequential: c.sequential_residual,
         })
@@ -142,16 +165,40 @@ impl ShardedModel for Phi {
         let mut x = self
             .embed
             .forward(input.ids, &[input.batch, input.seq_len], comm)?;
-        let mask = input.mask(past, true, None)?;
+        if let Some(norm) = &self.embed_norm {
+            x = norm.forward(&x)?;
+        }
+        let mut mask = input.mask(past, true, None)?;
+        if let Some(slopes) = &self.alibi {
+            let keys = past + input.seq_len;
+            let (batch, len) = (input.batch, input.seq_len);
+            let mask_with_alibi = alibi_mask(
+                mask.as_ref(),
+                slopes,
+                input.attention_mask,
+                batch,
+                len,
+                keys,
+            )?;
+            mask = Some(mask_with_alibi);
+        }
         let angles = self
             .rotary
-            .angles(&input.position_ids(past), input.batch, input.seq_len)?;
+            .as_ref()
+            .map(|r| r.angles(&input.position_ids(past), input.batch, input.seq_len))
+            .transpose()?;
         for i in 0..self.blocks.len() {
             let block = &self.blocks[i];
             let normed = block.norm.forward(&x)?;
             let projected = self.project(block, &normed)?;
             let cache = input.use_cache.then(|| self.caches.layer(i));
-            let attn = attend(projected, self.layout, Some(&angles), cache, mask.as_ref())?;
+            let attn = attend(
+                projected,
+                self.layout,
+                angles.as_ref(),
+                cache,
+                mask.as_ref(),
+            )?;
             let block = &self.blocks[i];
             let attended = block.dense.forward(&attn, comm)?;
             // The MLP reads the block's input (parallel), or its input plus the attention.

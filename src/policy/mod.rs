@@ -127,6 +127,7 @@ impl Policy {
             Family::Phi => match config.model_type.as_str() {
                 "gptj" => tables::gptj(),
                 "gpt_neox" => tables::gpt_neox(),
+                "bloom" => tables::bloom(),
                 _ => tables::phi(),
             },
             Family::Bert => match config.model_type.as_str() {

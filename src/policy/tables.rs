@@ -351,6 +351,70 @@ pub fn gpt_neox() -> Policy {
     )
 }
 
+/// BLOOM: Phi's wiring under its own names, ALiBi, q/k/v fused head by head, a LayerNorm on
+/// the embeddings, blocks one after the other.
+pub fn bloom() -> Policy {
+    let l = "h.*";
+    renamed(
+        "bloom",
+        &["transformer.", ""],
+        &[
+            (
+                "word_embeddings.weight",
+                "embed_tokens.weight",
+                column(Vocab),
+            ),
+            ("lm_head.weight", "lm_head.weight", column(Vocab)),
+            (
+                "word_embeddings_layernorm.*",
+                "embed_layernorm.*",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.self_attention.query_key_value.*"),
+                "layers.*.self_attn.query_key_value.*",
+                Role::PerHead { parts: 3 },
+            ),
+            (
+                &format!("{l}.self_attention.dense.weight"),
+                "layers.*.self_attn.dense.weight",
+                row(Heads),
+            ),
+            (
+                &format!("{l}.self_attention.dense.bias"),
+                "layers.*.self_attn.dense.bias",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.mlp.dense_h_to_4h.*"),
+                "layers.*.mlp.fc1.*",
+                column(Intermediate),
+            ),
+            (
+                &format!("{l}.mlp.dense_4h_to_h.weight"),
+                "layers.*.mlp.fc2.weight",
+                row(Intermediate),
+            ),
+            (
+                &format!("{l}.mlp.dense_4h_to_h.bias"),
+                "layers.*.mlp.fc2.bias",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.input_layernorm.*"),
+                "layers.*.input_layernorm.*",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.post_attention_layernorm.*"),
+                "layers.*.post_attention_layernorm.*",
+                Role::Replicate,
+            ),
+            ("ln_f.*", "final_layernorm.*", Role::Replicate),
+        ],
+    )
+}
+
 /// Llama, Mistral and Qwen2: separate q/k/v (Qwen2 with biases), SwiGLU, RMSNorm.
 pub fn llama() -> Policy {
     policy(
