@@ -67,6 +67,8 @@ from transformers import (  # noqa: E402
     GPTNeoXForCausalLM,
     BloomConfig,
     BloomForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
 )
 
 transformers.logging.set_verbosity_error()
@@ -503,6 +505,18 @@ def bloom_spec(out: Path):
     return dict(cls=BloomForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
                 tied=False, tie_pairs=[])
 
+def falcon_spec(out: Path):
+    # The new decoder architecture: q/k/v fused by key/value group (2 groups of 2 query heads),
+    # attention and MLP in parallel on LayerNorms of their own, rotary, no biases.
+    cfg = FalconConfig(
+        vocab_size=97, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+        num_hidden_layers=2, new_decoder_architecture=True, parallel_attn=True, bias=False,
+        alibi=False, ffn_hidden_size=96, max_position_embeddings=64, hidden_dropout=0.0,
+        attention_dropout=0.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    return dict(cls=FalconForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
+                tied=False, tie_pairs=[])
+
 FIXTURES = {
     # name: (spec builder, base seed)
     "gpt2": (gpt2_spec, 1000),
@@ -523,6 +537,7 @@ FIXTURES = {
     "gptj": (gptj_spec, 16000),
     "gpt_neox": (gpt_neox_spec, 17000),
     "bloom": (bloom_spec, 18000),
+    "falcon": (falcon_spec, 19000),
 }
 
 MAX_SEED_TRIES = 20

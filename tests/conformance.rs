@@ -133,6 +133,12 @@ fn bloom_with_alibi_matches_transformers_at_every_rank_count() {
     check_all_ranks("bloom");
 }
 
+/// Falcon's new architecture: q/k/v fused by key/value group, parallel attention and MLP.
+#[test]
+fn falcon_with_grouped_fused_qkv_matches_transformers_at_every_rank_count() {
+    check_all_ranks("falcon");
+}
+
 #[test]
 fn sharded_llama_checkpoint_matches_transformers_at_every_rank_count() {
     check_all_ranks("llama");

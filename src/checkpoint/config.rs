@@ -96,9 +96,15 @@ pub struct RawConfig {
     num_hidden_layers: Option<usize>,
     #[serde(alias = "n_head", alias = "n_heads", alias = "num_heads")]
     num_attention_heads: Option<usize>,
+    #[serde(alias = "num_kv_heads")]
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
-    #[serde(alias = "n_inner", alias = "hidden_dim", alias = "ffn_dim")]
+    #[serde(
+        alias = "n_inner",
+        alias = "hidden_dim",
+        alias = "ffn_dim",
+        alias = "ffn_hidden_size"
+    )]
     intermediate_size: Option<usize>,
     #[serde(alias = "n_positions")]
     max_position_embeddings: Option<usize>,
@@ -134,6 +140,9 @@ pub struct RawConfig {
     rotary_dim: Option<usize>,
     qk_layernorm: Option<bool>,
     use_parallel_residual: Option<bool>,
+    new_decoder_architecture: Option<bool>,
+    bias: Option<bool>,
+    alibi: Option<bool>,
 }
 
 /// The resolved configuration the model code uses: no `Option` where a default exists.
@@ -233,10 +242,10 @@ fn family_of(
         "gpt2" | "gpt_bigcode" | "opt" | "gpt_neo" => Family::Gpt2,
         "llama" | "mistral" | "qwen2" => Family::Llama,
         "bert" | "roberta" | "distilbert" | "electra" | "albert" => Family::Bert,
-        "phi" | "gptj" | "gpt_neox" | "bloom" => Family::Phi,
+        "phi" | "gptj" | "gpt_neox" | "bloom" | "falcon" => Family::Phi,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, gpt_neox, bloom, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, gpt_neox, bloom, falcon, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
@@ -303,7 +312,9 @@ impl RawConfig {
             }
         };
         let intermediate_size = match (family, self.intermediate_size) {
-            (Family::Gpt2 | Family::Phi, None) => 4 * hidden_size,
+            (Family::Gpt2 | Family::Phi, None) => hidden_size.checked_mul(4).ok_or_else(|| {
+                format!("hidden_size ({hidden_size}) is too large: 4 x hidden_size, the default intermediate_size, overflows")
+            })?,
             (_, v) => required(v, "intermediate_size")?,
         };
         let default_act = match family {
@@ -336,7 +347,21 @@ impl RawConfig {
         let sequential_residual =
             alibi || (model_type == "gpt_neox" && self.use_parallel_residual == Some(false));
         let attention_bias = self.attention_bias.unwrap_or(false);
-        let attn_out_bias = !rotary_interleaved && (family != Family::Llama || attention_bias);
+        let attn_out_bias = match model_type.as_str() {
+            "falcon" => self.bias.unwrap_or(false),
+            _ => !rotary_interleaved && (family != Family::Llama || attention_bias),
+        };
+        let mlp_bias = match model_type.as_str() {
+            "falcon" => self.bias.unwrap_or(false),
+            _ => family != Family::Llama || self.mlp_bias.unwrap_or(false),
+        };
+        if model_type == "falcon"
+            && (self.new_decoder_architecture != Some(true) || self.alibi == Some(true))
+        {
+            return Err(
+                "only Falcon's new decoder architecture with rotary positions is supported (new_decoder_architecture = true, alibi = false)".into(),
+            );
+        }
         let sliding_window = match model_type.as_str() {
             "mistral" => self.sliding_window,
             "qwen2" if self.use_sliding_window == Some(true) => self.sliding_window,
@@ -345,6 +370,7 @@ impl RawConfig {
         let is_qwen2 = model_type == "qwen2";
         let qkv_bias = match model_type.as_str() {
             "gpt_neo" | "gptj" => false,
+            "falcon" => self.bias.unwrap_or(false),
             "opt" => self.enable_bias.unwrap_or(true),
             _ => family != Family::Llama || is_qwen2 || attention_bias,
         };
@@ -361,6 +387,29 @@ impl RawConfig {
             "roberta" => Some(self.pad_token_id.unwrap_or(1)),
             _ => None,
         };
+        check_matrix_sizes(&[
+            ("num_attention_heads", num_heads, "head_dim", head_dim),
+            ("num_key_value_heads", num_kv_heads, "head_dim", head_dim),
+            ("vocab_size", vocab_size, "hidden_size", hidden_size),
+            (
+                "intermediate_size",
+                intermediate_size,
+                "hidden_size",
+                hidden_size,
+            ),
+            (
+                "max_position_embeddings",
+                max_positions,
+                "hidden_size",
+                hidden_size,
+            ),
+            (
+                "num_attention_heads x head_dim",
+                num_heads.saturating_mul(head_dim),
+                "hidden_size",
+                hidden_size,
+            ),
+        ])?;
         Ok(ModelConfig {
             family,
             architecture,
@@ -386,7 +435,7 @@ impl RawConfig {
             sliding_window,
             qkv_bias,
             attn_out_bias,
-            mlp_bias: family != Family::Llama || self.mlp_bias.unwrap_or(false),
+            mlp_bias,
             type_vocab_size: self.type_vocab_size.unwrap_or(2),
             padding_positions,
             embedding_size: self.embedding_size.filter(|&e| e != hidden_size),
@@ -474,6 +523,20 @@ impl RawConfig {
     }
 }
 
+/// Refuses sizes whose products the model code computes (projection widths, weight element
+/// counts, bytes at up to 8 per element) but which would overflow: such a `config.json` is
+/// corrupt, and must be an error naming the fields rather than an arithmetic overflow later.
+fn check_matrix_sizes(pairs: &[(&str, usize, &str, usize)]) -> std::result::Result<(), String> {
+    for &(a_field, a, b_field, b) in pairs {
+        if a.checked_mul(b).and_then(|n| n.checked_mul(8)).is_none() {
+            return Err(format!(
+                "{a_field} ({a}) x {b_field} ({b}) is too large: the weights it describes would overflow"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Finds the rotary base in either layout; only the plain ("default") rotary is supported.
 fn resolve_rope(raw: &RawConfig) -> std::result::Result<f64, String> {
     let nested = raw.rope_parameters.clone().unwrap_or_default();
@@ -532,6 +595,37 @@ mod tests {
         assert_eq!(c.max_positions, 16);
         assert_eq!(c.eos_token_ids, vec![7]);
         assert!(c.qkv_bias && c.mlp_bias);
+    }
+
+    /// Fuzz crash (`tests/fixtures/fuzz/config_json/crash-gpt2-huge-hidden`): GPT-2's default
+    /// intermediate size `4 * hidden_size` overflowed.
+    #[test]
+    fn a_huge_gpt2_hidden_size_is_an_error_not_an_overflow() {
+        let err = resolve(
+            r#"{"model_type":"gpt2","vocab_size":50,"n_embd":4611686018427387904,"n_layer":2,"n_head":1}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("hidden_size (4611686018427387904)"), "{err}");
+    }
+
+    /// Fuzz crash (`tests/fixtures/fuzz/config_json/crash-llama-huge-head-dim`): an explicit
+    /// `head_dim` whose product with the head count overflows the attention width.
+    #[test]
+    fn sizes_whose_products_overflow_are_refused_with_the_fields_named() {
+        let err = resolve(
+            r#"{"model_type":"llama","vocab_size":50,"hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":8,"head_dim":4611686018427387904,"intermediate_size":5}"#,
+        )
+        .unwrap_err();
+        assert!(err.contains("num_attention_heads (8) x head_dim"), "{err}");
+        let err = resolve(
+            &LLAMA_4X.replace(r#""vocab_size":100"#, r#""vocab_size":4611686018427387904"#),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("vocab_size (4611686018427387904) x hidden_size (64)"),
+            "{err}"
+        );
     }
 
     #[test]

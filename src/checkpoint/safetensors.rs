@@ -22,6 +22,9 @@ use crate::error::{Error, Result};
 /// Largest header we accept; real headers are a few hundred kB at most.
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
+/// Largest extent a tensor's dimensions may describe, in bytes (file offsets are `i64`).
+const MAX_EXTENT_BYTES: u64 = i64::MAX as u64;
+
 /// Where one tensor lives and what it is.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
@@ -102,7 +105,14 @@ impl SafetensorsCheckpoint {
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let metadata = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !metadata.is_file() {
+            return Err(Error::checkpoint(
+                path,
+                "is not a regular file (a shard must be a safetensors file)",
+            ));
+        }
+        let file_len = metadata.len();
         let mut len_bytes = [0u8; 8];
         file.read_exact_at(&mut len_bytes, 0).map_err(|_| {
             Error::checkpoint(
@@ -125,6 +135,7 @@ impl SafetensorsCheckpoint {
         let data_base = 8 + header_len;
         let data_len = file_len - data_base;
         let index = self.files.len();
+        let mut infos = Vec::with_capacity(entries.len());
         for (name, value) in entries {
             if name == "__metadata__" {
                 continue;
@@ -136,8 +147,19 @@ impl SafetensorsCheckpoint {
                 )
             })?;
             let info = validate_entry(path, &name, entry, data_base, data_len, index)?;
-            self.tensors.insert(name, info);
+            if let Some(other) = self.tensors.get(&name) {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "tensor `{name}` is also in {}: a tensor must be stored once",
+                        self.files[other.file].0.display()
+                    ),
+                ));
+            }
+            infos.push((name, info));
         }
+        check_no_overlap(path, &infos)?;
+        self.tensors.extend(infos);
         self.files.push((path.to_path_buf(), file));
         Ok(())
     }
@@ -273,8 +295,41 @@ impl WeightSource for SafetensorsCheckpoint {
     }
 }
 
+/// Refuses a file whose tensors share bytes: each must own its `data_offsets` range.
+fn check_no_overlap(path: &Path, infos: &[(String, TensorInfo)]) -> Result<()> {
+    let mut spans: Vec<(u64, u64, &str)> = infos
+        .iter()
+        .map(|(name, info)| {
+            // Sizes were checked against the file, so these cannot overflow.
+            let bytes = info.shape.iter().product::<usize>() * info.element_bytes();
+            (
+                info.data_start,
+                info.data_start + bytes as u64,
+                name.as_str(),
+            )
+        })
+        .filter(|(start, end, _)| end > start)
+        .collect();
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        if let [(a_start, a_end, a), (b_start, b_end, b)] = pair {
+            if b_start < a_end {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "the data of tensors `{a}` (bytes {a_start}..{a_end}) and `{b}` (bytes \
+                         {b_start}..{b_end}) overlap"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks one header entry against the file: dtype readable, size matching the shape, data
-/// inside the file.
+/// inside the file, dimensions whose extent (zero dimensions counted as one) fits a file
+/// offset, so that no block of the tensor can overflow an offset computation.
 fn validate_entry(
     path: &Path,
     name: &str,
@@ -303,6 +358,22 @@ fn validate_entry(
         ));
     }
     let (start, end) = entry.data_offsets;
+    let elem_bytes = (entry.dtype.bitsize() / 8) as u64;
+    let extent = entry
+        .shape
+        .iter()
+        .try_fold(elem_bytes, |acc, &d| acc.checked_mul((d as u64).max(1)))
+        .filter(|&e| e <= MAX_EXTENT_BYTES);
+    if extent.is_none() {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "tensor `{name}` has an absurd shape {:?}: its dimensions span more than 2^63 \
+                 bytes of {:?}",
+                entry.shape, entry.dtype
+            ),
+        ));
+    }
     let numel = entry
         .shape
         .iter()
@@ -431,6 +502,82 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("needs 16 bytes"), "{err}");
+    }
+
+    fn write_header(dir: &Path, file: &str, header: &str, data_bytes: usize) {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, data_bytes));
+        std::fs::write(dir.join(file), bytes).unwrap();
+    }
+
+    fn open_err(dir: &Path) -> String {
+        SafetensorsCheckpoint::open(dir).err().unwrap().to_string()
+    }
+
+    #[test]
+    fn overlapping_tensors_are_refused_with_both_named() {
+        let dir = tempfile::tempdir().unwrap();
+        write_header(
+            dir.path(),
+            "model.safetensors",
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            12,
+        );
+        let err = open_err(dir.path());
+        assert!(
+            err.contains("overlap") && err.contains("`a`") && err.contains("`b`"),
+            "{err}"
+        );
+    }
+
+    /// Fuzz crash (`tests/fixtures/fuzz/safetensors_header/crash-empty-tensor-huge-dim`): an
+    /// empty tensor `[0, 2^62]` passed validation (0 elements, 0 bytes), then a column block
+    /// of it overflowed `cols * element size` in `read_block`.
+    #[test]
+    fn an_empty_tensor_with_a_huge_dimension_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_header(
+            dir.path(),
+            "model.safetensors",
+            r#"{"w":{"dtype":"F32","shape":[0,4611686018427387904],"data_offsets":[0,0]}}"#,
+            0,
+        );
+        let err = open_err(dir.path());
+        assert!(err.contains("absurd shape") && err.contains("`w`"), "{err}");
+        // Empty tensors of sane shapes are still fine, and read as nothing.
+        write_header(
+            dir.path(),
+            "model.safetensors",
+            r#"{"w":{"dtype":"F32","shape":[0,1024],"data_offsets":[0,0]}}"#,
+            0,
+        );
+        let ckpt = SafetensorsCheckpoint::open(dir.path()).unwrap();
+        assert!(ckpt.read_block("w", 0..0, 3..900).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_shard_that_is_not_a_file_or_a_tensor_in_two_shards_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        write_header(dir.path(), "a.safetensors", header, 4);
+        write_header(dir.path(), "b.safetensors", header, 4);
+        let index = |map: &str| {
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                format!(r#"{{"weight_map":{map}}}"#),
+            )
+            .unwrap()
+        };
+        index(r#"{"w":"a.safetensors","x":"b.safetensors"}"#);
+        let err = open_err(dir.path());
+        assert!(
+            err.contains("`w` is also in") && err.contains("a.safetensors"),
+            "{err}"
+        );
+        index(r#"{"w":"."}"#);
+        let err = open_err(dir.path());
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,8 @@ enum Qkv {
     },
     /// GPT-NeoX's `query_key_value`: each head's q, k and v one after another.
     PerHead(Linear),
+    /// All queries, then keys, then values (Falcon's grouped projection as loaded).
+    Fused(Linear),
 }
 
 struct Block {
@@ -73,24 +75,26 @@ impl Phi {
             let mut proj = |name: &str, out: usize, inp: usize, bias: bool| {
                 weight_and_bias(loader, &format!("{p}.{name}"), out, inp, bias)
             };
-            let fused_per_head = matches!(c.model_type.as_str(), "gpt_neox" | "bloom");
-            let qkv = match fused_per_head {
-                true => Qkv::PerHead(
-                    proj("self_attn.query_key_value", 3 * q_width, h, c.qkv_bias)?.into(),
-                ),
-                false => Qkv::Separate {
+            let fused = "self_attn.query_key_value";
+            let qkv = match c.model_type.as_str() {
+                "gpt_neox" | "bloom" => {
+                    Qkv::PerHead(proj(fused, 3 * q_width, h, c.qkv_bias)?.into())
+                }
+                "falcon" => Qkv::Fused(proj(fused, q_width + 2 * kv_width, h, c.qkv_bias)?.into()),
+                _ => Qkv::Separate {
                     q: proj("self_attn.q_proj", q_width, h, c.qkv_bias)?.into(),
                     k: proj("self_attn.k_proj", kv_width, h, c.qkv_bias)?.into(),
                     v: proj("self_attn.v_proj", kv_width, h, c.qkv_bias)?.into(),
                 },
             };
             let dense = proj("self_attn.dense", h, q_width, c.attn_out_bias)?;
-            let fc1 = proj("mlp.fc1", inner, h, true)?;
-            let fc2 = proj("mlp.fc2", h, inner, true)?;
+            let fc1 = proj("mlp.fc1", inner, h, c.mlp_bias)?;
+            let fc2 = proj("mlp.fc2", h, inner, c.mlp_bias)?;
             let mlp_norm = format!("{p}.post_attention_layernorm");
+            let has_mlp_norm = matches!(c.model_type.as_str(), "gpt_neox" | "bloom" | "falcon");
             blocks.push(Block {
                 norm: layer_norm(loader, &format!("{p}.input_layernorm"), h, eps)?,
-                mlp_norm: match fused_per_head {
+                mlp_norm: match has_mlp_norm {
                     true => Some(layer_norm(loader, &mlp_norm, h, eps)?),
                     false => None,
                 },
@@ -136,7 +140,19 @@ impl Phi {
 
     /// The block's queries, keys and values for this rank's heads.
     fn project(&self, block: &Block, x: &Tensor) -> Result<Projected> {
+        let (q_width, kv_width) = (
+            self.layout.heads * self.layout.head_dim,
+            self.layout.kv_heads * self.layout.head_dim,
+        );
         Ok(match &block.qkv {
+            Qkv::Fused(qkv) => {
+                let fused = qkv.forward(x)?;
+                Projected {
+                    q: fused.narrow(2, 0, q_width)?,
+                    k: fused.narrow(2, q_width, kv_width)?,
+                    v: fused.narrow(2, q_width + kv_width, kv_width)?,
+                }
+            }
             Qkv::Separate { q, k, v } => Projected {
                 q: q.forward(x)?,
                 k: k.forward(x)?,

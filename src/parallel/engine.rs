@@ -130,6 +130,23 @@ pub fn plan_slice(
                 false,
             )
         }
+        Role::Grouped => {
+            let (split_dim, stored_len) = if two_d { (0, rows) } else { (1, cols) };
+            let ranges = grouped_ranges(plan, rank);
+            let total = plan.heads.total_elements() + 2 * plan.kv_heads.total_elements();
+            if total != stored_len || ranges.is_empty() {
+                return Err(Error::TensorShape {
+                    name: name.to_string(),
+                    actual: stored_shape.to_vec(),
+                    expected: expected_shape(stored_shape, split_dim, two_d, total),
+                });
+            }
+            let blocks = ranges
+                .into_iter()
+                .map(|range| Block::along(split_dim, range, rows, cols))
+                .collect();
+            (blocks, split_dim, false)
+        }
         Role::Row {
             partition,
             transposed,
@@ -169,6 +186,34 @@ pub fn plan_slice(
         transpose,
         shape,
     })
+}
+
+/// The stored element ranges of `rank`'s rows of a q/k/v projection fused by key/value group
+/// (each group: its query heads, its key head, its value head), in the order queries, keys,
+/// values; empty when the plan's heads do not divide into groups.
+fn grouped_ranges(plan: &Plan, rank: usize) -> Vec<std::ops::Range<usize>> {
+    let (heads, kv_heads) = (plan.heads.units(rank), plan.kv_heads.units(rank));
+    let (all_q, all_kv) = (plan.heads.total_elements(), plan.kv_heads.total_elements());
+    let all_heads = plan.heads.total_units();
+    let all_groups = plan.kv_heads.total_units();
+    if all_groups == 0 || all_heads % all_groups != 0 || all_q % all_heads.max(1) != 0 {
+        return Vec::new();
+    }
+    let dim = all_q / all_heads;
+    let group = all_heads / all_groups;
+    if all_kv != all_groups * dim {
+        return Vec::new();
+    }
+    let row_of = |g: usize, slot: usize| (g * (group + 2) + slot) * dim;
+    let queries = heads.map(|h| {
+        let start = row_of(h / group, h % group);
+        start..start + dim
+    });
+    let keys = kv_heads
+        .clone()
+        .map(|g| row_of(g, group)..row_of(g, group) + dim);
+    let values = kv_heads.map(|g| row_of(g, group + 1)..row_of(g, group + 1) + dim);
+    queries.chain(keys).chain(values).collect()
 }
 
 fn expected_shape(stored: &[usize], split_dim: usize, two_d: bool, total: usize) -> Vec<usize> {
@@ -424,6 +469,30 @@ mod tests {
         let bias = plan_slice("query_key_value.bias", &role, &[18], &plan(), 0).unwrap();
         assert_eq!(bias.shape, vec![12]);
         assert!(plan_slice("qkv", &role, &[17, 4], &plan(), 0).is_err());
+    }
+
+    #[test]
+    fn a_projection_fused_by_group_gives_each_rank_its_queries_then_keys_then_values() {
+        // 4 query heads in 2 groups, heads 2 elements wide: stored rows per group are
+        // q, q, k, v (8 rows). Three ranks: heads 2 + 1 + 1; rank 1 holds head 2 (group 1).
+        let plan = Plan {
+            world_size: 3,
+            heads: crate::parallel::Split::from_counts(2, vec![2, 1, 1]),
+            kv_heads: crate::parallel::Split::covering(
+                &crate::parallel::Split::from_counts(2, vec![2, 1, 1]),
+                2,
+                2,
+                2,
+            ),
+            intermediate: crate::parallel::Split::even(5, 1, 3),
+            vocab: crate::parallel::Split::even(7, 1, 3),
+        };
+        let s = plan_slice("qkv", &Role::Grouped, &[16, 4], &plan, 1).unwrap();
+        let rows: Vec<_> = s.blocks.iter().map(|b| b.rows.clone()).collect();
+        assert_eq!(rows, vec![8..10, 12..14, 14..16]);
+        let s = plan_slice("qkv", &Role::Grouped, &[16, 4], &plan, 0).unwrap();
+        let rows: Vec<_> = s.blocks.iter().map(|b| b.rows.clone()).collect();
+        assert_eq!(rows, vec![0..2, 2..4, 4..6, 6..8]);
     }
 
     #[test]

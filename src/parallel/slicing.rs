@@ -86,6 +86,11 @@ impl Split {
         self.ranges[rank].len()
     }
 
+    /// Units in the whole dimension.
+    pub fn total_units(&self) -> usize {
+        self.total_units
+    }
+
     /// Elements in the whole dimension.
     pub fn total_elements(&self) -> usize {
         self.total_units * self.unit

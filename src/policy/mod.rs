@@ -56,6 +56,10 @@ pub enum Role {
         /// Blocks per head.
         parts: usize,
     },
+    /// A fused projection stored by key/value group (Falcon's new architecture: each group's
+    /// query heads, then its key head and its value head): the rank takes its query heads and
+    /// the key/value heads they read, reordered as all queries, then keys, then values.
+    Grouped,
     /// Every rank holds the whole tensor (norms, position tables, biases added after a reduce).
     Replicate,
 }
@@ -128,6 +132,7 @@ impl Policy {
                 "gptj" => tables::gptj(),
                 "gpt_neox" => tables::gpt_neox(),
                 "bloom" => tables::bloom(),
+                "falcon" => tables::falcon(),
                 _ => tables::phi(),
             },
             Family::Bert => match config.model_type.as_str() {
@@ -212,6 +217,7 @@ impl std::fmt::Display for Role {
                 )
             }
             Role::PerHead { parts } => write!(f, "per_head({parts})"),
+            Role::Grouped => write!(f, "grouped(q+k+v)"),
             Role::Replicate => write!(f, "replicate"),
         }
     }

@@ -415,6 +415,65 @@ pub fn bloom() -> Policy {
     )
 }
 
+/// Falcon (new decoder architecture): Phi's wiring under its own names, q/k/v fused by
+/// key/value group, attention and MLP in parallel on LayerNorms of their own.
+pub fn falcon() -> Policy {
+    let l = "h.*";
+    renamed(
+        "falcon",
+        &["transformer.", ""],
+        &[
+            (
+                "word_embeddings.weight",
+                "embed_tokens.weight",
+                column(Vocab),
+            ),
+            ("lm_head.weight", "lm_head.weight", column(Vocab)),
+            (
+                &format!("{l}.self_attention.query_key_value.*"),
+                "layers.*.self_attn.query_key_value.*",
+                Role::Grouped,
+            ),
+            (
+                &format!("{l}.self_attention.dense.weight"),
+                "layers.*.self_attn.dense.weight",
+                row(Heads),
+            ),
+            (
+                &format!("{l}.self_attention.dense.bias"),
+                "layers.*.self_attn.dense.bias",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.mlp.dense_h_to_4h.*"),
+                "layers.*.mlp.fc1.*",
+                column(Intermediate),
+            ),
+            (
+                &format!("{l}.mlp.dense_4h_to_h.weight"),
+                "layers.*.mlp.fc2.weight",
+                row(Intermediate),
+            ),
+            (
+                &format!("{l}.mlp.dense_4h_to_h.bias"),
+                "layers.*.mlp.fc2.bias",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.ln_attn.*"),
+                "layers.*.input_layernorm.*",
+                Role::Replicate,
+            ),
+            (
+                &format!("{l}.ln_mlp.*"),
+                "layers.*.post_attention_layernorm.*",
+                Role::Replicate,
+            ),
+            ("ln_f.*", "final_layernorm.*", Role::Replicate),
+        ],
+    )
+}
+
 /// Llama, Mistral and Qwen2: separate q/k/v (Qwen2 with biases), SwiGLU, RMSNorm.
 pub fn llama() -> Policy {
     policy(
