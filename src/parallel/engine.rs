@@ -196,7 +196,10 @@ fn grouped_ranges(plan: &Plan, rank: usize) -> Vec<std::ops::Range<usize>> {
     let (all_q, all_kv) = (plan.heads.total_elements(), plan.kv_heads.total_elements());
     let all_heads = plan.heads.total_units();
     let all_groups = plan.kv_heads.total_units();
-    if all_groups == 0 || all_heads % all_groups != 0 || all_q % all_heads.max(1) != 0 {
+    if all_groups == 0
+        || !all_heads.is_multiple_of(all_groups)
+        || !all_q.is_multiple_of(all_heads.max(1))
+    {
         return Vec::new();
     }
     let dim = all_q / all_heads;
