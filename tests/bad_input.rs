@@ -3,8 +3,9 @@
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 
-use common::{copy_fixture, fixture, forward_args, run, shm_segments};
+use common::{binary, copy_fixture, fixture, forward_args, run, shm_segments};
 
 /// Runs the CLI, expects failure with `needle` in the message, and no leftovers.
 fn expect_failure<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], needle: &str) {
@@ -67,6 +68,18 @@ fn unknown_model_type_is_named() {
     )
     .unwrap();
     expect_generate_failure(dir.path(), "2", "model_type `mamba` is not supported");
+    // `inspect` names the family and points to policy files.
+    let inspect = Command::new(binary())
+        .args(["inspect", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&inspect.stderr);
+    assert_eq!(inspect.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`mamba`") && stderr.contains("--policy"),
+        "{stderr}"
+    );
 }
 
 #[test]
