@@ -92,14 +92,20 @@ impl PolicyFile {
     /// Reads and checks the policy file at `path` (TOML, or JSON for `.json`).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let bad = |message: String| {
+        let json = path.extension().and_then(|e| e.to_str()) == Some("json");
+        PolicyFile::parse(&text, json).map_err(|message| {
             Error::InvalidInput(format!("policy file {}: {message}", path.display()))
+        })
+    }
+
+    /// Parses and checks a policy file's text (TOML, or JSON with `json`); the error names
+    /// the problem.
+    pub fn parse(text: &str, json: bool) -> std::result::Result<Self, String> {
+        let file: PolicyFile = match json {
+            true => serde_json::from_str(text).map_err(|e| e.to_string())?,
+            false => toml::from_str(text).map_err(|e| e.to_string())?,
         };
-        let file: PolicyFile = match path.extension().and_then(|e| e.to_str()) {
-            Some("json") => serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?,
-            _ => toml::from_str(&text).map_err(|e| bad(e.to_string()))?,
-        };
-        file.check().map_err(bad)?;
+        file.check()?;
         Ok(file)
     }
 
