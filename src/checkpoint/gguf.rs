@@ -1272,6 +1272,22 @@ impl HeaderReader<'_> {
                     format!("dimensions {:?} overflow the element count", t.dims),
                 ));
             };
+            // An empty tensor (a zero dimension) has no bytes to bound its other dimensions by
+            // the file, yet they still size rows and blocks: their extent, zeros counted as
+            // one, must be addressable.
+            let extent = t
+                .dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d.max(1)));
+            if extent.is_none_or(|e| e > i64::MAX as u64) {
+                return Err(self.invalid_tensor(
+                    &t.name,
+                    format!(
+                        "dimensions {:?} span more than 2^63 elements (zero dimensions aside)",
+                        t.dims
+                    ),
+                ));
+            }
             let ne0 = t.dims[0];
             if ne0 % bs as u64 != 0 {
                 return Err(self.invalid_tensor(
@@ -2362,6 +2378,42 @@ mod tests {
         b.n_kv = Some(u64::MAX);
         let e = open_bytes(&b.build()).unwrap_err();
         assert!(matches!(e, GgufError::Malformed { .. }), "{e}");
+    }
+
+    /// Fuzz crash (`tests/fixtures/fuzz/gguf_reader/crash-empty-tensor-huge-row`): a tensor
+    /// with `ne = [~2^64, 0]` has no elements and no bytes, so it passed every check against
+    /// the file, but its row length overflowed block arithmetic (`read_blocks`' row bytes).
+    #[test]
+    fn an_empty_tensor_with_a_huge_dimension_is_refused() {
+        for dims in [
+            vec![u64::MAX - (1 << 49), 0],
+            vec![0, u64::MAX],
+            vec![1 << 40, 0, 1 << 24],
+        ] {
+            let b = Builder::new().tensor_at("e", &dims, 8, 0);
+            let e = open_bytes(&b.build()).unwrap_err();
+            assert!(
+                matches!(&e, GgufError::InvalidTensor { tensor, message, .. }
+                    if tensor == "e" && message.contains("2^63")),
+                "{dims:?}: {e}"
+            );
+        }
+        // A sane empty tensor is still accepted, and reads as nothing.
+        let b = Builder::new()
+            .f32_tensor("x", &[2], &[1.0, 2.0])
+            .tensor_at("e", &[64, 0], 8, 0);
+        let file = open_bytes(&b.build()).unwrap();
+        assert_eq!(
+            file.tensor("e").map(|t| (t.rows(), t.cols())),
+            Some((0, 64))
+        );
+        assert!(file.read_tensor_f32("e").unwrap().is_empty());
+        assert_eq!(
+            file.read_blocks("e", 0..0, 0..64)
+                .unwrap()
+                .map(|(_, b)| b.len()),
+            Some(0)
+        );
     }
 
     #[test]

@@ -158,10 +158,20 @@ pub fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Resul
     }
 }
 
+/// First size of [`FrameReader`]'s buffer; it doubles with the bytes actually received.
+const INITIAL_READ_BYTES: usize = 64 << 10;
+
 /// Accumulates one frame across reads that may time out.
+///
+/// The buffer grows with the bytes received (doubling from 64 KiB), never to the length a
+/// frame claims before its bytes arrive, and is zeroed only as it grows: a peer that claims a
+/// large frame and trickles it in a byte at a time costs memory and time in proportion to
+/// what it sends.
 #[derive(Debug, Default)]
 pub struct FrameReader {
+    /// Received bytes in `..filled`; the rest is zeroed room for the next reads.
     buffer: Vec<u8>,
+    filled: usize,
 }
 
 impl FrameReader {
@@ -170,23 +180,32 @@ impl FrameReader {
     pub fn poll(&mut self, stream: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
         loop {
             let needed = match self.frame_len()? {
-                Some(len) if self.buffer.len() >= 4 + len => {
+                Some(len) if self.filled >= 4 + len => {
                     let payload = self.buffer[4..4 + len].to_vec();
-                    self.buffer.drain(..4 + len);
+                    self.buffer.copy_within(4 + len..self.filled, 0);
+                    self.filled -= 4 + len;
+                    if self.filled == 0 && self.buffer.len() > INITIAL_READ_BYTES {
+                        // Give a large frame's memory back once it is consumed.
+                        self.buffer = Vec::new();
+                    }
                     return Ok(Some(payload));
                 }
                 Some(len) => 4 + len,
                 None => 4,
             };
-            let mut chunk = vec![0u8; (needed - self.buffer.len()).min(1 << 20)];
-            match stream.read(&mut chunk) {
+            // More than `filled`, as `needed` is: each read has room for at least one byte.
+            let room = needed.min(INITIAL_READ_BYTES.max(2 * self.filled));
+            if self.buffer.len() < room {
+                self.buffer.resize(room, 0);
+            }
+            match stream.read(&mut self.buffer[self.filled..room]) {
                 Ok(0) => {
                     return Err(std::io::Error::new(
                         ErrorKind::UnexpectedEof,
                         "peer closed the connection",
                     ))
                 }
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                Ok(n) => self.filled += n,
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                     return Ok(None)
                 }
@@ -197,7 +216,7 @@ impl FrameReader {
     }
 
     fn frame_len(&self) -> std::io::Result<Option<usize>> {
-        if self.buffer.len() < 4 {
+        if self.filled < 4 {
             return Ok(None);
         }
         let len = u32::from_le_bytes([
@@ -275,6 +294,63 @@ mod tests {
         let mut reader = FrameReader::default();
         let err = reader.poll(&mut data.as_slice()).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidData);
+    }
+
+    /// Fuzz finding (`tests/fixtures/fuzz/ipc_frames/crash-trickled-large-frame`, a timeout):
+    /// a frame claiming 1 MiB, sent a byte per read, made every read allocate and zero a
+    /// 1 MiB chunk (15 s for 4 kB under the fuzzer). The buffer now grows with what arrives.
+    #[test]
+    fn a_large_frame_trickled_in_costs_what_is_sent() {
+        let mut data = (1u32 << 29).to_le_bytes().to_vec();
+        data.extend(std::iter::repeat_n(7u8, 100_000));
+        let mut stream = Trickle {
+            data,
+            pos: 0,
+            step: 1,
+            stall: false,
+        };
+        let mut reader = FrameReader::default();
+        let started = std::time::Instant::now();
+        let err = loop {
+            match reader.poll(&mut stream) {
+                Ok(None) => {}
+                Ok(Some(_)) => panic!("no frame is complete"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), ErrorKind::UnexpectedEof);
+        assert_eq!(reader.filled, 100_004);
+        assert!(
+            reader.buffer.len() <= 2 * 100_004,
+            "{}",
+            reader.buffer.len()
+        );
+        assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn frames_arriving_together_are_returned_one_by_one() {
+        let mut data = Vec::new();
+        for i in 0..50u32 {
+            write_frame(&mut data, &Request::Finish(vec![i; i as usize])).unwrap();
+        }
+        // A frame larger than the first buffer, then a small one, in one stream.
+        write_frame(&mut data, &Request::Finish(vec![u32::MAX; 100_000])).unwrap();
+        write_frame(&mut data, &Request::Memory).unwrap();
+        let mut stream = data.as_slice();
+        let mut reader = FrameReader::default();
+        for i in 0..50u32 {
+            let frame = reader.poll(&mut stream).unwrap().unwrap();
+            assert!(
+                matches!(decode(&frame).unwrap(), Request::Finish(v) if v == vec![i; i as usize])
+            );
+        }
+        let frame = reader.poll(&mut stream).unwrap().unwrap();
+        assert!(matches!(decode(&frame).unwrap(), Request::Finish(v) if v.len() == 100_000));
+        let frame = reader.poll(&mut stream).unwrap().unwrap();
+        assert!(matches!(decode(&frame).unwrap(), Request::Memory));
+        assert_eq!(reader.filled, 0);
+        assert!(reader.poll(&mut stream).is_err());
     }
 
     #[test]
