@@ -572,6 +572,19 @@ pub struct Projected {
     pub v: Tensor,
 }
 
+impl Projected {
+    /// Splits a fused projection `[B, L, q | k | v]` for this rank's heads.
+    pub fn split_fused(fused: &Tensor, layout: &HeadLayout) -> Result<Self> {
+        let q_width = layout.heads * layout.head_dim;
+        let kv_width = layout.kv_heads * layout.head_dim;
+        Ok(Projected {
+            q: fused.narrow(2, 0, q_width)?,
+            k: fused.narrow(2, q_width, kv_width)?,
+            v: fused.narrow(2, q_width + kv_width, kv_width)?,
+        })
+    }
+}
+
 /// Scaled dot-product attention of the projected heads: queries and keys rotated by the given
 /// angles, the cache extended when given. Returns `[B, L, heads*D]` in the input's dtype.
 pub fn attend(

@@ -181,19 +181,8 @@ impl Gpt2 {
 
     /// The block's queries, keys and values for this rank's heads.
     fn project(&self, block: &Block, x: &Tensor) -> Result<Projected> {
-        let (q_width, kv_width) = (
-            self.layout.heads * self.layout.head_dim,
-            self.layout.kv_heads * self.layout.head_dim,
-        );
         let mut projected = match &block.qkv {
-            Qkv::Fused(c_attn) => {
-                let qkv = c_attn.forward(x)?;
-                Projected {
-                    q: qkv.narrow(2, 0, q_width)?,
-                    k: qkv.narrow(2, q_width, kv_width)?,
-                    v: qkv.narrow(2, q_width + kv_width, kv_width)?,
-                }
-            }
+            Qkv::Fused(c_attn) => Projected::split_fused(&c_attn.forward(x)?, &self.layout)?,
             Qkv::Separate { q, k, v } => Projected {
                 q: q.forward(x)?,
                 k: k.forward(x)?,

@@ -140,19 +140,8 @@ impl Phi {
 
     /// The block's queries, keys and values for this rank's heads.
     fn project(&self, block: &Block, x: &Tensor) -> Result<Projected> {
-        let (q_width, kv_width) = (
-            self.layout.heads * self.layout.head_dim,
-            self.layout.kv_heads * self.layout.head_dim,
-        );
         Ok(match &block.qkv {
-            Qkv::Fused(qkv) => {
-                let fused = qkv.forward(x)?;
-                Projected {
-                    q: fused.narrow(2, 0, q_width)?,
-                    k: fused.narrow(2, q_width, kv_width)?,
-                    v: fused.narrow(2, q_width + kv_width, kv_width)?,
-                }
-            }
+            Qkv::Fused(qkv) => Projected::split_fused(&qkv.forward(x)?, &self.layout)?,
             Qkv::Separate { q, k, v } => Projected {
                 q: q.forward(x)?,
                 k: k.forward(x)?,

@@ -296,182 +296,138 @@ pub fn gptj() -> Policy {
     )
 }
 
+/// The per-layer entries of a block with one fused `query_key_value` (GPT-NeoX, BLOOM,
+/// Falcon): its layers `l`, attention module `attention`, the fused projection's role, and the
+/// attention's and the MLP's LayerNorms.
+fn fused_block(
+    l: &str,
+    attention: &str,
+    qkv: Role,
+    norms: [&str; 2],
+) -> Vec<(String, String, Role)> {
+    let entry =
+        |checkpoint: String, wiring: &str, role: Role| (checkpoint, wiring.to_string(), role);
+    vec![
+        entry(
+            format!("{l}.{attention}.query_key_value.*"),
+            "layers.*.self_attn.query_key_value.*",
+            qkv,
+        ),
+        entry(
+            format!("{l}.{attention}.dense.weight"),
+            "layers.*.self_attn.dense.weight",
+            row(Heads),
+        ),
+        entry(
+            format!("{l}.{attention}.dense.bias"),
+            "layers.*.self_attn.dense.bias",
+            Role::Replicate,
+        ),
+        entry(
+            format!("{l}.mlp.dense_h_to_4h.*"),
+            "layers.*.mlp.fc1.*",
+            column(Intermediate),
+        ),
+        entry(
+            format!("{l}.mlp.dense_4h_to_h.weight"),
+            "layers.*.mlp.fc2.weight",
+            row(Intermediate),
+        ),
+        entry(
+            format!("{l}.mlp.dense_4h_to_h.bias"),
+            "layers.*.mlp.fc2.bias",
+            Role::Replicate,
+        ),
+        entry(
+            format!("{l}.{}.*", norms[0]),
+            "layers.*.input_layernorm.*",
+            Role::Replicate,
+        ),
+        entry(
+            format!("{l}.{}.*", norms[1]),
+            "layers.*.post_attention_layernorm.*",
+            Role::Replicate,
+        ),
+    ]
+}
+
+/// [`renamed`] for entries built at run time.
+fn renamed_owned(name: &str, prefixes: &[&str], entries: &[(String, String, Role)]) -> Policy {
+    let entries: Vec<(&str, &str, Role)> = entries
+        .iter()
+        .map(|(c, w, r)| (c.as_str(), w.as_str(), r.clone()))
+        .collect();
+    renamed(name, prefixes, &entries)
+}
+
+/// Literal entries as built at run time.
+fn owned(entries: &[(&str, &str, Role)]) -> Vec<(String, String, Role)> {
+    entries
+        .iter()
+        .map(|(c, w, r)| (c.to_string(), w.to_string(), r.clone()))
+        .collect()
+}
+
 /// GPT-NeoX / Pythia: Phi's wiring under its own names, q/k/v fused head by head, a LayerNorm
 /// for the MLP, an LM head without a bias.
 pub fn gpt_neox() -> Policy {
-    let l = "layers.*";
-    renamed(
-        "gpt_neox",
-        &["gpt_neox.", ""],
-        &[
-            ("embed_in.weight", "embed_tokens.weight", column(Vocab)),
-            ("embed_out.weight", "lm_head.weight", column(Vocab)),
-            (
-                &format!("{l}.attention.query_key_value.*"),
-                "layers.*.self_attn.query_key_value.*",
-                Role::PerHead { parts: 3 },
-            ),
-            (
-                &format!("{l}.attention.dense.weight"),
-                "layers.*.self_attn.dense.weight",
-                row(Heads),
-            ),
-            (
-                &format!("{l}.attention.dense.bias"),
-                "layers.*.self_attn.dense.bias",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.mlp.dense_h_to_4h.*"),
-                "layers.*.mlp.fc1.*",
-                column(Intermediate),
-            ),
-            (
-                &format!("{l}.mlp.dense_4h_to_h.weight"),
-                "layers.*.mlp.fc2.weight",
-                row(Intermediate),
-            ),
-            (
-                &format!("{l}.mlp.dense_4h_to_h.bias"),
-                "layers.*.mlp.fc2.bias",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.input_layernorm.*"),
-                "layers.*.input_layernorm.*",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.post_attention_layernorm.*"),
-                "layers.*.post_attention_layernorm.*",
-                Role::Replicate,
-            ),
-            ("final_layer_norm.*", "final_layernorm.*", Role::Replicate),
-        ],
-    )
+    let mut entries = owned(&[
+        ("embed_in.weight", "embed_tokens.weight", column(Vocab)),
+        ("embed_out.weight", "lm_head.weight", column(Vocab)),
+        ("final_layer_norm.*", "final_layernorm.*", Role::Replicate),
+    ]);
+    let norms = ["input_layernorm", "post_attention_layernorm"];
+    entries.extend(fused_block(
+        "layers.*",
+        "attention",
+        Role::PerHead { parts: 3 },
+        norms,
+    ));
+    renamed_owned("gpt_neox", &["gpt_neox.", ""], &entries)
 }
 
 /// BLOOM: Phi's wiring under its own names, ALiBi, q/k/v fused head by head, a LayerNorm on
 /// the embeddings, blocks one after the other.
 pub fn bloom() -> Policy {
-    let l = "h.*";
-    renamed(
-        "bloom",
-        &["transformer.", ""],
-        &[
-            (
-                "word_embeddings.weight",
-                "embed_tokens.weight",
-                column(Vocab),
-            ),
-            ("lm_head.weight", "lm_head.weight", column(Vocab)),
-            (
-                "word_embeddings_layernorm.*",
-                "embed_layernorm.*",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.self_attention.query_key_value.*"),
-                "layers.*.self_attn.query_key_value.*",
-                Role::PerHead { parts: 3 },
-            ),
-            (
-                &format!("{l}.self_attention.dense.weight"),
-                "layers.*.self_attn.dense.weight",
-                row(Heads),
-            ),
-            (
-                &format!("{l}.self_attention.dense.bias"),
-                "layers.*.self_attn.dense.bias",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.mlp.dense_h_to_4h.*"),
-                "layers.*.mlp.fc1.*",
-                column(Intermediate),
-            ),
-            (
-                &format!("{l}.mlp.dense_4h_to_h.weight"),
-                "layers.*.mlp.fc2.weight",
-                row(Intermediate),
-            ),
-            (
-                &format!("{l}.mlp.dense_4h_to_h.bias"),
-                "layers.*.mlp.fc2.bias",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.input_layernorm.*"),
-                "layers.*.input_layernorm.*",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.post_attention_layernorm.*"),
-                "layers.*.post_attention_layernorm.*",
-                Role::Replicate,
-            ),
-            ("ln_f.*", "final_layernorm.*", Role::Replicate),
-        ],
-    )
+    let mut entries = owned(&[
+        (
+            "word_embeddings.weight",
+            "embed_tokens.weight",
+            column(Vocab),
+        ),
+        ("lm_head.weight", "lm_head.weight", column(Vocab)),
+        (
+            "word_embeddings_layernorm.*",
+            "embed_layernorm.*",
+            Role::Replicate,
+        ),
+        ("ln_f.*", "final_layernorm.*", Role::Replicate),
+    ]);
+    let norms = ["input_layernorm", "post_attention_layernorm"];
+    entries.extend(fused_block(
+        "h.*",
+        "self_attention",
+        Role::PerHead { parts: 3 },
+        norms,
+    ));
+    renamed_owned("bloom", &["transformer.", ""], &entries)
 }
 
 /// Falcon (new decoder architecture): Phi's wiring under its own names, q/k/v fused by
 /// key/value group, attention and MLP in parallel on LayerNorms of their own.
 pub fn falcon() -> Policy {
-    let l = "h.*";
-    renamed(
-        "falcon",
-        &["transformer.", ""],
-        &[
-            (
-                "word_embeddings.weight",
-                "embed_tokens.weight",
-                column(Vocab),
-            ),
-            ("lm_head.weight", "lm_head.weight", column(Vocab)),
-            (
-                &format!("{l}.self_attention.query_key_value.*"),
-                "layers.*.self_attn.query_key_value.*",
-                Role::Grouped,
-            ),
-            (
-                &format!("{l}.self_attention.dense.weight"),
-                "layers.*.self_attn.dense.weight",
-                row(Heads),
-            ),
-            (
-                &format!("{l}.self_attention.dense.bias"),
-                "layers.*.self_attn.dense.bias",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.mlp.dense_h_to_4h.*"),
-                "layers.*.mlp.fc1.*",
-                column(Intermediate),
-            ),
-            (
-                &format!("{l}.mlp.dense_4h_to_h.weight"),
-                "layers.*.mlp.fc2.weight",
-                row(Intermediate),
-            ),
-            (
-                &format!("{l}.mlp.dense_4h_to_h.bias"),
-                "layers.*.mlp.fc2.bias",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.ln_attn.*"),
-                "layers.*.input_layernorm.*",
-                Role::Replicate,
-            ),
-            (
-                &format!("{l}.ln_mlp.*"),
-                "layers.*.post_attention_layernorm.*",
-                Role::Replicate,
-            ),
-            ("ln_f.*", "final_layernorm.*", Role::Replicate),
-        ],
-    )
+    let mut entries = owned(&[
+        (
+            "word_embeddings.weight",
+            "embed_tokens.weight",
+            column(Vocab),
+        ),
+        ("lm_head.weight", "lm_head.weight", column(Vocab)),
+        ("ln_f.*", "final_layernorm.*", Role::Replicate),
+    ]);
+    let norms = ["ln_attn", "ln_mlp"];
+    entries.extend(fused_block("h.*", "self_attention", Role::Grouped, norms));
+    renamed_owned("falcon", &["transformer.", ""], &entries)
 }
 
 /// Llama, Mistral and Qwen2: separate q/k/v (Qwen2 with biases), SwiGLU, RMSNorm.
@@ -699,9 +655,5 @@ pub fn albert() -> Policy {
     ] {
         entries.extend(part);
     }
-    let entries: Vec<(&str, &str, Role)> = entries
-        .iter()
-        .map(|(c, w, r)| (c.as_str(), w.as_str(), r.clone()))
-        .collect();
-    renamed("albert", &["albert.", ""], &entries)
+    renamed_owned("albert", &["albert.", ""], &entries)
 }
