@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the fuzz targets into fuzz/corpus/<target>/ from tests/fixtures/.
 
-    python3 fuzz/make_seeds.py                       # safetensors_*, config_json
+    python3 fuzz/make_seeds.py                       # safetensors_*, config_json, policy_file
     /root/.cache/pf-venv/bin/python fuzz/make_seeds.py  # also gguf_reader (needs gguf-py)
 
 The ipc_frames seeds are encoded by the crate itself (`write_frame`):
@@ -13,6 +13,7 @@ few rows each, plus one truncated copy of the real header.
 """
 
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -216,9 +217,70 @@ def gguf_seeds() -> None:
     out("gguf_reader", "tiny_llama_q8_0_header", real[:start + 64])
 
 
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def policy_toml(policy: dict) -> str:
+    """The subset of TOML policy files use: top-level values, [config], [[tensor]]."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in policy.items() if k not in ("config", "tensor")]
+    if "config" in policy:
+        lines += ["", "[config]"] + [f"{k} = {toml_value(v)}" for k, v in policy["config"].items()]
+    for entry in policy.get("tensor", []):
+        lines += ["", "[[tensor]]"] + [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+    return "\n".join(lines) + "\n"
+
+
+def policy_seeds() -> None:
+    import tomllib  # noqa: PLC0415 (Python 3.11)
+    text = (ROOT / "tests" / "policy_file.rs").read_text()
+    tinyllm = re.search(r'const POLICY: &str = r#"(.*?)"#;', text, re.S).group(1)
+    out("policy_file", "tinyllm.toml", tinyllm.encode())
+    policy = tomllib.loads(tinyllm)
+    out("policy_file", "tinyllm.json", json.dumps(policy, indent=1).encode())
+    # The same rules over a checkpoint of other names and shapes (after the NUL byte).
+    tensors = "\n".join([
+        "backbone.tok_embeddings.weight 103x64", "head.weight 103x64",
+        "backbone.blocks.7.attn.wq.weight 64x64", "backbone.blocks.7.attn.wk.weight 30x64",
+        "backbone.blocks.7.attn.wo.weight 64", "backbone.blocks.7.ffn.w_up.weight 64x100x2",
+        "backbone.blocks.7.norm1.weight", "extra.weight 1x1"])
+    out("policy_file", "tinyllm_other_tensors", tinyllm.encode() + b"\x00" + tensors.encode())
+    # Every split and option: fused parts, per-head blocks, transposed (GPT-2 Conv1D) storage.
+    fused = {
+        "model_type": "fusedlm", "wiring": "gpt2", "prefixes": ["transformer.", ""],
+        "config": {"n_embd": "width", "n_layer": "depth"},
+        "tensor": [
+            {"name": "h.*.qkv.weight", "wiring_name": "h.*.attn.c_attn.weight",
+             "split": "column", "partition": "heads", "parts": 3, "transposed": True},
+            {"name": "h.*.neox_qkv.weight", "split": "per_head", "parts": 3},
+            {"name": "h.*.out.weight", "wiring_name": "h.*.attn.c_proj.weight",
+             "split": "row", "partition": "heads", "transposed": True},
+            {"name": "h.*.fc.*", "wiring_name": "h.*.mlp.c_fc.*", "split": "column",
+             "partition": "intermediate"},
+            {"name": "wte.weight", "wiring_name": "wte.weight", "split": "column",
+             "partition": "vocab"},
+            {"name": "*", "split": "replicate"},
+        ]}
+    out("policy_file", "fused.toml", policy_toml(fused).encode())
+    out("policy_file", "fused.json", json.dumps(fused).encode())
+    out("policy_file", "fused_tensors", policy_toml(fused).encode() + b"\x00" + "\n".join([
+        "transformer.h.0.qkv.weight 64x192", "transformer.h.0.neox_qkv.weight 192x64",
+        "transformer.h.0.out.weight 64x64", "h.0.fc.bias 100", "wte.weight 103x64",
+        "rotary.inv_freq 4"]).encode())
+    # Refused: a rule without a partition, parts on a row split, an unknown wiring.
+    out("policy_file", "refused_entries", b'model_type = "x"\nwiring = "bert"\n[[tensor]]\n'
+        b'name = "a"\nsplit = "row"\nparts = 2\npartition = "kv_heads"\n')
+    out("policy_file", "unknown_wiring.json", b'{"model_type": "x", "wiring": "t5", "tensor": []}')
+
+
 if __name__ == "__main__":
     safetensors_seeds()
     config_seeds()
+    policy_seeds()
     gguf_seeds()
     for d in sorted(CORPUS.iterdir()):
         files = list(d.iterdir())

@@ -53,6 +53,10 @@ from transformers import (  # noqa: E402
     ElectraModel,
     AlbertConfig,
     AlbertModel,
+    BartConfig,
+    BartForConditionalGeneration,
+    T5Config,
+    T5ForConditionalGeneration,
     GPTBigCodeConfig,
     GPTBigCodeForCausalLM,
     GPTNeoConfig,
@@ -82,6 +86,8 @@ ROW1_REAL = 6         # row 1 has 6 real tokens, then right padding
 PAD_ID = 0            # padding token id used in input_ids and for generate
 PROMPT_LEN = 5        # greedy-generation prompt length
 MAX_NEW = 12          # max_new_tokens for generation
+BATCH_ROW1_REAL = 3   # encoder-decoders' generation batch: row 1 has 3 real tokens
+DEC_LEN = 7           # encoder-decoder reference batch: decoder_input_ids [2, DEC_LEN]
 WEIGHT_STD = 0.15     # std of re-randomized weight matrices / embeddings
 MAX_FIXTURE_BYTES = 1_000_000
 
@@ -176,15 +182,17 @@ def check_ties(model: torch.nn.Module, tied: bool, pairs: list[tuple[str, str]])
             raise RuntimeError(f"tie mismatch {a} vs {b}: tied={same}, expected {tied}")
 
 
-def make_batch(gen: torch.Generator, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(1, vocab, (2, SEQ_LEN), generator=gen, dtype=torch.int64)
-    mask = torch.ones(2, SEQ_LEN, dtype=torch.int64)
-    ids[1, ROW1_REAL:] = PAD_ID
-    mask[1, ROW1_REAL:] = 0
+def make_batch(gen: torch.Generator, vocab: int, seq_len: int = SEQ_LEN, row1_real: int = ROW1_REAL,
+               pad: int = PAD_ID, low: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2, seq_len] ids in [low, vocab), row 1 right-padded with `pad` after `row1_real` tokens."""
+    ids = torch.randint(low, vocab, (2, seq_len), generator=gen, dtype=torch.int64)
+    mask = torch.ones(2, seq_len, dtype=torch.int64)
+    ids[1, row1_real:] = pad
+    mask[1, row1_real:] = 0
     return ids, mask
 
 
-def greedy_config(eos, min_new_tokens=None, bos=None) -> GenerationConfig:
+def greedy_config(eos, min_new_tokens=None, bos=None, pad=PAD_ID, decoder_start=None) -> GenerationConfig:
     return GenerationConfig(
         do_sample=False,
         num_beams=1,
@@ -198,7 +206,8 @@ def greedy_config(eos, min_new_tokens=None, bos=None) -> GenerationConfig:
         length_penalty=1.0,
         eos_token_id=eos,
         bos_token_id=bos,
-        pad_token_id=PAD_ID,
+        pad_token_id=pad,
+        decoder_start_token_id=decoder_start,
     )
 
 
@@ -216,17 +225,37 @@ def generate_new(model, prompt: torch.Tensor, gc: GenerationConfig) -> torch.Ten
         seq = out
     else:
         seq = out.sequences
-    assert torch.equal(seq[:, : prompt.shape[1]], prompt)
-    return seq[:, prompt.shape[1]:].clone()
+    # An encoder-decoder returns the decoder sequence, which starts with the decoder start token.
+    if model.config.is_encoder_decoder:
+        head = torch.full((prompt.shape[0], 1), gc.decoder_start_token_id, dtype=torch.int64)
+    else:
+        head = prompt
+    assert torch.equal(seq[:, : head.shape[1]], head)
+    return seq[:, head.shape[1]:].clone()
 
 
 @torch.no_grad()
 def manual_greedy(model, prompt: torch.Tensor, n: int, eos=None, min_new=0) -> list[int]:
-    """Cache-free greedy loop: independent check of model.generate."""
-    ids = prompt.clone()
+    """Cache-free greedy loop: independent check of model.generate.
+
+    An encoder-decoder runs its encoder once on the prompt, then its decoder on the whole
+    decoder prefix (the decoder start token first) at every step.
+    """
+    if model.config.is_encoder_decoder:
+        mask = torch.ones_like(prompt)
+        enc = model.get_encoder()(input_ids=prompt, attention_mask=mask)
+        ids = torch.tensor([[model.config.decoder_start_token_id]])
+
+        def step_logits(ids):
+            return model(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=ids).logits
+    else:
+        ids = prompt.clone()
+
+        def step_logits(ids):
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     new = []
     for step in range(n):
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+        logits = step_logits(ids)[0, -1]
         if eos is not None and step < min_new:
             logits = logits.clone()
             logits[eos] = -float("inf")
@@ -236,6 +265,23 @@ def manual_greedy(model, prompt: torch.Tensor, n: int, eos=None, min_new=0) -> l
         if eos is not None and t == eos:
             break
     return new
+
+
+def checked_greedy(model, prompt: torch.Tensor, chosen: dict, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy generation stopping at the chosen eos, and with min_new_tokens = MAX_NEW
+    (`config(min_new_tokens)` gives the generation config), each checked against the
+    free-running tokens and a cache-free manual loop."""
+    eos = chosen["eos"]
+    stop = generate_new(model, prompt, config(None))
+    mn = generate_new(model, prompt, config(MAX_NEW))
+    exp_stop = chosen["free"][: chosen["eos_pos"] + 1]
+    assert stop[0].tolist() == exp_stop, (stop, exp_stop)
+    assert mn.shape == (1, MAX_NEW), mn.shape
+    assert eos not in mn[0].tolist()
+    assert manual_greedy(model, prompt, MAX_NEW) == chosen["free"], "generate != manual greedy"
+    assert manual_greedy(model, prompt, MAX_NEW, eos=eos) == exp_stop
+    assert manual_greedy(model, prompt, MAX_NEW, eos=eos, min_new=MAX_NEW) == mn[0].tolist()
+    return stop, mn
 
 
 def pick_eos(new_tokens: list[int], avoid: set[int]) -> int | None:
@@ -517,6 +563,72 @@ def falcon_spec(out: Path):
     return dict(cls=FalconForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
                 tied=False, tie_pairs=[])
 
+
+# Encoder-decoder specs (make_seq2seq_fixture): `low` is the first token id that is not
+# special (padding, bos, decoder start); reference inputs and prompts use ids >= low.
+
+def bart_spec(out: Path):
+    # Post-LayerNorm blocks, learned positions offset by 2, a LayerNorm on the embeddings
+    # (layernorm_embedding), GELU, a tied LM head plus the final_logits_bias buffer.
+    # eos_token_id is replaced by the one picked from the greedy continuation.
+    # (With random weights behind these LayerNorms a tied head mostly repeats the last
+    # token (small weights) or one token picked by the encoder output (larger ones);
+    # few seeds give a varied continuation, hence the base seed in SEQ2SEQ_FIXTURES.)
+    cfg = BartConfig(
+        vocab_size=103, d_model=64, encoder_attention_heads=8, decoder_attention_heads=8,
+        encoder_ffn_dim=96, decoder_ffn_dim=96, encoder_layers=2, decoder_layers=2,
+        max_position_embeddings=64, activation_function="gelu", scale_embedding=False,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    return dict(
+        cls=BartForConditionalGeneration, cfg=cfg, max_ranks=4, tied=True,
+        tie_pairs=[("lm_head.weight", "model.shared.weight"),
+                   ("model.encoder.embed_tokens.weight", "model.shared.weight"),
+                   ("model.decoder.embed_tokens.weight", "model.shared.weight")],
+        bias_buffers=["final_logits_bias"], std=0.25, low=3,
+    )
+
+
+def t5_cfg(feed_forward_proj: str, tie_word_embeddings: bool) -> T5Config:
+    # Relative position buckets: 16 per direction in the encoder (8 exact, then
+    # logarithmic up to relative_attention_max_distance), 32 one-way in the decoder
+    # (16 exact: the decoder sequences here stay within those).
+    return T5Config(
+        vocab_size=103, d_model=64, d_kv=8, num_heads=8, d_ff=96, num_layers=2,
+        num_decoder_layers=2, relative_attention_num_buckets=32, relative_attention_max_distance=20,
+        feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie_word_embeddings,
+        dropout_rate=0.0, layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+# 24 encoder tokens: distances up to 23 pass relative_attention_max_distance (20).
+T5_SEQ_LEN = 24
+T5_ROW1_REAL = 15
+T5_TIE_PAIRS = [("lm_head.weight", "shared.weight"),
+                ("encoder.embed_tokens.weight", "shared.weight"),
+                ("decoder.embed_tokens.weight", "shared.weight")]
+
+
+def t5_spec(out: Path):
+    # Original T5: RMSNorm without mean or bias, ReLU, unscaled attention scores, and a
+    # head tied to the embeddings whose input is scaled by d_model**-0.5, so that the
+    # logits std is about the weight std: a larger one keeps it in range (and makes
+    # much of the unscaled attention nearly one-hot).
+    return dict(cls=T5ForConditionalGeneration, cfg=t5_cfg("relu", True), max_ranks=4,
+                tied=True, tie_pairs=T5_TIE_PAIRS, std=0.35, low=2,
+                seq_len=T5_SEQ_LEN, row1_real=T5_ROW1_REAL)
+
+
+def t5_gated_spec(out: Path):
+    # T5 v1.1: gated GELU (tanh approximation), an untied head and no output scaling.
+    return dict(cls=T5ForConditionalGeneration, cfg=t5_cfg("gated-gelu", False), max_ranks=4,
+                tied=False, tie_pairs=T5_TIE_PAIRS[:1], low=2,
+                seq_len=T5_SEQ_LEN, row1_real=T5_ROW1_REAL)
+
+
 FIXTURES = {
     # name: (spec builder, base seed)
     "gpt2": (gpt2_spec, 1000),
@@ -540,6 +652,13 @@ FIXTURES = {
     "falcon": (falcon_spec, 19000),
 }
 
+SEQ2SEQ_FIXTURES = {
+    # name: (spec builder, base seed)
+    "bart": (bart_spec, 20810),  # the first varied continuation from 20000 on (see bart_spec)
+    "t5": (t5_spec, 21000),
+    "t5_gated": (t5_gated_spec, 22000),
+}
+
 MAX_SEED_TRIES = 20
 
 
@@ -555,7 +674,19 @@ def build_model(spec, seed: int):
     cfg._attn_implementation = "eager"
     model = spec["cls"](cfg)
     model.to(torch.float32)
-    randomize_(model, seed + 1)
+    if spec["tied"] is False:
+        # transformers 5 builds T5 with lm_head tied to shared.weight whatever
+        # tie_word_embeddings says; loading unties them when the checkpoint holds both.
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for a, b in spec["tie_pairs"]:
+            if params[a].data_ptr() == params[b].data_ptr():
+                mod_name, _, pname = a.rpartition(".")
+                setattr(model.get_submodule(mod_name), pname, torch.nn.Parameter(params[a].detach().clone()))
+    randomize_(model, seed + 1, spec.get("std", WEIGHT_STD))
+    g = torch.Generator().manual_seed(seed + 3)
+    for bname in spec.get("bias_buffers", ()):  # buffers randomize_ does not reach
+        buf = model.get_buffer(bname)
+        buf.copy_(0.1 * torch.randn(buf.shape, generator=g, dtype=torch.float32))
     if spec["tied"]:
         model.tie_weights()
     if spec["tie_pairs"]:
@@ -582,21 +713,31 @@ def sliding_window_check(model, ids: torch.Tensor, window: int, n_layers: int) -
     print(f"  sliding window check OK (token 0 affects positions 0..{reach} only)")
 
 
-def make_fixture(name: str, out_root: Path) -> Path:
-    builder, base_seed = FIXTURES[name]
+def fresh_dir(out_root: Path, name: str) -> Path:
     d = out_root / name
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
+    return d
+
+
+def seeded_attempts(spec, base_seed: int):
+    """Fresh models for successive seeds, each with its vocabulary size and the generator its
+    inputs are drawn from."""
+    for attempt in range(MAX_SEED_TRIES):
+        seed = base_seed + 10 * attempt
+        model = build_model(spec, seed)
+        yield seed, model, model.config.vocab_size, torch.Generator().manual_seed(seed + 2)
+
+
+def make_fixture(name: str, out_root: Path) -> Path:
+    builder, base_seed = FIXTURES[name]
+    d = fresh_dir(out_root, name)
     spec = builder(d)
     print(f"[{name}] {spec['cls'].__name__}")
 
     chosen = None
-    for attempt in range(MAX_SEED_TRIES):
-        seed = base_seed + 10 * attempt
-        model = build_model(spec, seed)
-        vocab = model.config.vocab_size
-        gen = torch.Generator().manual_seed(seed + 2)
+    for seed, model, vocab, gen in seeded_attempts(spec, base_seed):
         if "inputs" in spec:
             ids, mask, prompt = spec["inputs"](gen)
         else:
@@ -650,16 +791,8 @@ def make_fixture(name: str, out_root: Path) -> Path:
         model.config.eos_token_id = eos
         if spec.get("bos") is not None:
             model.config.bos_token_id = spec["bos"]
-        stop = generate_new(model, prompt, greedy_config(eos, bos=spec.get("bos")))
-        mn = generate_new(model, prompt, greedy_config(eos, min_new_tokens=MAX_NEW, bos=spec.get("bos")))
-        # Checks.
-        exp_stop = chosen["free"][: chosen["eos_pos"] + 1]
-        assert stop[0].tolist() == exp_stop, (stop, exp_stop)
-        assert mn.shape == (1, MAX_NEW), mn.shape
-        assert eos not in mn[0].tolist()
-        assert manual_greedy(model, prompt, MAX_NEW) == chosen["free"], "generate != manual greedy"
-        assert manual_greedy(model, prompt, MAX_NEW, eos=eos) == exp_stop
-        assert manual_greedy(model, prompt, MAX_NEW, eos=eos, min_new=MAX_NEW) == mn[0].tolist()
+        stop, mn = checked_greedy(model, prompt, chosen,
+                                   lambda min_new: greedy_config(eos, min_new, bos=spec.get("bos")))
         tensors["generate_input_ids"] = prompt.contiguous()
         tensors["generate_output_ids"] = stop.contiguous()
         tensors["generate_min_output_ids"] = mn.contiguous()
@@ -745,6 +878,132 @@ def make_fixture(name: str, out_root: Path) -> Path:
         "pad_token_id": PAD_ID,
         "output_std": round(float(ref_stats.std()), 4),
         **meta_extra,
+    }
+    (d / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return d
+
+
+def make_seq2seq_fixture(name: str, out_root: Path) -> Path:
+    """Encoder-decoder fixture: logits for given decoder inputs, the encoder output and
+    greedy generation (its tokens after the decoder start token)."""
+    builder, base_seed = SEQ2SEQ_FIXTURES[name]
+    d = fresh_dir(out_root, name)
+    spec = builder(d)
+    print(f"[{name}] {spec['cls'].__name__}")
+    cfg = spec["cfg"]
+    pad, start, low = cfg.pad_token_id, cfg.decoder_start_token_id, spec["low"]
+    bos = getattr(cfg, "bos_token_id", None)  # T5Config has none
+
+    def gconf(eos, min_new_tokens=None) -> GenerationConfig:
+        return greedy_config(eos, min_new_tokens, bos=bos, pad=pad, decoder_start=start)
+
+    chosen = None
+    for seed, model, vocab, gen in seeded_attempts(spec, base_seed):
+        ids, mask = make_batch(gen, vocab, spec.get("seq_len", SEQ_LEN), spec.get("row1_real", ROW1_REAL),
+                               pad, low)
+        dec = torch.randint(low, vocab, (2, DEC_LEN), generator=gen, dtype=torch.int64)
+        dec[:, 0] = start
+        prompt = torch.randint(low, vocab, (1, PROMPT_LEN), generator=gen, dtype=torch.int64)
+
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        ref = out.logits.detach().clone().float()
+        enc = out.encoder_last_hidden_state.detach().clone().float()
+        if not (torch.isfinite(ref).all() and torch.isfinite(enc).all()):
+            raise RuntimeError("non-finite outputs")
+
+        free = generate_new(model, prompt, gconf(None))[0].tolist()
+        assert len(free) == MAX_NEW, free
+        if len(set(free)) < 5:
+            print(f"  seed {seed}: generation too repetitive {free}, retrying")
+            continue
+        pos = pick_eos(free, {pad, bos, start} - {None})
+        if pos is None:
+            print(f"  seed {seed}: no suitable eos position in {free}, retrying")
+            continue
+        chosen = dict(seed=seed, model=model, ids=ids, mask=mask, dec=dec, ref=ref, enc=enc,
+                      prompt=prompt, free=free, eos_pos=pos, eos=free[pos])
+        break
+    if chosen is None:
+        raise RuntimeError(f"{name}: no suitable seed found")
+
+    model, prompt, eos = chosen["model"], chosen["prompt"], chosen["eos"]
+    model.config.eos_token_id = eos
+    stop, mn = checked_greedy(model, prompt, chosen, lambda min_new: gconf(eos, min_new))
+    # Beam search (3 beams), and a greedy batch of two prompts, the second right-padded.
+    beam_config = gconf(eos)
+    beam_config.num_beams = 3
+    beam = generate_new(model, prompt, beam_config)
+    batch = torch.cat([prompt, prompt.flip(1)])
+    batch_mask = torch.ones_like(batch)
+    batch[1, BATCH_ROW1_REAL:], batch_mask[1, BATCH_ROW1_REAL:] = pad, 0
+    with torch.no_grad():
+        batch_out = model.generate(input_ids=batch, attention_mask=batch_mask,
+                                   generation_config=gconf(eos))[:, 1:].clone()
+    ref = chosen["ref"]
+    tensors = {
+        "input_ids": chosen["ids"].contiguous(),
+        "attention_mask": chosen["mask"].contiguous(),
+        "decoder_input_ids": chosen["dec"].contiguous(),
+        "logits": ref.contiguous(),
+        "encoder_last_hidden_state": chosen["enc"].contiguous(),
+        "generate_input_ids": prompt.contiguous(),
+        "generate_output_ids": stop.contiguous(),
+        "generate_min_output_ids": mn.contiguous(),
+        "generate_beam_output_ids": beam.contiguous(),
+        "generate_batch_input_ids": batch.contiguous(),
+        "generate_batch_attention_mask": batch_mask.contiguous(),
+        "generate_batch_output_ids": batch_out.contiguous(),
+    }
+    print(f"  greedy (no eos): {chosen['free']}")
+    print(f"  eos = {eos} (position {chosen['eos_pos']}), stop: {stop[0].tolist()}")
+    print(f"  min_new_tokens=12: {mn[0].tolist()}")
+    print(f"  3 beams: {beam[0].tolist()}; batch: {batch_out.tolist()}")
+
+    # ---- save checkpoint (its generation config: greedy, without a max_new_tokens default)
+    model.generation_config = gconf(eos)
+    model.generation_config.max_new_tokens = None
+    model.save_pretrained(d)
+    save_file(tensors, str(d / "reference.safetensors"), metadata={"format": "pt"})
+
+    # ---- checks on what was written
+    cfg_json = json.loads((d / "config.json").read_text())
+    assert (cfg_json.get("eos_token_id"), cfg_json.get("decoder_start_token_id")) == (eos, start), cfg_json
+    gcj = json.loads((d / "generation_config.json").read_text())
+    assert (gcj.get("eos_token_id"), gcj.get("decoder_start_token_id")) == (eos, start), gcj
+    assert not gcj.get("do_sample", False), gcj
+    keys = set(load_file(str(d / "model.safetensors")).keys())
+    reloaded = spec["cls"].from_pretrained(d, attn_implementation="eager", dtype=torch.float32).eval()
+    check_ties(reloaded, bool(spec["tied"]), spec["tie_pairs"])
+    with torch.no_grad():
+        r2 = reloaded(input_ids=chosen["ids"], attention_mask=chosen["mask"], decoder_input_ids=chosen["dec"])
+    if not (torch.equal(r2.logits, ref) and torch.equal(r2.encoder_last_hidden_state, chosen["enc"])):
+        raise RuntimeError(f"reloaded model output differs: max {float((r2.logits - ref).abs().max())}")
+    # Reloaded model with its saved generation_config must reproduce the stopping run.
+    with torch.no_grad():
+        seq = reloaded.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=MAX_NEW)
+    assert seq[0, 0] == start and torch.equal(seq[:, 1:], stop), seq
+
+    std = float(ref.std())
+    print(f"  logits {tuple(ref.shape)}: std {std:.3f}, absmax {ref.abs().max():.3f}; "
+          f"encoder_last_hidden_state {tuple(chosen['enc'].shape)}; {len(keys)} tensors saved")
+    if not (0.3 < std < 10.0):
+        raise RuntimeError(f"{name}: reference output std {std} out of range")
+
+    meta = {
+        "architecture": spec["cls"].__name__,
+        "output": "logits",
+        "max_ranks": spec["max_ranks"],
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "tokenizers_version": __import__("tokenizers").__version__,
+        "pad_token_id": pad,
+        "decoder_start_token_id": start,
+        "output_std": round(std, 4),
+        "eos_token_id": eos,
+        "eos_position": chosen["eos_pos"],
+        "generate_no_eos_ids": chosen["free"],
+        "seed": chosen["seed"],
     }
     (d / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return d
@@ -1130,7 +1389,8 @@ GGUF_FIXTURES = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--only", nargs="*", choices=list(FIXTURES) + list(GGUF_FIXTURES), default=None)
+    ap.add_argument("--only", nargs="*", choices=list(FIXTURES) + list(SEQ2SEQ_FIXTURES) + list(GGUF_FIXTURES),
+                    default=None)
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -1138,8 +1398,9 @@ def main() -> int:
     np.random.seed(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
 
-    names = args.only or list(FIXTURES) + list(GGUF_FIXTURES)
+    names = args.only or list(FIXTURES) + list(SEQ2SEQ_FIXTURES) + list(GGUF_FIXTURES)
     dirs = [make_fixture(n, args.out) for n in names if n in FIXTURES]
+    dirs += [make_seq2seq_fixture(n, args.out) for n in names if n in SEQ2SEQ_FIXTURES]
     gguf_parts = [n for n in names if n in GGUF_FIXTURES]
     if gguf_parts:
         gguf_dir = args.out / GGUF_DIR_NAME

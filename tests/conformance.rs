@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture, masked_max_diff, options, reference, reference_batch};
+use common::{fixture, masked_max_diff, options, reference, reference_batch, RefTensor};
 use parallelformers::{parallelize, GenerationConfig, WeightDType};
 
 /// f32 outputs must be within this of transformers' (absolute, at unpadded positions).
@@ -17,7 +17,14 @@ fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
     opts.dtype = dtype;
     let mut model =
         parallelize(fixture(name), opts).unwrap_or_else(|e| panic!("{name} at {ranks} ranks: {e}"));
-    let mask = &refs["attention_mask"];
+    // An encoder–decoder's logits are the decoder's, whose input is never padded.
+    let mask = match refs.get("decoder_input_ids") {
+        Some(decoder) => &RefTensor {
+            shape: decoder.shape.clone(),
+            values: vec![1.0; decoder.values.len()],
+        },
+        None => &refs["attention_mask"],
+    };
     let out = model.forward(&reference_batch(&refs)).unwrap();
     let expected = refs
         .get("logits")
@@ -72,6 +79,7 @@ fn max_ranks(name: &str) -> usize {
         .or(config["n_head"].as_u64())
         .or(config["n_heads"].as_u64())
         .or(config["num_heads"].as_u64())
+        .or(config["encoder_attention_heads"].as_u64())
         .unwrap() as usize;
     heads.min(4)
 }
@@ -197,6 +205,25 @@ fn albert_hidden_states_match_transformers_at_every_rank_count() {
         "{held:?} > {file} bytes"
     );
     model.deparallelize();
+}
+
+/// BART: encoder and decoder of post-LayerNorm blocks, learned positions offset by 2, a tied
+/// head with `final_logits_bias`; generation caches the encoder output's keys and values.
+#[test]
+fn bart_matches_transformers_at_every_rank_count() {
+    check_all_ranks("bart");
+}
+
+/// T5 as first released: ReLU feed-forward, relative position buckets, tied head (scaled).
+#[test]
+fn t5_with_relative_positions_and_a_tied_head_matches_transformers_at_every_rank_count() {
+    check_all_ranks("t5");
+}
+
+/// T5 v1.1: gated-GELU feed-forward, separate head.
+#[test]
+fn t5_with_a_gated_feed_forward_matches_transformers_at_every_rank_count() {
+    check_all_ranks("t5_gated");
 }
 
 #[test]

@@ -78,6 +78,11 @@ fn config_json_corpus_replays_without_panicking() {
 }
 
 #[test]
+fn policy_file_corpus_replays_without_panicking() {
+    replay("policy_file");
+}
+
+#[test]
 fn every_target_has_a_corpus() {
     for target in harness::TARGETS {
         assert!(corpus_dir(target).is_dir(), "no corpus for `{target}`");
@@ -145,6 +150,7 @@ fn write_ipc_seeds() {
                 batch: 2,
                 seq_len: 3,
                 attention_mask: Some(vec![1, 1, 1, 1, 1, 0]),
+                decoder_input_ids: Some(vec![2, 7, 2, 8]),
             }),
         ),
         (

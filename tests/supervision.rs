@@ -134,6 +134,7 @@ fn a_rank_killed_or_stopped_in_any_phase_fails_the_call_fast_and_leaves_nothing_
         batch: 1,
         seq_len: 1500,
         attention_mask: None,
+        decoder_input_ids: None,
     };
     let forward = in_thread(model, move |m| m.forward(&input));
     std::thread::sleep(Duration::from_millis(300));

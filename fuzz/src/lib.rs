@@ -20,18 +20,23 @@ use parallelformers::checkpoint::gguf_model::config_from_gguf;
 use parallelformers::checkpoint::safetensors::SafetensorsCheckpoint;
 use parallelformers::checkpoint::source::WeightsLocation;
 use parallelformers::checkpoint::WeightSource;
+use parallelformers::parallel::engine::plan_slice;
 use parallelformers::parallel::ipc::{
     decode, read_frame, write_frame, FrameReader, LoadSpec, Reply, Request,
 };
+use parallelformers::parallel::Plan;
+use parallelformers::policy::file::PolicyFile;
+use parallelformers::policy::Policy;
 use parallelformers::WeightDType;
 
 /// Names of the targets, as `cargo fuzz` and `tests/fixtures/fuzz/` know them.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "safetensors_header",
     "safetensors_index",
     "gguf_reader",
     "ipc_frames",
     "config_json",
+    "policy_file",
 ];
 
 /// Runs the target called `name` on `data`; `None` for an unknown name.
@@ -42,6 +47,7 @@ pub fn run_target(name: &str, data: &[u8]) -> Option<Result<(), String>> {
         "gguf_reader" => gguf_reader(data),
         "ipc_frames" => ipc_frames(data),
         "config_json" => config_json(data),
+        "policy_file" => policy_file(data),
         _ => return None,
     })
 }
@@ -399,4 +405,182 @@ pub fn config_json(data: &[u8]) -> Result<(), String> {
         other => panic!("a Load request came back as {other:?}"),
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy files
+// ---------------------------------------------------------------------------------------------
+
+/// The llama fixture's configuration (`tests/fixtures/llama/config.json`, the fields that
+/// matter), which a policy's `[config]` respells before the policy reads it back.
+const LLAMA_CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 64, "head_dim": 8,
+    "intermediate_size": 100, "max_position_embeddings": 128, "num_attention_heads": 8,
+    "num_hidden_layers": 2, "num_key_value_heads": 4, "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": false, "vocab_size": 103, "eos_token_id": 67}"#;
+
+/// The checkpoint's tensors when the input names none: the llama fixture renamed as in
+/// `tests/policy_file.rs`, with its shapes.
+const DEFAULT_TENSORS: &str = "backbone.tok_embeddings.weight 103x64
+head.weight 103x64
+backbone.blocks.0.attn.wq.weight 64x64
+backbone.blocks.0.attn.wk.weight 32x64
+backbone.blocks.0.attn.wv.weight 32x64
+backbone.blocks.0.attn.wo.weight 64x64
+backbone.blocks.0.ffn.w_gate.weight 100x64
+backbone.blocks.0.ffn.w_up.weight 100x64
+backbone.blocks.0.ffn.w_down.weight 64x100
+backbone.blocks.0.norm1.weight 64
+backbone.blocks.0.norm2.weight 64
+backbone.final_norm.weight 64";
+
+/// The wiring's tensor names a llama model asks the policy to spell.
+const LLAMA_WIRING_NAMES: [&str; 6] = [
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "layers.0.self_attn.q_proj.weight",
+    "layers.1.mlp.down_proj.weight",
+    "layers.0.input_layernorm.weight",
+    "norm.weight",
+];
+
+/// A policy file, then (after a NUL byte, if any) the checkpoint's tensors, one per line as
+/// `name` or `name 64x100`: [`PolicyFile::parse`] as TOML and as JSON. An accepted policy gives
+/// every entry a role; it reads a `config.json` spelled its way back into the wiring's
+/// spelling; its rules decide every tensor's role consistently with `check_coverage`; each
+/// role plans slices at 1 to 4 ranks that stay within the tensor and together cover it; and
+/// the policy crosses the IPC wire unchanged.
+pub fn policy_file(data: &[u8]) -> Result<(), String> {
+    let (text, tensors) = match data.iter().position(|&b| b == 0) {
+        Some(nul) => (&data[..nul], String::from_utf8_lossy(&data[nul + 1..])),
+        None => (data, DEFAULT_TENSORS.into()),
+    };
+    let text = std::str::from_utf8(text).map_err(|e| format!("not UTF-8: {e}"))?;
+    let tensors: Vec<(&str, Vec<usize>)> = tensors.lines().map(tensor_line).collect();
+    let as_toml = PolicyFile::parse(text, false);
+    let as_json = PolicyFile::parse(text, true);
+    let mut accepted = false;
+    for file in [&as_toml, &as_json].into_iter().flatten() {
+        walk_policy(file, &tensors);
+        accepted = true;
+    }
+    match accepted {
+        true => Ok(()),
+        false => Err(format!(
+            "as TOML: {:?}; as JSON: {:?}",
+            as_toml.err(),
+            as_json.err()
+        )),
+    }
+}
+
+/// `name` or `name 64x100`; dimensions that do not parse make a 1-D tensor of 0 elements.
+fn tensor_line(line: &str) -> (&str, Vec<usize>) {
+    match line.rsplit_once(' ') {
+        Some((name, dims)) => {
+            let shape: Option<Vec<usize>> = dims.split('x').map(|d| d.parse().ok()).collect();
+            (name, shape.unwrap_or_else(|| vec![0]))
+        }
+        None => (line, vec![64]),
+    }
+}
+
+fn walk_policy(file: &PolicyFile, tensors: &[(&str, Vec<usize>)]) {
+    let policy = file.policy();
+    assert_eq!(
+        policy.rules.len(),
+        file.tensors.len(),
+        "an accepted entry has no role: {file:?}"
+    );
+    for name in LLAMA_WIRING_NAMES {
+        let _ = policy.checkpoint_name(name);
+    }
+    let names: Vec<&str> = tensors.iter().map(|(name, _)| *name).collect();
+    if file.check_coverage(&names).is_ok() {
+        for name in &names {
+            assert!(
+                policy.role_of(name).is_some(),
+                "coverage passed but `{name}` has no role"
+            );
+        }
+    }
+    if let Some(config) = respelled_config(file) {
+        plan_every_slice(&policy, &config, tensors);
+    }
+    let load = Request::Load(LoadSpec {
+        location: WeightsLocation::Safetensors(PathBuf::from("/nonexistent")),
+        config: ModelConfig::from_file(&scratch_config(LLAMA_CONFIG))
+            .expect("the llama fixture's configuration resolves"),
+        dtype: WeightDType::F32,
+        policy: Some(policy.clone()),
+    });
+    let mut wire = Vec::new();
+    write_frame(&mut wire, &load).expect("a policy encodes");
+    match read_frame::<Request>(&mut wire.as_slice()).expect("an encoded policy decodes") {
+        Request::Load(spec) => assert_eq!(spec.policy, Some(policy)),
+        other => panic!("a Load request came back as {other:?}"),
+    }
+}
+
+fn scratch_config(text: &str) -> PathBuf {
+    let path = scratch("policy_file").join("config.json");
+    write(&path, text.as_bytes());
+    path
+}
+
+/// The llama configuration spelled as `file` says the checkpoint spells it, read back through
+/// `file`; `None` when the wiring's configuration does not resolve from it (another wiring, or
+/// fields mapped onto each other).
+fn respelled_config(file: &PolicyFile) -> Option<ModelConfig> {
+    let mut fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(LLAMA_CONFIG).expect("the llama configuration is JSON");
+    for (wiring_field, their_field) in &file.config {
+        if let Some(value) = fields.remove(wiring_field) {
+            fields.insert(their_field.clone(), value);
+        }
+    }
+    fields.insert("model_type".into(), file.model_type.clone().into());
+    let theirs = serde_json::Value::Object(fields).to_string();
+    let ours = file
+        .rewrite_config(&theirs)
+        .expect("a configuration of the policy's model_type is read");
+    let value: serde_json::Value =
+        serde_json::from_str(&ours).expect("the rewritten configuration is JSON");
+    assert_eq!(value["model_type"], file.wiring.as_str());
+    ModelConfig::from_file(&scratch_config(&ours)).ok()
+}
+
+/// Every rank's slice of every tensor with a role, at every world size the configuration
+/// allows up to 4: within the stored tensor, and all ranks together hold all of it.
+fn plan_every_slice(policy: &Policy, config: &ModelConfig, tensors: &[(&str, Vec<usize>)]) {
+    for world in 1..=4 {
+        let Ok(plan) = Plan::new(config, world) else {
+            continue;
+        };
+        for (name, shape) in tensors {
+            let Some(role) = policy.role_of(name) else {
+                continue;
+            };
+            let slices: Result<Vec<_>, _> = (0..world)
+                .map(|rank| plan_slice(name, role, shape, &plan, rank))
+                .collect();
+            let Ok(slices) = slices else {
+                continue;
+            };
+            let stored: u128 = shape.iter().map(|&d| d as u128).product();
+            let mut held = 0u128;
+            for slice in &slices {
+                let elements: u128 = slice.shape.iter().map(|&d| d as u128).product();
+                assert!(
+                    elements <= stored,
+                    "`{name}` {shape:?} as {role}: a slice {:?} larger than the tensor",
+                    slice.shape
+                );
+                held += elements;
+            }
+            assert!(
+                held >= stored,
+                "`{name}` {shape:?} as {role} at {world} ranks: slices hold {held} of {stored}"
+            );
+        }
+    }
 }

@@ -68,6 +68,19 @@ pub struct SessionStats {
 }
 
 impl ParallelModel {
+    /// Refuses models that cannot run a continuous-batching session: encoders, and
+    /// encoder–decoders (whose cross-attention caches sessions do not move yet).
+    pub fn check_sessions(&self) -> Result<()> {
+        self.check_generates()?;
+        match self.config().seq2seq {
+            None => Ok(()),
+            Some(_) => Err(Error::InvalidInput(format!(
+                "{} is an encoder–decoder: it generates with generate, but continuous batching (sessions, serve) does not take encoder–decoders yet",
+                self.config().architecture
+            ))),
+        }
+    }
+
     /// Runs a continuous-batching session: the sequences `driver` hands over join the running
     /// batch between decode steps (they are prefilled together, then decode with the others),
     /// each streams its tokens to `driver` and leaves the batch as soon as it ends. The session
@@ -77,7 +90,7 @@ impl ParallelModel {
     /// the check, or whose options leave no token to choose, ends with an error while the others
     /// go on. If a rank fails, every running sequence ends with the error and so does the call.
     pub fn generate_session(&mut self, driver: &mut dyn SessionDriver) -> Result<SessionStats> {
-        self.check_generates()?;
+        self.check_sessions()?;
         let text = self.text_side().map_err(|e| e.to_string());
         let mut listener = SessionListener {
             rules: self.rules(),

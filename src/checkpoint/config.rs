@@ -8,6 +8,9 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
+mod seq2seq;
+pub use seq2seq::{RelativeBuckets, Seq2SeqConfig};
+
 /// The block wiring a checkpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -20,6 +23,10 @@ pub enum Family {
     Bert,
     /// Phi, GPT-J: attention and MLP in parallel on one LayerNorm, partial rotary positions.
     Phi,
+    /// BART: an encoder and a decoder of post-LayerNorm blocks, learned positions.
+    Bart,
+    /// T5: an encoder and a decoder of pre-RMSNorm blocks, relative position buckets.
+    T5,
 }
 
 /// What the model returns from a forward pass.
@@ -143,6 +150,25 @@ pub struct RawConfig {
     new_decoder_architecture: Option<bool>,
     bias: Option<bool>,
     alibi: Option<bool>,
+    // Encoder–decoders (BART, T5); see `seq2seq.rs`.
+    d_model: Option<usize>,
+    d_kv: Option<usize>,
+    d_ff: Option<usize>,
+    encoder_layers: Option<usize>,
+    decoder_layers: Option<usize>,
+    num_decoder_layers: Option<usize>,
+    encoder_attention_heads: Option<usize>,
+    decoder_attention_heads: Option<usize>,
+    encoder_ffn_dim: Option<usize>,
+    decoder_ffn_dim: Option<usize>,
+    feed_forward_proj: Option<String>,
+    relative_attention_num_buckets: Option<usize>,
+    relative_attention_max_distance: Option<usize>,
+    scale_embedding: Option<bool>,
+    normalize_before: Option<bool>,
+    add_final_layer_norm: Option<bool>,
+    decoder_start_token_id: Option<u32>,
+    scale_decoder_outputs: Option<bool>,
 }
 
 /// The resolved configuration the model code uses: no `Option` where a default exists.
@@ -215,6 +241,8 @@ pub struct ModelConfig {
     /// BLOOM's ALiBi: no position embedding; each head adds its slope times the key's position
     /// to its attention scores.
     pub alibi: bool,
+    /// The decoder and its inputs of an encoder–decoder (BART, T5); `None` for the others.
+    pub seq2seq: Option<Seq2SeqConfig>,
 }
 
 impl ModelConfig {
@@ -243,9 +271,11 @@ fn family_of(
         "llama" | "mistral" | "qwen2" => Family::Llama,
         "bert" | "roberta" | "distilbert" | "electra" | "albert" => Family::Bert,
         "phi" | "gptj" | "gpt_neox" | "bloom" | "falcon" => Family::Phi,
+        "bart" => Family::Bart,
+        "t5" => Family::T5,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, gpt_neox, bloom, falcon, bert, roberta, distilbert, electra, albert); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, gpt_neox, bloom, falcon, bert, roberta, distilbert, electra, albert, bart, t5); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
@@ -260,6 +290,15 @@ fn family_of(
                 "architecture `{other}` is not supported for {model_type} (supported: BertModel, BertForMaskedLM, RobertaModel, DistilBertModel, ElectraModel, AlbertModel)"
             ))
         }
+        (
+            Family::Bart | Family::T5,
+            "BartForConditionalGeneration" | "T5ForConditionalGeneration" | "",
+        ) => OutputKind::Logits,
+        (Family::Bart | Family::T5, other) => {
+            return Err(format!(
+                "architecture `{other}` is not supported for {model_type} (supported: BartForConditionalGeneration, T5ForConditionalGeneration)"
+            ))
+        }
         _ => OutputKind::Logits,
     };
     Ok((family, output))
@@ -267,7 +306,8 @@ fn family_of(
 
 impl RawConfig {
     /// Resolves defaults and spellings into a [`ModelConfig`]; the error names the field.
-    pub fn resolve(self) -> std::result::Result<ModelConfig, String> {
+    pub fn resolve(mut self) -> std::result::Result<ModelConfig, String> {
+        let seq2seq = self.resolve_seq2seq()?;
         let model_type = self
             .model_type
             .clone()
@@ -320,7 +360,8 @@ impl RawConfig {
         let default_act = match family {
             Family::Gpt2 | Family::Phi => "gelu_new",
             Family::Llama => "silu",
-            Family::Bert => "gelu",
+            Family::Bert | Family::Bart => "gelu",
+            Family::T5 => "relu",
         };
         let act_name = self.hidden_act.as_deref().unwrap_or(default_act);
         let activation = Activation::from_name(act_name)
@@ -329,6 +370,9 @@ impl RawConfig {
             Family::Llama => self.rms_norm_eps.or(self.norm_eps).unwrap_or(1e-6),
             Family::Gpt2 | Family::Phi => self.norm_eps.unwrap_or(1e-5),
             Family::Bert => self.norm_eps.unwrap_or(1e-12),
+            // BART's LayerNorms are torch's defaults.
+            Family::Bart => 1e-5,
+            Family::T5 => self.norm_eps.unwrap_or(1e-6),
         };
         let rope_theta = if matches!(family, Family::Llama | Family::Phi) {
             Some(resolve_rope(&self)?)
@@ -338,7 +382,8 @@ impl RawConfig {
         let max_positions = self.max_position_embeddings.unwrap_or(match family {
             Family::Gpt2 => 1024,
             Family::Phi => 2048,
-            Family::Bert => 512,
+            Family::Bert | Family::T5 => 512,
+            Family::Bart => 1024,
             Family::Llama => 4096,
         });
         let rotary_dim = self.rotary_dim_of(&model_type, head_dim)?;
@@ -349,10 +394,12 @@ impl RawConfig {
         let attention_bias = self.attention_bias.unwrap_or(false);
         let attn_out_bias = match model_type.as_str() {
             "falcon" => self.bias.unwrap_or(false),
+            "t5" => false,
             _ => !rotary_interleaved && (family != Family::Llama || attention_bias),
         };
         let mlp_bias = match model_type.as_str() {
             "falcon" => self.bias.unwrap_or(false),
+            "t5" => false,
             _ => family != Family::Llama || self.mlp_bias.unwrap_or(false),
         };
         if model_type == "falcon"
@@ -372,7 +419,7 @@ impl RawConfig {
             "gpt_neo" | "gptj" => false,
             "falcon" => self.bias.unwrap_or(false),
             "opt" => self.enable_bias.unwrap_or(true),
-            _ => family != Family::Llama || is_qwen2 || attention_bias,
+            _ => !matches!(family, Family::Llama | Family::T5) || is_qwen2 || attention_bias,
         };
         if let Some(groups) = [self.num_hidden_groups, self.inner_group_num]
             .into_iter()
@@ -444,6 +491,7 @@ impl RawConfig {
             rotary_interleaved,
             sequential_residual,
             alibi,
+            seq2seq,
         })
     }
 

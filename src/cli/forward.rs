@@ -18,7 +18,8 @@ use super::ModelArgs;
 pub struct ForwardArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Safetensors file with `input_ids` (I64 `[B, L]`) and optional `attention_mask`.
+    /// Safetensors file with `input_ids` (I64 `[B, L]`), optional `attention_mask`, and for an
+    /// encoder–decoder optional `decoder_input_ids` (`[B, L']`).
     #[arg(long)]
     inputs: PathBuf,
     /// Where to write `logits` or `last_hidden_state` (F32).
@@ -92,14 +93,25 @@ fn read_inputs(path: &Path) -> anyhow::Result<ForwardInput> {
         }
         Err(_) => None,
     };
-    if tensors.tensor("decoder_input_ids").is_ok() {
-        tracing::warn!("decoder_input_ids is ignored: no encoder-decoder architecture is loaded");
-    }
+    let decoder_input_ids = match tensors.tensor("decoder_input_ids") {
+        Ok(view) => {
+            let (ids, rows, _) = integer_matrix(&view, "decoder_input_ids", path)?;
+            if rows != batch {
+                bail!(
+                    "{}: decoder_input_ids has {rows} rows but input_ids has {batch}",
+                    path.display()
+                );
+            }
+            Some(ids)
+        }
+        Err(_) => None,
+    };
     Ok(ForwardInput {
         input_ids,
         batch,
         seq_len,
         attention_mask,
+        decoder_input_ids,
     })
 }
 

@@ -258,6 +258,7 @@ impl Rows {
                 use_cache: true,
                 last_only: true,
                 positions: Some(&positions),
+                decoder_ids: None,
             },
             comm,
         )
@@ -359,6 +360,7 @@ fn prefill(
             use_cache: true,
             last_only: true,
             positions: Some(&positions),
+            decoder_ids: None,
         },
         comm,
     )

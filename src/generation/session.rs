@@ -417,6 +417,7 @@ impl RunningBatch {
                 use_cache: true,
                 last_only: true,
                 positions: Some(&positions),
+                decoder_ids: None,
             },
             comm,
         )?;

@@ -434,12 +434,26 @@ pub struct LayerCaches {
     layers: Vec<KvCache>,
 }
 
+impl FromIterator<KvCache> for LayerCaches {
+    /// Caches of one layer each, in order.
+    fn from_iter<I: IntoIterator<Item = KvCache>>(layers: I) -> Self {
+        LayerCaches {
+            layers: layers.into_iter().collect(),
+        }
+    }
+}
+
 impl LayerCaches {
     /// Empty caches for `layers` layers.
     pub fn new(layers: usize) -> Self {
         LayerCaches {
             layers: vec![KvCache::default(); layers],
         }
+    }
+
+    /// The cache of layer `index`, to read.
+    pub fn get(&self, index: usize) -> Option<&KvCache> {
+        self.layers.get(index)
     }
 
     /// The cache of layer `index`.
@@ -591,55 +605,128 @@ pub fn attend(
     projected: Projected,
     layout: HeadLayout,
     rotary: Option<&RotaryAngles>,
-    mut cache: Option<&mut KvCache>,
+    cache: Option<&mut KvCache>,
     mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scale = 1.0 / (layout.head_dim as f64).sqrt();
+    attend_scaled(projected, layout, rotary, cache, mask, scale)
+}
+
+/// [`attend`] with the scores multiplied by `scale` instead of `1/sqrt(D)` (T5 scales none).
+pub fn attend_scaled(
+    projected: Projected,
+    layout: HeadLayout,
+    rotary: Option<&RotaryAngles>,
+    cache: Option<&mut KvCache>,
+    mask: Option<&Tensor>,
+    scale: f64,
 ) -> Result<Tensor> {
     let (batch, len, _) = projected.q.dims3()?;
     let dtype = projected.q.dtype();
-    let split = |t: &Tensor, heads: usize| -> Result<Tensor> {
-        Ok(t.reshape((batch, len, heads, layout.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    };
-    let mut q = split(&projected.q, layout.heads)?;
-    let mut k = split(&projected.k, layout.kv_heads)?;
-    let v = split(&projected.v, layout.kv_heads)?;
+    let mut q = split_heads(&projected.q, layout.heads, layout.head_dim)?;
+    let mut k = split_heads(&projected.k, layout.kv_heads, layout.head_dim)?;
+    let v = split_heads(&projected.v, layout.kv_heads, layout.head_dim)?;
     if let Some(angles) = rotary {
         q = angles.apply(&q)?;
         k = angles.apply(&k)?;
     }
-    let scale = 1.0 / (layout.head_dim as f64).sqrt();
     let q = q.to_dtype(DType::F32)?;
-    if let Some(cache) = cache.as_deref_mut() {
-        cache.append(&k, &v)?;
-    }
-    if len == 1 {
-        let out = match cache.as_deref() {
-            Some(cache) => attend_one_query(&q, cache.view(), mask, &layout, scale as f32)?,
-            None => {
-                let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-                with_values(&k, |keys| {
-                    with_values(&v, |values| {
-                        let view = KvView {
-                            keys,
-                            values,
-                            len: 1,
-                            head_stride: layout.head_dim,
-                        };
-                        attend_one_query(&q, view, mask, &layout, scale as f32)
-                    })
-                })???
-            }
-        };
-        return Ok(out
+    let out = match cache {
+        Some(cache) => {
+            cache.append(&k, &v)?;
+            over_cache(&q, cache, mask, &layout, scale)?
+        }
+        None if len == 1 => {
+            let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+            with_values(&k, |keys| {
+                with_values(&v, |values| {
+                    let view = KvView {
+                        keys,
+                        values,
+                        len: 1,
+                        head_stride: layout.head_dim,
+                    };
+                    attend_one_query(&q, view, mask, &layout, scale as f32)
+                })
+            })???
             .reshape((batch, 1, layout.heads * layout.head_dim))?
-            .to_dtype(dtype)?);
-    }
-    let (k, v) = match cache.as_deref() {
-        Some(cache) => cache.tensors()?,
-        None => (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?),
+        }
+        None => {
+            let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+            attend_dense(&q, &k, &v, mask, &layout, scale)?
+        }
     };
-    let (k, v) = (expand_kv(&k, &layout)?, expand_kv(&v, &layout)?);
+    Ok(out.to_dtype(dtype)?)
+}
+
+/// Attention of queries `q` `[B, L, heads*D]` over keys and values cached earlier, which it
+/// leaves as they are (an encoder–decoder's cross-attention over the encoder output).
+/// Returns `[B, L, heads*D]` in the queries' dtype.
+pub fn attend_cached(
+    q: &Tensor,
+    layout: HeadLayout,
+    cache: &KvCache,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let heads = split_heads(q, layout.heads, layout.head_dim)?.to_dtype(DType::F32)?;
+    Ok(over_cache(&heads, cache, mask, &layout, scale)?.to_dtype(q.dtype())?)
+}
+
+/// A cache holding keys `k` and values `v` `[B, L, kv_heads*D]` (an encoder output's, which
+/// every decode step's cross-attention reads).
+pub fn cache_of(k: &Tensor, v: &Tensor, layout: &HeadLayout) -> Result<KvCache> {
+    let mut cache = KvCache::default();
+    cache.append(
+        &split_heads(k, layout.kv_heads, layout.head_dim)?,
+        &split_heads(v, layout.kv_heads, layout.head_dim)?,
+    )?;
+    Ok(cache)
+}
+
+/// `[B, L, heads*D]` as contiguous `[B, heads, L, D]`.
+fn split_heads(t: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (batch, len, _) = t.dims3()?;
+    Ok(t.reshape((batch, len, heads, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// Attention of the f32 queries `q` `[B, heads, L, D]` over everything `cache` holds:
+/// `[B, L, heads*D]` in f32.
+fn over_cache(
+    q: &Tensor,
+    cache: &KvCache,
+    mask: Option<&Tensor>,
+    layout: &HeadLayout,
+    scale: f64,
+) -> Result<Tensor> {
+    let (batch, _, len, _) = q.dims4()?;
+    if len == 1 {
+        return Ok(
+            attend_one_query(q, cache.view(), mask, layout, scale as f32)?.reshape((
+                batch,
+                1,
+                layout.heads * layout.head_dim,
+            ))?,
+        );
+    }
+    let (k, v) = cache.tensors()?;
+    attend_dense(q, &k, &v, mask, layout, scale)
+}
+
+/// Attention of f32 queries `[B, heads, L, D]` over f32 keys and values `[B, kv_heads, T, D]`
+/// by matrix products: `[B, L, heads*D]` in f32.
+fn attend_dense(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    layout: &HeadLayout,
+    scale: f64,
+) -> Result<Tensor> {
+    let (batch, _, len, _) = q.dims4()?;
+    let (k, v) = (expand_kv(k, layout)?, expand_kv(v, layout)?);
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
@@ -648,8 +735,7 @@ pub fn attend(
     let out = probs.matmul(&v.contiguous()?)?;
     Ok(out
         .transpose(1, 2)?
-        .reshape((batch, len, layout.heads * layout.head_dim))?
-        .to_dtype(dtype)?)
+        .reshape((batch, len, layout.heads * layout.head_dim))?)
 }
 
 /// Attention of one new position per sequence (a decode step) over the whole cache, head by

@@ -2,6 +2,7 @@
 //! parts in [`layers`] and [`attention`].
 
 pub mod attention;
+pub mod bart;
 pub mod bert;
 pub mod elementwise;
 pub mod gpt2;
@@ -12,6 +13,8 @@ pub mod llama;
 pub mod matmul;
 pub mod phi;
 pub mod quantized;
+pub mod seq2seq;
+pub mod t5;
 
 use candle_core::Tensor;
 
@@ -39,6 +42,9 @@ pub struct Batch<'a> {
     /// Position ids `[batch, seq_len]`; `None` = the cached length onwards, as transformers'
     /// forward does (generation passes positions that skip left padding).
     pub positions: Option<&'a [u32]>,
+    /// An encoder–decoder's `decoder_input_ids` `[batch, decoder_len]` for a whole forward
+    /// pass (`ids` are then the encoder's); ignored by the other models.
+    pub decoder_ids: Option<&'a [u32]>,
 }
 
 impl Batch<'_> {
@@ -121,6 +127,8 @@ pub fn load(loader: &mut ShardLoader, config: &ModelConfig) -> Result<Box<dyn Sh
         Family::Llama => Box::new(llama::Llama::load(loader, config)?),
         Family::Phi => Box::new(phi::Phi::load(loader, config)?),
         Family::Bert => Box::new(bert::Bert::load(loader, config)?),
+        Family::Bart => Box::new(seq2seq::Seq2Seq::new(bart::Bart::load(loader, config)?)),
+        Family::T5 => Box::new(seq2seq::Seq2Seq::new(t5::T5::load(loader, config)?)),
     })
 }
 

@@ -154,7 +154,12 @@ pub fn plan_slice(
             let split = plan.split(*partition);
             let split_dim = if *transposed { 0 } else { 1 };
             let stored_len = if split_dim == 0 { rows } else { cols };
-            if !two_d || split.total_elements() != stored_len {
+            if !two_d {
+                return Err(Error::InvalidInput(format!(
+                    "tensor `{name}` has shape {stored_shape:?}: a row split needs a 2-D weight"
+                )));
+            }
+            if split.total_elements() != stored_len {
                 return Err(Error::TensorShape {
                     name: name.to_string(),
                     actual: stored_shape.to_vec(),
@@ -513,6 +518,10 @@ mod tests {
             }]
         );
         assert_eq!(s.shape, vec![8, 3]);
+        // A policy file may put a row split on a bias (found by the policy_file fuzz seeds).
+        let err = plan_slice("down.bias", &role, &[5], &plan(), 0).unwrap_err();
+        assert!(err.to_string().contains("`down.bias`"), "{err}");
+        assert!(err.to_string().contains("2-D"), "{err}");
     }
 
     #[test]

@@ -41,10 +41,17 @@ pub struct ForwardInput {
     pub seq_len: usize,
     /// `[batch, seq_len]`, 1 = token, 0 = padding.
     pub attention_mask: Option<Vec<u32>>,
+    /// An encoder–decoder's decoder input `[batch, decoder_len]` (BART shifts `input_ids`
+    /// right when it is `None`; the other models ignore it).
+    pub decoder_input_ids: Option<Vec<u32>>,
 }
 
 /// Messages from the main process to every rank.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "`Load` is sent once per rank; the other requests are as short-lived"
+)]
 pub enum Request {
     /// Load the rank's shard.
     Load(LoadSpec),

@@ -29,6 +29,10 @@ use crate::parallel::process::env;
 
 /// How often waits wake up to check on the children.
 const POLL: Duration = Duration::from_millis(20);
+
+/// The longest the launcher reads streamed replies before it asks its listener for control
+/// messages again.
+const DRAIN: Duration = Duration::from_millis(2);
 /// Lines of each rank's standard error kept for error messages.
 const TAIL_LINES: usize = 20;
 /// How long the other ranks may take to answer once one rank has reported an error.
@@ -349,13 +353,19 @@ impl WorkerGroup {
                 .filter(|&i| replies[i].is_none())
                 .collect();
             self.wait_readable(&waiting);
+            let drain_until = Instant::now() + DRAIN;
             for &i in &waiting {
                 // Drain what the rank has sent: a batch streams several tokens per step, and
-                // a backlog would fill the socket and stall the rank.
+                // a backlog would fill the socket and stall the rank. But not for longer than
+                // DRAIN: a rank that streams as fast as it is read would keep the listener
+                // from ever being asked for control messages (sequences to join).
                 while let Some(reply) = self.poll_rank(i)? {
                     if reply.is_partial() {
                         for control in listener.partial(&reply) {
                             self.send_control(&control)?;
+                        }
+                        if Instant::now() > drain_until {
+                            break;
                         }
                         continue;
                     }

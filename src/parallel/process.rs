@@ -390,6 +390,7 @@ fn forward(shard: &mut Shard, req: &ForwardInput) -> Result<Reply> {
         use_cache: false,
         last_only: false,
         positions: None,
+        decoder_ids: req.decoder_input_ids.as_deref(),
     };
     let out = shard.model.forward(&batch, shard.comm.as_ref())?;
     if shard.comm.rank() != 0 {

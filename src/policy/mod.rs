@@ -140,6 +140,8 @@ impl Policy {
                 "albert" => tables::albert(),
                 _ => tables::bert(),
             },
+            Family::Bart => tables::bart(),
+            Family::T5 => tables::t5(),
         }
     }
 
@@ -178,20 +180,33 @@ impl Policy {
 
 /// Matches `text` against `pattern`, where `*` stands for any (possibly empty) run of
 /// characters; on a match, what each `*` stood for (the shortest runs, from the left).
+///
+/// Each literal piece between two `*`s is placed at its first occurrence after the previous
+/// one: a later placement never matches where the first one fails, because a `*` follows it.
+/// The last piece must end the text. So the time is linear in the pattern and the text, where
+/// backtracking over every run of every `*` would be exponential in the number of `*`s (both
+/// come from files the user may not control: a policy file, a checkpoint's tensor names).
 fn glob_captures<'t>(pattern: &str, text: &'t str) -> Option<Vec<&'t str>> {
-    match pattern.split_once('*') {
-        None => (pattern == text).then(Vec::new),
-        Some((head, rest)) => {
-            let text = text.strip_prefix(head)?;
-            (0..=text.len())
-                .filter(|&i| text.is_char_boundary(i))
-                .find_map(|i| {
-                    let mut captured = glob_captures(rest, &text[i..])?;
-                    captured.insert(0, &text[..i]);
-                    Some(captured)
-                })
-        }
+    let mut pieces = pattern.split('*');
+    let first = pieces.next().unwrap_or_default();
+    let Some(last) = pieces.next_back() else {
+        return (pattern == text).then(Vec::new);
+    };
+    let mut rest = text.strip_prefix(first)?;
+    // The last piece is cut off first, so that no middle piece can take its characters.
+    let end = rest.len().checked_sub(last.len())?;
+    if !rest.ends_with(last) {
+        return None;
     }
+    rest = &rest[..end];
+    let mut captured = Vec::new();
+    for piece in pieces {
+        let at = rest.find(piece)?;
+        captured.push(&rest[..at]);
+        rest = &rest[at + piece.len()..];
+    }
+    captured.push(rest);
+    Some(captured)
 }
 
 impl std::fmt::Display for Role {
@@ -239,6 +254,25 @@ mod tests {
         );
         assert_eq!(glob_captures("*", ""), Some(vec![""]));
         assert_eq!(glob_captures("a*b*c", "axxbyyc"), Some(vec!["xx", "yy"]));
+        // Shortest runs from the left; the last piece ends the text.
+        assert_eq!(glob_captures("*.*", "a.b.c"), Some(vec!["a", "b.c"]));
+        assert_eq!(glob_captures("*b*b", "abbb"), Some(vec!["a", "b"]));
+        assert_eq!(glob_captures("a*a", "a"), None);
+        assert_eq!(glob_captures("ab*ba", "aba"), None);
+        assert_eq!(glob_captures("**", "xy"), Some(vec!["", "xy"]));
+        assert_eq!(glob_captures("x*é*", "xéé"), Some(vec!["", "é"]));
+    }
+
+    #[test]
+    fn globs_with_many_stars_fail_fast() {
+        // Exponential for a backtracking matcher (about 200^30 placements of the stars).
+        let pattern = format!("{}b", "*a".repeat(30));
+        let text = "a".repeat(200);
+        assert_eq!(glob_captures(&pattern, &text), None);
+        let ending = format!("{text}b");
+        let matched = glob_captures(&pattern, &ending).expect("matches");
+        assert_eq!(matched.len(), 30);
+        assert_eq!(matched[29], "a".repeat(170));
     }
 
     #[test]

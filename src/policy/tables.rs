@@ -1,6 +1,6 @@
 //! The built-in policies: the GPT-2 family (GPT-2, GPTBigCode, OPT, GPT-Neo), the Llama family
 //! (Llama, Mistral, Qwen2), and BERT with the encoders that reuse its blocks under other names
-//! (RoBERTa, ELECTRA, DistilBERT, ALBERT).
+//! (RoBERTa, ELECTRA, DistilBERT, ALBERT), and the encoder–decoders BART and T5.
 
 use super::{Partition, Policy, Rename, Role, Rule};
 use Partition::{Heads, Intermediate, KvHeads, Vocab};
@@ -656,4 +656,54 @@ pub fn albert() -> Policy {
         entries.extend(part);
     }
     renamed_owned("albert", &["albert.", ""], &entries)
+}
+
+/// BART: the shared token embedding and every attention and feed-forward block of the encoder
+/// and the decoder (self- and cross-attention alike) split Megatron-style; the learned
+/// positions, LayerNorms and `final_logits_bias` (narrowed by each rank) are replicated.
+pub fn bart() -> Policy {
+    policy(
+        "bart",
+        &["model.", ""],
+        vec![
+            rule("shared.weight", column(Vocab)),
+            rule("*.embed_tokens.weight", column(Vocab)),
+            rule("lm_head.weight", column(Vocab)),
+            rule("*_attn.q_proj.*", column(Heads)),
+            rule("*_attn.k_proj.*", column(Heads)),
+            rule("*_attn.v_proj.*", column(Heads)),
+            rule("*_attn.out_proj.weight", row(Heads)),
+            rule("*.fc1.*", column(Intermediate)),
+            rule("*.fc2.weight", row(Intermediate)),
+            rule("*.out_proj.bias", Role::Replicate),
+            rule("*.fc2.bias", Role::Replicate),
+            rule("*layer_norm*", Role::Replicate),
+            rule("*.layernorm_embedding.*", Role::Replicate),
+            rule("*.embed_positions.weight", Role::Replicate),
+            rule("final_logits_bias", Role::Replicate),
+        ],
+    )
+}
+
+/// T5: the shared token embedding, the attention blocks (self- and cross-attention) and the
+/// feed-forward blocks (gated or not) split Megatron-style; the relative position bias table
+/// (`[buckets, heads]`, narrowed to its heads by each rank) and the RMS norms are replicated.
+pub fn t5() -> Policy {
+    policy(
+        "t5",
+        &[""],
+        vec![
+            rule("shared.weight", column(Vocab)),
+            rule("*.embed_tokens.weight", column(Vocab)),
+            rule("lm_head.weight", column(Vocab)),
+            rule("*Attention.q.weight", column(Heads)),
+            rule("*Attention.k.weight", column(Heads)),
+            rule("*Attention.v.weight", column(Heads)),
+            rule("*Attention.o.weight", row(Heads)),
+            rule("*.relative_attention_bias.weight", Role::Replicate),
+            rule("*.DenseReluDense.wi*.weight", column(Intermediate)),
+            rule("*.DenseReluDense.wo.weight", row(Intermediate)),
+            rule("*layer_norm.weight", Role::Replicate),
+        ],
+    )
 }

@@ -85,6 +85,9 @@ pub fn serve(
             model.model().location.path().display()
         ))
     })?);
+    if model.config().is_causal() {
+        model.check_sessions()?;
+    }
     let shared = Arc::new(Shared::default());
     shared.healthy.store(true, Ordering::Relaxed);
     shared.metrics.set_ranks(model.load_report().to_vec());

@@ -346,6 +346,7 @@ fn embed(model: &mut ParallelModel, job: EmbedJob, shared: &Shared) {
                 .flat_map(|ids| (0..width).map(|i| u32::from(i < ids.len())))
                 .collect(),
         ),
+        decoder_input_ids: None,
     };
     let answer = match model.forward(&input) {
         Ok(states) => {

@@ -86,7 +86,8 @@ pub fn reference(name: &str) -> HashMap<String, RefTensor> {
     read_tensors(&fixture(name).join("reference.safetensors"))
 }
 
-/// The padded reference batch (`input_ids`, `attention_mask`) of a reference file.
+/// The padded reference batch (`input_ids`, `attention_mask`, and an encoder–decoder's
+/// `decoder_input_ids`) of a reference file.
 pub fn reference_batch(refs: &HashMap<String, RefTensor>) -> parallelformers::ForwardInput {
     let (ids, mask) = (&refs["input_ids"], &refs["attention_mask"]);
     parallelformers::ForwardInput {
@@ -94,6 +95,7 @@ pub fn reference_batch(refs: &HashMap<String, RefTensor>) -> parallelformers::Fo
         batch: ids.shape[0],
         seq_len: ids.shape[1],
         attention_mask: Some(mask.ids()),
+        decoder_input_ids: refs.get("decoder_input_ids").map(RefTensor::ids),
     }
 }
 
