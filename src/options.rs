@@ -58,6 +58,10 @@ pub enum Backend {
     /// Shared memory between processes on one host.
     #[default]
     Shm,
+    /// MPI: every rank of the `mpirun` job this process belongs to is one rank (MPI rank 0
+    /// runs the caller; on the others, `parallelize` serves it and exits the process). Needs
+    /// a build with the cargo feature `mpi`.
+    Mpi,
 }
 
 /// Options of [`parallelize`](crate::parallelize).

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{fixture, forward_args, masked_max_diff, read_tensors, reference, run};
+use common::{
+    fixture, forward_args, generate_reference_args, masked_max_diff, read_tensors, reference, run,
+};
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -52,24 +54,13 @@ fn forward_of_an_encoder_writes_last_hidden_state() {
 
 /// Runs `generate --json` on fixture `name` from its reference prompt with `extra` arguments.
 fn generate_reference_prompt(name: &str, ranks: &str, extra: &[&str]) -> serde_json::Value {
-    let prompt: Vec<String> = reference(name)["generate_input_ids"]
-        .ids()
-        .iter()
-        .map(u32::to_string)
-        .collect();
-    let model = fixture(name).to_string_lossy().into_owned();
-    let prompt = prompt.join(",");
-    let mut args = vec![
-        "generate",
-        "--model",
-        &model,
-        "--ranks",
-        ranks,
-        "--input-ids",
-        &prompt,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
+    let mut args = generate_reference_args(name);
+    args.extend(
+        ["--ranks", ranks]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string()),
+    );
     let out = run(&args);
     assert_success(&out);
     serde_json::from_str(stdout(&out).trim()).unwrap()

@@ -10,7 +10,7 @@ use crate::checkpoint::source::{ModelSource, ResolvedModel, WeightsLocation};
 use crate::checkpoint::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generation::{GenerateRequest, GeneratedBatch, GenerationConfig};
-use crate::options::{Options, Verbosity};
+use crate::options::{Backend, Options, Verbosity};
 use crate::parallel::ipc::{ForwardInput, LoadSpec, Reply, Request, WireTensor};
 use crate::parallel::launcher::{default_threads, LaunchSpec, WorkerGroup};
 use crate::parallel::memory::RankMemory;
@@ -69,11 +69,11 @@ pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<P
 
 /// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
 pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<ParallelModel> {
+    if options.backend == Backend::Mpi {
+        let (group, ranks) = mpi_group(&options)?;
+        return load(group, model, Options { ranks, ..options });
+    }
     Plan::new(&model.config, options.ranks)?;
-    let generation_defaults = match &model.location {
-        WeightsLocation::Safetensors(dir) => GenerationConfig::from_model_dir(dir)?,
-        WeightsLocation::Gguf(_) => GenerationConfig::default(),
-    };
     let program = match &options.worker_program {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -89,7 +89,49 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
         startup_timeout: options.startup_timeout,
         comm_dir: options.comm_dir.clone(),
     };
-    let mut group = WorkerGroup::spawn(&spec)?;
+    let group = WorkerGroup::spawn(&spec)?;
+    load(group, model, options)
+}
+
+/// The group of the MPI job this process belongs to, and its number of ranks. On ranks other
+/// than 0 it serves rank 0 and exits the process.
+#[cfg(feature = "mpi")]
+fn mpi_group(options: &Options) -> Result<(WorkerGroup, usize)> {
+    let job = crate::parallel::mpi::MpiJob::join()?;
+    let ranks = job.size();
+    if job.rank() != 0 {
+        let code = match job.serve() {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("parallelformers rank: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+    let (mut group, finalizer) = job.front(options.startup_timeout)?;
+    group.keep_until_stopped(Box::new(finalizer));
+    Ok((group, ranks))
+}
+
+/// Without the `mpi` feature: says how to get it.
+#[cfg(not(feature = "mpi"))]
+fn mpi_group(_options: &Options) -> Result<(WorkerGroup, usize)> {
+    Err(Error::InvalidInput(
+        "--backend mpi needs a build with MPI: cargo build --release --features mpi (with Open MPI: libopenmpi-dev, openmpi-bin, libclang-dev)".into(),
+    ))
+}
+
+/// Loads `model` on the ranks of `group`.
+fn load(mut group: WorkerGroup, model: ResolvedModel, options: Options) -> Result<ParallelModel> {
+    if let Err(e) = Plan::new(&model.config, options.ranks) {
+        group.shutdown();
+        return Err(e);
+    }
+    let generation_defaults = match &model.location {
+        WeightsLocation::Safetensors(dir) => GenerationConfig::from_model_dir(dir)?,
+        WeightsLocation::Gguf(_) => GenerationConfig::default(),
+    };
     let load = Request::Load(LoadSpec {
         location: model.location.clone(),
         config: model.config.clone(),

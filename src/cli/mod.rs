@@ -2,6 +2,7 @@
 
 mod bench;
 mod chat;
+mod comm_bench;
 mod forward;
 mod generate;
 mod generation_args;
@@ -38,6 +39,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Load-test a running server: concurrent streaming clients for a bounded time.
     Loadtest(loadtest::LoadtestArgs),
+    /// Measure all-reduce latency and bandwidth of a communication backend.
+    CommBench(comm_bench::CommBenchArgs),
 }
 
 /// Arguments shared by every command that loads a model.
@@ -117,5 +120,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => chat::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Loadtest(args) => loadtest::run(args),
+        Command::CommBench(args) => comm_bench::run(args),
     }
 }

@@ -25,7 +25,10 @@
 //! same order. Violations that can be detected (different operations, different lengths,
 //! different roots) are reported as a [`CommError`] on **every** rank, and the group stays usable.
 
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod shm;
+pub mod timing;
 
 pub use shm::{Heartbeat, ShmCommunicator, ShmRegion, DEFAULT_SLOT_BYTES};
 

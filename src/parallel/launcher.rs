@@ -62,9 +62,41 @@ pub struct LaunchSpec {
     pub comm_dir: Option<PathBuf>,
 }
 
+/// How a rank runs.
+enum Runner {
+    /// A child process this launcher started.
+    Child(Child),
+    /// A rank started by someone else (an MPI rank, reached through a tunnel, or a worker
+    /// thread of this process): the thread of this process that serves it.
+    Thread(JoinHandle<()>),
+}
+
+impl Runner {
+    /// How the rank ended, once it has.
+    fn ended(&mut self) -> Option<String> {
+        match self {
+            Runner::Child(child) => match child.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                Ok(None) => None,
+                Err(e) => Some(format!("cannot be waited for: {e}")),
+            },
+            Runner::Thread(handle) => handle.is_finished().then(|| "its link closed".to_string()),
+        }
+    }
+
+    /// Ends a rank that did not exit in time: kills a child; a thread is left to end with
+    /// its link.
+    fn kill(&mut self) {
+        if let Runner::Child(child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 struct RankProcess {
     rank: usize,
-    child: Child,
+    runner: Runner,
     stream: Option<UnixStream>,
     reader: FrameReader,
     tail: Arc<Mutex<VecDeque<String>>>,
@@ -91,6 +123,8 @@ impl RankProcess {
 /// The running ranks of one model.
 pub struct WorkerGroup {
     ranks: Vec<RankProcess>,
+    /// What must outlive the ranks and be dropped after them (MPI's finalisation).
+    keep: Option<Box<dyn std::any::Any + Send>>,
     /// The communicator's region (also where every rank's heartbeat is read).
     region: Option<ShmRegion>,
     dir: Option<tempfile::TempDir>,
@@ -116,6 +150,18 @@ pub fn default_threads(ranks: usize) -> usize {
     (allowed_cpus().len().max(1) / ranks.max(1)).max(1)
 }
 
+/// A private directory with the Unix socket ranks connect to.
+fn rendezvous() -> Result<(tempfile::TempDir, PathBuf, UnixListener)> {
+    let dir = tempfile::Builder::new()
+        .prefix("parallelformers-")
+        .tempdir()
+        .map_err(|e| Error::Launch(format!("cannot create a private directory: {e}")))?;
+    let socket = dir.path().join("rendezvous.sock");
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", socket.display())))?;
+    Ok((dir, socket, listener))
+}
+
 fn random_secret() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
@@ -123,13 +169,7 @@ fn random_secret() -> String {
 impl WorkerGroup {
     /// Starts the ranks and waits until each has connected and proved it is ours.
     pub fn spawn(spec: &LaunchSpec) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("parallelformers-")
-            .tempdir()
-            .map_err(|e| Error::Launch(format!("cannot create a private directory: {e}")))?;
-        let socket = dir.path().join("rendezvous.sock");
-        let listener = UnixListener::bind(&socket)
-            .map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", socket.display())))?;
+        let (dir, socket, listener) = rendezvous()?;
         // A single rank needs no communicator, but its region carries the heartbeat.
         let slot_bytes = if spec.ranks > 1 {
             DEFAULT_SLOT_BYTES
@@ -158,6 +198,7 @@ impl WorkerGroup {
             region,
             dir: Some(dir),
             failure: None,
+            keep: None,
         };
         for rank in 0..spec.ranks {
             let pinned: Vec<String> = if cpus.len() >= spec.ranks * spec.threads_per_rank {
@@ -172,6 +213,52 @@ impl WorkerGroup {
             group.ranks.push(process);
         }
         group.accept_all(&listener, &secret, spec.startup_timeout)?;
+        Ok(group)
+    }
+
+    /// Keeps `value` until the ranks have stopped, then drops it.
+    pub fn keep_until_stopped(&mut self, value: Box<dyn std::any::Any + Send>) {
+        self.keep = Some(value);
+    }
+
+    /// Waits for `ranks` ranks that `start` sets going instead of processes of this launcher:
+    /// given the rendezvous socket and the secret, it returns, in rank order, the thread of this
+    /// process that serves each (a worker thread, or a tunnel to an MPI rank). There is no
+    /// shared-memory region, so no heartbeat: a rank that dies ends its link.
+    pub fn adopt(
+        ranks: usize,
+        startup_timeout: Duration,
+        start: impl FnOnce(&std::path::Path, &str) -> Result<Vec<JoinHandle<()>>>,
+    ) -> Result<Self> {
+        let (dir, socket, listener) = rendezvous()?;
+        let secret = random_secret();
+        let threads = start(&socket, &secret)?;
+        let mut group = WorkerGroup {
+            ranks: threads
+                .into_iter()
+                .enumerate()
+                .map(|(rank, thread)| RankProcess {
+                    rank,
+                    runner: Runner::Thread(thread),
+                    stream: None,
+                    reader: FrameReader::default(),
+                    tail: Arc::new(Mutex::new(VecDeque::new())),
+                    tail_thread: None,
+                    heartbeat: (0, Instant::now()),
+                })
+                .collect(),
+            region: None,
+            dir: Some(dir),
+            failure: None,
+            keep: None,
+        };
+        if group.ranks.len() != ranks {
+            return Err(Error::Launch(format!(
+                "{} ranks were started, {ranks} expected",
+                group.ranks.len()
+            )));
+        }
+        group.accept_all(&listener, &secret, startup_timeout)?;
         Ok(group)
     }
 
@@ -231,7 +318,7 @@ impl WorkerGroup {
         });
         Ok(RankProcess {
             rank,
-            child,
+            runner: Runner::Child(child),
             stream: None,
             reader: FrameReader::default(),
             tail,
@@ -487,7 +574,7 @@ impl WorkerGroup {
     /// Fails the group if any rank has exited.
     fn check_exited(&mut self) -> Result<()> {
         for i in 0..self.ranks.len() {
-            if let Ok(Some(status)) = self.ranks[i].child.try_wait() {
+            if let Some(status) = self.ranks[i].runner.ended() {
                 // Let the stderr reader catch the last lines.
                 if let Some(handle) = self.ranks[i].tail_thread.take() {
                     let _ = handle.join();
@@ -531,18 +618,12 @@ impl WorkerGroup {
         }
         let deadline = Instant::now() + grace;
         for rank in &mut self.ranks {
-            loop {
-                match rank.child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    Ok(None) => {
-                        let _ = rank.child.kill();
-                        let _ = rank.child.wait();
-                        break;
-                    }
+            while rank.runner.ended().is_none() {
+                if Instant::now() >= deadline {
+                    rank.runner.kill();
+                    break;
                 }
+                std::thread::sleep(Duration::from_millis(5));
             }
             rank.stream = None;
             if let Some(handle) = rank.tail_thread.take() {
@@ -563,9 +644,15 @@ impl WorkerGroup {
         self.stop(EXIT_GRACE);
     }
 
-    /// Process ids of the ranks (for tests and diagnostics).
+    /// Process ids of the ranks this launcher started (for tests and diagnostics).
     pub fn pids(&self) -> Vec<u32> {
-        self.ranks.iter().map(|r| r.child.id()).collect()
+        self.ranks
+            .iter()
+            .filter_map(|r| match &r.runner {
+                Runner::Child(child) => Some(child.id()),
+                Runner::Thread(_) => None,
+            })
+            .collect()
     }
 }
 

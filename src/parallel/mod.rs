@@ -5,6 +5,8 @@ pub mod engine;
 pub mod ipc;
 pub mod launcher;
 pub mod memory;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod process;
 pub mod slicing;
 

@@ -145,21 +145,81 @@ fn run_worker() -> Result<()> {
         local_rank = env.local_rank,
         "worker starting"
     );
-    let mut stream = UnixStream::connect(&env.rendezvous).map_err(|e| {
+    let stream = UnixStream::connect(&env.rendezvous).map_err(|e| {
         Error::Launch(format!(
             "rank {} cannot reach the launcher at {}: {e}",
             env.rank,
             env.rendezvous.display()
         ))
     })?;
+    let comm = CommSource::Shm {
+        fd: env.comm_fd,
+        dedicated: !env.cpus.is_empty(),
+    };
+    serve(stream, env.rank, env.world_size, &env.secret, comm)
+}
+
+/// Where a worker's communicator comes from.
+pub enum CommSource {
+    /// The launcher's shared-memory region, inherited as descriptor `fd` (none with one rank);
+    /// `dedicated`: the rank is pinned to cores of its own.
+    Shm {
+        /// The region's descriptor.
+        fd: Option<i32>,
+        /// Pinned to cores of its own: waiting may spin longer.
+        dedicated: bool,
+    },
+    /// A communicator made by the caller (MPI).
+    Given(Box<dyn Communicator>),
+}
+
+impl CommSource {
+    fn open(self, rank: usize, world_size: usize) -> Result<Box<dyn Communicator>> {
+        Ok(match (world_size, self) {
+            (_, CommSource::Given(comm)) => comm,
+            (1, CommSource::Shm { .. }) => Box::new(SingleRank),
+            (
+                _,
+                CommSource::Shm {
+                    fd: Some(fd),
+                    dedicated,
+                },
+            ) => {
+                let mut comm = ShmCommunicator::attach(fd, rank, world_size)?;
+                if dedicated {
+                    // Pinned to cores of its own: spinning costs nobody anything.
+                    comm.set_spin_window(DEDICATED_SPIN_WINDOW);
+                }
+                Box::new(comm)
+            }
+            (_, CommSource::Shm { fd: None, .. }) => {
+                return Err(Error::Launch(format!(
+                    "{} is required with several ranks",
+                    env::COMM_FD
+                )))
+            }
+        })
+    }
+}
+
+/// Serves the launcher at the other end of `stream` as rank `rank` of `world_size`: the
+/// handshake with `secret`, the load request, then every request until the launcher shuts the
+/// group down or goes away.
+pub fn serve(
+    mut stream: UnixStream,
+    rank: usize,
+    world_size: usize,
+    secret: &str,
+    comm: CommSource,
+) -> Result<()> {
     let send = |stream: &mut UnixStream, reply: &Reply| {
         write_frame(stream, reply).map_err(|e| Error::Launch(format!("lost the launcher: {e}")))
     };
     send(
         &mut stream,
         &Reply::Hello {
-            rank: env.rank,
-            secret: env.secret.clone(),
+            rank,
+            secret: secret.to_string(),
         },
     )?;
     let spec = match read_frame::<Request>(&mut stream) {
@@ -169,8 +229,7 @@ fn run_worker() -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
         Err(e) => {
             return Err(Error::Launch(format!(
-                "rank {} cannot read its load request: {e}",
-                env.rank
+                "rank {rank} cannot read its load request: {e}"
             )))
         }
         Ok(other) => {
@@ -179,14 +238,17 @@ fn run_worker() -> Result<()> {
             )))
         }
     };
-    let mut shard = match load_shard(&env, &spec) {
+    let loaded = comm
+        .open(rank, world_size)
+        .and_then(|comm| load_shard(rank, world_size, comm, &spec));
+    let mut shard = match loaded {
         Ok(shard) => shard,
         Err(e) => {
             send(&mut stream, &Reply::Error(e.to_string()))?;
             return Err(e);
         }
     };
-    send(&mut stream, &Reply::Parallelized(memory(&env, &mut shard)))?;
+    send(&mut stream, &Reply::Parallelized(memory(rank, &mut shard)))?;
     loop {
         let request = match read_frame::<Request>(&mut stream) {
             Ok(request) => request,
@@ -196,8 +258,8 @@ fn run_worker() -> Result<()> {
         let reply = match request {
             Request::Shutdown => return Ok(()),
             Request::Load(_) => Reply::Error("the shard is already loaded".into()),
-            Request::Memory => Reply::Memory(memory(&env, &mut shard)),
-            Request::Forward(req) => answer(env.rank, forward(&mut shard, &req)),
+            Request::Memory => Reply::Memory(memory(rank, &mut shard)),
+            Request::Forward(req) => answer(rank, forward(&mut shard, &req)),
             Request::Generate(req) => {
                 let link = RefCell::new(&mut stream);
                 let mut on_token = |row: usize, token: u32| {
@@ -221,7 +283,7 @@ fn run_worker() -> Result<()> {
                 let mut link = RankZeroLink {
                     stream: &mut stream,
                 };
-                let link = (env.rank == 0).then_some(&mut link as &mut dyn SessionLink);
+                let link = (rank == 0).then_some(&mut link as &mut dyn SessionLink);
                 match session::run(shard.model.as_mut(), shard.comm.as_ref(), initial, link) {
                     Ok(summary) => Reply::SessionEnded(summary),
                     Err(e) => Reply::Error(e.to_string()),
@@ -338,40 +400,28 @@ fn answer(rank: usize, result: Result<Reply>) -> Reply {
     }
 }
 
-fn memory(env: &WorkerEnv, shard: &mut Shard) -> RankMemory {
-    RankMemory::measure(env.rank, shard.weights, shard.model.kv_cache_bytes() as u64)
+fn memory(rank: usize, shard: &mut Shard) -> RankMemory {
+    RankMemory::measure(rank, shard.weights, shard.model.kv_cache_bytes() as u64)
 }
 
-fn load_shard(env: &WorkerEnv, spec: &LoadSpec) -> Result<Shard> {
-    let comm: Box<dyn Communicator> = match (env.world_size, env.comm_fd) {
-        (1, _) => Box::new(SingleRank),
-        (_, Some(fd)) => {
-            let mut comm = ShmCommunicator::attach(fd, env.rank, env.world_size)?;
-            if !env.cpus.is_empty() {
-                // Pinned to cores of its own: spinning costs nobody anything.
-                comm.set_spin_window(DEDICATED_SPIN_WINDOW);
-            }
-            Box::new(comm)
-        }
-        (_, None) => {
-            return Err(Error::Launch(format!(
-                "{} is required with several ranks",
-                env::COMM_FD
-            )))
-        }
-    };
+fn load_shard(
+    rank: usize,
+    world_size: usize,
+    comm: Box<dyn Communicator>,
+    spec: &LoadSpec,
+) -> Result<Shard> {
     let weights = spec.location.open(&spec.config)?;
-    let plan = Plan::new(&spec.config, env.world_size)?;
+    let plan = Plan::new(&spec.config, world_size)?;
     let policy = spec
         .policy
         .clone()
         .unwrap_or_else(|| Policy::for_config(&spec.config));
     let dtype: DType = spec.dtype.into();
-    let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, env.rank, dtype)
+    let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, rank, dtype)
         .keep_quantized(spec.dtype == crate::WeightDType::Quantized);
     let model = models::load(&mut loader, &spec.config)?;
     let weights = loader.bytes();
-    tracing::debug!(rank = env.rank, "shard loaded");
+    tracing::debug!(rank, "shard loaded");
     comm.barrier()?;
     Ok(Shard {
         model,

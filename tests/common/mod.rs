@@ -160,6 +160,23 @@ pub fn run_with_env<S: AsRef<std::ffi::OsStr>>(args: &[S], envs: &[(&str, &Path)
     out
 }
 
+/// The arguments of `generate --json` on fixture `name` from its reference prompt's ids.
+pub fn generate_reference_args(name: &str) -> Vec<String> {
+    let prompt: Vec<String> = reference(name)["generate_input_ids"]
+        .ids()
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    vec![
+        "generate".into(),
+        "--model".into(),
+        fixture(name).to_string_lossy().into_owned(),
+        "--input-ids".into(),
+        prompt.join(","),
+        "--json".into(),
+    ]
+}
+
 /// The arguments of `forward` over `model` with `ranks`, from `inputs` to `output`.
 pub fn forward_args(model: &Path, ranks: &str, inputs: &Path, output: &Path) -> Vec<String> {
     let path = |p: &Path| p.to_string_lossy().into_owned();
