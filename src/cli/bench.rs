@@ -7,7 +7,7 @@ use parallelformers::bandwidth::measure_read_bandwidth;
 use parallelformers::checkpoint::ModelConfig;
 use parallelformers::options::WeightDType;
 use parallelformers::parallel::memory::RankMemory;
-use parallelformers::GenerationConfig;
+use parallelformers::{Backend, GenerationConfig};
 
 use super::ModelArgs;
 
@@ -59,7 +59,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
     let options = args.model.options(1);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let bandwidth = measure_read_bandwidth(options.ranks.min(cores));
+    // Under MPI the ranks' cores (perhaps on other hosts) are not this process's to measure.
+    let bandwidth =
+        (options.backend == Backend::Shm).then(|| measure_read_bandwidth(options.ranks.min(cores)));
     let mut model = parallelize_resolved(args.model.resolve()?, options)?;
     let ids = prompt(args.prompt_len, model.config().vocab_size);
     // Greedy, exactly `new_tokens` tokens: no end-of-sequence id.
@@ -109,7 +111,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     model.deparallelize();
     let peaks: Vec<u64> = memory.iter().map(|m| m.peak_bytes).collect();
     let streamed = weight_bytes_per_token(&memory, &model_config, args.model.dtype);
-    let limit = bandwidth / streamed as f64;
+    let limit = bandwidth.map(|b| b / streamed as f64);
     let prefill_ms = prefill * 1e3;
     let decode_tokens_per_s = 1.0 / decode;
     if args.json {
@@ -135,12 +137,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("prefill ({} tokens): {prefill_ms:.1} ms", args.prompt_len);
         let mode = if args.sampling { "sampled" } else { "greedy" };
         println!("{mode} decode: {decode_tokens_per_s:.1} tokens/s, {:.1} % of it outside the model (choosing, broadcasting, streaming)", 100.0 * overhead);
-        println!(
-            "memory-bandwidth limit: {limit:.1} tokens/s ({:.1} GB/s read over {:.0} MB of weights per token); decode is at {:.0} %",
-            bandwidth / 1e9,
-            streamed as f64 / 1e6,
-            100.0 * decode_tokens_per_s / limit
-        );
+        if let (Some(bandwidth), Some(limit)) = (bandwidth, limit) {
+            println!(
+                "memory-bandwidth limit: {limit:.1} tokens/s ({:.1} GB/s read over {:.0} MB of weights per token); decode is at {:.0} %",
+                bandwidth / 1e9,
+                streamed as f64 / 1e6,
+                100.0 * decode_tokens_per_s / limit
+            );
+        }
         for m in &memory {
             println!("{}", m.simple_line());
         }

@@ -32,8 +32,12 @@ const TUNNEL: i32 = 7;
 /// The largest piece of a frame one tunnel message carries: below the eager limits of Open
 /// MPI's transports, so that a send completes without the peer's receive.
 const PIECE_BYTES: usize = 32 * 1024;
-/// How long an idle tunnel sleeps between looks at its two ends.
-const TUNNEL_IDLE: Duration = Duration::from_micros(200);
+/// How long an idle tunnel first sleeps between looks at its two ends; the sleep doubles while
+/// nothing passes, up to [`TUNNEL_IDLE_MAX`] (a tunnel shares its process's cores with rank 0's
+/// compute thread, which it must not keep waking).
+const TUNNEL_IDLE: Duration = Duration::from_micros(50);
+/// The longest sleep of an idle tunnel: what it adds at most to a request's way to a rank.
+const TUNNEL_IDLE_MAX: Duration = Duration::from_millis(2);
 /// Length of the launcher's secret (hexadecimal digits), broadcast to every rank.
 const SECRET_LEN: usize = 32;
 
@@ -197,6 +201,7 @@ fn tunnel(mut stream: UnixStream, control: &SharedComm, peer: usize) {
         return;
     }
     let mut buffer = vec![0u8; PIECE_BYTES];
+    let mut idle = TUNNEL_IDLE;
     loop {
         let mut busy = false;
         match stream.read(&mut buffer) {
@@ -222,8 +227,11 @@ fn tunnel(mut stream: UnixStream, control: &SharedComm, peer: usize) {
             }
             busy = true;
         }
-        if !busy {
-            std::thread::sleep(TUNNEL_IDLE);
+        if busy {
+            idle = TUNNEL_IDLE;
+        } else {
+            std::thread::sleep(idle);
+            idle = (idle * 2).min(TUNNEL_IDLE_MAX);
         }
     }
 }
