@@ -551,17 +551,38 @@ def bloom_spec(out: Path):
     return dict(cls=BloomForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
                 tied=False, tie_pairs=[])
 
-def falcon_spec(out: Path):
-    # The new decoder architecture: q/k/v fused by key/value group (2 groups of 2 query heads),
-    # attention and MLP in parallel on LayerNorms of their own, rotary, no biases.
+def falcon_spec_of(**architecture):
+    """A tiny rotary Falcon (4 heads of 16, 2 layers, MLP 96, vocabulary 97) of the given
+    architecture flags."""
     cfg = FalconConfig(
-        vocab_size=97, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
-        num_hidden_layers=2, new_decoder_architecture=True, parallel_attn=True, bias=False,
+        vocab_size=97, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
         alibi=False, ffn_hidden_size=96, max_position_embeddings=64, hidden_dropout=0.0,
         attention_dropout=0.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        **architecture,
     )
     return dict(cls=FalconForCausalLM, cfg=cfg, causal=True, output="logits", max_ranks=4,
                 tied=False, tie_pairs=[])
+
+
+def falcon_spec(out: Path):
+    # The new decoder architecture: q/k/v fused by key/value group (2 groups of 2 query heads),
+    # attention and MLP in parallel on LayerNorms of their own, rotary, no biases.
+    return falcon_spec_of(num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True,
+                          bias=False)
+
+
+def falcon_mq_spec(out: Path):
+    # Falcon-7B's architecture: multi-query attention (q heads, then the one key and value),
+    # attention and MLP in parallel on one shared LayerNorm, no biases.
+    return falcon_spec_of(new_decoder_architecture=False, multi_query=True, parallel_attn=True,
+                          bias=False)
+
+
+def falcon_sequential_spec(out: Path):
+    # The original architecture without multi-query attention (q/k/v fused head by head) and
+    # without parallel_attn: the MLP follows the attention on post_attention_layernorm.
+    return falcon_spec_of(new_decoder_architecture=False, multi_query=False, parallel_attn=False,
+                          bias=True)
 
 
 # Encoder-decoder specs (make_seq2seq_fixture): `low` is the first token id that is not
@@ -650,6 +671,8 @@ FIXTURES = {
     "gpt_neox": (gpt_neox_spec, 17000),
     "bloom": (bloom_spec, 18000),
     "falcon": (falcon_spec, 19000),
+    "falcon_mq": (falcon_mq_spec, 23000),
+    "falcon_sequential": (falcon_sequential_spec, 24000),
 }
 
 SEQ2SEQ_FIXTURES = {

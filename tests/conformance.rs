@@ -147,6 +147,19 @@ fn falcon_with_grouped_fused_qkv_matches_transformers_at_every_rank_count() {
     check_all_ranks("falcon");
 }
 
+/// Falcon-7B's architecture: multi-query attention (one key/value head every rank holds) and a
+/// LayerNorm that attention and MLP share.
+#[test]
+fn falcon_with_multi_query_attention_matches_transformers_at_every_rank_count() {
+    check_all_ranks("falcon_mq");
+}
+
+/// Falcon without multi-query attention (q/k/v fused head by head) nor parallel attention.
+#[test]
+fn sequential_falcon_with_per_head_fused_qkv_matches_transformers_at_every_rank_count() {
+    check_all_ranks("falcon_sequential");
+}
+
 #[test]
 fn sharded_llama_checkpoint_matches_transformers_at_every_rank_count() {
     check_all_ranks("llama");

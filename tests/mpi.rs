@@ -21,7 +21,7 @@ use common::{
 };
 
 /// Every fixture of `tests/conformance.rs`, with its heads (the most ranks it splits over).
-const FIXTURES: [(&str, usize); 22] = [
+const FIXTURES: [(&str, usize); 24] = [
     ("gpt2", 4),
     ("gpt_bigcode", 4),
     ("opt", 4),
@@ -31,6 +31,8 @@ const FIXTURES: [(&str, usize); 22] = [
     ("gpt_neox", 4),
     ("bloom", 4),
     ("falcon", 4),
+    ("falcon_mq", 4),
+    ("falcon_sequential", 4),
     ("llama", 8),
     ("smollm_like", 9),
     ("mistral", 8),

@@ -38,6 +38,17 @@ pub enum OutputKind {
     LastHiddenState,
 }
 
+/// The layout of a fused `query_key_value` projection's output rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FusedQkv {
+    /// Head by head, each head's query, key and value rows together (GPT-NeoX, BLOOM, Falcon
+    /// without multi-query attention).
+    PerHead,
+    /// By key/value group: the group's query heads, then its key, then its value (Falcon's new
+    /// architecture; multi-query Falcon-7B is one group).
+    Grouped,
+}
+
 /// Activation functions of the MLP blocks, named as transformers names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Activation {
@@ -148,6 +159,8 @@ pub struct RawConfig {
     qk_layernorm: Option<bool>,
     use_parallel_residual: Option<bool>,
     new_decoder_architecture: Option<bool>,
+    parallel_attn: Option<bool>,
+    num_ln_in_parallel_attn: Option<usize>,
     bias: Option<bool>,
     alibi: Option<bool>,
     // Encoder–decoders (BART, T5); see `seq2seq.rs`.
@@ -241,6 +254,12 @@ pub struct ModelConfig {
     /// BLOOM's ALiBi: no position embedding; each head adds its slope times the key's position
     /// to its attention scores.
     pub alibi: bool,
+    /// How a fused `query_key_value` projection is laid out (GPT-NeoX, BLOOM, Falcon); `None`:
+    /// separate q, k and v.
+    pub fused_qkv: Option<FusedQkv>,
+    /// The MLP reads a LayerNorm of its own (`post_attention_layernorm`, Falcon's `ln_mlp`),
+    /// not the attention's (Phi, GPT-J, Falcon-7B).
+    pub separate_mlp_norm: bool,
     /// The decoder and its inputs of an encoder–decoder (BART, T5); `None` for the others.
     pub seq2seq: Option<Seq2SeqConfig>,
 }
@@ -331,7 +350,8 @@ impl RawConfig {
         let num_heads = required(self.num_attention_heads, "num_attention_heads")?;
         let multi_query = model_type == "gpt_bigcode" && self.multi_query != Some(false);
         let num_kv_heads = required(
-            self.num_key_value_heads
+            self.falcon_kv_heads(&model_type, num_heads)
+                .or(self.num_key_value_heads)
                 .or(Some(if multi_query { 1 } else { num_heads })),
             "num_key_value_heads",
         )?;
@@ -389,8 +409,22 @@ impl RawConfig {
         let rotary_dim = self.rotary_dim_of(&model_type, head_dim)?;
         let rotary_interleaved = model_type == "gptj";
         let alibi = model_type == "bloom";
-        let sequential_residual =
-            alibi || (model_type == "gpt_neox" && self.use_parallel_residual == Some(false));
+        let old_falcon = model_type == "falcon" && self.new_decoder_architecture != Some(true);
+        let sequential_residual = alibi
+            || (model_type == "gpt_neox" && self.use_parallel_residual == Some(false))
+            || (old_falcon && self.parallel_attn == Some(false));
+        let fused_qkv = match model_type.as_str() {
+            "gpt_neox" | "bloom" => Some(FusedQkv::PerHead),
+            "falcon" if old_falcon && self.multi_query == Some(false) => Some(FusedQkv::PerHead),
+            "falcon" => Some(FusedQkv::Grouped),
+            _ => None,
+        };
+        let separate_mlp_norm = match model_type.as_str() {
+            "gpt_neox" | "bloom" => true,
+            "falcon" if old_falcon => sequential_residual,
+            "falcon" => self.num_ln_in_parallel_attn.unwrap_or(2) == 2,
+            _ => false,
+        };
         let attention_bias = self.attention_bias.unwrap_or(false);
         let attn_out_bias = match model_type.as_str() {
             "falcon" => self.bias.unwrap_or(false),
@@ -402,11 +436,16 @@ impl RawConfig {
             "t5" => false,
             _ => family != Family::Llama || self.mlp_bias.unwrap_or(false),
         };
-        if model_type == "falcon"
-            && (self.new_decoder_architecture != Some(true) || self.alibi == Some(true))
-        {
+        if model_type == "falcon" && self.alibi == Some(true) {
             return Err(
-                "only Falcon's new decoder architecture with rotary positions is supported (new_decoder_architecture = true, alibi = false)".into(),
+                "Falcon with ALiBi (alibi = true, Falcon-RW) is not supported; rotary Falcon is"
+                    .into(),
+            );
+        }
+        if model_type == "falcon" && !old_falcon && self.parallel_attn == Some(false) {
+            return Err(
+                "Falcon's new decoder architecture with parallel_attn = false is not supported"
+                    .into(),
             );
         }
         let sliding_window = match model_type.as_str() {
@@ -491,6 +530,8 @@ impl RawConfig {
             rotary_interleaved,
             sequential_residual,
             alibi,
+            fused_qkv,
+            separate_mlp_norm,
             seq2seq,
         })
     }
@@ -522,6 +563,18 @@ impl RawConfig {
             ));
         }
         Ok(Some(dim))
+    }
+
+    /// Falcon's key/value heads when its architecture decides them: one for the original
+    /// multi-query architecture (Falcon-7B, the default), every head without multi-query;
+    /// `num_kv_heads` for the new architecture.
+    fn falcon_kv_heads(&self, model_type: &str, heads: usize) -> Option<usize> {
+        match (model_type, self.new_decoder_architecture, self.multi_query) {
+            ("falcon", Some(true), _) => None,
+            ("falcon", _, Some(false)) => Some(heads),
+            ("falcon", _, _) => Some(1),
+            _ => None,
+        }
     }
 
     /// Refuses the OPT variants whose layout differs from the GPT-2 wiring (post-LayerNorm
@@ -614,6 +667,41 @@ mod tests {
         "vocab_size":100,"hidden_size":64,"num_hidden_layers":2,"num_attention_heads":8,
         "num_key_value_heads":4,"intermediate_size":96,"rms_norm_eps":1e-5,"rope_theta":500000.0,
         "rope_scaling":null,"eos_token_id":[1,2]}"#;
+
+    #[test]
+    fn falcon_s_architectures_resolve_their_heads_norms_and_fused_layout() {
+        let falcon = |extra: &str| {
+            resolve(&format!(
+                r#"{{"model_type":"falcon","vocab_size":97,"hidden_size":64,
+                "num_attention_heads":4,"num_hidden_layers":2,"num_kv_heads":2{extra}}}"#
+            ))
+        };
+        let layout = |c: &ModelConfig| {
+            (
+                c.num_kv_heads,
+                c.fused_qkv,
+                c.separate_mlp_norm,
+                c.sequential_residual,
+            )
+        };
+        let new = falcon(r#","new_decoder_architecture":true"#).unwrap();
+        assert_eq!(layout(&new), (2, Some(FusedQkv::Grouped), true, false));
+        let shared_norm =
+            falcon(r#","new_decoder_architecture":true,"num_ln_in_parallel_attn":1"#).unwrap();
+        assert_eq!(
+            layout(&shared_norm),
+            (2, Some(FusedQkv::Grouped), false, false)
+        );
+        // Falcon-7B: the original architecture's defaults (multi-query, parallel attention).
+        let seven_b = falcon("").unwrap();
+        assert_eq!(layout(&seven_b), (1, Some(FusedQkv::Grouped), false, false));
+        let sequential = falcon(r#","multi_query":false,"parallel_attn":false"#).unwrap();
+        assert_eq!(
+            layout(&sequential),
+            (4, Some(FusedQkv::PerHead), true, true)
+        );
+        assert!(falcon(r#","alibi":true"#).unwrap_err().contains("ALiBi"));
+    }
 
     const LLAMA_5X: &str = r#"{"model_type":"llama","architectures":["LlamaForCausalLM"],
         "vocab_size":100,"hidden_size":64,"num_hidden_layers":2,"num_attention_heads":8,

@@ -8,6 +8,7 @@
 
 use candle_core::Tensor;
 
+use crate::checkpoint::config::FusedQkv;
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::Result;
@@ -76,12 +77,14 @@ impl Phi {
                 weight_and_bias(loader, &format!("{p}.{name}"), out, inp, bias)
             };
             let fused = "self_attn.query_key_value";
-            let qkv = match c.model_type.as_str() {
-                "gpt_neox" | "bloom" => {
+            let qkv = match c.fused_qkv {
+                Some(FusedQkv::PerHead) => {
                     Qkv::PerHead(proj(fused, 3 * q_width, h, c.qkv_bias)?.into())
                 }
-                "falcon" => Qkv::Fused(proj(fused, q_width + 2 * kv_width, h, c.qkv_bias)?.into()),
-                _ => Qkv::Separate {
+                Some(FusedQkv::Grouped) => {
+                    Qkv::Fused(proj(fused, q_width + 2 * kv_width, h, c.qkv_bias)?.into())
+                }
+                None => Qkv::Separate {
                     q: proj("self_attn.q_proj", q_width, h, c.qkv_bias)?.into(),
                     k: proj("self_attn.k_proj", kv_width, h, c.qkv_bias)?.into(),
                     v: proj("self_attn.v_proj", kv_width, h, c.qkv_bias)?.into(),
@@ -91,10 +94,9 @@ impl Phi {
             let fc1 = proj("mlp.fc1", inner, h, c.mlp_bias)?;
             let fc2 = proj("mlp.fc2", h, inner, c.mlp_bias)?;
             let mlp_norm = format!("{p}.post_attention_layernorm");
-            let has_mlp_norm = matches!(c.model_type.as_str(), "gpt_neox" | "bloom" | "falcon");
             blocks.push(Block {
                 norm: layer_norm(loader, &format!("{p}.input_layernorm"), h, eps)?,
-                mlp_norm: match has_mlp_norm {
+                mlp_norm: match c.separate_mlp_norm {
                     true => Some(layer_norm(loader, &mlp_norm, h, eps)?),
                     false => None,
                 },

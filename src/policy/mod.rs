@@ -132,7 +132,7 @@ impl Policy {
                 "gptj" => tables::gptj(),
                 "gpt_neox" => tables::gpt_neox(),
                 "bloom" => tables::bloom(),
-                "falcon" => tables::falcon(),
+                "falcon" => tables::falcon(config),
                 _ => tables::phi(),
             },
             Family::Bert => match config.model_type.as_str() {

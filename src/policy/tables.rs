@@ -3,6 +3,8 @@
 //! (RoBERTa, ELECTRA, DistilBERT, ALBERT), and the encoder–decoders BART and T5.
 
 use super::{Partition, Policy, Rename, Role, Rule};
+use crate::checkpoint::config::FusedQkv;
+use crate::checkpoint::ModelConfig;
 use Partition::{Heads, Intermediate, KvHeads, Vocab};
 
 fn rule(pattern: &str, role: Role) -> Rule {
@@ -299,12 +301,7 @@ pub fn gptj() -> Policy {
 /// The per-layer entries of a block with one fused `query_key_value` (GPT-NeoX, BLOOM,
 /// Falcon): its layers `l`, attention module `attention`, the fused projection's role, and the
 /// attention's and the MLP's LayerNorms.
-fn fused_block(
-    l: &str,
-    attention: &str,
-    qkv: Role,
-    norms: [&str; 2],
-) -> Vec<(String, String, Role)> {
+fn fused_block(l: &str, attention: &str, qkv: Role, norms: &[&str]) -> Vec<(String, String, Role)> {
     let entry =
         |checkpoint: String, wiring: &str, role: Role| (checkpoint, wiring.to_string(), role);
     vec![
@@ -338,17 +335,21 @@ fn fused_block(
             "layers.*.mlp.fc2.bias",
             Role::Replicate,
         ),
-        entry(
-            format!("{l}.{}.*", norms[0]),
-            "layers.*.input_layernorm.*",
-            Role::Replicate,
-        ),
-        entry(
-            format!("{l}.{}.*", norms[1]),
-            "layers.*.post_attention_layernorm.*",
-            Role::Replicate,
-        ),
     ]
+    .into_iter()
+    .chain(
+        norms
+            .iter()
+            .zip(["input_layernorm", "post_attention_layernorm"])
+            .map(|(norm, wiring)| {
+                entry(
+                    format!("{l}.{norm}.*"),
+                    &format!("layers.*.{wiring}.*"),
+                    Role::Replicate,
+                )
+            }),
+    )
+    .collect()
 }
 
 /// [`renamed`] for entries built at run time.
@@ -376,7 +377,7 @@ pub fn gpt_neox() -> Policy {
         ("embed_out.weight", "lm_head.weight", column(Vocab)),
         ("final_layer_norm.*", "final_layernorm.*", Role::Replicate),
     ]);
-    let norms = ["input_layernorm", "post_attention_layernorm"];
+    let norms = &["input_layernorm", "post_attention_layernorm"];
     entries.extend(fused_block(
         "layers.*",
         "attention",
@@ -403,7 +404,7 @@ pub fn bloom() -> Policy {
         ),
         ("ln_f.*", "final_layernorm.*", Role::Replicate),
     ]);
-    let norms = ["input_layernorm", "post_attention_layernorm"];
+    let norms = &["input_layernorm", "post_attention_layernorm"];
     entries.extend(fused_block(
         "h.*",
         "self_attention",
@@ -413,9 +414,11 @@ pub fn bloom() -> Policy {
     renamed_owned("bloom", &["transformer.", ""], &entries)
 }
 
-/// Falcon (new decoder architecture): Phi's wiring under its own names, q/k/v fused by
-/// key/value group, attention and MLP in parallel on LayerNorms of their own.
-pub fn falcon() -> Policy {
+/// Falcon: Phi's wiring under its own names; q/k/v fused by key/value group (the new
+/// architecture, and multi-query Falcon-7B with one group) or head by head (neither); the
+/// attention and the MLP read LayerNorms of their own (`ln_attn`, `ln_mlp`) or share
+/// `input_layernorm`, and without `parallel_attn` the MLP follows on `post_attention_layernorm`.
+pub fn falcon(config: &ModelConfig) -> Policy {
     let mut entries = owned(&[
         (
             "word_embeddings.weight",
@@ -425,8 +428,16 @@ pub fn falcon() -> Policy {
         ("lm_head.weight", "lm_head.weight", column(Vocab)),
         ("ln_f.*", "final_layernorm.*", Role::Replicate),
     ]);
-    let norms = ["ln_attn", "ln_mlp"];
-    entries.extend(fused_block("h.*", "self_attention", Role::Grouped, norms));
+    let qkv = match config.fused_qkv {
+        Some(FusedQkv::PerHead) => Role::PerHead { parts: 3 },
+        _ => Role::Grouped,
+    };
+    let norms: &[&str] = match (config.separate_mlp_norm, config.sequential_residual) {
+        (true, false) => &["ln_attn", "ln_mlp"],
+        (true, true) => &["input_layernorm", "post_attention_layernorm"],
+        (false, _) => &["input_layernorm"],
+    };
+    entries.extend(fused_block("h.*", "self_attention", qkv, norms));
     renamed_owned("falcon", &["transformer.", ""], &entries)
 }
 
