@@ -29,8 +29,10 @@ use crate::parallel::process::{serve, CommSource};
 
 /// The tag of tunnel messages; an empty message closes the tunnel.
 const TUNNEL: i32 = 7;
-/// The largest piece of a frame one tunnel message carries: below the eager limits of Open
-/// MPI's transports, so that a send completes without the peer's receive.
+/// The largest piece of a frame one tunnel message carries (below the TCP transport's eager
+/// limit). A send larger than a transport's eager limit waits for the peer's receive; that never
+/// deadlocks the two tunnel threads, because the protocol never sends both ways at once: the
+/// launcher sends a rank a request only while the rank is idle, and the rank answers after it.
 const PIECE_BYTES: usize = 32 * 1024;
 /// How long an idle tunnel first sleeps between looks at its two ends; the sleep doubles while
 /// nothing passes, up to [`TUNNEL_IDLE_MAX`] (a tunnel shares its process's cores with rank 0's
