@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture, masked_max_diff, options, reference, reference_batch, RefTensor};
+use common::{fixture, masked_max_diff, options, reference, reference_batch, reference_output};
 use parallelformers::{parallelize, GenerationConfig, WeightDType};
 
 /// f32 outputs must be within this of transformers' (absolute, at unpadded positions).
@@ -17,21 +17,10 @@ fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
     opts.dtype = dtype;
     let mut model =
         parallelize(fixture(name), opts).unwrap_or_else(|e| panic!("{name} at {ranks} ranks: {e}"));
-    // An encoder–decoder's logits are the decoder's, whose input is never padded.
-    let mask = match refs.get("decoder_input_ids") {
-        Some(decoder) => &RefTensor {
-            shape: decoder.shape.clone(),
-            values: vec![1.0; decoder.values.len()],
-        },
-        None => &refs["attention_mask"],
-    };
+    let (_, expected, mask) = reference_output(&refs);
     let out = model.forward(&reference_batch(&refs)).unwrap();
-    let expected = refs
-        .get("logits")
-        .or_else(|| refs.get("last_hidden_state"))
-        .unwrap();
     assert_eq!(out.shape, expected.shape, "{name}: output shape");
-    let diff = masked_max_diff(&out.data, expected, mask);
+    let diff = masked_max_diff(&out.data, expected, &mask);
     if let (Some(prompt), WeightDType::F32) = (refs.get("generate_input_ids"), dtype) {
         let stopping = model
             .generate(

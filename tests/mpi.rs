@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     assert_no_processes_tagged, binary, fixture, forward_args, generate_reference_args,
-    masked_max_diff, processes_tagged, read_tensors, reference, run, unique_tag, RefTensor,
+    masked_max_diff, processes_tagged, read_tensors, reference, reference_output, run, unique_tag,
 };
 
 /// Every fixture of `tests/conformance.rs`, with its heads (the most ranks it splits over).
@@ -126,22 +126,7 @@ fn every_fixture_s_forward_pass_under_mpi_equals_shared_memory_s_at_2_3_and_4_ra
     for (name, heads) in FIXTURES {
         let inputs = fixture(name).join("reference.safetensors");
         let refs = reference(name);
-        let expected = refs
-            .get("logits")
-            .or_else(|| refs.get("last_hidden_state"))
-            .unwrap();
-        let key = if refs.contains_key("logits") {
-            "logits"
-        } else {
-            "last_hidden_state"
-        };
-        let mask = match refs.get("decoder_input_ids") {
-            Some(decoder) => RefTensor {
-                shape: decoder.shape.clone(),
-                values: vec![1.0; decoder.values.len()],
-            },
-            None => refs["attention_mask"].clone(),
-        };
+        let (key, expected, mask) = reference_output(&refs);
         for ranks in 2..=heads.min(4) {
             let (over_mpi, over_shm) = (dir.path().join("mpi"), dir.path().join("shm"));
             let args = forward_args(&fixture(name), &ranks.to_string(), &inputs, &over_mpi);

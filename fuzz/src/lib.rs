@@ -508,8 +508,7 @@ fn walk_policy(file: &PolicyFile, tensors: &[(&str, Vec<usize>)]) {
     }
     let load = Request::Load(LoadSpec {
         location: WeightsLocation::Safetensors(PathBuf::from("/nonexistent")),
-        config: ModelConfig::from_file(&scratch_config(LLAMA_CONFIG))
-            .expect("the llama fixture's configuration resolves"),
+        config: llama_config().clone(),
         dtype: WeightDType::F32,
         policy: Some(policy.clone()),
     });
@@ -519,6 +518,15 @@ fn walk_policy(file: &PolicyFile, tensors: &[(&str, Vec<usize>)]) {
         Request::Load(spec) => assert_eq!(spec.policy, Some(policy)),
         other => panic!("a Load request came back as {other:?}"),
     }
+}
+
+/// The llama fixture's configuration, resolved once.
+fn llama_config() -> &'static ModelConfig {
+    static CONFIG: std::sync::OnceLock<ModelConfig> = std::sync::OnceLock::new();
+    CONFIG.get_or_init(|| {
+        ModelConfig::from_file(&scratch_config(LLAMA_CONFIG))
+            .expect("the llama fixture's configuration resolves")
+    })
 }
 
 fn scratch_config(text: &str) -> PathBuf {

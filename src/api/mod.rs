@@ -70,7 +70,9 @@ pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<P
 /// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
 pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<ParallelModel> {
     if options.backend == Backend::Mpi {
+        // The number of ranks is mpirun's; an impossible plan drops (and so stops) the group.
         let (group, ranks) = mpi_group(&options)?;
+        Plan::new(&model.config, ranks)?;
         return load(group, model, Options { ranks, ..options });
     }
     Plan::new(&model.config, options.ranks)?;
@@ -122,12 +124,8 @@ fn mpi_group(_options: &Options) -> Result<(WorkerGroup, usize)> {
     ))
 }
 
-/// Loads `model` on the ranks of `group`.
+/// Loads `model` on the ranks of `group` (whose plan was checked).
 fn load(mut group: WorkerGroup, model: ResolvedModel, options: Options) -> Result<ParallelModel> {
-    if let Err(e) = Plan::new(&model.config, options.ranks) {
-        group.shutdown();
-        return Err(e);
-    }
     let generation_defaults = match &model.location {
         WeightsLocation::Safetensors(dir) => GenerationConfig::from_model_dir(dir)?,
         WeightsLocation::Gguf(_) => GenerationConfig::default(),

@@ -77,7 +77,7 @@ pub fn time_shm_all_reduce(
 ) -> Result<Vec<AllReduceTiming>, CommError> {
     let region = ShmRegion::create(ranks, DEFAULT_SLOT_BYTES)?;
     let fd = region.fd();
-    let mut results: Vec<Result<Vec<AllReduceTiming>, CommError>> = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let threads: Vec<_> = (0..ranks)
             .map(|rank| {
                 scope.spawn(move || {
@@ -86,13 +86,14 @@ pub fn time_shm_all_reduce(
                 })
             })
             .collect();
+        // Every thread is joined (by the scope); rank 0's timings are the answer.
         threads
             .into_iter()
-            .map(|t| t.join().unwrap_or(Err(CommError::Aborted)))
-            .collect()
-    });
-    results.truncate(1);
-    results.pop().unwrap_or(Err(CommError::Aborted))
+            .next()
+            .map_or(Err(CommError::Aborted), |rank0| {
+                rank0.join().unwrap_or(Err(CommError::Aborted))
+            })
+    })
 }
 
 #[cfg(test)]

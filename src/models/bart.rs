@@ -47,6 +47,26 @@ impl FeedForward {
     }
 }
 
+/// The attention block `{p}.{name}` and the LayerNorm after it, `{p}.{name}_layer_norm`.
+fn attention(
+    loader: &mut ShardLoader,
+    p: &str,
+    name: &str,
+    c: &ModelConfig,
+) -> Result<(AttentionBlock, LayerNorm)> {
+    let block = format!("{p}.{name}");
+    let widths = (c.hidden_size, c.num_heads * c.head_dim);
+    Ok((
+        AttentionBlock::load(loader, &block, ATTENTION, widths, true)?,
+        layer_norm(
+            loader,
+            &format!("{block}_layer_norm"),
+            c.hidden_size,
+            c.norm_eps,
+        )?,
+    ))
+}
+
 struct EncoderLayer {
     attn: AttentionBlock,
     attn_norm: LayerNorm,
@@ -89,7 +109,6 @@ impl Bart {
             Error::InvalidInput("a BART configuration without its decoder settings".into())
         })?;
         let (h, v, eps) = (c.hidden_size, c.vocab_size, c.norm_eps);
-        let widths = (h, c.num_heads * c.head_dim);
         let plan = loader.plan().clone();
         let rank = loader.rank();
         let shared = loader.load_linear("shared.weight", &[v, h])?;
@@ -104,43 +123,28 @@ impl Bart {
         };
         let (encoder_embeddings, decoder_embeddings) =
             (embeddings("encoder")?, embeddings("decoder")?);
-        let mut attention = |p: &str, name: &str| -> Result<(AttentionBlock, LayerNorm)> {
-            let block = format!("{p}.{name}");
-            Ok((
-                AttentionBlock::load(loader, &block, ATTENTION, widths, true)?,
-                layer_norm(loader, &format!("{block}_layer_norm"), h, eps)?,
-            ))
-        };
-        let mut encoder_attention = Vec::with_capacity(c.num_layers);
-        for i in 0..c.num_layers {
-            encoder_attention.push(attention(&format!("encoder.layers.{i}"), "self_attn")?);
-        }
-        let mut decoder_attention = Vec::with_capacity(seq2seq.decoder_layers);
-        for i in 0..seq2seq.decoder_layers {
-            let p = format!("decoder.layers.{i}");
-            decoder_attention.push((attention(&p, "self_attn")?, attention(&p, "encoder_attn")?));
-        }
-        let encoder = encoder_attention
-            .into_iter()
-            .enumerate()
-            .map(|(i, (attn, attn_norm))| {
+        let encoder = (0..c.num_layers)
+            .map(|i| {
+                let p = format!("encoder.layers.{i}");
+                let (attn, attn_norm) = attention(loader, &p, "self_attn", c)?;
                 Ok(EncoderLayer {
                     attn,
                     attn_norm,
-                    ff: FeedForward::load(loader, &format!("encoder.layers.{i}"), c)?,
+                    ff: FeedForward::load(loader, &p, c)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let decoder = decoder_attention
-            .into_iter()
-            .enumerate()
-            .map(|(i, ((attn, attn_norm), (cross, cross_norm)))| {
+        let decoder = (0..seq2seq.decoder_layers)
+            .map(|i| {
+                let p = format!("decoder.layers.{i}");
+                let (attn, attn_norm) = attention(loader, &p, "self_attn", c)?;
+                let (cross, cross_norm) = attention(loader, &p, "encoder_attn", c)?;
                 Ok(DecoderLayer {
                     attn,
                     attn_norm,
                     cross,
                     cross_norm,
-                    ff: FeedForward::load(loader, &format!("decoder.layers.{i}"), c)?,
+                    ff: FeedForward::load(loader, &p, c)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

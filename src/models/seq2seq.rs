@@ -147,10 +147,8 @@ struct Generation {
     caches: LayerCaches,
     /// Per decoder layer, the encoder output's keys and values.
     cross: LayerCaches,
-    /// The encoder's padding mask, `[B, S]` row by row (`None`: no padding).
-    encoder_mask: Option<Vec<Vec<u32>>>,
-    /// Whether the encoder has run (the first step of a generation).
-    started: bool,
+    /// The additive mask `[B, 1, 1, S]` hiding the encoder's padding (`None`: no padding).
+    cross_mask: Option<Tensor>,
 }
 
 /// A rank's shard of an encoder–decoder.
@@ -233,27 +231,22 @@ impl<M: EncoderDecoder> ShardedModel for Seq2Seq<M> {
         if !input.use_cache {
             return self.forward_whole(input, comm);
         }
+        // The first step of a generation runs the encoder (whose input is never empty, so
+        // the cross-attention caches hold positions from then on) and feeds the start token.
         let starts;
-        let (ids, len) = if self.generation.started {
+        let (ids, len) = if !self.generation.cross.is_empty() {
             (input.ids, input.seq_len)
         } else {
-            let (cross, _) = self.encode(input, comm)?;
-            let len = input.seq_len;
+            let (cross, cross_mask) = self.encode(input, comm)?;
             self.generation = Generation {
                 caches: LayerCaches::new(self.model.decoder_layers()),
                 cross,
-                encoder_mask: input
-                    .attention_mask
-                    .map(|m| m.chunks(len.max(1)).map(<[u32]>::to_vec).collect()),
-                started: true,
+                cross_mask,
             };
             starts = vec![self.model.decoder_start(); input.batch];
             (starts.as_slice(), 1)
         };
         let g = &mut self.generation;
-        let encoder_len = g.cross.len();
-        let mask_rows = g.encoder_mask.as_ref().map(|rows| rows.concat());
-        let mask = cross_mask(mask_rows.as_deref(), input.batch, encoder_len)?;
         let past = g.caches.len();
         self.model.decode(
             DecoderInput {
@@ -263,7 +256,7 @@ impl<M: EncoderDecoder> ShardedModel for Seq2Seq<M> {
                 past,
                 caches: Some(&mut g.caches),
                 cross: &g.cross,
-                cross_mask: mask.as_ref(),
+                cross_mask: g.cross_mask.as_ref(),
                 last_only: input.last_only,
             },
             comm,
@@ -285,11 +278,9 @@ impl<M: EncoderDecoder> ShardedModel for Seq2Seq<M> {
         let (len, encoder_len) = (g.caches.len(), g.cross.len());
         g.caches.select(rows, len)?;
         g.cross.select(rows, encoder_len)?;
-        if let Some(mask) = &mut g.encoder_mask {
-            *mask = rows
-                .iter()
-                .map(|&r| mask.get(r).cloned().unwrap_or_default())
-                .collect();
+        if let Some(mask) = &mut g.cross_mask {
+            let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            *mask = mask.index_select(&Tensor::new(rows.as_slice(), mask.device())?, 0)?;
         }
         Ok(())
     }

@@ -99,6 +99,27 @@ pub fn reference_batch(refs: &HashMap<String, RefTensor>) -> parallelformers::Fo
     }
 }
 
+/// The name and value of a reference file's output (`logits`, or an encoder's
+/// `last_hidden_state`), and the mask of its positions to compare: the attention mask, or for an
+/// encoder–decoder, whose logits are the decoder's and whose decoder input is never padded,
+/// every position.
+pub fn reference_output(
+    refs: &HashMap<String, RefTensor>,
+) -> (&'static str, &RefTensor, RefTensor) {
+    let name = match refs.contains_key("logits") {
+        true => "logits",
+        false => "last_hidden_state",
+    };
+    let mask = match refs.get("decoder_input_ids") {
+        Some(decoder) => RefTensor {
+            shape: decoder.shape.clone(),
+            values: vec![1.0; decoder.values.len()],
+        },
+        None => refs["attention_mask"].clone(),
+    };
+    (name, &refs[name], mask)
+}
+
 /// Largest absolute difference between `actual` and `expected` `[B, L, D]` over positions
 /// whose attention mask is 1.
 pub fn masked_max_diff(actual: &[f32], expected: &RefTensor, mask: &RefTensor) -> f64 {
