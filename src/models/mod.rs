@@ -13,6 +13,7 @@ pub mod llama;
 pub mod matmul;
 pub mod phi;
 pub mod quantized;
+pub mod rope;
 pub mod seq2seq;
 pub mod t5;
 
