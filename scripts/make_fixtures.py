@@ -73,6 +73,28 @@ from transformers import (  # noqa: E402
     BloomForCausalLM,
     FalconConfig,
     FalconForCausalLM,
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
+    Starcoder2Config,
+    Starcoder2ForCausalLM,
 )
 
 transformers.logging.set_verbosity_error()
@@ -674,6 +696,152 @@ FIXTURES = {
     "falcon_mq": (falcon_mq_spec, 23000),
     "falcon_sequential": (falcon_sequential_spec, 24000),
 }
+
+
+# --------------------------------------------------------------------------
+# Today's Llama-style families (issue 15), written with transformers 5.25.0.
+# Each is 4 query heads over 2 key/value heads (4 ranks go beyond the key/value
+# heads) unless noted, 64 wide, vocabulary 97-107; each turns the switches its
+# family is known for, with values small enough to matter in 10 positions.
+# --------------------------------------------------------------------------
+
+TODAY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+             num_hidden_layers=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2)
+
+
+def today_spec(cls, cfg, tied, **extra):
+    return dict(cls=cls, cfg=cfg, causal=True, output="logits", max_ranks=4, tied=tied,
+                tie_pairs=[("lm_head.weight", "model.embed_tokens.weight")], **extra)
+
+
+def llama3_spec(out: Path):
+    # Llama 3.2's llama3 rotary scaling with an original context of 16 positions, so that
+    # head_dim 8's four frequencies fall in each of its three bands; tied embeddings.
+    cfg = LlamaConfig(**{**TODAY, "num_attention_heads": 8}, vocab_size=103, tie_word_embeddings=True,
+                      rms_norm_eps=1e-5,
+                      rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                           low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=16))
+    return today_spec(LlamaForCausalLM, cfg, True)
+
+
+def qwen3_spec(out: Path):
+    # q/k RMSNorm per head, head_dim 24 independent of 64 / 4, the last two of three layers
+    # sliding (window 4), YaRN scaling.
+    cfg = Qwen3Config(**{**TODAY, "num_hidden_layers": 3}, vocab_size=107, head_dim=24,
+                      tie_word_embeddings=True, rms_norm_eps=1e-6, use_sliding_window=True,
+                      sliding_window=4, max_window_layers=1,
+                      rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                           original_max_position_embeddings=32))
+    return today_spec(Qwen3ForCausalLM, cfg, True)
+
+
+def gemma_spec(out: Path):
+    # (1 + w) RMSNorm, embeddings times sqrt(64), tanh GELU, one key/value head of 32.
+    cfg = GemmaConfig(**{**TODAY, "num_key_value_heads": 1}, vocab_size=101, head_dim=32,
+                      tie_word_embeddings=True, rms_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+    return today_spec(GemmaForCausalLM, cfg, True)
+
+
+def gemma2_spec(out: Path):
+    # Sandwich norms, attention and final soft-capping low enough to bite, query_pre_attn_scalar
+    # 24, alternating sliding (window 4) and global layers.
+    cfg = Gemma2Config(**{**TODAY, "num_hidden_layers": 3}, vocab_size=97, head_dim=16,
+                       tie_word_embeddings=True, rms_norm_eps=1e-6, sliding_window=4,
+                       query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                       final_logit_softcapping=5.0)
+    return today_spec(Gemma2ForCausalLM, cfg, True)
+
+
+def gemma3_spec(out: Path):
+    # q/k norms, sliding layers on their own rotary base, global layers with linear scaling.
+    cfg = Gemma3TextConfig(**{**TODAY, "num_hidden_layers": 3}, vocab_size=97, head_dim=16,
+                           tie_word_embeddings=True, rms_norm_eps=1e-6, sliding_window=4,
+                           query_pre_attn_scalar=16,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           rope_parameters={
+                               "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0),
+                               "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                           })
+    return today_spec(Gemma3ForCausalLM, cfg, True)
+
+
+def phi3_spec(out: Path):
+    # Fused qkv_proj and gate_up_proj, Phi-4-mini's partial rotary (0.75 of 16 = 12 dims)
+    # with longrope; an original context of 4 so every reference input uses the long factors.
+    g = torch.Generator().manual_seed(15)
+    factors = lambda: [round(1.0 + 3.0 * x, 4) for x in torch.rand(6, generator=g).tolist()]  # noqa: E731
+    cfg = Phi3Config(**TODAY, vocab_size=101, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                     original_max_position_embeddings=4, sliding_window=None,
+                     rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                          partial_rotary_factor=0.75, short_factor=factors(),
+                                          long_factor=factors()))
+    return today_spec(Phi3ForCausalLM, cfg, True)
+
+
+def smollm3_spec(out: Path):
+    # Every second layer without rotary positions (NoPE).
+    cfg = SmolLM3Config(**{**TODAY, "num_hidden_layers": 4}, vocab_size=97, tie_word_embeddings=True,
+                        rms_norm_eps=1e-6, no_rope_layer_interval=2, rope_theta=100000.0)
+    return today_spec(SmolLM3ForCausalLM, cfg, True)
+
+
+def olmo2_spec(out: Path):
+    # Norms after attention and MLP, q/k RMSNorm over the whole projection.
+    cfg = Olmo2Config(**TODAY, vocab_size=97, tie_word_embeddings=False, rms_norm_eps=1e-6)
+    return today_spec(Olmo2ForCausalLM, cfg, False)
+
+
+def stablelm_spec(out: Path):
+    # LayerNorm, rotary on a quarter of each head, q/k/v biases, per-head q/k LayerNorms,
+    # attention and MLP in parallel.
+    cfg = StableLmConfig(**TODAY, vocab_size=97, tie_word_embeddings=False, layer_norm_eps=1e-5,
+                         partial_rotary_factor=0.25, use_qkv_bias=True, qk_layernorm=True,
+                         use_parallel_residual=True)
+    return today_spec(StableLmForCausalLM, cfg, False)
+
+
+def granite_spec(out: Path):
+    # Embedding, attention, residual and logit multipliers; dynamic NTK scaling past a context
+    # of 8 (the reference batch has 10 positions, generation reaches 17).
+    cfg = GraniteConfig(**{**TODAY, "max_position_embeddings": 8}, vocab_size=97,
+                        tie_word_embeddings=True, rms_norm_eps=1e-6, embedding_multiplier=0.5,
+                        attention_multiplier=0.2, residual_multiplier=1.5, logits_scaling=2.0,
+                        rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
+    return today_spec(GraniteForCausalLM, cfg, True)
+
+
+def starcoder2_spec(out: Path):
+    # LayerNorm with biases, biased projections, plain tanh-GELU MLP (c_fc, c_proj), window 4.
+    cfg = Starcoder2Config(**TODAY, vocab_size=97, tie_word_embeddings=True, norm_epsilon=1e-5,
+                           use_bias=True, sliding_window=4, hidden_act="gelu_pytorch_tanh")
+    return today_spec(Starcoder2ForCausalLM, cfg, True, sliding_window=4)
+
+
+def cohere_spec(out: Path):
+    # Parallel block on one bias-free LayerNorm, interleaved rotary, per-head q/k LayerNorms,
+    # logit scale.
+    cfg = CohereConfig(**TODAY, vocab_size=97, tie_word_embeddings=True, layer_norm_eps=1e-5,
+                       use_qk_norm=True, logit_scale=0.5)
+    return today_spec(CohereForCausalLM, cfg, True)
+
+
+TODAY_FIXTURES = {
+    "llama3": (llama3_spec, 30000),
+    "qwen3": (qwen3_spec, 31000),
+    "gemma": (gemma_spec, 32000),
+    "gemma2": (gemma2_spec, 33000),
+    "gemma3": (gemma3_spec, 34000),
+    "phi3": (phi3_spec, 35000),
+    "smollm3": (smollm3_spec, 36000),
+    "olmo2": (olmo2_spec, 37000),
+    "stablelm": (stablelm_spec, 38000),
+    "granite": (granite_spec, 39000),
+    "starcoder2": (starcoder2_spec, 40000),
+    "cohere": (cohere_spec, 41000),
+}
+FIXTURES.update(TODAY_FIXTURES)
 
 SEQ2SEQ_FIXTURES = {
     # name: (spec builder, base seed)

@@ -169,6 +169,87 @@ fn qwen2_with_qkv_bias_and_tied_head_matches_transformers_at_every_rank_count() 
     check_all_ranks("qwen2");
 }
 
+/// Llama 3.2: llama3 rotary scaling (each of its three frequency bands), tied embeddings.
+#[test]
+fn llama3_with_llama3_rope_scaling_matches_transformers_at_every_rank_count() {
+    check_all_ranks("llama3");
+}
+
+/// Qwen3: q/k RMSNorm per head, a head width apart from hidden ÷ heads, sliding layers after
+/// `max_window_layers`, YaRN scaling.
+#[test]
+fn qwen3_with_qk_norms_sliding_layers_and_yarn_matches_transformers_at_every_rank_count() {
+    check_all_ranks("qwen3");
+}
+
+/// Gemma: (1 + w) RMSNorm, scaled embeddings, one key/value head held by every rank.
+#[test]
+fn gemma_with_offset_norms_and_scaled_embeddings_matches_transformers_at_every_rank_count() {
+    check_all_ranks("gemma");
+}
+
+/// Gemma 2: sandwich norms, attention and final soft-capping, `query_pre_attn_scalar`,
+/// alternating sliding and global layers.
+#[test]
+fn gemma2_with_soft_capping_and_alternating_windows_matches_transformers_at_every_rank_count() {
+    check_all_ranks("gemma2");
+}
+
+/// Gemma 3 (text): q/k norms, sliding layers on their own rotary base, linear scaling of the
+/// global layers.
+#[test]
+fn gemma3_with_local_and_global_rotary_matches_transformers_at_every_rank_count() {
+    check_all_ranks("gemma3");
+}
+
+/// Phi-3 / Phi-4-mini: fused `qkv_proj` and `gate_up_proj` sliced part by part, partial
+/// rotary with longrope's long factors.
+#[test]
+fn phi3_with_fused_projections_and_longrope_matches_transformers_at_every_rank_count() {
+    check_all_ranks("phi3");
+}
+
+/// SmolLM3: every second layer without rotary positions.
+#[test]
+fn smollm3_with_nope_layers_matches_transformers_at_every_rank_count() {
+    check_all_ranks("smollm3");
+}
+
+/// OLMo 2: norms after each sub-block, q/k RMSNorm over the whole projection (statistics
+/// gathered from every rank, shared key/value heads counted once).
+#[test]
+fn olmo2_with_whole_projection_qk_norms_matches_transformers_at_every_rank_count() {
+    check_all_ranks("olmo2");
+}
+
+/// StableLM: LayerNorm, rotary on a quarter of each head, q/k/v biases, per-head q/k
+/// LayerNorms, parallel residual.
+#[test]
+fn stablelm_with_per_head_layernorms_and_parallel_residual_matches_transformers_at_every_rank_count(
+) {
+    check_all_ranks("stablelm");
+}
+
+/// Granite: embedding, attention, residual and logit multipliers; dynamic NTK scaling past
+/// its context.
+#[test]
+fn granite_with_multipliers_and_dynamic_rope_matches_transformers_at_every_rank_count() {
+    check_all_ranks("granite");
+}
+
+/// StarCoder2: LayerNorm with biases, biased projections, a plain MLP, a sliding window.
+#[test]
+fn starcoder2_matches_transformers_at_every_rank_count() {
+    check_all_ranks("starcoder2");
+}
+
+/// Cohere / Command-R: parallel block on one bias-free LayerNorm, interleaved rotary, per-head
+/// q/k LayerNorms, logit scale.
+#[test]
+fn cohere_with_parallel_block_and_logit_scale_matches_transformers_at_every_rank_count() {
+    check_all_ranks("cohere");
+}
+
 #[test]
 fn bert_hidden_states_match_transformers_at_every_rank_count() {
     check_all_ranks("bert");

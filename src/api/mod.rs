@@ -219,7 +219,7 @@ impl ParallelModel {
     fn rules(&self) -> RequestRules {
         RequestRules {
             vocab_size: self.model.config.vocab_size,
-            max_positions: self.model.config.max_positions,
+            max_positions: self.model.config.generation_context(),
             eos_token_ids: self.model.eos_token_ids.clone(),
             seed: self.seed,
         }

@@ -8,7 +8,11 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
+mod decoder;
+pub mod rope;
 mod seq2seq;
+pub use decoder::{DecoderOptions, LayerRope, MlpKind, NormKind, NormPlacement, QkNorm};
+pub use rope::{RopeConfig, RopeConfigs, RopeScaling};
 pub use seq2seq::{RelativeBuckets, Seq2SeqConfig};
 
 /// The block wiring a checkpoint uses.
@@ -91,50 +95,51 @@ impl TokenIds {
     }
 }
 
-/// Rotary-embedding parameters: transformers 5.x nests them in `rope_parameters`,
-/// 4.x writes `rope_theta` at the top level and `rope_scaling` beside it.
-#[derive(Debug, Clone, Default, Deserialize)]
-struct RawRope {
-    rope_theta: Option<f64>,
-    partial_rotary_factor: Option<f64>,
-    rope_type: Option<String>,
-    #[serde(rename = "type")]
-    legacy_type: Option<String>,
-}
+/// Other spellings of the fields of [`RawConfig`], canonical name first: GPT-2's, BERT's,
+/// Falcon's, StarCoder2's, T5's. A file may carry a field under several of them (transformers
+/// 5 writes Falcon's `num_kv_heads` beside `num_key_value_heads`); the canonical one is read,
+/// else the first other spelling present, as transformers' attribute maps do.
+const ALIASES: &[(&str, &[&str])] = &[
+    ("hidden_size", &["n_embd", "dim"]),
+    ("num_hidden_layers", &["n_layer", "n_layers", "num_layers"]),
+    ("num_attention_heads", &["n_head", "n_heads", "num_heads"]),
+    ("num_key_value_heads", &["num_kv_heads"]),
+    (
+        "intermediate_size",
+        &["n_inner", "hidden_dim", "ffn_dim", "ffn_hidden_size"],
+    ),
+    ("max_position_embeddings", &["n_positions"]),
+    (
+        "norm_eps",
+        &["layer_norm_epsilon", "layer_norm_eps", "norm_epsilon"],
+    ),
+    ("hidden_act", &["activation_function", "activation"]),
+    ("rope_theta", &["rotary_emb_base"]),
+    ("partial_rotary_factor", &["rotary_pct"]),
+];
 
-/// A serde mirror of `config.json`: every field optional, GPT-2's and BERT's spellings aliased.
+/// A serde mirror of `config.json`: every field optional; other spellings are mapped to these
+/// names by [`RawConfig::from_value`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawConfig {
     model_type: Option<String>,
     architectures: Option<Vec<String>>,
     vocab_size: Option<usize>,
-    #[serde(alias = "n_embd", alias = "dim")]
     hidden_size: Option<usize>,
-    #[serde(alias = "n_layer", alias = "n_layers", alias = "num_layers")]
     num_hidden_layers: Option<usize>,
-    #[serde(alias = "n_head", alias = "n_heads", alias = "num_heads")]
     num_attention_heads: Option<usize>,
-    #[serde(alias = "num_kv_heads")]
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
-    #[serde(
-        alias = "n_inner",
-        alias = "hidden_dim",
-        alias = "ffn_dim",
-        alias = "ffn_hidden_size"
-    )]
     intermediate_size: Option<usize>,
-    #[serde(alias = "n_positions")]
     max_position_embeddings: Option<usize>,
-    #[serde(alias = "layer_norm_epsilon", alias = "layer_norm_eps")]
     norm_eps: Option<f64>,
     rms_norm_eps: Option<f64>,
-    #[serde(alias = "activation_function", alias = "activation")]
     hidden_act: Option<String>,
-    #[serde(alias = "rotary_emb_base")]
     rope_theta: Option<f64>,
-    rope_parameters: Option<RawRope>,
-    rope_scaling: Option<RawRope>,
+    rope_parameters: Option<serde_json::Value>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_local_base_freq: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     eos_token_id: Option<TokenIds>,
     bos_token_id: Option<u32>,
@@ -153,7 +158,6 @@ pub struct RawConfig {
     enable_bias: Option<bool>,
     attention_layers: Option<Vec<String>>,
     window_size: Option<usize>,
-    #[serde(alias = "rotary_pct")]
     partial_rotary_factor: Option<f64>,
     rotary_dim: Option<usize>,
     qk_layernorm: Option<bool>,
@@ -163,6 +167,24 @@ pub struct RawConfig {
     num_ln_in_parallel_attn: Option<usize>,
     bias: Option<bool>,
     alibi: Option<bool>,
+    // The switches of today's Llama-style decoders; see `decoder.rs`.
+    hidden_activation: Option<String>,
+    layer_types: Option<Vec<String>>,
+    max_window_layers: Option<usize>,
+    sliding_window_pattern: Option<usize>,
+    no_rope_layers: Option<Vec<u32>>,
+    no_rope_layer_interval: Option<usize>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    embedding_multiplier: Option<f64>,
+    attention_multiplier: Option<f64>,
+    residual_multiplier: Option<f64>,
+    logits_scaling: Option<f64>,
+    logit_scale: Option<f64>,
+    use_qk_norm: Option<bool>,
+    use_bias: Option<bool>,
+    use_qkv_bias: Option<bool>,
     // Encoder–decoders (BART, T5); see `seq2seq.rs`.
     d_model: Option<usize>,
     d_kv: Option<usize>,
@@ -215,8 +237,8 @@ pub struct ModelConfig {
     pub norm_eps: f64,
     /// The MLP activation.
     pub activation: Activation,
-    /// Rotary base frequency, for rotary families.
-    pub rope_theta: Option<f64>,
+    /// Rotary parameters (base frequency and scaling), for rotary families.
+    pub rope: Option<RopeConfigs>,
     /// Whether the LM head shares the word-embedding matrix; `None` means "decide from the
     /// checkpoint" (tied when it holds no separate head).
     pub tie_word_embeddings: Option<bool>,
@@ -224,8 +246,6 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// Beginning-of-sequence id.
     pub bos_token_id: Option<u32>,
-    /// Mistral-style sliding attention window.
-    pub sliding_window: Option<usize>,
     /// Whether q/k/v projections carry biases (Qwen2, `attention_bias`).
     pub qkv_bias: bool,
     /// Whether the attention output projection carries a bias.
@@ -240,8 +260,9 @@ pub struct ModelConfig {
     /// Width of factorized word embeddings (ELECTRA, ALBERT), projected to `hidden_size`
     /// after the embedding LayerNorm; `None`: as wide as the hidden state.
     pub embedding_size: Option<usize>,
-    /// Per layer, the local attention window of GPT-Neo's local layers (`None`: global);
-    /// empty for the other families.
+    /// Per layer, the attention window of its sliding layers (`None`: global): GPT-Neo's local
+    /// layers, and the sliding layers of the Llama-style decoders (Mistral, Qwen2/3, Gemma 2/3,
+    /// Phi-3, SmolLM3, StarCoder2); empty for the other families.
     pub attention_windows: Vec<Option<usize>>,
     /// Rotary positions on the first `rotary_dim` dimensions of each head only (Phi, GPT-J);
     /// `None`: the whole head.
@@ -262,16 +283,33 @@ pub struct ModelConfig {
     pub separate_mlp_norm: bool,
     /// The decoder and its inputs of an encoder–decoder (BART, T5); `None` for the others.
     pub seq2seq: Option<Seq2SeqConfig>,
+    /// The switches of a Llama-style decoder; `None` for the other families.
+    pub decoder: Option<DecoderOptions>,
 }
 
 impl ModelConfig {
     /// Reads and resolves `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let raw: RawConfig = serde_json::from_str(&text)
+        let value: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
-        raw.resolve()
+        RawConfig::from_value(value)
+            .and_then(RawConfig::resolve)
             .map_err(|message| Error::config(path, message))
+    }
+
+    /// The longest sequence generation may reach: the learned or nominal context, without
+    /// limit under dynamic NTK scaling, whose rotary frequencies grow with the sequence
+    /// (transformers' purpose for it).
+    pub fn generation_context(&self) -> usize {
+        let dynamic = self
+            .rope
+            .as_ref()
+            .is_some_and(|r| matches!(r.full.scaling, RopeScaling::Dynamic { .. }));
+        match dynamic {
+            true => usize::MAX,
+            false => self.max_positions,
+        }
     }
 
     /// Whether the model generates text (has a causal LM head).
@@ -287,14 +325,18 @@ fn family_of(
 ) -> std::result::Result<(Family, OutputKind), String> {
     let family = match model_type {
         "gpt2" | "gpt_bigcode" | "opt" | "gpt_neo" => Family::Gpt2,
-        "llama" | "mistral" | "qwen2" => Family::Llama,
+        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "phi3"
+        | "smollm3" | "olmo2" | "stablelm" | "granite" | "starcoder2" | "cohere" => Family::Llama,
+        "gemma3" => {
+            return Err("model_type `gemma3` is Gemma 3's image-and-text model; its text decoder alone (Gemma3ForCausalLM, model_type gemma3_text) is supported".into())
+        }
         "bert" | "roberta" | "distilbert" | "electra" | "albert" => Family::Bert,
         "phi" | "gptj" | "gpt_neox" | "bloom" | "falcon" => Family::Phi,
         "bart" => Family::Bart,
         "t5" => Family::T5,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, phi, gptj, gpt_neox, bloom, falcon, bert, roberta, distilbert, electra, albert, bart, t5); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, stablelm, granite, starcoder2, cohere, phi, gptj, gpt_neox, bloom, falcon, bert, roberta, distilbert, electra, albert, bart, t5); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
@@ -324,6 +366,23 @@ fn family_of(
 }
 
 impl RawConfig {
+    /// Reads a parsed `config.json`, each field under its canonical name or one of its other
+    /// spellings ([`ALIASES`]); unknown fields are ignored. The error names a field whose value
+    /// has the wrong type.
+    pub fn from_value(mut value: serde_json::Value) -> std::result::Result<Self, String> {
+        let fields = value
+            .as_object_mut()
+            .ok_or("the configuration is not a JSON object")?;
+        for (canonical, others) in ALIASES {
+            let spelled: Vec<_> = others.iter().filter_map(|name| fields.remove(*name)).collect();
+            let canonical_value = fields.remove(*canonical);
+            if let Some(v) = canonical_value.or(spelled.into_iter().next()) {
+                fields.insert(canonical.to_string(), v);
+            }
+        }
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+
     /// Resolves defaults and spellings into a [`ModelConfig`]; the error names the field.
     pub fn resolve(mut self) -> std::result::Result<ModelConfig, String> {
         let seq2seq = self.resolve_seq2seq()?;
@@ -356,7 +415,10 @@ impl RawConfig {
             "num_key_value_heads",
         )?;
         self.check_opt_layout(&model_type, hidden_size)?;
-        let attention_windows = self.gpt_neo_windows(&model_type, num_layers)?;
+        let attention_windows = match family {
+            Family::Llama => self.decoder_windows(&model_type, num_layers)?,
+            _ => self.gpt_neo_windows(&model_type, num_layers)?,
+        };
         if num_heads % num_kv_heads != 0 {
             return Err(format!(
                 "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
@@ -383,7 +445,15 @@ impl RawConfig {
             Family::Bert | Family::Bart => "gelu",
             Family::T5 => "relu",
         };
-        let act_name = self.hidden_act.as_deref().unwrap_or(default_act);
+        let act_name = match model_type.as_str() {
+            // Gemma 2 and 3 read `hidden_activation`; Gemma's legacy `gelu` means the tanh one.
+            "gemma2" | "gemma3_text" => self.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh"),
+            "gemma" | "starcoder2" => match self.hidden_act.as_deref() {
+                None | Some("gelu") => "gelu_pytorch_tanh",
+                Some(name) => name,
+            },
+            _ => self.hidden_act.as_deref().unwrap_or(default_act),
+        };
         let activation = Activation::from_name(act_name)
             .ok_or_else(|| format!("hidden_act `{act_name}` is not supported"))?;
         let norm_eps = match family {
@@ -394,8 +464,8 @@ impl RawConfig {
             Family::Bart => 1e-5,
             Family::T5 => self.norm_eps.unwrap_or(1e-6),
         };
-        let rope_theta = if matches!(family, Family::Llama | Family::Phi) {
-            Some(resolve_rope(&self)?)
+        let rope = if matches!(family, Family::Llama | Family::Phi) {
+            Some(self.rope_configs(&model_type)?)
         } else {
             None
         };
@@ -407,7 +477,7 @@ impl RawConfig {
             Family::Llama => 4096,
         });
         let rotary_dim = self.rotary_dim_of(&model_type, head_dim)?;
-        let rotary_interleaved = model_type == "gptj";
+        let rotary_interleaved = matches!(model_type.as_str(), "gptj" | "cohere");
         let alibi = model_type == "bloom";
         let old_falcon = model_type == "falcon" && self.new_decoder_architecture != Some(true);
         let sequential_residual = alibi
@@ -429,11 +499,14 @@ impl RawConfig {
         let attn_out_bias = match model_type.as_str() {
             "falcon" => self.bias.unwrap_or(false),
             "t5" => false,
-            _ => !rotary_interleaved && (family != Family::Llama || attention_bias),
+            "gptj" | "stablelm" => false,
+            "starcoder2" => self.use_bias.unwrap_or(true),
+            _ => family != Family::Llama || attention_bias,
         };
         let mlp_bias = match model_type.as_str() {
             "falcon" => self.bias.unwrap_or(false),
             "t5" => false,
+            "starcoder2" => self.use_bias.unwrap_or(true),
             _ => family != Family::Llama || self.mlp_bias.unwrap_or(false),
         };
         if model_type == "falcon" && self.alibi == Some(true) {
@@ -448,16 +521,17 @@ impl RawConfig {
                     .into(),
             );
         }
-        let sliding_window = match model_type.as_str() {
-            "mistral" => self.sliding_window,
-            "qwen2" if self.use_sliding_window == Some(true) => self.sliding_window,
+        let is_qwen2 = model_type == "qwen2";
+        let decoder = match family {
+            Family::Llama => Some(self.decoder_options(&model_type, hidden_size, num_layers)?),
             _ => None,
         };
-        let is_qwen2 = model_type == "qwen2";
         let qkv_bias = match model_type.as_str() {
             "gpt_neo" | "gptj" => false,
             "falcon" => self.bias.unwrap_or(false),
             "opt" => self.enable_bias.unwrap_or(true),
+            "stablelm" => self.use_qkv_bias.unwrap_or(false),
+            "starcoder2" => self.use_bias.unwrap_or(true),
             _ => !matches!(family, Family::Llama | Family::T5) || is_qwen2 || attention_bias,
         };
         if let Some(groups) = [self.num_hidden_groups, self.inner_group_num]
@@ -511,14 +585,13 @@ impl RawConfig {
             max_positions,
             norm_eps,
             activation,
-            rope_theta,
+            rope,
             tie_word_embeddings: self.tie_word_embeddings,
             eos_token_ids: self
                 .eos_token_id
                 .map(TokenIds::into_vec)
                 .unwrap_or_default(),
             bos_token_id: self.bos_token_id,
-            sliding_window,
             qkv_bias,
             attn_out_bias,
             mlp_bias,
@@ -533,7 +606,30 @@ impl RawConfig {
             fused_qkv,
             separate_mlp_norm,
             seq2seq,
+            decoder,
         })
+    }
+
+    /// The rotary parameters in either layout; Gemma 3's sliding layers have their own (base
+    /// 10,000 unless the file says otherwise), its global layers a base of 1,000,000.
+    fn rope_configs(&self, model_type: &str) -> std::result::Result<RopeConfigs, String> {
+        let gemma3 = model_type == "gemma3_text";
+        let mut configs = rope::resolve_rope(&rope::RopeInput {
+            rope_parameters: self.rope_parameters.as_ref(),
+            rope_scaling: self.rope_scaling.as_ref(),
+            rope_theta: self.rope_theta,
+            rope_local_base_freq: self.rope_local_base_freq,
+            max_position_embeddings: self.max_position_embeddings,
+            original_max_position_embeddings: self.original_max_position_embeddings,
+            default_theta: if gemma3 { 1_000_000.0 } else { 10_000.0 },
+        })?;
+        if gemma3 && configs.sliding.is_none() {
+            configs.sliding = Some(RopeConfig {
+                theta: self.rope_local_base_freq.unwrap_or(10_000.0),
+                scaling: RopeScaling::None,
+            });
+        }
+        Ok(configs)
     }
 
     /// The rotary width of Phi (`partial_rotary_factor` of the head) and GPT-J (`rotary_dim`).
@@ -542,16 +638,19 @@ impl RawConfig {
         model_type: &str,
         head_dim: usize,
     ) -> std::result::Result<Option<usize>, String> {
-        if self.qk_layernorm == Some(true) {
+        if model_type == "phi" && self.qk_layernorm == Some(true) {
             return Err("Phi with qk_layernorm is not supported".into());
         }
         let dim = match model_type {
-            "phi" | "gpt_neox" => {
-                let nested = self.rope_parameters.as_ref();
-                let factor = nested
-                    .and_then(|r| r.partial_rotary_factor)
+            "phi" | "gpt_neox" | "phi3" | "stablelm" => {
+                let default = match model_type {
+                    "phi3" => 1.0,
+                    "stablelm" => 0.25,
+                    _ => 0.5,
+                };
+                let factor = rope::partial_rotary_factor(self.rope_parameters.as_ref())
                     .or(self.partial_rotary_factor)
-                    .unwrap_or(0.5);
+                    .unwrap_or(default);
                 (head_dim as f64 * factor) as usize
             }
             "gptj" => self.rotary_dim.unwrap_or(head_dim),
@@ -638,29 +737,12 @@ fn check_matrix_sizes(pairs: &[(&str, usize, &str, usize)]) -> std::result::Resu
     Ok(())
 }
 
-/// Finds the rotary base in either layout; only the plain ("default") rotary is supported.
-fn resolve_rope(raw: &RawConfig) -> std::result::Result<f64, String> {
-    let nested = raw.rope_parameters.clone().unwrap_or_default();
-    let scaling = raw.rope_scaling.clone().unwrap_or_default();
-    for kind in [&nested.rope_type, &scaling.rope_type, &scaling.legacy_type]
-        .into_iter()
-        .flatten()
-    {
-        if kind != "default" {
-            return Err(format!(
-                "rope_type `{kind}` is not supported yet (only `default`)"
-            ));
-        }
-    }
-    Ok(nested.rope_theta.or(raw.rope_theta).unwrap_or(10_000.0))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn resolve(json: &str) -> std::result::Result<ModelConfig, String> {
-        serde_json::from_str::<RawConfig>(json).unwrap().resolve()
+        RawConfig::from_value(serde_json::from_str(json).unwrap())?.resolve()
     }
 
     const LLAMA_4X: &str = r#"{"model_type":"llama","architectures":["LlamaForCausalLM"],
@@ -713,7 +795,7 @@ mod tests {
         let old = resolve(LLAMA_4X).unwrap();
         let new = resolve(LLAMA_5X).unwrap();
         assert_eq!(old, new);
-        assert_eq!(old.rope_theta, Some(500000.0));
+        assert_eq!(old.rope.as_ref().map(|r| r.full.theta), Some(500000.0));
         assert_eq!(old.head_dim, 8);
         assert_eq!(old.eos_token_ids, vec![1, 2]);
     }
@@ -780,9 +862,9 @@ mod tests {
     fn unsupported_rope_scaling_is_refused() {
         let json = LLAMA_4X.replace(
             r#""rope_scaling":null"#,
-            r#""rope_scaling":{"rope_type":"yarn","factor":4.0}"#,
+            r#""rope_scaling":{"rope_type":"su","factor":4.0}"#,
         );
-        assert!(resolve(&json).unwrap_err().contains("yarn"));
+        assert!(resolve(&json).unwrap_err().contains("`su`"));
     }
 
     #[test]

@@ -79,9 +79,8 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         "eos_token_id": eos,
         "bos_token_id": file.get("tokenizer.ggml.bos_token_id").and_then(GgufValue::as_u64),
     });
-    let raw: RawConfig =
-        serde_json::from_value(raw).map_err(|e| Error::config(file.path(), e.to_string()))?;
-    raw.resolve()
+    RawConfig::from_value(raw)
+        .and_then(RawConfig::resolve)
         .map_err(|message| Error::config(file.path(), message))
 }
 

@@ -161,7 +161,9 @@ impl ResolvedModel {
         let config = policy
             .rewrite_config(&text)
             .and_then(|text| {
-                serde_json::from_str::<RawConfig>(&text).map_err(|e| format!("not valid: {e}"))
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("not valid: {e}"))
+                    .and_then(RawConfig::from_value)
             })
             .and_then(RawConfig::resolve)
             .map_err(|message| Error::config(&path, message))?;

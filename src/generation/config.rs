@@ -265,7 +265,7 @@ impl GenerationConfig {
         if self.stop.iter().any(String::is_empty) {
             return fail("a stop string is empty".into());
         }
-        if longest_prompt + self.max_new_tokens > context {
+        if longest_prompt.saturating_add(self.max_new_tokens) > context {
             return fail(format!(
                 "a prompt of {longest_prompt} tokens plus max_new_tokens {} exceeds the model's context of {context} positions",
                 self.max_new_tokens

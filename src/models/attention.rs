@@ -543,6 +543,54 @@ pub fn attend_scaled(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    let scores = Scores {
+        scale,
+        softcap: None,
+    };
+    attend_with(projected, layout, rotary, cache, mask, scores)
+}
+
+/// How raw attention scores `q·k` become the logits of the softmax, before the mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    /// Multiplier of `q·k` (`1/sqrt(D)` usually).
+    pub scale: f64,
+    /// Gemma 2's soft-capping: scores become `cap * tanh(score / cap)`.
+    pub softcap: Option<f64>,
+}
+
+impl Scores {
+    /// Scales (and caps) one score.
+    fn apply(&self, score: f32) -> f32 {
+        let scaled = score * self.scale as f32;
+        match self.softcap {
+            Some(cap) => {
+                let cap = cap as f32;
+                (scaled / cap).tanh() * cap
+            }
+            None => scaled,
+        }
+    }
+
+    /// Scales (and caps) a tensor of scores.
+    fn apply_tensor(&self, scores: Tensor) -> Result<Tensor> {
+        let scaled = (scores * self.scale)?;
+        Ok(match self.softcap {
+            Some(cap) => ((scaled / cap)?.tanh()? * cap)?,
+            None => scaled,
+        })
+    }
+}
+
+/// [`attend`] with the scores computed as `scores` says.
+pub fn attend_with(
+    projected: Projected,
+    layout: HeadLayout,
+    rotary: Option<&RotaryAngles>,
+    cache: Option<&mut KvCache>,
+    mask: Option<&Tensor>,
+    scores: Scores,
+) -> Result<Tensor> {
     let (batch, len, _) = projected.q.dims3()?;
     let dtype = projected.q.dtype();
     let mut q = split_heads(&projected.q, layout.heads, layout.head_dim)?;
@@ -556,7 +604,7 @@ pub fn attend_scaled(
     let out = match cache {
         Some(cache) => {
             cache.append(&k, &v)?;
-            over_cache(&q, cache, mask, &layout, scale)?
+            over_cache(&q, cache, mask, &layout, scores)?
         }
         None if len == 1 => {
             let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
@@ -568,14 +616,14 @@ pub fn attend_scaled(
                         len: 1,
                         head_stride: layout.head_dim,
                     };
-                    attend_one_query(&q, view, mask, &layout, scale as f32)
+                    attend_one_query(&q, view, mask, &layout, scores)
                 })
             })???
             .reshape((batch, 1, layout.heads * layout.head_dim))?
         }
         None => {
             let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-            attend_dense(&q, &k, &v, mask, &layout, scale)?
+            attend_dense(&q, &k, &v, mask, &layout, scores)?
         }
     };
     Ok(out.to_dtype(dtype)?)
@@ -592,7 +640,11 @@ pub fn attend_cached(
     scale: f64,
 ) -> Result<Tensor> {
     let heads = split_heads(q, layout.heads, layout.head_dim)?.to_dtype(DType::F32)?;
-    Ok(over_cache(&heads, cache, mask, &layout, scale)?.to_dtype(q.dtype())?)
+    let scores = Scores {
+        scale,
+        softcap: None,
+    };
+    Ok(over_cache(&heads, cache, mask, &layout, scores)?.to_dtype(q.dtype())?)
 }
 
 /// A cache holding keys `k` and values `v` `[B, L, kv_heads*D]` (an encoder output's, which
@@ -621,12 +673,12 @@ fn over_cache(
     cache: &KvCache,
     mask: Option<&Tensor>,
     layout: &HeadLayout,
-    scale: f64,
+    scores: Scores,
 ) -> Result<Tensor> {
     let (batch, _, len, _) = q.dims4()?;
     if len == 1 {
         return Ok(
-            attend_one_query(q, cache.view(), mask, layout, scale as f32)?.reshape((
+            attend_one_query(q, cache.view(), mask, layout, scores)?.reshape((
                 batch,
                 1,
                 layout.heads * layout.head_dim,
@@ -634,7 +686,7 @@ fn over_cache(
         );
     }
     let (k, v) = cache.tensors()?;
-    attend_dense(q, &k, &v, mask, layout, scale)
+    attend_dense(q, &k, &v, mask, layout, scores)
 }
 
 /// Attention of f32 queries `[B, heads, L, D]` over f32 keys and values `[B, kv_heads, T, D]`
@@ -645,15 +697,15 @@ fn attend_dense(
     v: &Tensor,
     mask: Option<&Tensor>,
     layout: &HeadLayout,
-    scale: f64,
+    scores: Scores,
 ) -> Result<Tensor> {
     let (batch, _, len, _) = q.dims4()?;
     let (k, v) = (expand_kv(k, layout)?, expand_kv(v, layout)?);
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    let mut logits = scores.apply_tensor(q.matmul(&k.t()?)?)?;
     if let Some(mask) = mask {
-        scores = scores.broadcast_add(mask)?;
+        logits = logits.broadcast_add(mask)?;
     }
-    let probs = softmax_last(&scores)?;
+    let probs = softmax_last(&logits)?;
     let out = probs.matmul(&v.contiguous()?)?;
     Ok(out
         .transpose(1, 2)?
@@ -671,7 +723,7 @@ fn attend_one_query(
     kv: KvView,
     mask: Option<&Tensor>,
     layout: &HeadLayout,
-    scale: f32,
+    score_options: Scores,
 ) -> Result<Tensor> {
     let (batch, heads, _, dim) = q.dims4()?;
     let keys = kv.len;
@@ -694,7 +746,7 @@ fn attend_one_query(
                     &m[row * keys..(row + 1) * keys]
                 });
                 for (t, score) in scores.iter_mut().enumerate() {
-                    *score = *score * scale + bias.map_or(0.0, |m| m[t]);
+                    *score = score_options.apply(*score) + bias.map_or(0.0, |m| m[t]);
                 }
                 softmax_rows(&mut scores, keys);
                 let output = &mut out[(b * heads + h) * dim..][..dim];
@@ -801,11 +853,14 @@ mod tests {
     fn one_query_attention_equals_the_matmul_path_with_groups_and_a_mask() {
         // Whole groups, and a rank whose two query heads straddle two groups.
         for layout in [layout(4, 0, 2, 8), layout(2, 1, 2, 8)] {
-            check_one_query_attention(layout);
+            // Without soft-capping, and with a cap low enough to change the scores (Gemma 2).
+            for softcap in [None, Some(0.3)] {
+                check_one_query_attention(layout, softcap);
+            }
         }
     }
 
-    fn check_one_query_attention(layout: HeadLayout) {
+    fn check_one_query_attention(layout: HeadLayout, softcap: Option<f64>) {
         let dev = Device::Cpu;
         let (batch, heads, kv_heads, keys, dim) =
             (2, layout.heads, layout.kv_heads, 5, layout.head_dim);
@@ -833,7 +888,10 @@ mod tests {
         let mut mask = vec![0f32; batch * keys];
         mask[keys] = HIDDEN; // the second sequence's first key is padding
         let mask = Tensor::from_vec(mask, (batch, 1, 1, keys), &dev).unwrap();
-        let scale = 1.0 / (dim as f32).sqrt();
+        let scores = Scores {
+            scale: 1.0 / (dim as f64).sqrt(),
+            softcap,
+        };
         let mut cache = KvCache::default();
         for (start, len) in [(0, keys - 1), (keys - 1, 1)] {
             cache
@@ -843,15 +901,17 @@ mod tests {
                 )
                 .unwrap();
         }
-        let fast = attend_one_query(&q, cache.view(), Some(&mask), &layout, scale).unwrap();
+        let fast = attend_one_query(&q, cache.view(), Some(&mask), &layout, scores).unwrap();
         let (k2, v2) = (
             expand_kv(&k, &layout).unwrap(),
             expand_kv(&v, &layout).unwrap(),
         );
-        let scores = ((q.matmul(&k2.t().unwrap()).unwrap() * scale as f64).unwrap())
+        let logits = scores
+            .apply_tensor(q.matmul(&k2.t().unwrap()).unwrap())
+            .unwrap()
             .broadcast_add(&mask)
             .unwrap();
-        let slow = softmax_last(&scores)
+        let slow = softmax_last(&logits)
             .unwrap()
             .matmul(&v2)
             .unwrap()

@@ -1,100 +1,300 @@
-//! The Llama family (Llama, Mistral, Qwen2): RMSNorm, rotary positions, SwiGLU MLP with gate and
-//! up projections split together, grouped-query attention with query heads split evenly, optional q/k/v
-//! biases (Qwen2) and sliding-window attention (Mistral).
+//! The Llama-style decoders: Llama 2/3, Mistral, Qwen2/3, Gemma 1–3, Phi-3, SmolLM3, OLMo 2,
+//! StableLM, Granite, StarCoder2 and Cohere. One wiring — rotary positions, grouped-query
+//! attention with query heads split evenly, an MLP split by its hidden width — whose switches
+//! ([`DecoderOptions`]) come from the configuration: the norm kind and placement, q/k norms,
+//! fused projections, multipliers, soft-caps, and per layer its window and rotary positions.
 
 use candle_core::Tensor;
 
+use crate::checkpoint::config::{
+    DecoderOptions, LayerRope, MlpKind, NormPlacement, RopeConfig, RopeConfigs,
+};
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
-use crate::error::Result;
-use crate::models::attention::{attend, HeadLayout, LayerCaches, Projected, Rotary};
+use crate::error::{Error, Result};
+use crate::models::attention::{attend_with, HeadLayout, LayerCaches, Projected, Scores};
 use crate::models::layers::{
-    gated, Linear, RmsNorm, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+    activate, gated, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
+use crate::models::norm::{HeadNorm, HeadNormSpec, HeadsOf, Norm};
+use crate::models::rope::{Rotary, RotaryAngles};
 use crate::models::{apply_head, weight_and_bias, Batch, ShardedModel};
 use crate::parallel::engine::ShardLoader;
 
-struct Layer {
-    input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: RowParallelLinear,
-    post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: RowParallelLinear,
+/// The query, key and value projections of this rank's heads.
+enum QkvProjection {
+    /// `q_proj`, `k_proj`, `v_proj`.
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// Phi-3's `qkv_proj`, sliced to this rank's queries, keys and values.
+    Fused(Linear),
 }
 
-/// A rank's shard of `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
+/// The MLP of a block, split by its hidden width.
+enum Mlp {
+    /// `down(act(gate(x)) * up(x))`; `gate` and `up` are one fused projection (this rank's
+    /// gate rows, then its up rows) when `up` is `None`.
+    Gated {
+        gate: Linear,
+        up: Option<Linear>,
+        down: RowParallelLinear,
+    },
+    /// `c_proj(act(c_fc(x)))`.
+    Plain { fc: Linear, proj: RowParallelLinear },
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, activation: Activation, comm: &dyn Communicator) -> Result<Tensor> {
+        match self {
+            Mlp::Gated { gate, up, down } => {
+                let hidden = match up {
+                    Some(up) => gated(activation, &gate.forward(x)?, &up.forward(x)?)?,
+                    None => {
+                        let fused = gate.forward(x)?;
+                        let half = fused.dim(2)? / 2;
+                        gated(activation, &fused.narrow(2, 0, half)?, &fused.narrow(2, half, half)?)?
+                    }
+                };
+                down.forward(&hidden, comm)
+            }
+            Mlp::Plain { fc, proj } => proj.forward(&activate(activation, &fc.forward(x)?)?, comm),
+        }
+    }
+}
+
+/// The norms of a block; which are present depends on [`NormPlacement`].
+struct BlockNorms {
+    /// Before attention (and, in a parallel block, before the MLP too).
+    input: Option<Norm>,
+    /// After attention (sandwich, post-norm), or before the MLP (pre-norm).
+    post_attention: Option<Norm>,
+    /// Before the MLP (sandwich).
+    pre_feedforward: Option<Norm>,
+    /// After the MLP (sandwich, post-norm).
+    post_feedforward: Option<Norm>,
+}
+
+struct Layer {
+    norms: BlockNorms,
+    qkv: QkvProjection,
+    q_norm: Option<HeadNorm>,
+    k_norm: Option<HeadNorm>,
+    o: RowParallelLinear,
+    mlp: Mlp,
+    window: Option<usize>,
+    rope: LayerRope,
+}
+
+/// Applies an optional norm.
+fn maybe(norm: &Option<Norm>, x: &Tensor) -> Result<Tensor> {
+    match norm {
+        Some(norm) => norm.forward(x),
+        None => Ok(x.clone()),
+    }
+}
+
+/// A rank's shard of a Llama-style decoder (`LlamaForCausalLM`, `Qwen3ForCausalLM`,
+/// `Gemma2ForCausalLM`, `Phi3ForCausalLM`, ...).
 pub struct Llama {
     caches: LayerCaches,
     embed: VocabParallelEmbedding,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Norm,
     head: VocabParallelHead,
     rotary: Rotary,
+    /// Gemma 3's sliding layers' own rotary positions.
+    sliding_rotary: Option<Rotary>,
     layout: HeadLayout,
     activation: Activation,
-    sliding_window: Option<usize>,
+    options: DecoderOptions,
+    scores: Scores,
 }
 
 impl Llama {
     /// Loads the rank's shard.
     pub fn load(loader: &mut ShardLoader, c: &ModelConfig) -> Result<Self> {
+        let options = c.decoder.clone().ok_or_else(|| {
+            Error::UnsupportedModel(format!("{} is not a Llama-style decoder", c.model_type))
+        })?;
         let h = c.hidden_size;
-        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let plan = loader.plan().clone();
         let rank = loader.rank();
+        let layout = HeadLayout::of_rank(&plan, rank, c.head_dim);
         let embed = loader.load_linear("embed_tokens.weight", &[c.vocab_size, h])?;
+        // Key/value heads an earlier rank holds too are counted there by OLMo 2's k norm.
+        let kv_counted_from = match rank {
+            0 => 0,
+            r => plan.kv_heads.units(r - 1).end,
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
-            let p = format!("layers.{i}");
-            let mut proj = |name: &str, out: usize, inp: usize, bias: bool| {
-                weight_and_bias(loader, &format!("{p}.{name}"), out, inp, bias)
-            };
-            let (q, k, v) = (
-                proj("self_attn.q_proj", q_width, h, c.qkv_bias)?,
-                proj("self_attn.k_proj", kv_width, h, c.qkv_bias)?,
-                proj("self_attn.v_proj", kv_width, h, c.qkv_bias)?,
-            );
-            let o = proj("self_attn.o_proj", h, q_width, c.attn_out_bias)?;
-            let gate = proj("mlp.gate_proj", c.intermediate_size, h, c.mlp_bias)?;
-            let up = proj("mlp.up_proj", c.intermediate_size, h, c.mlp_bias)?;
-            let down = proj("mlp.down_proj", h, c.intermediate_size, c.mlp_bias)?;
-            let mut norm = |name: &str| -> Result<RmsNorm> {
-                Ok(RmsNorm::new(
-                    loader.load(&format!("{p}.{name}.weight"), &[h])?,
-                    c.norm_eps,
-                ))
-            };
-            layers.push(Layer {
-                input_norm: norm("input_layernorm")?,
-                post_norm: norm("post_attention_layernorm")?,
-                q: q.into(),
-                k: k.into(),
-                v: v.into(),
-                o: o.into(),
-                gate: gate.into(),
-                up: up.into(),
-                down: down.into(),
-            });
+            layers.push(load_layer(loader, c, &options, layout, i, kv_counted_from)?);
         }
         let head_weight = match loader.try_load_linear("lm_head.weight", &[c.vocab_size, h])? {
             Some(w) if c.tie_word_embeddings != Some(true) => w,
             _ => embed.clone(),
         };
+        let rotary_dim = c.rotary_dim.unwrap_or(c.head_dim);
+        let rope = c.rope.clone().unwrap_or_else(|| RopeConfigs {
+            full: RopeConfig::plain(10_000.0),
+            sliding: None,
+        });
+        let rotary = |config: &RopeConfig| Rotary::scaled(rotary_dim, config, c.rotary_interleaved);
         Ok(Llama {
             caches: LayerCaches::new(c.num_layers),
             embed: VocabParallelEmbedding::new(embed, plan.vocab.elements(rank).start),
             layers,
-            norm: RmsNorm::new(loader.load("norm.weight", &[h])?, c.norm_eps),
+            norm: Norm::load(loader, "norm", options.norm, h, c.norm_eps)?,
             head: VocabParallelHead::new(head_weight, None, plan.vocab.counts()),
-            rotary: Rotary::new(c.head_dim, c.rope_theta.unwrap_or(10_000.0)),
-            layout: HeadLayout::of_rank(&plan, rank, c.head_dim),
+            rotary: rotary(&rope.full)?,
+            sliding_rotary: rope.sliding.as_ref().map(rotary).transpose()?,
+            layout,
             activation: c.activation,
-            sliding_window: c.sliding_window,
+            scores: Scores {
+                scale: options
+                    .attention_scale
+                    .unwrap_or(1.0 / (c.head_dim as f64).sqrt()),
+                softcap: options.attn_softcap,
+            },
+            options,
         })
+    }
+}
+
+/// Loads block `i`.
+fn load_layer(
+    loader: &mut ShardLoader,
+    c: &ModelConfig,
+    options: &DecoderOptions,
+    layout: HeadLayout,
+    i: usize,
+    kv_counted_from: usize,
+) -> Result<Layer> {
+    let h = c.hidden_size;
+    let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let p = format!("layers.{i}");
+    let mut proj = |name: &str, out: usize, inp: usize, bias: bool| {
+        weight_and_bias(loader, &format!("{p}.{name}"), out, inp, bias)
+    };
+    let qkv = match options.fused_qkv {
+        true => QkvProjection::Fused(
+            proj("self_attn.qkv_proj", q_width + 2 * kv_width, h, c.qkv_bias)?.into(),
+        ),
+        false => QkvProjection::Separate {
+            q: proj("self_attn.q_proj", q_width, h, c.qkv_bias)?.into(),
+            k: proj("self_attn.k_proj", kv_width, h, c.qkv_bias)?.into(),
+            v: proj("self_attn.v_proj", kv_width, h, c.qkv_bias)?.into(),
+        },
+    };
+    let o = proj("self_attn.o_proj", h, q_width, c.attn_out_bias)?.into();
+    let inter = c.intermediate_size;
+    let mlp = match options.mlp {
+        MlpKind::Gated => Mlp::Gated {
+            gate: proj("mlp.gate_proj", inter, h, c.mlp_bias)?.into(),
+            up: Some(proj("mlp.up_proj", inter, h, c.mlp_bias)?.into()),
+            down: proj("mlp.down_proj", h, inter, c.mlp_bias)?.into(),
+        },
+        MlpKind::FusedGated => Mlp::Gated {
+            gate: proj("mlp.gate_up_proj", 2 * inter, h, c.mlp_bias)?.into(),
+            up: None,
+            down: proj("mlp.down_proj", h, inter, c.mlp_bias)?.into(),
+        },
+        MlpKind::Plain => Mlp::Plain {
+            fc: proj("mlp.c_fc", inter, h, c.mlp_bias)?.into(),
+            proj: proj("mlp.c_proj", h, inter, c.mlp_bias)?.into(),
+        },
+    };
+    let mut norm = |name: &str| Norm::load(loader, &format!("{p}.{name}"), options.norm, h, c.norm_eps);
+    let norms = match options.placement {
+        NormPlacement::Pre => BlockNorms {
+            input: Some(norm("input_layernorm")?),
+            post_attention: Some(norm("post_attention_layernorm")?),
+            pre_feedforward: None,
+            post_feedforward: None,
+        },
+        NormPlacement::Sandwich => BlockNorms {
+            input: Some(norm("input_layernorm")?),
+            post_attention: Some(norm("post_attention_layernorm")?),
+            pre_feedforward: Some(norm("pre_feedforward_layernorm")?),
+            post_feedforward: Some(norm("post_feedforward_layernorm")?),
+        },
+        NormPlacement::Post => BlockNorms {
+            input: None,
+            post_attention: Some(norm("post_attention_layernorm")?),
+            pre_feedforward: None,
+            post_feedforward: Some(norm("post_feedforward_layernorm")?),
+        },
+        NormPlacement::Parallel => BlockNorms {
+            input: Some(norm("input_layernorm")?),
+            post_attention: None,
+            pre_feedforward: None,
+            post_feedforward: None,
+        },
+    };
+    let (q_norm, k_norm) = match options.qk_norm {
+        Some(qk) => {
+            // StableLM names its per-head norms `q_layernorm` / `k_layernorm`.
+            let (q_name, k_name) = match c.model_type.as_str() {
+                "stablelm" => ("q_layernorm", "k_layernorm"),
+                _ => ("q_norm", "k_norm"),
+            };
+            let spec = |name: &str, heads_of, total_heads, counted_from_head| HeadNormSpec {
+                qk,
+                kind: options.norm,
+                prefix: format!("{p}.self_attn.{name}"),
+                heads_of,
+                layout,
+                total_heads,
+                counted_from_head,
+                eps: c.norm_eps,
+            };
+            (
+                Some(HeadNorm::load(loader, &spec(q_name, HeadsOf::Queries, c.num_heads, 0))?),
+                Some(HeadNorm::load(
+                    loader,
+                    &spec(k_name, HeadsOf::Keys, c.num_kv_heads, kv_counted_from),
+                )?),
+            )
+        }
+        None => (None, None),
+    };
+    Ok(Layer {
+        norms,
+        qkv,
+        q_norm,
+        k_norm,
+        o,
+        mlp,
+        window: c.attention_windows.get(i).copied().flatten(),
+        rope: options.layer_rope.get(i).copied().unwrap_or(LayerRope::Full),
+    })
+}
+
+impl Layer {
+    /// Attention of this rank's heads, before the output projection's all-reduce.
+    fn attention(
+        &self,
+        x: &Tensor,
+        layout: HeadLayout,
+        angles: Option<&RotaryAngles>,
+        cache: Option<&mut crate::models::attention::KvCache>,
+        mask: Option<&Tensor>,
+        scores: Scores,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor> {
+        let mut projected = match &self.qkv {
+            QkvProjection::Separate { q, k, v } => Projected {
+                q: q.forward(x)?,
+                k: k.forward(x)?,
+                v: v.forward(x)?,
+            },
+            QkvProjection::Fused(qkv) => Projected::split_fused(&qkv.forward(x)?, &layout)?,
+        };
+        if let (Some(q_norm), Some(k_norm)) = (&self.q_norm, &self.k_norm) {
+            projected.q = q_norm.forward(&projected.q, comm)?;
+            projected.k = k_norm.forward(&projected.k, comm)?;
+        }
+        let attn = attend_with(projected, layout, angles, cache, mask, scores)?;
+        self.o.forward(&attn, comm)
     }
 }
 
@@ -104,30 +304,84 @@ impl ShardedModel for Llama {
         let mut x = self
             .embed
             .forward(input.ids, &[input.batch, input.seq_len], comm)?;
-        let mask = input.mask(past, true, self.sliding_window)?;
-        let angles = self
-            .rotary
-            .angles(&input.position_ids(past), input.batch, input.seq_len)?;
+        if let Some(scale) = self.options.embedding_scale {
+            x = (x * scale)?;
+        }
+        let positions = input.position_ids(past);
+        let angles = self.rotary.angles(&positions, input.batch, input.seq_len)?;
+        let sliding_angles = match &mut self.sliding_rotary {
+            Some(rotary) => Some(rotary.angles(&positions, input.batch, input.seq_len)?),
+            None => None,
+        };
+        // One mask per distinct window (most models have one or two).
+        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
+        let residual_scale = self.options.residual_scale;
+        let scaled = |t: Tensor| -> Result<Tensor> {
+            Ok(match residual_scale {
+                Some(s) => (t * s)?,
+                None => t,
+            })
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let normed = layer.input_norm.forward(&x)?;
-            let projected = Projected {
-                q: layer.q.forward(&normed)?,
-                k: layer.k.forward(&normed)?,
-                v: layer.v.forward(&normed)?,
+            let mask = match masks.iter().find(|(w, _)| *w == layer.window) {
+                Some((_, mask)) => mask.clone(),
+                None => {
+                    let mask = input.mask(past, true, layer.window)?;
+                    masks.push((layer.window, mask.clone()));
+                    mask
+                }
+            };
+            let layer_angles = match layer.rope {
+                LayerRope::Full => Some(&angles),
+                LayerRope::Sliding => sliding_angles.as_ref().or(Some(&angles)),
+                LayerRope::None => None,
             };
             let cache = input.use_cache.then(|| self.caches.layer(i));
-            let attn = attend(projected, self.layout, Some(&angles), cache, mask.as_ref())?;
-            x = (x + layer.o.forward(&attn, comm)?)?;
-            let normed = layer.post_norm.forward(&x)?;
-            let hidden = gated(
-                self.activation,
-                &layer.gate.forward(&normed)?,
-                &layer.up.forward(&normed)?,
+            let norms = &layer.norms;
+            let normed = maybe(&norms.input, &x)?;
+            let attn = layer.attention(
+                &normed,
+                self.layout,
+                layer_angles,
+                cache,
+                mask.as_ref(),
+                self.scores,
+                comm,
             )?;
-            x = (x + layer.down.forward(&hidden, comm)?)?;
+            x = match self.options.placement {
+                NormPlacement::Parallel => {
+                    let mlp = layer.mlp.forward(&normed, self.activation, comm)?;
+                    ((&x + scaled(attn)?)? + scaled(mlp)?)?
+                }
+                NormPlacement::Pre => {
+                    let x = (&x + scaled(attn)?)?;
+                    let mlp = layer.mlp.forward(
+                        &maybe(&norms.post_attention, &x)?,
+                        self.activation,
+                        comm,
+                    )?;
+                    (&x + scaled(mlp)?)?
+                }
+                NormPlacement::Sandwich | NormPlacement::Post => {
+                    let x = (&x + scaled(maybe(&norms.post_attention, &attn)?)?)?;
+                    let mlp = layer.mlp.forward(
+                        &maybe(&norms.pre_feedforward, &x)?,
+                        self.activation,
+                        comm,
+                    )?;
+                    (&x + scaled(maybe(&norms.post_feedforward, &mlp)?)?)?
+                }
+            };
         }
         let x = self.norm.forward(&x)?;
-        apply_head(&self.head, &x, input.last_only, comm)
+        let mut logits = apply_head(&self.head, &x, input.last_only, comm)?;
+        if let Some(scale) = self.options.logit_scale {
+            logits = (logits * scale)?;
+        }
+        if let Some(cap) = self.options.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
     }
 
     fn caches(&mut self) -> Option<&mut LayerCaches> {

@@ -123,13 +123,14 @@ impl Phi {
             blocks,
             final_norm: layer_norm(loader, "final_layernorm", h, eps)?,
             head: VocabParallelHead::new(head, head_bias, plan.vocab.counts()),
-            rotary: (!c.alibi).then(|| {
-                Rotary::partial(
+            rotary: match (&c.rope, c.alibi) {
+                (Some(rope), false) => Some(Rotary::scaled(
                     c.rotary_dim.unwrap_or(c.head_dim),
-                    c.rope_theta.unwrap_or(10_000.0),
+                    &rope.full,
                     c.rotary_interleaved,
-                )
-            }),
+                )?),
+                _ => None,
+            },
             alibi: c.alibi.then(|| {
                 alibi_slopes(c.num_heads)[layout.first_head..layout.first_head + layout.heads]
                     .to_vec()
@@ -191,7 +192,7 @@ impl ShardedModel for Phi {
         }
         let angles = self
             .rotary
-            .as_ref()
+            .as_mut()
             .map(|r| r.angles(&input.position_ids(past), input.batch, input.seq_len))
             .transpose()?;
         for i in 0..self.blocks.len() {

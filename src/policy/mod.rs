@@ -127,7 +127,7 @@ impl Policy {
                 "gpt_neo" => tables::gpt_neo(),
                 _ => tables::gpt2(),
             },
-            Family::Llama => tables::llama(),
+            Family::Llama => tables::llama(config),
             Family::Phi => match config.model_type.as_str() {
                 "gptj" => tables::gptj(),
                 "gpt_neox" => tables::gpt_neox(),
@@ -282,7 +282,7 @@ mod tests {
                 wiring: "layers.*.mlp.*_proj.weight".into(),
                 checkpoint: "blocks.*.ffn.w_*.weight".into(),
             }],
-            ..tables::llama()
+            ..tables::llama(&decoder_config("llama"))
         };
         assert_eq!(
             policy.checkpoint_name("layers.7.mlp.gate_proj.weight"),
@@ -305,9 +305,65 @@ mod tests {
         );
     }
 
+    /// A tiny configuration of the Llama-style `model_type`.
+    fn decoder_config(model_type: &str) -> ModelConfig {
+        let json = format!(
+            r#"{{"model_type":"{model_type}","vocab_size":10,"hidden_size":16,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"intermediate_size":24}}"#
+        );
+        crate::checkpoint::config::RawConfig::from_value(serde_json::from_str(&json).unwrap())
+            .and_then(crate::checkpoint::config::RawConfig::resolve)
+            .unwrap()
+    }
+
+    #[test]
+    fn phi3_fused_projections_split_each_part_by_its_own_share() {
+        let p = tables::llama(&decoder_config("phi3"));
+        assert_eq!(
+            p.role_of("model.layers.0.self_attn.qkv_proj.weight"),
+            Some(&Role::column_parts(vec![
+                Partition::Heads,
+                Partition::KvHeads,
+                Partition::KvHeads
+            ]))
+        );
+        assert_eq!(
+            p.role_of("model.layers.1.mlp.gate_up_proj.weight"),
+            Some(&Role::column_parts(vec![Partition::Intermediate; 2]))
+        );
+        assert_eq!(p.role_of("model.layers.0.self_attn.q_proj.weight"), None);
+    }
+
+    #[test]
+    fn olmo2_splits_its_whole_projection_qk_norms_and_qwen3_replicates_its_per_head_ones() {
+        let olmo = tables::llama(&decoder_config("olmo2"));
+        assert_eq!(
+            olmo.role_of("model.layers.0.self_attn.k_norm.weight"),
+            Some(&Role::column(Partition::KvHeads))
+        );
+        let qwen = tables::llama(&decoder_config("qwen3"));
+        assert_eq!(
+            qwen.role_of("model.layers.0.self_attn.k_norm.weight"),
+            Some(&Role::Replicate)
+        );
+        let gemma = tables::llama(&decoder_config("gemma2"));
+        assert_eq!(
+            gemma.role_of("model.layers.0.pre_feedforward_layernorm.weight"),
+            Some(&Role::Replicate)
+        );
+        let starcoder = tables::llama(&decoder_config("starcoder2"));
+        assert!(matches!(
+            starcoder.role_of("model.layers.0.mlp.c_proj.weight"),
+            Some(Role::Row {
+                partition: Partition::Intermediate,
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn llama_roles_follow_megatron() {
-        let p = tables::llama();
+        let p = tables::llama(&decoder_config("llama"));
         assert_eq!(
             p.role_of("model.layers.0.self_attn.k_proj.weight"),
             Some(&Role::column(Partition::KvHeads))

@@ -3,7 +3,7 @@
 //! (RoBERTa, ELECTRA, DistilBERT, ALBERT), and the encoder–decoders BART and T5.
 
 use super::{Partition, Policy, Rename, Role, Rule};
-use crate::checkpoint::config::FusedQkv;
+use crate::checkpoint::config::{FusedQkv, MlpKind, QkNorm};
 use crate::checkpoint::ModelConfig;
 use Partition::{Heads, Intermediate, KvHeads, Vocab};
 
@@ -441,28 +441,61 @@ pub fn falcon(config: &ModelConfig) -> Policy {
     renamed_owned("falcon", &["transformer.", ""], &entries)
 }
 
-/// Llama, Mistral and Qwen2: separate q/k/v (Qwen2 with biases), SwiGLU, RMSNorm.
-pub fn llama() -> Policy {
-    policy(
-        "llama",
-        &["model.", ""],
-        vec![
-            rule("embed_tokens.weight", column(Vocab)),
-            rule("lm_head.weight", column(Vocab)),
+/// The Llama-style decoders: separate or fused (Phi-3's `qkv_proj`, `gate_up_proj`) q/k/v and
+/// gate/up projections, a gated or plain (StarCoder2's `c_fc`/`c_proj`) MLP, every block norm
+/// replicated, and q/k norms replicated unless they span the whole projection (OLMo 2's,
+/// split with their heads).
+pub fn llama(config: &ModelConfig) -> Policy {
+    let options = config.decoder.as_ref();
+    let fused_qkv = options.is_some_and(|o| o.fused_qkv);
+    let mlp = options.map_or(MlpKind::Gated, |o| o.mlp);
+    let mut rules = vec![
+        rule("embed_tokens.weight", column(Vocab)),
+        rule("lm_head.weight", column(Vocab)),
+        rule("layers.*.self_attn.o_proj.weight", row(Heads)),
+        rule("layers.*.self_attn.o_proj.bias", Role::Replicate),
+    ];
+    rules.extend(match fused_qkv {
+        true => vec![rule(
+            "layers.*.self_attn.qkv_proj.*",
+            Role::column_parts(vec![Heads, KvHeads, KvHeads]),
+        )],
+        false => vec![
             rule("layers.*.self_attn.q_proj.*", column(Heads)),
             rule("layers.*.self_attn.k_proj.*", column(KvHeads)),
             rule("layers.*.self_attn.v_proj.*", column(KvHeads)),
-            rule("layers.*.self_attn.o_proj.weight", row(Heads)),
+        ],
+    });
+    rules.extend(match mlp {
+        MlpKind::Gated => vec![
             rule("layers.*.mlp.gate_proj.*", column(Intermediate)),
             rule("layers.*.mlp.up_proj.*", column(Intermediate)),
-            rule("layers.*.mlp.down_proj.weight", row(Intermediate)),
-            rule("layers.*.self_attn.o_proj.bias", Role::Replicate),
-            rule("layers.*.mlp.down_proj.bias", Role::Replicate),
-            rule("layers.*.input_layernorm.weight", Role::Replicate),
-            rule("layers.*.post_attention_layernorm.weight", Role::Replicate),
-            rule("norm.weight", Role::Replicate),
         ],
-    )
+        MlpKind::FusedGated => vec![rule(
+            "layers.*.mlp.gate_up_proj.*",
+            Role::column_parts(vec![Intermediate, Intermediate]),
+        )],
+        MlpKind::Plain => vec![rule("layers.*.mlp.c_fc.*", column(Intermediate))],
+    });
+    let (down, down_bias) = match mlp {
+        MlpKind::Plain => ("layers.*.mlp.c_proj.weight", "layers.*.mlp.c_proj.bias"),
+        _ => ("layers.*.mlp.down_proj.weight", "layers.*.mlp.down_proj.bias"),
+    };
+    rules.push(rule(down, row(Intermediate)));
+    rules.push(rule(down_bias, Role::Replicate));
+    if options.and_then(|o| o.qk_norm) == Some(QkNorm::WholeProjection) {
+        rules.push(rule("layers.*.self_attn.q_norm.*", column(Heads)));
+        rules.push(rule("layers.*.self_attn.k_norm.*", column(KvHeads)));
+    }
+    rules.extend([
+        rule("layers.*.self_attn.q_norm.*", Role::Replicate),
+        rule("layers.*.self_attn.k_norm.*", Role::Replicate),
+        rule("layers.*.self_attn.q_layernorm.*", Role::Replicate),
+        rule("layers.*.self_attn.k_layernorm.*", Role::Replicate),
+        rule("layers.*.*layernorm.*", Role::Replicate),
+        rule("norm.*", Role::Replicate),
+    ]);
+    policy("llama", &["model.", ""], rules)
 }
 
 /// BERT (base model and masked-LM head): post-LayerNorm blocks, tied decoder.

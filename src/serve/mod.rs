@@ -92,7 +92,7 @@ pub fn serve(
     shared.healthy.store(true, Ordering::Relaxed);
     shared.metrics.set_ranks(model.load_report().to_vec());
     let defaults = model.generation_config().clone();
-    let context = model.config().max_positions;
+    let context = model.config().generation_context();
     let pooling = match (&model.model().location, model.config().is_causal()) {
         (_, true) => None,
         (WeightsLocation::Safetensors(dir), false) => Some(Pooling::from_model_dir(dir)?),

@@ -135,9 +135,7 @@ mod tests {
     use super::super::{Family, ModelConfig, RawConfig};
 
     fn resolve(json: serde_json::Value) -> Result<ModelConfig, String> {
-        serde_json::from_value::<RawConfig>(json)
-            .map_err(|e| e.to_string())?
-            .resolve()
+        RawConfig::from_value(json)?.resolve()
     }
 
     fn bart() -> serde_json::Value {
