@@ -16,6 +16,7 @@ the sampling unit tests compare against. `null` in a recorded score stands for -
 from __future__ import annotations
 
 import json
+import sys
 import math
 import os
 from pathlib import Path
@@ -42,6 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "generation"
 MODELS = ["llama", "gpt2", "mistral", "qwen2", "smollm_like"]
+# Today's Llama-style families (issue 15), written with transformers 5.25.0.
+TODAY_MODELS = ["llama3", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "smollm3", "olmo2", "stablelm",
+                "granite", "starcoder2", "cohere"]
 PAD = 0
 
 
@@ -201,10 +205,13 @@ def embedding_fixture() -> None:
 
 
 def main() -> None:
+    """All fixtures, or with model names as arguments only those models' cases."""
     OUT.mkdir(parents=True, exist_ok=True)
-    embedding_fixture()
-    (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
-    for name in MODELS:
+    names = sys.argv[1:]
+    if not names:
+        embedding_fixture()
+        (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
+    for name in names or MODELS + TODAY_MODELS:
         (OUT / f"{name}.json").write_text(json.dumps(model_cases(name), indent=1) + "\n")
         print(f"wrote {OUT / name}.json")
 

@@ -16,6 +16,22 @@ use serde_json::Value;
 
 const FAMILIES: [&str; 5] = ["llama", "gpt2", "mistral", "qwen2", "smollm_like"];
 
+/// The Llama-style families of issue 15, with fixtures from transformers 5.25.
+const TODAYS_FAMILIES: [&str; 12] = [
+    "llama3",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "smollm3",
+    "olmo2",
+    "stablelm",
+    "granite",
+    "starcoder2",
+    "cohere",
+];
+
 fn recorded(name: &str) -> Value {
     let path = fixture("generation").join(format!("{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -50,41 +66,55 @@ fn run_batch(
         .sequences
 }
 
+/// Every recorded case of `family` at 1 to `max_ranks` ranks (the fixture's `max_ranks` at most).
+fn check_recorded_cases(family: &str, max_ranks: usize) {
+    let reference = recorded(family);
+    let allowed: usize = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(fixture(family).join("meta.json")).unwrap(),
+    )
+    .unwrap()["max_ranks"]
+        .as_u64()
+        .unwrap() as usize;
+    for ranks in 1..=allowed.min(max_ranks) {
+        let mut model = parallelize(fixture(family), options(ranks)).unwrap();
+        for (name, case) in reference["cases"].as_object().unwrap() {
+            let config = case_config(case);
+            let got = model
+                .generate_batch(&prompts(case), &config, |_, _| ControlFlow::Continue(()))
+                .unwrap();
+            assert_eq!(
+                got.sequences,
+                sequences(case),
+                "{family}, {name}, {ranks} ranks"
+            );
+            if let Some(want) = case["sequence_scores"].as_array() {
+                let scores = got.scores.expect("beam search returns scores");
+                for (g, w) in scores.iter().zip(want) {
+                    let w = w.as_f64().unwrap();
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-4,
+                        "{family}, {name}, {ranks} ranks: score {g} vs {w}"
+                    );
+                }
+            }
+        }
+        model.deparallelize();
+    }
+}
+
 #[test]
 fn greedy_penalties_batches_and_beams_match_transformers_at_several_rank_counts() {
     for family in FAMILIES {
-        let reference = recorded(family);
-        let max_ranks: usize = serde_json::from_str::<Value>(
-            &std::fs::read_to_string(fixture(family).join("meta.json")).unwrap(),
-        )
-        .unwrap()["max_ranks"]
-            .as_u64()
-            .unwrap() as usize;
-        for ranks in 1..=max_ranks.min(3) {
-            let mut model = parallelize(fixture(family), options(ranks)).unwrap();
-            for (name, case) in reference["cases"].as_object().unwrap() {
-                let config = case_config(case);
-                let got = model
-                    .generate_batch(&prompts(case), &config, |_, _| ControlFlow::Continue(()))
-                    .unwrap();
-                assert_eq!(
-                    got.sequences,
-                    sequences(case),
-                    "{family}, {name}, {ranks} ranks"
-                );
-                if let Some(want) = case["sequence_scores"].as_array() {
-                    let scores = got.scores.expect("beam search returns scores");
-                    for (g, w) in scores.iter().zip(want) {
-                        let w = w.as_f64().unwrap();
-                        assert!(
-                            (*g as f64 - w).abs() < 1e-4,
-                            "{family}, {name}, {ranks} ranks: score {g} vs {w}"
-                        );
-                    }
-                }
-            }
-            model.deparallelize();
-        }
+        check_recorded_cases(family, 3);
+    }
+}
+
+/// Today's families (Llama 3, Qwen3, Gemma 1–3, Phi-3, SmolLM3, OLMo 2, StableLM, Granite,
+/// StarCoder2, Cohere) at 1 to 4 ranks: 3 and 4 ranks share key/value heads.
+#[test]
+fn todays_families_generate_like_transformers_at_one_to_four_ranks() {
+    for family in TODAYS_FAMILIES {
+        check_recorded_cases(family, 4);
     }
 }
 

@@ -405,7 +405,7 @@ impl RotaryAngles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::config::rope::{resolve_rope, RopeInput};
+    use crate::checkpoint::config::rope::{resolve_rope, RopeConfigs, RopeInput};
     use serde_json::Value;
 
     fn fixtures() -> Value {
@@ -435,7 +435,7 @@ mod tests {
     }
 
     /// The rope settings of a fixture's config, resolved as `config.json` would be.
-    fn configs(config: &Value) -> crate::checkpoint::config::RopeConfigs {
+    fn configs(config: &Value) -> RopeConfigs {
         let count = |k: &str| config.get(k).and_then(Value::as_u64).map(|v| v as usize);
         resolve_rope(&RopeInput {
             rope_parameters: config.get("rope_parameters"),
