@@ -266,3 +266,102 @@ fn mistakes_in_a_policy_are_named_before_any_rank_starts() {
     };
     assert!(error.contains("tinyllm"), "{error}");
 }
+
+/// A Gemma 2 checkpoint under a `model_type` of its own: its sandwich norms, soft-capping and
+/// alternating windows come with `wiring = "gemma2"`, read from its `config.json`.
+const GEMMA2_POLICY: &str = r#"
+model_type = "mygemma"
+wiring = "gemma2"
+prefixes = ["decoder."]
+
+[[tensor]]
+name = "embed_tokens.weight"
+wiring_name = "embed_tokens.weight"
+split = "column"
+partition = "vocab"
+
+[[tensor]]
+name = "layers.*.self_attn.q_proj.weight"
+wiring_name = "layers.*.self_attn.q_proj.weight"
+split = "column"
+partition = "heads"
+
+[[tensor]]
+name = "layers.*.self_attn.o_proj.weight"
+wiring_name = "layers.*.self_attn.o_proj.weight"
+split = "row"
+partition = "heads"
+
+[[tensor]]
+name = "layers.*.self_attn.*_proj.weight"
+wiring_name = "layers.*.self_attn.*_proj.weight"
+split = "column"
+partition = "kv_heads"
+
+[[tensor]]
+name = "layers.*.mlp.down_proj.weight"
+wiring_name = "layers.*.mlp.down_proj.weight"
+split = "row"
+partition = "intermediate"
+
+[[tensor]]
+name = "layers.*.mlp.*_proj.weight"
+wiring_name = "layers.*.mlp.*_proj.weight"
+split = "column"
+partition = "intermediate"
+
+[[tensor]]
+name = "layers.*.*_layernorm.weight"
+wiring_name = "layers.*.*_layernorm.weight"
+split = "replicate"
+
+[[tensor]]
+name = "norm.weight"
+wiring_name = "norm.weight"
+split = "replicate"
+"#;
+
+#[test]
+fn a_policy_file_brings_the_switches_of_a_todays_wiring() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mygemma");
+    std::fs::create_dir(&model).unwrap();
+    let source = fixture("gemma2");
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, TensorView)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name.replacen("model.", "decoder.", 1), view))
+        .collect();
+    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    config["model_type"] = "mygemma".into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let policy = dir.path().join("mygemma.toml");
+    std::fs::write(&policy, GEMMA2_POLICY).unwrap();
+    let refs = reference("gemma2");
+    let greedy = GenerationConfig {
+        max_new_tokens: 12,
+        eos_token_id: None,
+        min_new_tokens: 12,
+        ..GenerationConfig::default()
+    };
+    for ranks in [1, 3] {
+        let mut parallel = parallelize(&model, with_policy(ranks, &policy)).unwrap();
+        let out = parallel.forward(&reference_batch(&refs)).unwrap();
+        let diff = masked_max_diff(&out.data, &refs["logits"], &refs["attention_mask"]);
+        assert!(diff < 1e-4, "{ranks} ranks: {diff}");
+        let generated = parallel
+            .generate(&refs["generate_input_ids"].ids(), &greedy)
+            .unwrap();
+        assert_eq!(
+            generated.ids,
+            refs["generate_min_output_ids"].ids(),
+            "{ranks} ranks"
+        );
+        parallel.deparallelize();
+    }
+}

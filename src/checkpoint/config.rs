@@ -374,7 +374,10 @@ impl RawConfig {
             .as_object_mut()
             .ok_or("the configuration is not a JSON object")?;
         for (canonical, others) in ALIASES {
-            let spelled: Vec<_> = others.iter().filter_map(|name| fields.remove(*name)).collect();
+            let spelled: Vec<_> = others
+                .iter()
+                .filter_map(|name| fields.remove(*name))
+                .collect();
             let canonical_value = fields.remove(*canonical);
             if let Some(v) = canonical_value.or(spelled.into_iter().next()) {
                 fields.insert(canonical.to_string(), v);
@@ -447,7 +450,10 @@ impl RawConfig {
         };
         let act_name = match model_type.as_str() {
             // Gemma 2 and 3 read `hidden_activation`; Gemma's legacy `gelu` means the tanh one.
-            "gemma2" | "gemma3_text" => self.hidden_activation.as_deref().unwrap_or("gelu_pytorch_tanh"),
+            "gemma2" | "gemma3_text" => self
+                .hidden_activation
+                .as_deref()
+                .unwrap_or("gelu_pytorch_tanh"),
             "gemma" | "starcoder2" => match self.hidden_act.as_deref() {
                 None | Some("gelu") => "gelu_pytorch_tanh",
                 Some(name) => name,
@@ -783,6 +789,84 @@ mod tests {
             (4, Some(FusedQkv::PerHead), true, true)
         );
         assert!(falcon(r#","alibi":true"#).unwrap_err().contains("ALiBi"));
+    }
+
+    /// transformers 5.25 writes Falcon's key/value heads under both names; the file is read
+    /// the way transformers reads it, the canonical name first, not refused as a duplicate.
+    #[test]
+    fn a_field_written_under_two_names_is_read_by_its_canonical_name() {
+        let written_by_5_25 = r#"{"model_type":"falcon","architectures":["FalconForCausalLM"],
+            "vocab_size":97,"hidden_size":64,"num_attention_heads":4,"num_hidden_layers":2,
+            "new_decoder_architecture":true,"num_key_value_heads":2,"num_kv_heads":2,
+            "rope_parameters":{"rope_theta":10000.0,"rope_type":"default"},
+            "a_field_from_the_future":{"nested":[1,2]}}"#;
+        assert_eq!(resolve(written_by_5_25).unwrap().num_kv_heads, 2);
+        let disagreeing = written_by_5_25.replace(r#""num_kv_heads":2"#, r#""num_kv_heads":4"#);
+        assert_eq!(resolve(&disagreeing).unwrap().num_kv_heads, 2);
+        let alias_only = written_by_5_25.replace(r#""num_key_value_heads":2,"#, "");
+        assert_eq!(resolve(&alias_only).unwrap().num_kv_heads, 2);
+        let wrong_type = written_by_5_25.replace(
+            r#""num_key_value_heads":2"#,
+            r#""num_key_value_heads":"two""#,
+        );
+        assert!(resolve(&wrong_type).unwrap_err().contains("invalid type"));
+    }
+
+    #[test]
+    fn todays_families_resolve_their_switches_from_the_config() {
+        let gemma2 = ModelConfig::from_file(&fixture_config("gemma2")).unwrap();
+        let d = gemma2.decoder.as_ref().unwrap();
+        assert_eq!(
+            (d.norm, d.placement, d.attn_softcap, d.final_softcap),
+            (
+                NormKind::RmsOffset,
+                NormPlacement::Sandwich,
+                Some(2.0),
+                Some(5.0)
+            )
+        );
+        assert_eq!(gemma2.attention_windows, vec![Some(4), None, Some(4)]);
+        assert_eq!(d.attention_scale, Some(24f64.powf(-0.5)));
+        let gemma3 = ModelConfig::from_file(&fixture_config("gemma3")).unwrap();
+        let rope = gemma3.rope.as_ref().unwrap();
+        assert_eq!(rope.sliding.as_ref().map(|r| r.theta), Some(10_000.0));
+        assert_eq!(
+            gemma3.decoder.as_ref().unwrap().layer_rope,
+            vec![LayerRope::Sliding, LayerRope::Full, LayerRope::Sliding]
+        );
+        let smollm3 = ModelConfig::from_file(&fixture_config("smollm3")).unwrap();
+        assert_eq!(
+            smollm3.decoder.unwrap().layer_rope,
+            vec![
+                LayerRope::Full,
+                LayerRope::None,
+                LayerRope::Full,
+                LayerRope::None
+            ]
+        );
+        let qwen3 = ModelConfig::from_file(&fixture_config("qwen3")).unwrap();
+        assert_eq!(
+            (qwen3.head_dim, qwen3.attention_windows.clone()),
+            (24, vec![None, Some(4), Some(4)])
+        );
+        let phi3 = ModelConfig::from_file(&fixture_config("phi3")).unwrap();
+        assert_eq!(phi3.rotary_dim, Some(12));
+        assert_eq!(phi3.decoder.unwrap().mlp, MlpKind::FusedGated);
+        let cohere = ModelConfig::from_file(&fixture_config("cohere")).unwrap();
+        assert!(cohere.rotary_interleaved);
+        assert_eq!(cohere.decoder.unwrap().qk_norm, Some(QkNorm::OwnPerHead));
+        let gemma3_multimodal = resolve(r#"{"model_type":"gemma3"}"#).unwrap_err();
+        assert!(
+            gemma3_multimodal.contains("gemma3_text"),
+            "{gemma3_multimodal}"
+        );
+    }
+
+    fn fixture_config(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+            .join("config.json")
     }
 
     const LLAMA_5X: &str = r#"{"model_type":"llama","architectures":["LlamaForCausalLM"],

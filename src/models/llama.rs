@@ -12,7 +12,7 @@ use crate::checkpoint::config::{
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
-use crate::models::attention::{attend_with, HeadLayout, LayerCaches, Projected, Scores};
+use crate::models::attention::{attend_with, HeadLayout, KvCache, LayerCaches, Projected, Scores};
 use crate::models::layers::{
     activate, gated, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
@@ -43,7 +43,12 @@ enum Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, activation: Activation, comm: &dyn Communicator) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        activation: Activation,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor> {
         match self {
             Mlp::Gated { gate, up, down } => {
                 let hidden = match up {
@@ -51,7 +56,11 @@ impl Mlp {
                     None => {
                         let fused = gate.forward(x)?;
                         let half = fused.dim(2)? / 2;
-                        gated(activation, &fused.narrow(2, 0, half)?, &fused.narrow(2, half, half)?)?
+                        gated(
+                            activation,
+                            &fused.narrow(2, 0, half)?,
+                            &fused.narrow(2, half, half)?,
+                        )?
                     }
                 };
                 down.forward(&hidden, comm)
@@ -203,7 +212,8 @@ fn load_layer(
             proj: proj("mlp.c_proj", h, inter, c.mlp_bias)?.into(),
         },
     };
-    let mut norm = |name: &str| Norm::load(loader, &format!("{p}.{name}"), options.norm, h, c.norm_eps);
+    let mut norm =
+        |name: &str| Norm::load(loader, &format!("{p}.{name}"), options.norm, h, c.norm_eps);
     let norms = match options.placement {
         NormPlacement::Pre => BlockNorms {
             input: Some(norm("input_layernorm")?),
@@ -248,7 +258,10 @@ fn load_layer(
                 eps: c.norm_eps,
             };
             (
-                Some(HeadNorm::load(loader, &spec(q_name, HeadsOf::Queries, c.num_heads, 0))?),
+                Some(HeadNorm::load(
+                    loader,
+                    &spec(q_name, HeadsOf::Queries, c.num_heads, 0),
+                )?),
                 Some(HeadNorm::load(
                     loader,
                     &spec(k_name, HeadsOf::Keys, c.num_kv_heads, kv_counted_from),
@@ -265,20 +278,29 @@ fn load_layer(
         o,
         mlp,
         window: c.attention_windows.get(i).copied().flatten(),
-        rope: options.layer_rope.get(i).copied().unwrap_or(LayerRope::Full),
+        rope: options
+            .layer_rope
+            .get(i)
+            .copied()
+            .unwrap_or(LayerRope::Full),
     })
 }
 
+/// What a layer's attention reads besides its input: the heads, positions and mask.
+struct AttentionInputs<'a> {
+    layout: HeadLayout,
+    angles: Option<&'a RotaryAngles>,
+    mask: Option<&'a Tensor>,
+    scores: Scores,
+}
+
 impl Layer {
-    /// Attention of this rank's heads, before the output projection's all-reduce.
+    /// Attention of this rank's heads, output projection and all-reduce included.
     fn attention(
         &self,
         x: &Tensor,
-        layout: HeadLayout,
-        angles: Option<&RotaryAngles>,
-        cache: Option<&mut crate::models::attention::KvCache>,
-        mask: Option<&Tensor>,
-        scores: Scores,
+        inputs: AttentionInputs,
+        cache: Option<&mut KvCache>,
         comm: &dyn Communicator,
     ) -> Result<Tensor> {
         let mut projected = match &self.qkv {
@@ -287,13 +309,20 @@ impl Layer {
                 k: k.forward(x)?,
                 v: v.forward(x)?,
             },
-            QkvProjection::Fused(qkv) => Projected::split_fused(&qkv.forward(x)?, &layout)?,
+            QkvProjection::Fused(qkv) => Projected::split_fused(&qkv.forward(x)?, &inputs.layout)?,
         };
         if let (Some(q_norm), Some(k_norm)) = (&self.q_norm, &self.k_norm) {
             projected.q = q_norm.forward(&projected.q, comm)?;
             projected.k = k_norm.forward(&projected.k, comm)?;
         }
-        let attn = attend_with(projected, layout, angles, cache, mask, scores)?;
+        let attn = attend_with(
+            projected,
+            inputs.layout,
+            inputs.angles,
+            cache,
+            inputs.mask,
+            inputs.scores,
+        )?;
         self.o.forward(&attn, comm)
     }
 }
@@ -339,15 +368,13 @@ impl ShardedModel for Llama {
             let cache = input.use_cache.then(|| self.caches.layer(i));
             let norms = &layer.norms;
             let normed = maybe(&norms.input, &x)?;
-            let attn = layer.attention(
-                &normed,
-                self.layout,
-                layer_angles,
-                cache,
-                mask.as_ref(),
-                self.scores,
-                comm,
-            )?;
+            let inputs = AttentionInputs {
+                layout: self.layout,
+                angles: layer_angles,
+                mask: mask.as_ref(),
+                scores: self.scores,
+            };
+            let attn = layer.attention(&normed, inputs, cache, comm)?;
             x = match self.options.placement {
                 NormPlacement::Parallel => {
                     let mlp = layer.mlp.forward(&normed, self.activation, comm)?;

@@ -148,7 +148,9 @@ impl HeadNorm {
                     // StableLM: one LayerNorm per head, `norms.H.weight`.
                     None => {
                         let heads = (first..first + count)
-                            .map(|h| loader.load(&format!("{}.norms.{h}.weight", spec.prefix), &[d]))
+                            .map(|h| {
+                                loader.load(&format!("{}.norms.{h}.weight", spec.prefix), &[d])
+                            })
                             .collect::<Result<Vec<_>>>()?;
                         Tensor::stack(&heads, 0)?
                     }

@@ -6,7 +6,7 @@
 //!
 //! ```toml
 //! model_type = "tinyllm"        # the checkpoint's config.json `model_type`
-//! wiring = "llama"              # gpt2 | llama | mistral | qwen2 | bert
+//! wiring = "llama"              # gpt2 | llama | mistral | qwen2 | qwen3 | gemma | gemma2 | ... (WIRINGS)
 //! prefixes = ["backbone.", ""]  # what may come before the names below
 //!
 //! [config]                      # the wiring's field name = the checkpoint's field name
@@ -32,8 +32,27 @@ use serde::Deserialize;
 use super::{glob_captures, Partition, Policy, Rename, Role, Rule};
 use crate::error::{Error, Result};
 
-/// The block wirings a policy file may name: the built-in `model_type`s.
-pub const WIRINGS: [&str; 5] = ["gpt2", "llama", "mistral", "qwen2", "bert"];
+/// The block wirings a policy file may name: the built-in `model_type`s. A Llama-style wiring
+/// brings its family's switches (norms, q/k norms, multipliers, soft-caps, windows, rotary
+/// variants), read from the checkpoint's `config.json` as for that family.
+pub const WIRINGS: [&str; 16] = [
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "smollm3",
+    "olmo2",
+    "stablelm",
+    "granite",
+    "starcoder2",
+    "cohere",
+    "bert",
+];
 
 /// A policy file as written.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

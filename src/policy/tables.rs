@@ -479,7 +479,10 @@ pub fn llama(config: &ModelConfig) -> Policy {
     });
     let (down, down_bias) = match mlp {
         MlpKind::Plain => ("layers.*.mlp.c_proj.weight", "layers.*.mlp.c_proj.bias"),
-        _ => ("layers.*.mlp.down_proj.weight", "layers.*.mlp.down_proj.bias"),
+        _ => (
+            "layers.*.mlp.down_proj.weight",
+            "layers.*.mlp.down_proj.bias",
+        ),
     };
     rules.push(rule(down, row(Intermediate)));
     rules.push(rule(down_bias, Role::Replicate));

@@ -106,11 +106,7 @@ pub struct DecoderOptions {
 /// Whether each layer of `layers` attends over a sliding window, from `layer_types` as
 /// transformers 5 writes it (`sliding_attention` / `full_attention`), else as the family's
 /// config class derives it.
-fn sliding_layers(
-    raw: &RawConfig,
-    model_type: &str,
-    layers: usize,
-) -> Result<Vec<bool>, String> {
+fn sliding_layers(raw: &RawConfig, model_type: &str, layers: usize) -> Result<Vec<bool>, String> {
     if let Some(types) = &raw.layer_types {
         if types.len() != layers {
             return Err(format!(
@@ -149,7 +145,7 @@ fn sliding_layers(
 fn rope_layer(raw: &RawConfig, i: usize) -> bool {
     match &raw.no_rope_layers {
         Some(flags) => flags.get(i).is_some_and(|&f| f != 0),
-        None => (i + 1) % raw.no_rope_layer_interval.unwrap_or(4).max(1) != 0,
+        None => !(i + 1).is_multiple_of(raw.no_rope_layer_interval.unwrap_or(4).max(1)),
     }
 }
 
