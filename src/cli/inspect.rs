@@ -51,6 +51,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         plan.intermediate.element_counts(),
         plan.vocab.counts()
     );
+    for line in config.wiring_summary() {
+        println!("{line}");
+    }
     println!();
     let mut sliced = vec![0u64; args.ranks];
     let mut replicated = vec![0u64; args.ranks];

@@ -357,7 +357,8 @@ fn llama3_inv_freq(
             } else {
                 inv
             };
-            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            // transformers: `~(wavelen < high) * ~(wavelen > low)` (the same, wavelen never NaN).
+            let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
             if medium {
                 let smooth = (old as f32 / wavelen - low32) / spread;
                 (1.0 - smooth) * scaled / factor32 + smooth * scaled

@@ -267,3 +267,65 @@ impl RawConfig {
         })
     }
 }
+
+impl super::ModelConfig {
+    /// The wiring's switches in words, one line per part (empty for the families without
+    /// [`DecoderOptions`]); `inspect` prints them.
+    pub fn wiring_summary(&self) -> Vec<String> {
+        let Some(d) = &self.decoder else {
+            return Vec::new();
+        };
+        let mut block = vec![format!("{:?} norms, {:?} placement", d.norm, d.placement)];
+        block.extend(d.qk_norm.map(|q| format!("q/k norm {q:?}")));
+        block.extend(d.fused_qkv.then(|| "fused qkv_proj".to_string()));
+        block.push(format!("{:?} MLP ({:?})", d.mlp, self.activation));
+        let mut scales = Vec::new();
+        let named = [
+            ("embedding", d.embedding_scale),
+            ("attention", d.attention_scale),
+            ("residual", d.residual_scale),
+            ("logits", d.logit_scale),
+        ];
+        for (what, value) in named {
+            scales.extend(value.map(|v| format!("{what} x{v:.4}")));
+        }
+        for (what, value) in [("attention", d.attn_softcap), ("logits", d.final_softcap)] {
+            scales.extend(value.map(|v| format!("{what} soft-cap {v}")));
+        }
+        let mut lines = vec![format!("block: {}", block.join(", "))];
+        if !scales.is_empty() {
+            lines.push(format!("scales: {}", scales.join(", ")));
+        }
+        if let Some(rope) = &self.rope {
+            let dims = self.rotary_dim.unwrap_or(self.head_dim);
+            let mut text = format!(
+                "rotary: {} (theta {}) on {dims} of {} dims",
+                rope.full.scaling.rope_type(),
+                rope.full.theta,
+                self.head_dim
+            );
+            if let Some(sliding) = &rope.sliding {
+                text.push_str(&format!(
+                    "; sliding layers {} (theta {})",
+                    sliding.scaling.rope_type(),
+                    sliding.theta
+                ));
+            }
+            let nope: Vec<String> = (d.layer_rope.iter().enumerate())
+                .filter(|(_, r)| **r == LayerRope::None)
+                .map(|(i, _)| i.to_string())
+                .collect();
+            if !nope.is_empty() {
+                text.push_str(&format!("; none on layers {}", nope.join(", ")));
+            }
+            lines.push(text);
+        }
+        let windows: Vec<String> = (self.attention_windows.iter().enumerate())
+            .filter_map(|(i, w)| w.map(|w| format!("{i}:{w}")))
+            .collect();
+        if !windows.is_empty() {
+            lines.push(format!("sliding windows (layer:width): {}", windows.join(", ")));
+        }
+        lines
+    }
+}

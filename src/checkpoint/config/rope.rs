@@ -125,7 +125,7 @@ impl RopeConfig {
     /// are rotated): it must be even and positive, and longrope's factor lists must have
     /// `rotary_dim / 2` entries.
     pub fn check(&self, rotary_dim: usize) -> Result<(), String> {
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(format!(
                 "the rotary dimension must be even and positive, got {rotary_dim}"
             ));
