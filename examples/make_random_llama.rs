@@ -6,6 +6,8 @@
 //! ```text
 //! cargo run --release --example make_random_llama -- /tmp/llama-135m
 //! cargo run --release --example make_random_llama -- /tmp/llama-1b --hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 32000
+//! # Llama-3.2-1B's shape and rotary scaling (llama3, base 500000, factor 32, 8192 original positions):
+//! cargo run --release --example make_random_llama -- /tmp/llama-3.2-1b --hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 128256 --llama3-rope
 //! ```
 
 use std::collections::BTreeMap;
@@ -42,13 +44,20 @@ fn main() -> anyhow::Result<()> {
     let vocab = arg(&args, "--vocab", 49152)?;
     let head_dim = hidden / heads;
     std::fs::create_dir_all(&out)?;
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "intermediate_size": intermediate, "vocab_size": vocab, "max_position_embeddings": 8192,
         "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": true, "hidden_act": "silu",
         "bos_token_id": 1, "eos_token_id": 2
     });
+    if args.iter().any(|a| a == "--llama3-rope") {
+        config["max_position_embeddings"] = 131072.into();
+        config["rope_parameters"] = serde_json::json!({
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+        });
+    }
     std::fs::write(
         out.join("config.json"),
         serde_json::to_string_pretty(&config)?,

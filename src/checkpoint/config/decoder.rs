@@ -324,7 +324,10 @@ impl super::ModelConfig {
             .filter_map(|(i, w)| w.map(|w| format!("{i}:{w}")))
             .collect();
         if !windows.is_empty() {
-            lines.push(format!("sliding windows (layer:width): {}", windows.join(", ")));
+            lines.push(format!(
+                "sliding windows (layer:width): {}",
+                windows.join(", ")
+            ));
         }
         lines
     }
