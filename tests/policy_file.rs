@@ -168,6 +168,34 @@ fn setup(edit: impl Fn(&str) -> String) -> (tempfile::TempDir, PathBuf, PathBuf)
     (dir, model, policy)
 }
 
+/// Runs `model` through `policy` at each of `ranks`: logits within 1e-4 of `fixture`'s
+/// reference, and `greedy`'s tokens equal to its recorded `expected` ids.
+fn assert_runs_like_the_fixture(
+    model: &Path,
+    policy: &Path,
+    fixture: &str,
+    ranks: &[usize],
+    greedy: &GenerationConfig,
+    expected: &str,
+) {
+    let refs = reference(fixture);
+    for &ranks in ranks {
+        let mut parallel = parallelize(model, with_policy(ranks, policy)).unwrap();
+        let out = parallel.forward(&reference_batch(&refs)).unwrap();
+        let diff = masked_max_diff(&out.data, &refs["logits"], &refs["attention_mask"]);
+        assert!(diff < 1e-4, "{fixture}, {ranks} ranks: {diff}");
+        let generated = parallel
+            .generate(&refs["generate_input_ids"].ids(), greedy)
+            .unwrap();
+        assert_eq!(
+            generated.ids,
+            refs[expected].ids(),
+            "{fixture}, {ranks} ranks"
+        );
+        parallel.deparallelize();
+    }
+}
+
 fn with_policy(ranks: usize, policy: &Path) -> Options {
     Options {
         policy: Some(policy.to_path_buf()),
@@ -178,26 +206,18 @@ fn with_policy(ranks: usize, policy: &Path) -> Options {
 #[test]
 fn a_renamed_checkpoint_runs_like_the_original_with_only_a_policy_file() {
     let (_dir, model, policy) = setup(str::to_string);
-    let refs = reference("llama");
     let greedy = GenerationConfig {
         max_new_tokens: 12,
         ..GenerationConfig::default()
     };
-    for ranks in 1..=3 {
-        let mut parallel = parallelize(&model, with_policy(ranks, &policy)).unwrap();
-        let out = parallel.forward(&reference_batch(&refs)).unwrap();
-        let diff = masked_max_diff(&out.data, &refs["logits"], &refs["attention_mask"]);
-        assert!(diff < 1e-4, "{ranks} ranks: {diff}");
-        let generated = parallel
-            .generate(&refs["generate_input_ids"].ids(), &greedy)
-            .unwrap();
-        assert_eq!(
-            generated.ids,
-            refs["generate_output_ids"].ids(),
-            "{ranks} ranks"
-        );
-        parallel.deparallelize();
-    }
+    assert_runs_like_the_fixture(
+        &model,
+        &policy,
+        "llama",
+        &[1, 2, 3],
+        &greedy,
+        "generate_output_ids",
+    );
     let plan = std::process::Command::new(binary())
         .args(["inspect", "--ranks", "2", "--model"])
         .arg(&model)
@@ -342,26 +362,18 @@ fn a_policy_file_brings_the_switches_of_a_todays_wiring() {
     std::fs::write(model.join("config.json"), config.to_string()).unwrap();
     let policy = dir.path().join("mygemma.toml");
     std::fs::write(&policy, GEMMA2_POLICY).unwrap();
-    let refs = reference("gemma2");
     let greedy = GenerationConfig {
         max_new_tokens: 12,
         eos_token_id: None,
         min_new_tokens: 12,
         ..GenerationConfig::default()
     };
-    for ranks in [1, 3] {
-        let mut parallel = parallelize(&model, with_policy(ranks, &policy)).unwrap();
-        let out = parallel.forward(&reference_batch(&refs)).unwrap();
-        let diff = masked_max_diff(&out.data, &refs["logits"], &refs["attention_mask"]);
-        assert!(diff < 1e-4, "{ranks} ranks: {diff}");
-        let generated = parallel
-            .generate(&refs["generate_input_ids"].ids(), &greedy)
-            .unwrap();
-        assert_eq!(
-            generated.ids,
-            refs["generate_min_output_ids"].ids(),
-            "{ranks} ranks"
-        );
-        parallel.deparallelize();
-    }
+    assert_runs_like_the_fixture(
+        &model,
+        &policy,
+        "gemma2",
+        &[1, 3],
+        &greedy,
+        "generate_min_output_ids",
+    );
 }
