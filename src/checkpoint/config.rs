@@ -620,9 +620,31 @@ impl RawConfig {
     /// 10,000 unless the file says otherwise), its global layers a base of 1,000,000.
     fn rope_configs(&self, model_type: &str) -> std::result::Result<RopeConfigs, String> {
         let gemma3 = model_type == "gemma3_text";
+        // Phi-3's config class reads the `su` and `yarn` of its first releases as `longrope`.
+        let phi3_legacy = |value: Option<&serde_json::Value>| {
+            let mut value = value.cloned();
+            if let Some(fields) = value.as_mut().and_then(|v| v.as_object_mut()) {
+                let kind = fields.get("rope_type").or(fields.get("type"));
+                if kind
+                    .and_then(|k| k.as_str())
+                    .is_some_and(|k| k == "su" || k == "yarn")
+                {
+                    fields.remove("type");
+                    fields.insert("rope_type".into(), "longrope".into());
+                }
+            }
+            value
+        };
+        let (rope_parameters, rope_scaling) = match model_type {
+            "phi3" => (
+                phi3_legacy(self.rope_parameters.as_ref()),
+                phi3_legacy(self.rope_scaling.as_ref()),
+            ),
+            _ => (self.rope_parameters.clone(), self.rope_scaling.clone()),
+        };
         let mut configs = rope::resolve_rope(&rope::RopeInput {
-            rope_parameters: self.rope_parameters.as_ref(),
-            rope_scaling: self.rope_scaling.as_ref(),
+            rope_parameters: rope_parameters.as_ref(),
+            rope_scaling: rope_scaling.as_ref(),
             rope_theta: self.rope_theta,
             rope_local_base_freq: self.rope_local_base_freq,
             max_position_embeddings: self.max_position_embeddings,
@@ -860,6 +882,23 @@ mod tests {
             gemma3_multimodal.contains("gemma3_text"),
             "{gemma3_multimodal}"
         );
+    }
+
+    /// Phi-3's first releases wrote `"type": "su"` (Phi-3-mini-128k) or `yarn`; its config class
+    /// reads both as longrope.
+    #[test]
+    fn phi3_s_legacy_su_scaling_is_longrope() {
+        let factors = serde_json::to_string(&vec![1.0; 4]).unwrap();
+        let json = format!(
+            r#"{{"model_type":"phi3","vocab_size":50,"hidden_size":32,"num_hidden_layers":1,
+            "num_attention_heads":4,"intermediate_size":48,"max_position_embeddings":131072,
+            "original_max_position_embeddings":4096,"rope_theta":10000.0,
+            "rope_scaling":{{"type":"su","short_factor":{factors},"long_factor":{factors}}}}}"#
+        );
+        let rope = resolve(&json).unwrap().rope.unwrap();
+        assert_eq!(rope.full.scaling.rope_type(), "longrope");
+        let llama = json.replace(r#""model_type":"phi3""#, r#""model_type":"llama""#);
+        assert!(resolve(&llama).unwrap_err().contains("`su`"));
     }
 
     fn fixture_config(name: &str) -> std::path::PathBuf {
