@@ -125,7 +125,9 @@ fn sequences_joining_and_leaving_a_running_batch_match_transformers() {
     // all-reduced) and Cohere (a parallel block with per-head q/k norms) stand for today's
     // families. (Phi-3's longrope picks its factors by the longest position of each call, so a
     // short prompt prefilled alone is rotated otherwise than in transformers' padded batch.)
-    for family in ["llama", "gpt2", "mistral", "qwen2", "gemma2", "olmo2", "cohere"] {
+    for family in [
+        "llama", "gpt2", "mistral", "qwen2", "gemma2", "olmo2", "cohere",
+    ] {
         let cases = greedy_cases(family);
         for ranks in 1..=3 {
             let mut model = parallelize(fixture(family), options(ranks)).unwrap();
