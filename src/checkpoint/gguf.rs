@@ -39,11 +39,14 @@
 //!   in `f32`, no fused multiply-adds), so the values are bit-identical to gguf-py's. The tests
 //!   check this against reference values written by gguf-py (`scripts/make_fixtures.py`).
 //!
-//! # Llama-family tensor names
+//! # Tensor names
 //!
-//! llama.cpp renames tensors (`blk.3.attn_q.weight` for `model.layers.3.self_attn.q_proj.weight`)
-//! and, for the `llama` architecture, permutes the rows of `q_proj` and `k_proj` for its rotary
-//! layout. [`hf_tensor_name`], [`gguf_tensor_name`] and [`unpermute_rotary_rows`] undo both.
+//! llama.cpp renames tensors (`blk.3.attn_q.weight` for `model.layers.3.self_attn.q_proj.weight`,
+//! each architecture with its own table) and, for the `llama` and `granite` architectures,
+//! permutes the rows of `q_proj` and `k_proj` for its rotary layout. [`TensorNames`] (and
+//! [`hf_tensor_name`], [`gguf_tensor_name`] for the llama family) and [`unpermute_rotary_rows`]
+//! undo both; the other transformations of its converter are undone in
+//! [`crate::checkpoint::gguf_model`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -1642,12 +1645,16 @@ fn dequant_q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Llama-family names and the rotary permutation
+// Tensor names per architecture and the rotary permutation
 // ---------------------------------------------------------------------------------------------
 
-/// Per-layer tensors: GGUF name inside `blk.N.`, HF name inside `model.layers.N.`, and whether a
-/// `.bias` exists next to the `.weight` (linear layers only; qwen2 has q/k/v biases).
-const LAYER_NAMES: [(&str, &str, bool); 9] = [
+/// One per-layer tensor: its GGUF name inside `blk.N.`, its Hugging Face name inside
+/// `model.layers.N.`, and whether a `.bias` may sit beside the `.weight`.
+type LayerName = (&'static str, &'static str, bool);
+
+/// Per-layer tensors of the llama family (`llama`, `mistral`, `qwen2`, `granite`): attention,
+/// gated MLP, a norm before each. Only linear layers have biases (qwen2's q/k/v).
+const LAYER_NAMES: [LayerName; 9] = [
     ("attn_q", "self_attn.q_proj", true),
     ("attn_k", "self_attn.k_proj", true),
     ("attn_v", "self_attn.v_proj", true),
@@ -1659,12 +1666,175 @@ const LAYER_NAMES: [(&str, &str, bool); 9] = [
     ("ffn_norm", "post_attention_layernorm", false),
 ];
 
-/// Whole-model tensors (weights only): GGUF name, HF name.
-const GLOBAL_NAMES: [(&str, &str); 3] = [
-    ("token_embd", "model.embed_tokens"),
-    ("output_norm", "model.norm"),
-    ("output", "lm_head"),
+/// `qwen3`: the llama family's tensors and a norm of each query and key head.
+const QWEN3_LAYER_NAMES: [LayerName; 11] = [
+    ("attn_q", "self_attn.q_proj", true),
+    ("attn_k", "self_attn.k_proj", true),
+    ("attn_v", "self_attn.v_proj", true),
+    ("attn_output", "self_attn.o_proj", true),
+    ("ffn_gate", "mlp.gate_proj", true),
+    ("ffn_up", "mlp.up_proj", true),
+    ("ffn_down", "mlp.down_proj", true),
+    ("attn_norm", "input_layernorm", false),
+    ("ffn_norm", "post_attention_layernorm", false),
+    ("attn_q_norm", "self_attn.q_norm", false),
+    ("attn_k_norm", "self_attn.k_norm", false),
 ];
+
+/// `gemma2`: a norm before and after attention and MLP; llama.cpp's `ffn_norm` is the norm
+/// *before* the MLP (`pre_feedforward_layernorm`), `post_attention_norm` the one after attention.
+const GEMMA2_LAYER_NAMES: [LayerName; 11] = [
+    ("attn_q", "self_attn.q_proj", false),
+    ("attn_k", "self_attn.k_proj", false),
+    ("attn_v", "self_attn.v_proj", false),
+    ("attn_output", "self_attn.o_proj", false),
+    ("ffn_gate", "mlp.gate_proj", false),
+    ("ffn_up", "mlp.up_proj", false),
+    ("ffn_down", "mlp.down_proj", false),
+    ("attn_norm", "input_layernorm", false),
+    ("post_attention_norm", "post_attention_layernorm", false),
+    ("ffn_norm", "pre_feedforward_layernorm", false),
+    ("post_ffw_norm", "post_feedforward_layernorm", false),
+];
+
+/// `gemma3`: Gemma 2's tensors and a norm of each query and key head.
+const GEMMA3_LAYER_NAMES: [LayerName; 13] = [
+    ("attn_q", "self_attn.q_proj", false),
+    ("attn_k", "self_attn.k_proj", false),
+    ("attn_v", "self_attn.v_proj", false),
+    ("attn_output", "self_attn.o_proj", false),
+    ("ffn_gate", "mlp.gate_proj", false),
+    ("ffn_up", "mlp.up_proj", false),
+    ("ffn_down", "mlp.down_proj", false),
+    ("attn_norm", "input_layernorm", false),
+    ("post_attention_norm", "post_attention_layernorm", false),
+    ("ffn_norm", "pre_feedforward_layernorm", false),
+    ("post_ffw_norm", "post_feedforward_layernorm", false),
+    ("attn_q_norm", "self_attn.q_norm", false),
+    ("attn_k_norm", "self_attn.k_norm", false),
+];
+
+/// `phi3`: q, k and v fused in `attn_qkv`, and `ffn_up` holding the gate rows then the up rows
+/// (transformers' `gate_up_proj`, in the same order).
+const PHI3_LAYER_NAMES: [LayerName; 6] = [
+    ("attn_qkv", "self_attn.qkv_proj", true),
+    ("attn_output", "self_attn.o_proj", true),
+    ("ffn_up", "mlp.gate_up_proj", true),
+    ("ffn_down", "mlp.down_proj", true),
+    ("attn_norm", "input_layernorm", false),
+    ("ffn_norm", "post_attention_layernorm", false),
+];
+
+/// `starcoder2`: LayerNorms with biases, biased projections, a plain MLP (`c_fc`, `c_proj`).
+const STARCODER2_LAYER_NAMES: [LayerName; 8] = [
+    ("attn_q", "self_attn.q_proj", true),
+    ("attn_k", "self_attn.k_proj", true),
+    ("attn_v", "self_attn.v_proj", true),
+    ("attn_output", "self_attn.o_proj", true),
+    ("ffn_up", "mlp.c_fc", true),
+    ("ffn_down", "mlp.c_proj", true),
+    ("attn_norm", "input_layernorm", true),
+    ("ffn_norm", "post_attention_layernorm", true),
+];
+
+/// `olmo2`: norms after attention and MLP, and norms of the whole query and key projections.
+const OLMO2_LAYER_NAMES: [LayerName; 11] = [
+    ("attn_q", "self_attn.q_proj", false),
+    ("attn_k", "self_attn.k_proj", false),
+    ("attn_v", "self_attn.v_proj", false),
+    ("attn_output", "self_attn.o_proj", false),
+    ("ffn_gate", "mlp.gate_proj", false),
+    ("ffn_up", "mlp.up_proj", false),
+    ("ffn_down", "mlp.down_proj", false),
+    ("post_attention_norm", "post_attention_layernorm", false),
+    ("post_ffw_norm", "post_feedforward_layernorm", false),
+    ("attn_q_norm", "self_attn.q_norm", false),
+    ("attn_k_norm", "self_attn.k_norm", false),
+];
+
+/// Whole-model tensors: GGUF name, Hugging Face name, whether a `.bias` may sit beside the
+/// `.weight` (the final norm of architectures with LayerNorm biases, see [`TensorNames`]).
+const GLOBAL_NAMES: [(&str, &str, bool); 3] = [
+    ("token_embd", "model.embed_tokens", false),
+    ("output_norm", "model.norm", true),
+    ("output", "lm_head", false),
+];
+
+/// How one GGUF architecture names its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorNames {
+    layers: &'static [LayerName],
+    /// Whether the final norm has a bias (`output_norm.bias`: StarCoder2's LayerNorm).
+    norm_bias: bool,
+}
+
+impl TensorNames {
+    /// The tensor names of GGUF `general.architecture` `arch`, for the architectures whose
+    /// tensors map one to one onto a Hugging Face checkpoint's; `None` for any other.
+    pub fn of(arch: &str) -> Option<Self> {
+        let layers: &'static [LayerName] = match arch {
+            "llama" | "mistral" | "qwen2" | "granite" => &LAYER_NAMES,
+            "qwen3" => &QWEN3_LAYER_NAMES,
+            "gemma2" => &GEMMA2_LAYER_NAMES,
+            "gemma3" => &GEMMA3_LAYER_NAMES,
+            "phi3" => &PHI3_LAYER_NAMES,
+            "starcoder2" => &STARCODER2_LAYER_NAMES,
+            "olmo2" => &OLMO2_LAYER_NAMES,
+            _ => return None,
+        };
+        Some(TensorNames {
+            layers,
+            norm_bias: arch == "starcoder2",
+        })
+    }
+
+    /// The llama family's names (`llama`, `mistral`, `qwen2`, `granite`).
+    pub const LLAMA: TensorNames = TensorNames {
+        layers: &LAYER_NAMES,
+        norm_bias: false,
+    };
+
+    /// The Hugging Face name of GGUF tensor `gguf_name`; `None` for a tensor with no Hugging
+    /// Face counterpart (`rope_freqs.weight`, `rope_factors_long.weight`, another
+    /// architecture's tensors).
+    pub fn hf_name(&self, gguf_name: &str) -> Option<String> {
+        self.rename(gguf_name, ("blk.", "model.layers."), |(gguf, hf)| {
+            (gguf, hf)
+        })
+    }
+
+    /// The GGUF name of Hugging Face tensor `hf_name`: the inverse of [`TensorNames::hf_name`].
+    pub fn gguf_name(&self, hf_name: &str) -> Option<String> {
+        self.rename(hf_name, ("model.layers.", "blk."), |(gguf, hf)| (hf, gguf))
+    }
+
+    /// Translates a tensor name through the layer and global tables: `layers` is the (source,
+    /// target) prefix of per-layer names, `direction` orders a (GGUF, HF) pair as (source,
+    /// target).
+    fn rename(
+        &self,
+        name: &str,
+        layers: (&str, &str),
+        direction: fn((&'static str, &'static str)) -> (&'static str, &'static str),
+    ) -> Option<String> {
+        let (stem, bias) = split_suffix(name)?;
+        let suffix = if bias { "bias" } else { "weight" };
+        if let Some(rest) = stem.strip_prefix(layers.0) {
+            let (layer, part) = rest.split_once('.')?;
+            let layer = parse_layer(layer)?;
+            let target = self.layers.iter().find_map(|&(gguf, hf, has_bias)| {
+                let (from, to) = direction((gguf, hf));
+                (from == part && (!bias || has_bias)).then_some(to)
+            })?;
+            return Some(format!("{}{layer}.{target}.{suffix}", layers.1));
+        }
+        let target = GLOBAL_NAMES.iter().find_map(|&(gguf, hf, has_bias)| {
+            let (from, to) = direction((gguf, hf));
+            (from == stem && (!bias || (has_bias && self.norm_bias))).then_some(to)
+        })?;
+        Some(format!("{target}.{suffix}"))
+    }
+}
 
 /// A layer index written canonically (decimal digits, no sign, no leading zero).
 fn parse_layer(s: &str) -> Option<usize> {
@@ -1681,7 +1851,7 @@ fn split_suffix(name: &str) -> Option<(&str, bool)> {
     }
 }
 
-/// The Hugging Face name of a llama-family GGUF tensor (llama, mistral, qwen2):
+/// The Hugging Face name of a llama-family GGUF tensor (llama, mistral, qwen2, granite):
 ///
 /// | GGUF | Hugging Face |
 /// |---|---|
@@ -1693,45 +1863,15 @@ fn split_suffix(name: &str) -> Option<(&str, bool)> {
 /// | `blk.N.attn_norm.weight` | `model.layers.N.input_layernorm.weight` |
 /// | `blk.N.ffn_norm.weight` | `model.layers.N.post_attention_layernorm.weight` |
 ///
-/// `None` for anything else (`rope_freqs.weight`, other architectures' tensors).
+/// `None` for anything else (`rope_freqs.weight`, other architectures' tensors). The other
+/// architectures' names: [`TensorNames::of`].
 pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
-    rename(gguf_name, ("blk.", "model.layers."), |(gguf, hf)| {
-        (gguf, hf)
-    })
+    TensorNames::LLAMA.hf_name(gguf_name)
 }
 
 /// The GGUF name of a Hugging Face llama-family tensor name: the inverse of [`hf_tensor_name`].
 pub fn gguf_tensor_name(hf_name: &str) -> Option<String> {
-    rename(hf_name, ("model.layers.", "blk."), |(gguf, hf)| (hf, gguf))
-}
-
-/// Translates a tensor name through [`LAYER_NAMES`] and [`GLOBAL_NAMES`]: `layers` is the
-/// (source, target) prefix of per-layer names, `direction` orders a (GGUF, HF) pair as
-/// (source, target).
-fn rename(
-    name: &str,
-    layers: (&str, &str),
-    direction: fn((&'static str, &'static str)) -> (&'static str, &'static str),
-) -> Option<String> {
-    let (stem, bias) = split_suffix(name)?;
-    let suffix = if bias { "bias" } else { "weight" };
-    if let Some(rest) = stem.strip_prefix(layers.0) {
-        let (layer, part) = rest.split_once('.')?;
-        let layer = parse_layer(layer)?;
-        let target = LAYER_NAMES.iter().find_map(|&(gguf, hf, has_bias)| {
-            let (from, to) = direction((gguf, hf));
-            (from == part && (!bias || has_bias)).then_some(to)
-        })?;
-        return Some(format!("{}{layer}.{target}.{suffix}", layers.1));
-    }
-    if bias {
-        return None;
-    }
-    let target = GLOBAL_NAMES.iter().find_map(|&pair| {
-        let (from, to) = direction(pair);
-        (from == stem).then_some(to)
-    })?;
-    Some(format!("{target}.{suffix}"))
+    TensorNames::LLAMA.gguf_name(hf_name)
 }
 
 /// Undoes llama.cpp's rotary row permutation of `q_proj` / `k_proj`, in place.
@@ -2695,6 +2835,120 @@ mod tests {
         ] {
             assert_eq!(gguf_tensor_name(unused), None, "{unused}");
         }
+    }
+
+    #[test]
+    fn each_architecture_s_tensor_names_map_to_hugging_face_names_and_back() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "qwen3",
+                "blk.2.attn_q_norm.weight",
+                "model.layers.2.self_attn.q_norm.weight",
+            ),
+            (
+                "qwen3",
+                "blk.2.attn_k_norm.weight",
+                "model.layers.2.self_attn.k_norm.weight",
+            ),
+            (
+                "gemma2",
+                "blk.0.attn_norm.weight",
+                "model.layers.0.input_layernorm.weight",
+            ),
+            (
+                "gemma2",
+                "blk.0.post_attention_norm.weight",
+                "model.layers.0.post_attention_layernorm.weight",
+            ),
+            (
+                "gemma2",
+                "blk.0.ffn_norm.weight",
+                "model.layers.0.pre_feedforward_layernorm.weight",
+            ),
+            (
+                "gemma3",
+                "blk.5.post_ffw_norm.weight",
+                "model.layers.5.post_feedforward_layernorm.weight",
+            ),
+            (
+                "gemma3",
+                "blk.5.attn_k_norm.weight",
+                "model.layers.5.self_attn.k_norm.weight",
+            ),
+            (
+                "phi3",
+                "blk.1.attn_qkv.weight",
+                "model.layers.1.self_attn.qkv_proj.weight",
+            ),
+            (
+                "phi3",
+                "blk.1.ffn_up.weight",
+                "model.layers.1.mlp.gate_up_proj.weight",
+            ),
+            (
+                "phi3",
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+            (
+                "granite",
+                "blk.1.attn_q.weight",
+                "model.layers.1.self_attn.q_proj.weight",
+            ),
+            (
+                "starcoder2",
+                "blk.0.ffn_up.bias",
+                "model.layers.0.mlp.c_fc.bias",
+            ),
+            (
+                "starcoder2",
+                "blk.0.ffn_down.weight",
+                "model.layers.0.mlp.c_proj.weight",
+            ),
+            (
+                "starcoder2",
+                "blk.0.attn_norm.bias",
+                "model.layers.0.input_layernorm.bias",
+            ),
+            ("starcoder2", "output_norm.bias", "model.norm.bias"),
+            (
+                "olmo2",
+                "blk.1.post_attention_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+            (
+                "olmo2",
+                "blk.1.attn_q_norm.weight",
+                "model.layers.1.self_attn.q_norm.weight",
+            ),
+            ("olmo2", "output.weight", "lm_head.weight"),
+        ];
+        for (arch, gguf, hf) in cases {
+            let names = TensorNames::of(arch).unwrap();
+            assert_eq!(names.hf_name(gguf).as_deref(), Some(*hf), "{arch}: {gguf}");
+            assert_eq!(names.gguf_name(hf).as_deref(), Some(*gguf), "{arch}: {hf}");
+        }
+        // What an architecture does not have maps to nothing.
+        let absent: &[(&str, &str)] = &[
+            ("llama", "output_norm.bias"),
+            ("gemma2", "blk.0.attn_q.bias"),
+            ("gemma2", "blk.0.attn_q_norm.weight"),
+            ("phi3", "blk.0.attn_q.weight"),
+            ("phi3", "blk.0.ffn_gate.weight"),
+            ("olmo2", "blk.0.attn_norm.weight"),
+            ("olmo2", "blk.0.ffn_norm.weight"),
+            ("qwen3", "rope_freqs.weight"),
+            ("phi3", "rope_factors_long.weight"),
+        ];
+        for (arch, gguf) in absent {
+            assert_eq!(
+                TensorNames::of(arch).unwrap().hf_name(gguf),
+                None,
+                "{arch}: {gguf}"
+            );
+        }
+        assert_eq!(TensorNames::of("gpt2"), None);
+        assert_eq!(TensorNames::of("llama"), Some(TensorNames::LLAMA));
     }
 
     #[test]

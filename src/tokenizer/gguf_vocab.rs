@@ -23,9 +23,20 @@
 //! adds BOS when `tokenizer.ggml.add_bos_token` is true (default: false for `gpt2`, true for
 //! `llama`) and EOS when `tokenizer.ggml.add_eos_token` is true.
 //!
-//! Not supported (error): `t5` (Unigram), `gemma4`, and other tokenizer types. The
-//! architecture-specific SentencePiece variants of `transformers` (Gemma, Phi-3) need the
-//! architecture: use [`tokenizer_from_gguf_for_architecture`], which rejects them.
+//! SentencePiece vocabularies of two architectures are built differently, as `transformers` does
+//! (`gemma_tokenizer`, `phi3_tokenizer`), so they need the architecture
+//! ([`tokenizer_from_gguf_for_architecture`]):
+//!
+//! * `gemma`, `gemma2`, `gemma3`: no space prefix (llama.cpp writes
+//!   `tokenizer.ggml.add_space_prefix = false`): a `Replace(" ", "▁")` normalizer and no
+//!   `Metaspace`; tokens made only of spaces are respelled with `▁`; merges, when the file has
+//!   none, are rebuilt ordered by the tokens' position in the file instead of their scores;
+//!   `<unk>` is the BPE's unknown token; `GemmaTokenizer`'s `<bos>`, `<eos>`, `<unk>`, `<pad>`,
+//!   `<mask>` are its special tokens; the decoder does not strip a leading space.
+//! * `phi3`: the space prefix comes from a `Prepend("▁")` + `Replace(" ", "▁")` normalizer, with
+//!   no pre-tokenizer (only text that starts with a space tokenizes differently from Llama's).
+//!
+//! Not supported (error): `t5` (Unigram), `gemma4`, and other tokenizer types.
 
 use std::collections::{HashMap, HashSet};
 
@@ -35,14 +46,17 @@ use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::prepend::Prepend;
 use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
-    AddedToken, DecoderWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
+    Tokenizer,
 };
 
 use super::TokenizerError;
@@ -155,32 +169,42 @@ const GPT2_REGEX_PRE_TOKENIZERS: &[&str] = &[
 /// Tokenizer types (`tokenizer.ggml.model`) this module builds.
 const SUPPORTED_MODELS: &str = "gpt2, llama";
 
+/// How `transformers` builds a SentencePiece (`tokenizer.ggml.model = "llama"`) vocabulary of
+/// an architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SentencePieceFlavour {
+    /// `LlamaTokenizer`: `Metaspace` with the space prefix.
+    Llama,
+    /// `GemmaTokenizer` (`gemma`, `gemma2`, `gemma3`).
+    Gemma,
+    /// Phi-3: the prefix from a normalizer.
+    Phi3,
+}
+
 /// Build the tokenizer a GGUF file describes, as `transformers` does for the same file.
 ///
 /// Equivalent to [`tokenizer_from_gguf_for_architecture`] for an architecture without a
 /// special-cased SentencePiece tokenizer (anything but Gemma and Phi-3).
 pub fn tokenizer_from_gguf(vocab: &GgufVocab) -> Result<Tokenizer, TokenizerError> {
-    build(vocab)
+    build(vocab, SentencePieceFlavour::Llama)
 }
 
 /// Like [`tokenizer_from_gguf`], but given `general.architecture`: `transformers` builds
 /// SentencePiece (`tokenizer.ggml.model = "llama"`) vocabularies of `gemma`, `gemma2`, `gemma3`
-/// and `phi3` differently, and those are rejected here instead of being tokenized wrongly.
+/// and `phi3` its own way (see the module docs), and so does this.
 pub fn tokenizer_from_gguf_for_architecture(
     vocab: &GgufVocab,
     architecture: &str,
 ) -> Result<Tokenizer, TokenizerError> {
-    if vocab.model == "llama" && matches!(architecture, "gemma" | "gemma2" | "gemma3" | "phi3") {
-        return Err(TokenizerError::UnsupportedModel {
-            key: KEY_MODEL,
-            value: format!("llama (with general.architecture = {architecture:?})"),
-            supported: format!("{SUPPORTED_MODELS} (SentencePiece of architectures other than gemma, gemma2, gemma3, phi3)"),
-        });
-    }
-    build(vocab)
+    let flavour = match architecture {
+        "gemma" | "gemma2" | "gemma3" => SentencePieceFlavour::Gemma,
+        "phi3" => SentencePieceFlavour::Phi3,
+        _ => SentencePieceFlavour::Llama,
+    };
+    build(vocab, flavour)
 }
 
-fn build(vocab: &GgufVocab) -> Result<Tokenizer, TokenizerError> {
+fn build(vocab: &GgufVocab, flavour: SentencePieceFlavour) -> Result<Tokenizer, TokenizerError> {
     if vocab.tokens.is_empty() {
         return Err(TokenizerError::Missing { key: KEY_TOKENS });
     }
@@ -204,14 +228,24 @@ fn build(vocab: &GgufVocab) -> Result<Tokenizer, TokenizerError> {
             // `GPT2Tokenizer`'s own unk/bos/eos default.
             (byte_level_tokenizer(vocab)?, &["<|endoftext|>"][..], false)
         }
-        // `LlamaTokenizer`'s own bos, eos, unk defaults, in the order transformers adds them.
+        // `LlamaTokenizer`'s own bos, eos, unk defaults, in the order transformers adds them
+        // (`GemmaTokenizer`'s: bos, eos, unk, pad, mask).
         // tokenizer.ggml.pre is not used by SentencePiece vocabularies (neither llama.cpp nor
         // transformers reads it, unless it names a split regex, see below).
-        "llama" => (
-            sentencepiece_tokenizer(vocab)?,
-            &["<s>", "</s>", "<unk>"][..],
-            true,
-        ),
+        "llama" => match flavour {
+            SentencePieceFlavour::Gemma => (
+                gemma_tokenizer(vocab)?,
+                &["<bos>", "<eos>", "<unk>", "<pad>", "<mask>"][..],
+                true,
+            ),
+            SentencePieceFlavour::Llama | SentencePieceFlavour::Phi3 => {
+                let mut tokenizer = sentencepiece_tokenizer(vocab)?;
+                if flavour == SentencePieceFlavour::Phi3 {
+                    use_prefix_normalizer(&mut tokenizer)?;
+                }
+                (tokenizer, &["<s>", "</s>", "<unk>"][..], true)
+            }
+        },
         "" => return Err(TokenizerError::Missing { key: KEY_MODEL }),
         other => {
             return Err(TokenizerError::UnsupportedModel {
@@ -437,6 +471,91 @@ fn sentencepiece_tokenizer(vocab: &GgufVocab) -> Result<Tokenizer, TokenizerErro
         DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
     ])));
     Ok(tokenizer)
+}
+
+/// `transformers`' `gemma_tokenizer` + `GemmaTokenizer`: tokens of spaces only respelled with
+/// `▁` (the file stores them as real spaces), merges from the file or rebuilt ordered by the
+/// tokens' position in the file, no space prefix.
+fn gemma_tokenizer(vocab: &GgufVocab) -> Result<Tokenizer, TokenizerError> {
+    let tokens: Vec<String> = vocab
+        .tokens
+        .iter()
+        .map(|t| match !t.is_empty() && t.chars().all(|c| c == ' ') {
+            true => "▁".repeat(t.chars().count()),
+            false => t.clone(),
+        })
+        .collect();
+    let map: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(index, token)| (token.clone(), index as u32))
+        .collect();
+    let merges = if vocab.merges.is_empty() {
+        // Gemma's scores do not follow its merge order; the file's order does.
+        let positions: Vec<f32> = (0..tokens.len()).map(|i| -(i as f32)).collect();
+        generate_merges(&tokens, &positions)
+    } else {
+        parse_merges(&vocab.merges)?
+    };
+    let bpe = BPE::builder()
+        .vocab_and_merges(map, merges)
+        .unk_token("<unk>".to_string())
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(bpe_error)?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    let space = Replace::new(" ", "▁").map_err(|e| TokenizerError::Build {
+        component: "normalizer",
+        message: e.to_string(),
+    })?;
+    tokenizer
+        .with_normalizer(Some(space))
+        .map_err(|e| TokenizerError::Build {
+            component: "normalizer",
+            message: e.to_string(),
+        })?;
+    let split = Split::new(
+        SplitPattern::String(" ".to_string()),
+        SplitDelimiterBehavior::MergedWithPrevious,
+        false,
+    )
+    .map_err(|e| TokenizerError::Build {
+        component: "pre-tokenizer",
+        message: e.to_string(),
+    })?;
+    tokenizer.with_pre_tokenizer(Some(split));
+    let replace = Replace::new("▁", " ").map_err(|e| TokenizerError::Build {
+        component: "decoder",
+        message: e.to_string(),
+    })?;
+    tokenizer.with_decoder(Some(DecoderSequence::new(vec![
+        DecoderWrapper::Replace(replace),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ])));
+    Ok(tokenizer)
+}
+
+/// `transformers`' `phi3_tokenizer`: the Llama SentencePiece tokenizer whose space prefix comes
+/// from a `Prepend("▁")` + `Replace(" ", "▁")` normalizer, without a pre-tokenizer.
+fn use_prefix_normalizer(tokenizer: &mut Tokenizer) -> Result<(), TokenizerError> {
+    let space = Replace::new(" ", "▁").map_err(|e| TokenizerError::Build {
+        component: "normalizer",
+        message: e.to_string(),
+    })?;
+    let normalizer = NormalizerSequence::new(vec![
+        NormalizerWrapper::Prepend(Prepend::new("▁".to_string())),
+        NormalizerWrapper::Replace(space),
+    ]);
+    tokenizer
+        .with_normalizer(Some(normalizer))
+        .map_err(|e| TokenizerError::Build {
+            component: "normalizer",
+            message: e.to_string(),
+        })?;
+    tokenizer.with_pre_tokenizer(None::<PreTokenizerWrapper>);
+    Ok(())
 }
 
 /// Merges implied by a SentencePiece vocabulary and its scores (`transformers`'
@@ -917,15 +1036,56 @@ mod tests {
             .expect_err("empty")
             .to_string();
         assert!(text.contains("tokenizer.ggml.tokens"), "{text}");
+    }
 
-        let vocab = GgufVocab {
-            model: "llama".into(),
-            ..spm_vocab()
-        };
-        let text = tokenizer_from_gguf_for_architecture(&vocab, "gemma2")
-            .expect_err("gemma")
-            .to_string();
-        assert!(text.contains("gemma2"), "{text}");
+    /// Ids and decoding of `transformers`' `convert_gguf_tokenizer("gemma2" / "phi3", ...)` for
+    /// [`spm_vocab`] with a token of two spaces appended (`transformers` 5.25).
+    #[test]
+    fn gemma_and_phi3_sentencepiece_as_transformers_builds_them() {
+        let mut vocab = spm_vocab();
+        vocab.tokens.push("  ".into());
+        vocab.token_types.push(1);
+        vocab.scores.push(-50.0);
+        let gemma = tokenizer_from_gguf_for_architecture(&vocab, "gemma2").expect("gemma");
+        // `<bos>`, `<eos>`, `<pad>`, `<mask>` appended by GemmaTokenizer; the spaces respelled.
+        assert_eq!(gemma.get_vocab_size(true), 285);
+        assert_eq!(gemma.token_to_id("▁▁"), Some(280));
+        let phi3 = tokenizer_from_gguf_for_architecture(&vocab, "phi3").expect("phi3");
+        assert_eq!(phi3.get_vocab_size(true), 281);
+        let cases: &[(&Tokenizer, &str, &[u32], &str)] = &[
+            (&gemma, "Hello world", &[278, 275], "Hello world"),
+            (
+                &gemma,
+                " hello  world\n\n",
+                &[259, 263, 260, 270, 259, 275, 13, 13],
+                " hello  world\n\n",
+            ),
+            (&gemma, "  Hello", &[259, 269, 260, 270], "  Hello"),
+            (&gemma, "He<think>llo", &[277, 279, 270], "He<think>llo"),
+            (&phi3, "Hello world", &[269, 260, 270, 275], "Hello world"),
+            (
+                &phi3,
+                " hello  world\n\n",
+                &[259, 259, 263, 260, 270, 259, 275, 13, 13],
+                " hello  world\n\n",
+            ),
+            (&phi3, "  Hello", &[259, 259, 269, 260, 270], "  Hello"),
+            (
+                &phi3,
+                "He<think>llo",
+                &[269, 260, 279, 259, 270],
+                "He<think> llo",
+            ),
+        ];
+        for (tok, text, ids, decoded) in cases {
+            let enc = tok.encode(*text, false).expect("encode");
+            assert_eq!(enc.get_ids(), *ids, "{text:?}");
+            assert_eq!(tok.decode(enc.get_ids(), true).expect("decode"), *decoded);
+        }
+        // Other architectures keep Llama's SentencePiece tokenizer.
+        let llama = tokenizer_from_gguf_for_architecture(&vocab, "llama").expect("llama");
+        let enc = llama.encode("Hello world", false).expect("encode");
+        assert_eq!(enc.get_ids(), &[269, 260, 270, 275]);
     }
 
     #[test]
