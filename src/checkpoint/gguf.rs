@@ -1649,107 +1649,70 @@ fn dequant_q6_k(b: &[u8; 210], y: &mut [f32; 256]) {
 // ---------------------------------------------------------------------------------------------
 
 /// One per-layer tensor: its GGUF name inside `blk.N.`, its Hugging Face name inside
-/// `model.layers.N.`, and whether a `.bias` may sit beside the `.weight`.
+/// `model.layers.N.`, and whether it is a norm (or a linear layer): a `.bias` may sit beside
+/// the `.weight` where the architecture's norms (or linear layers) have biases.
 type LayerName = (&'static str, &'static str, bool);
 
-/// Per-layer tensors of the llama family (`llama`, `mistral`, `qwen2`, `granite`): attention,
-/// gated MLP, a norm before each. Only linear layers have biases (qwen2's q/k/v).
-const LAYER_NAMES: [LayerName; 9] = [
-    ("attn_q", "self_attn.q_proj", true),
-    ("attn_k", "self_attn.k_proj", true),
-    ("attn_v", "self_attn.v_proj", true),
-    ("attn_output", "self_attn.o_proj", true),
-    ("ffn_gate", "mlp.gate_proj", true),
-    ("ffn_up", "mlp.up_proj", true),
-    ("ffn_down", "mlp.down_proj", true),
-    ("attn_norm", "input_layernorm", false),
-    ("ffn_norm", "post_attention_layernorm", false),
+/// A norm, in a [`LayerName`].
+const NORM: bool = true;
+/// A linear layer, in a [`LayerName`].
+const LINEAR: bool = false;
+
+/// Attention projections.
+const ATTENTION: [LayerName; 4] = [
+    ("attn_q", "self_attn.q_proj", LINEAR),
+    ("attn_k", "self_attn.k_proj", LINEAR),
+    ("attn_v", "self_attn.v_proj", LINEAR),
+    ("attn_output", "self_attn.o_proj", LINEAR),
 ];
 
-/// `qwen3`: the llama family's tensors and a norm of each query and key head.
-const QWEN3_LAYER_NAMES: [LayerName; 11] = [
-    ("attn_q", "self_attn.q_proj", true),
-    ("attn_k", "self_attn.k_proj", true),
-    ("attn_v", "self_attn.v_proj", true),
-    ("attn_output", "self_attn.o_proj", true),
-    ("ffn_gate", "mlp.gate_proj", true),
-    ("ffn_up", "mlp.up_proj", true),
-    ("ffn_down", "mlp.down_proj", true),
-    ("attn_norm", "input_layernorm", false),
-    ("ffn_norm", "post_attention_layernorm", false),
-    ("attn_q_norm", "self_attn.q_norm", false),
-    ("attn_k_norm", "self_attn.k_norm", false),
+/// A gated MLP's three projections.
+const GATED_MLP: [LayerName; 3] = [
+    ("ffn_gate", "mlp.gate_proj", LINEAR),
+    ("ffn_up", "mlp.up_proj", LINEAR),
+    ("ffn_down", "mlp.down_proj", LINEAR),
 ];
 
-/// `gemma2`: a norm before and after attention and MLP; llama.cpp's `ffn_norm` is the norm
+/// A norm before attention and one before the MLP (the llama family's RMSNorms).
+const PRE_NORMS: [LayerName; 2] = [
+    ("attn_norm", "input_layernorm", NORM),
+    ("ffn_norm", "post_attention_layernorm", NORM),
+];
+
+/// A norm of each query and key head (Qwen3, Gemma 3), or of the whole projections (OLMo 2).
+const QK_NORMS: [LayerName; 2] = [
+    ("attn_q_norm", "self_attn.q_norm", NORM),
+    ("attn_k_norm", "self_attn.k_norm", NORM),
+];
+
+/// Gemma 2/3: a norm before and after attention and MLP; llama.cpp's `ffn_norm` is the norm
 /// *before* the MLP (`pre_feedforward_layernorm`), `post_attention_norm` the one after attention.
-const GEMMA2_LAYER_NAMES: [LayerName; 11] = [
-    ("attn_q", "self_attn.q_proj", false),
-    ("attn_k", "self_attn.k_proj", false),
-    ("attn_v", "self_attn.v_proj", false),
-    ("attn_output", "self_attn.o_proj", false),
-    ("ffn_gate", "mlp.gate_proj", false),
-    ("ffn_up", "mlp.up_proj", false),
-    ("ffn_down", "mlp.down_proj", false),
-    ("attn_norm", "input_layernorm", false),
-    ("post_attention_norm", "post_attention_layernorm", false),
-    ("ffn_norm", "pre_feedforward_layernorm", false),
-    ("post_ffw_norm", "post_feedforward_layernorm", false),
+const SANDWICH_NORMS: [LayerName; 4] = [
+    ("attn_norm", "input_layernorm", NORM),
+    ("post_attention_norm", "post_attention_layernorm", NORM),
+    ("ffn_norm", "pre_feedforward_layernorm", NORM),
+    ("post_ffw_norm", "post_feedforward_layernorm", NORM),
 ];
 
-/// `gemma3`: Gemma 2's tensors and a norm of each query and key head.
-const GEMMA3_LAYER_NAMES: [LayerName; 13] = [
-    ("attn_q", "self_attn.q_proj", false),
-    ("attn_k", "self_attn.k_proj", false),
-    ("attn_v", "self_attn.v_proj", false),
-    ("attn_output", "self_attn.o_proj", false),
-    ("ffn_gate", "mlp.gate_proj", false),
-    ("ffn_up", "mlp.up_proj", false),
-    ("ffn_down", "mlp.down_proj", false),
-    ("attn_norm", "input_layernorm", false),
-    ("post_attention_norm", "post_attention_layernorm", false),
-    ("ffn_norm", "pre_feedforward_layernorm", false),
-    ("post_ffw_norm", "post_feedforward_layernorm", false),
-    ("attn_q_norm", "self_attn.q_norm", false),
-    ("attn_k_norm", "self_attn.k_norm", false),
+/// OLMo 2: norms after attention and MLP only.
+const POST_NORMS: [LayerName; 2] = [
+    ("post_attention_norm", "post_attention_layernorm", NORM),
+    ("post_ffw_norm", "post_feedforward_layernorm", NORM),
 ];
 
-/// `phi3`: q, k and v fused in `attn_qkv`, and `ffn_up` holding the gate rows then the up rows
+/// Phi-3: q, k and v fused in `attn_qkv`, and `ffn_up` holding the gate rows then the up rows
 /// (transformers' `gate_up_proj`, in the same order).
-const PHI3_LAYER_NAMES: [LayerName; 6] = [
-    ("attn_qkv", "self_attn.qkv_proj", true),
-    ("attn_output", "self_attn.o_proj", true),
-    ("ffn_up", "mlp.gate_up_proj", true),
-    ("ffn_down", "mlp.down_proj", true),
-    ("attn_norm", "input_layernorm", false),
-    ("ffn_norm", "post_attention_layernorm", false),
+const PHI3_FUSED: [LayerName; 4] = [
+    ("attn_qkv", "self_attn.qkv_proj", LINEAR),
+    ("attn_output", "self_attn.o_proj", LINEAR),
+    ("ffn_up", "mlp.gate_up_proj", LINEAR),
+    ("ffn_down", "mlp.down_proj", LINEAR),
 ];
 
-/// `starcoder2`: LayerNorms with biases, biased projections, a plain MLP (`c_fc`, `c_proj`).
-const STARCODER2_LAYER_NAMES: [LayerName; 8] = [
-    ("attn_q", "self_attn.q_proj", true),
-    ("attn_k", "self_attn.k_proj", true),
-    ("attn_v", "self_attn.v_proj", true),
-    ("attn_output", "self_attn.o_proj", true),
-    ("ffn_up", "mlp.c_fc", true),
-    ("ffn_down", "mlp.c_proj", true),
-    ("attn_norm", "input_layernorm", true),
-    ("ffn_norm", "post_attention_layernorm", true),
-];
-
-/// `olmo2`: norms after attention and MLP, and norms of the whole query and key projections.
-const OLMO2_LAYER_NAMES: [LayerName; 11] = [
-    ("attn_q", "self_attn.q_proj", false),
-    ("attn_k", "self_attn.k_proj", false),
-    ("attn_v", "self_attn.v_proj", false),
-    ("attn_output", "self_attn.o_proj", false),
-    ("ffn_gate", "mlp.gate_proj", false),
-    ("ffn_up", "mlp.up_proj", false),
-    ("ffn_down", "mlp.down_proj", false),
-    ("post_attention_norm", "post_attention_layernorm", false),
-    ("post_ffw_norm", "post_feedforward_layernorm", false),
-    ("attn_q_norm", "self_attn.q_norm", false),
-    ("attn_k_norm", "self_attn.k_norm", false),
+/// StarCoder2's plain MLP (`c_fc`, `c_proj`).
+const PLAIN_MLP: [LayerName; 2] = [
+    ("ffn_up", "mlp.c_fc", LINEAR),
+    ("ffn_down", "mlp.c_proj", LINEAR),
 ];
 
 /// Whole-model tensors: GGUF name, Hugging Face name, whether a `.bias` may sit beside the
@@ -1763,8 +1726,11 @@ const GLOBAL_NAMES: [(&str, &str, bool); 3] = [
 /// How one GGUF architecture names its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TensorNames {
-    layers: &'static [LayerName],
-    /// Whether the final norm has a bias (`output_norm.bias`: StarCoder2's LayerNorm).
+    /// The per-layer tables of the architecture, searched in order.
+    layers: &'static [&'static [LayerName]],
+    /// Whether linear layers may have biases (qwen2's q/k/v, StarCoder2's, Phi-3's).
+    linear_bias: bool,
+    /// Whether norms have biases (StarCoder2's LayerNorms, `output_norm.bias` included).
     norm_bias: bool,
 }
 
@@ -1772,25 +1738,27 @@ impl TensorNames {
     /// The tensor names of GGUF `general.architecture` `arch`, for the architectures whose
     /// tensors map one to one onto a Hugging Face checkpoint's; `None` for any other.
     pub fn of(arch: &str) -> Option<Self> {
-        let layers: &'static [LayerName] = match arch {
-            "llama" | "mistral" | "qwen2" | "granite" => &LAYER_NAMES,
-            "qwen3" => &QWEN3_LAYER_NAMES,
-            "gemma2" => &GEMMA2_LAYER_NAMES,
-            "gemma3" => &GEMMA3_LAYER_NAMES,
-            "phi3" => &PHI3_LAYER_NAMES,
-            "starcoder2" => &STARCODER2_LAYER_NAMES,
-            "olmo2" => &OLMO2_LAYER_NAMES,
+        let layers: &'static [&'static [LayerName]] = match arch {
+            "llama" | "mistral" | "qwen2" | "granite" => &[&ATTENTION, &GATED_MLP, &PRE_NORMS],
+            "qwen3" => &[&ATTENTION, &GATED_MLP, &PRE_NORMS, &QK_NORMS],
+            "gemma2" => &[&ATTENTION, &GATED_MLP, &SANDWICH_NORMS],
+            "gemma3" => &[&ATTENTION, &GATED_MLP, &SANDWICH_NORMS, &QK_NORMS],
+            "phi3" => &[&PHI3_FUSED, &PRE_NORMS],
+            "starcoder2" => &[&ATTENTION, &PLAIN_MLP, &PRE_NORMS],
+            "olmo2" => &[&ATTENTION, &GATED_MLP, &POST_NORMS, &QK_NORMS],
             _ => return None,
         };
         Some(TensorNames {
             layers,
+            linear_bias: !matches!(arch, "gemma2" | "gemma3" | "olmo2"),
             norm_bias: arch == "starcoder2",
         })
     }
 
     /// The llama family's names (`llama`, `mistral`, `qwen2`, `granite`).
     pub const LLAMA: TensorNames = TensorNames {
-        layers: &LAYER_NAMES,
+        layers: &[&ATTENTION, &GATED_MLP, &PRE_NORMS],
+        linear_bias: true,
         norm_bias: false,
     };
 
@@ -1822,10 +1790,16 @@ impl TensorNames {
         if let Some(rest) = stem.strip_prefix(layers.0) {
             let (layer, part) = rest.split_once('.')?;
             let layer = parse_layer(layer)?;
-            let target = self.layers.iter().find_map(|&(gguf, hf, has_bias)| {
-                let (from, to) = direction((gguf, hf));
-                (from == part && (!bias || has_bias)).then_some(to)
-            })?;
+            let target =
+                (self.layers.iter().flat_map(|t| t.iter())).find_map(|&(gguf, hf, norm)| {
+                    let (from, to) = direction((gguf, hf));
+                    let may_have_bias = if norm {
+                        self.norm_bias
+                    } else {
+                        self.linear_bias
+                    };
+                    (from == part && (!bias || may_have_bias)).then_some(to)
+                })?;
             return Some(format!("{}{layer}.{target}.{suffix}", layers.1));
         }
         let target = GLOBAL_NAMES.iter().find_map(|&(gguf, hf, has_bias)| {
