@@ -6,8 +6,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixture, masked_max_diff, options, read_tensors, reference_batch, run, run_with_env};
-use parallelformers::{parallelize, GenerationConfig, WeightDType};
+use common::{
+    assert_greedy_continuation, fixture, masked_max_diff, options, read_tensors, reference_batch,
+    run, run_with_env,
+};
+use parallelformers::{parallelize, WeightDType};
 
 fn tiny_gguf() -> PathBuf {
     fixture("gguf").join("tiny_llama_q8_0.gguf")
@@ -28,19 +31,7 @@ fn check_tiny_gguf(dtype: WeightDType) {
             diff < 1e-4,
             "{ranks} ranks in {dtype:?} differ from transformers by {diff}"
         );
-        let params = GenerationConfig {
-            max_new_tokens: 12,
-            eos_token_id: Some(vec![]),
-            ..GenerationConfig::default()
-        };
-        let generated = model
-            .generate(&refs["generate_input_ids"].ids(), &params)
-            .unwrap();
-        assert_eq!(
-            generated.ids,
-            refs["generate_output_ids"].ids(),
-            "{ranks} ranks in {dtype:?}"
-        );
+        assert_greedy_continuation(&mut model, &refs, &format!("{ranks} ranks in {dtype:?}"));
     }
 }
 

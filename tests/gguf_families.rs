@@ -13,7 +13,10 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use common::{fixture, masked_max_diff, options, read_tensors, reference_batch, run, RefTensor};
+use common::{
+    assert_greedy_continuation, fixture, masked_max_diff, options, read_tensors, reference_batch,
+    run, RefTensor,
+};
 use parallelformers::checkpoint::config::rope::RopeScaling;
 use parallelformers::checkpoint::config::RawConfig;
 use parallelformers::checkpoint::gguf::GgufFile;
@@ -54,18 +57,10 @@ fn check_family(arch: &str, dtype: WeightDType, tolerance: f64) {
             "{arch}: {ranks} ranks in {dtype:?} differ from the reference by {diff}"
         );
         worst = worst.max(diff);
-        let params = GenerationConfig {
-            max_new_tokens: 12,
-            eos_token_id: Some(vec![]),
-            ..GenerationConfig::default()
-        };
-        let generated = model
-            .generate(&refs["generate_input_ids"].ids(), &params)
-            .unwrap();
-        assert_eq!(
-            generated.ids,
-            refs["generate_output_ids"].ids(),
-            "{arch}: {ranks} ranks in {dtype:?}"
+        assert_greedy_continuation(
+            &mut model,
+            &refs,
+            &format!("{arch}: {ranks} ranks in {dtype:?}"),
         );
     }
     eprintln!("{arch} in {dtype:?}: max |logit - reference| = {worst:.3e}");

@@ -122,6 +122,24 @@ pub fn reference_output(
 
 /// Largest absolute difference between `actual` and `expected` `[B, L, D]` over positions
 /// whose attention mask is 1.
+/// Checks that `model` continues the reference's `generate_input_ids` with its
+/// `generate_output_ids`: 12 greedy tokens, end-of-sequence disabled.
+pub fn assert_greedy_continuation(
+    model: &mut parallelformers::ParallelModel,
+    refs: &HashMap<String, RefTensor>,
+    label: &str,
+) {
+    let params = parallelformers::GenerationConfig {
+        max_new_tokens: 12,
+        eos_token_id: Some(vec![]),
+        ..parallelformers::GenerationConfig::default()
+    };
+    let generated = model
+        .generate(&refs["generate_input_ids"].ids(), &params)
+        .unwrap();
+    assert_eq!(generated.ids, refs["generate_output_ids"].ids(), "{label}");
+}
+
 pub fn masked_max_diff(actual: &[f32], expected: &RefTensor, mask: &RefTensor) -> f64 {
     assert_eq!(
         actual.len(),
