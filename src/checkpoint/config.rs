@@ -901,6 +901,24 @@ mod tests {
         assert!(resolve(&llama).unwrap_err().contains("`su`"));
     }
 
+    #[test]
+    fn a_zero_layer_pattern_is_an_error_naming_the_field() {
+        let gemma3 = r#"{"model_type":"gemma3_text","vocab_size":50,"hidden_size":32,
+            "num_hidden_layers":2,"num_attention_heads":4,"intermediate_size":48,
+            "sliding_window_pattern":0}"#;
+        assert!(resolve(gemma3)
+            .unwrap_err()
+            .contains("`sliding_window_pattern`"));
+        let smollm3 = gemma3
+            .replace("gemma3_text", "smollm3")
+            .replace("sliding_window_pattern", "no_rope_layer_interval");
+        assert!(resolve(&smollm3)
+            .unwrap_err()
+            .contains("`no_rope_layer_interval`"));
+        let window = gemma3.replace(r#""sliding_window_pattern":0"#, r#""sliding_window":0"#);
+        assert!(resolve(&window).unwrap_err().contains("`sliding_window`"));
+    }
+
     fn fixture_config(name: &str) -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")

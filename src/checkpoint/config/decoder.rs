@@ -125,6 +125,14 @@ fn sliding_layers(raw: &RawConfig, model_type: &str, layers: usize) -> Result<Ve
             })
             .collect();
     }
+    for (field, value) in [
+        ("sliding_window_pattern", raw.sliding_window_pattern),
+        ("no_rope_layer_interval", raw.no_rope_layer_interval),
+    ] {
+        if value == Some(0) {
+            return Err(format!("the field `{field}` must be positive, got 0"));
+        }
+    }
     let uses_window = raw.use_sliding_window != Some(false);
     Ok((0..layers)
         .map(|i| match model_type {
@@ -133,7 +141,7 @@ fn sliding_layers(raw: &RawConfig, model_type: &str, layers: usize) -> Result<Ve
                 raw.use_sliding_window == Some(true) && i >= raw.max_window_layers.unwrap_or(0)
             }
             "gemma2" => i % 2 == 0,
-            "gemma3_text" => (i + 1) % raw.sliding_window_pattern.unwrap_or(6) != 0,
+            "gemma3_text" => !(i + 1).is_multiple_of(raw.sliding_window_pattern.unwrap_or(6)),
             "smollm3" => uses_window && raw.use_sliding_window == Some(true) && !rope_layer(raw, i),
             _ => false,
         })
@@ -145,7 +153,7 @@ fn sliding_layers(raw: &RawConfig, model_type: &str, layers: usize) -> Result<Ve
 fn rope_layer(raw: &RawConfig, i: usize) -> bool {
     match &raw.no_rope_layers {
         Some(flags) => flags.get(i).is_some_and(|&f| f != 0),
-        None => !(i + 1).is_multiple_of(raw.no_rope_layer_interval.unwrap_or(4).max(1)),
+        None => !(i + 1).is_multiple_of(raw.no_rope_layer_interval.unwrap_or(4)),
     }
 }
 
