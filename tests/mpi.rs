@@ -21,7 +21,7 @@ use common::{
 };
 
 /// Every fixture of `tests/conformance.rs`, with its heads (the most ranks it splits over).
-const FIXTURES: [(&str, usize); 24] = [
+const FIXTURES: [(&str, usize); 27] = [
     ("gpt2", 4),
     ("gpt_bigcode", 4),
     ("opt", 4),
@@ -37,6 +37,11 @@ const FIXTURES: [(&str, usize); 24] = [
     ("smollm_like", 9),
     ("mistral", 8),
     ("qwen2", 8),
+    // Today's families: OLMo 2's q/k norm adds an all-reduce of its own; Gemma 2 and Cohere
+    // stand for the sandwich and parallel blocks.
+    ("olmo2", 4),
+    ("gemma2", 4),
+    ("cohere", 4),
     ("bert", 4),
     ("bert_mlm", 4),
     ("roberta", 4),

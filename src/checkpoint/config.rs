@@ -118,6 +118,12 @@ const ALIASES: &[(&str, &[&str])] = &[
     ("partial_rotary_factor", &["rotary_pct"]),
 ];
 
+/// The deepest model a configuration may describe: per-layer settings are resolved before any
+/// tensor is read, so an absurd layer count from an untrusted file must be an error, not an
+/// allocation of its size (found by the `gguf_reader` fuzz target). The deepest models known
+/// have a few hundred layers.
+const MAX_LAYERS: usize = 1 << 16;
+
 /// A serde mirror of `config.json`: every field optional; other spellings are mapped to these
 /// names by [`RawConfig::from_value`].
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -409,6 +415,11 @@ impl RawConfig {
         let vocab_size = required(self.vocab_size, "vocab_size")?;
         let hidden_size = required(self.hidden_size, "hidden_size")?;
         let num_layers = required(self.num_hidden_layers, "num_hidden_layers")?;
+        if num_layers > MAX_LAYERS {
+            return Err(format!(
+                "the field `num_hidden_layers` ({num_layers}) is beyond any model's depth (at most {MAX_LAYERS})"
+            ));
+        }
         let num_heads = required(self.num_attention_heads, "num_attention_heads")?;
         let multi_query = model_type == "gpt_bigcode" && self.multi_query != Some(false);
         let num_kv_heads = required(
@@ -917,6 +928,18 @@ mod tests {
             .contains("`no_rope_layer_interval`"));
         let window = gemma3.replace(r#""sliding_window_pattern":0"#, r#""sliding_window":0"#);
         assert!(resolve(&window).unwrap_err().contains("`sliding_window`"));
+    }
+
+    /// Fuzz crash (`tests/fixtures/fuzz/gguf_reader/crash-oom-huge-block-count`): a
+    /// GGUF's `block_count` of 2^30 made the per-layer windows allocate 8 GB.
+    #[test]
+    fn an_absurd_layer_count_is_refused_before_per_layer_settings_are_built() {
+        let err = resolve(&LLAMA_5X.replace(
+            r#""num_hidden_layers":2"#,
+            r#""num_hidden_layers":1073741824"#,
+        ))
+        .unwrap_err();
+        assert!(err.contains("`num_hidden_layers` (1073741824)"), "{err}");
     }
 
     fn fixture_config(name: &str) -> std::path::PathBuf {
