@@ -420,8 +420,7 @@ impl WorkerGroup {
                 None => Err(std::io::ErrorKind::NotConnected.into()),
             };
             if let Err(e) = sent {
-                let _ = self.check_alive();
-                return Err(self.fail(i, format!("cannot send a request: {e}")));
+                return Err(self.connection_lost(i, format!("cannot send a request: {e}")));
             }
         }
         self.collect(timeout, listener)
@@ -522,18 +521,23 @@ impl WorkerGroup {
         };
         match polled.and_then(|payload| payload.map(|p| decode::<Reply>(&p)).transpose()) {
             Ok(reply) => Ok(reply),
-            Err(e) => {
-                // A rank that closed its end is usually dying: let it finish, so that the error
-                // gives its exit status.
-                let deadline = Instant::now() + ERROR_GRACE / 4;
-                while Instant::now() < deadline {
-                    self.check_exited()?;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                let words = self.ranks[i].last_words();
-                Err(self.fail(i, format!("connection lost: {e}; last words:\n{words}")))
-            }
+            Err(e) => Err(self.connection_lost(i, format!("connection lost: {e}"))),
         }
+    }
+
+    /// Fails the group for rank `i`, whose socket failed with `what`. A rank that closed its
+    /// end is usually dying: it is given a moment to finish, so that the error gives its exit
+    /// status; either way the error carries its last words.
+    fn connection_lost(&mut self, i: usize, what: String) -> Error {
+        let deadline = Instant::now() + ERROR_GRACE / 4;
+        while Instant::now() < deadline {
+            if let Err(exited) = self.check_exited() {
+                return exited;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let words = self.ranks[i].last_words();
+        self.fail(i, format!("{what}; last words:\n{words}"))
     }
 
     /// Checks, without a request, that every rank still runs (a dead one fails the group).
@@ -595,7 +599,7 @@ impl WorkerGroup {
             Some(stream) => write_frame(stream, control),
             None => Err(std::io::ErrorKind::NotConnected.into()),
         };
-        sent.map_err(|e| self.fail(0, format!("cannot send a control message: {e}")))
+        sent.map_err(|e| self.connection_lost(0, format!("cannot send a control message: {e}")))
     }
 
     /// Marks the group failed because of `rank`, stops every rank, and builds the error.
