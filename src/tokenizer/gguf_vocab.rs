@@ -460,16 +460,7 @@ fn sentencepiece_tokenizer(vocab: &GgufVocab) -> Result<Tokenizer, TokenizerErro
         .map_err(bpe_error)?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
-    let replace = Replace::new("▁", " ").map_err(|e| TokenizerError::Build {
-        component: "decoder",
-        message: e.to_string(),
-    })?;
-    tokenizer.with_decoder(Some(DecoderSequence::new(vec![
-        DecoderWrapper::Replace(replace),
-        DecoderWrapper::ByteFallback(ByteFallback::new()),
-        DecoderWrapper::Fuse(Fuse::new()),
-        DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
-    ])));
+    tokenizer.with_decoder(Some(sentencepiece_decoder(true)?));
     Ok(tokenizer)
 }
 
@@ -525,16 +516,26 @@ fn gemma_tokenizer(vocab: &GgufVocab) -> Result<Tokenizer, TokenizerError> {
         message: e.to_string(),
     })?;
     tokenizer.with_pre_tokenizer(Some(split));
+    tokenizer.with_decoder(Some(sentencepiece_decoder(false)?));
+    Ok(tokenizer)
+}
+
+/// The decoder of a SentencePiece vocabulary: `▁` back to spaces, byte tokens back to bytes,
+/// and, where the tokenizer prepended a space, that space stripped again.
+fn sentencepiece_decoder(strip_prefix_space: bool) -> Result<DecoderWrapper, TokenizerError> {
     let replace = Replace::new("▁", " ").map_err(|e| TokenizerError::Build {
         component: "decoder",
         message: e.to_string(),
     })?;
-    tokenizer.with_decoder(Some(DecoderSequence::new(vec![
+    let mut steps = vec![
         DecoderWrapper::Replace(replace),
         DecoderWrapper::ByteFallback(ByteFallback::new()),
         DecoderWrapper::Fuse(Fuse::new()),
-    ])));
-    Ok(tokenizer)
+    ];
+    if strip_prefix_space {
+        steps.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+    }
+    Ok(DecoderWrapper::Sequence(DecoderSequence::new(steps)))
 }
 
 /// `transformers`' `phi3_tokenizer`: the Llama SentencePiece tokenizer whose space prefix comes
