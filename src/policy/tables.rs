@@ -493,8 +493,7 @@ pub fn llama(config: &ModelConfig) -> Policy {
     rules.extend([
         rule("layers.*.self_attn.q_norm.*", Role::Replicate),
         rule("layers.*.self_attn.k_norm.*", Role::Replicate),
-        rule("layers.*.self_attn.q_layernorm.*", Role::Replicate),
-        rule("layers.*.self_attn.k_layernorm.*", Role::Replicate),
+        // Block norms, and StableLM's per-head `q_layernorm` / `k_layernorm`.
         rule("layers.*.*layernorm.*", Role::Replicate),
         rule("norm.*", Role::Replicate),
     ]);
