@@ -21,6 +21,7 @@ pub struct Metrics {
     decode_micros: AtomicU64,
     decoded_tokens: AtomicU64,
     ranks: Mutex<Vec<RankMemory>>,
+    restarts: AtomicU64,
 }
 
 impl Metrics {
@@ -65,6 +66,17 @@ impl Metrics {
         }
     }
 
+    /// Counts a restart of the ranks, whose memory after loading is `ranks`.
+    pub fn restarted(&self, ranks: Vec<RankMemory>) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.set_ranks(ranks);
+    }
+
+    /// How many times the ranks were restarted after a failure.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
     /// Everything in Prometheus' text exposition format.
     pub fn render(&self) -> String {
         let mut text = String::new();
@@ -84,7 +96,7 @@ impl Metrics {
                 );
             }
         }
-        let scalars: [(&str, &str, &str, String); 7] = [
+        let scalars: [(&str, &str, &str, String); 8] = [
             (
                 "parallelformers_prompt_tokens_total",
                 "counter",
@@ -126,6 +138,12 @@ impl Metrics {
                 "counter",
                 "Tokens after the first of each sequence.",
                 load(&self.decoded_tokens).to_string(),
+            ),
+            (
+                "parallelformers_rank_restarts_total",
+                "counter",
+                "Restarts of the ranks after a rank failed.",
+                self.restarts().to_string(),
             ),
         ];
         for (name, kind, help, value) in scalars {
