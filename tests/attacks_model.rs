@@ -390,3 +390,47 @@ fn sigterm_while_streams_run_stops_within_the_grace_and_leaves_nothing() {
         directory.display()
     );
 }
+
+/// Stopping always stops, even with a wedged rank: a rank frozen (SIGSTOP) while a stream
+/// runs, then SIGTERM; the process ends within the grace period plus a few seconds, the
+/// frozen rank is killed, and nothing is left behind.
+#[test]
+fn sigterm_with_a_frozen_rank_stops_and_leaves_nothing() {
+    let mut server = start_default(&["--grace-seconds", "1"]);
+    let ranks = children(server.child.id());
+    let socket = rank_env(ranks[0], "PARALLELFORMERS_RENDEZVOUS").expect("the rendezvous path");
+    let directory = std::path::Path::new(&socket)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 2000, "stream": true});
+    let mut stream = post_raw(&server, "/v1/completions", &body);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: freezing a rank process of the server this test started.
+    unsafe { libc::kill(ranks[1] as i32, libc::SIGSTOP) };
+    let signalled = Instant::now();
+    let status = server.stop();
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(1 + 6), "stopping took {took:?}");
+    let events = events_of(&reader.join().unwrap());
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert_all_gone(&ranks);
+    assert!(
+        !directory.exists(),
+        "{} was left behind",
+        directory.display()
+    );
+}
