@@ -90,6 +90,21 @@ impl BatchLimits {
         Ok(())
     }
 
+    /// Refuses an embedding request of more inputs than the batch has rows: 400 naming the
+    /// limit (the inputs run as one batch).
+    pub fn check_inputs(&self, inputs: usize) -> std::result::Result<(), ApiError> {
+        match inputs > self.max_rows {
+            true => Err(ApiError::invalid(
+                "input",
+                format!(
+                    "{inputs} inputs exceed the server's limit of {} per request (--max-batch)",
+                    self.max_rows
+                ),
+            )),
+            false => Ok(()),
+        }
+    }
+
     /// Whether `n` rows of up to `positions` positions fit now beside a running batch of
     /// `rows` rows whose longest is `longest` positions wide.
     pub fn fits(&self, rows: usize, longest: usize, n: usize, positions: usize) -> bool {
@@ -159,5 +174,11 @@ mod tests {
         assert!(limits.fits(0, 0, 4, 1500));
         assert!(!limits.fits(4, 1500, 4, 1500));
         assert!(!limits.fits(6, 10, 4, 10), "more rows than --max-batch");
+        assert!(limits.check_inputs(8).is_ok());
+        assert!(limits
+            .check_inputs(9)
+            .unwrap_err()
+            .message()
+            .contains("--max-batch"));
     }
 }

@@ -352,8 +352,9 @@ async fn embed(
             "this model generates text; embeddings need an encoder checkpoint",
         ));
     };
-    let inputs = request
-        .texts()?
+    let texts = request.texts()?;
+    state.limits.check_inputs(texts.len())?;
+    let inputs = texts
         .iter()
         .map(|text| encode(&state.text, text))
         .collect::<std::result::Result<Vec<_>, _>>()?;
