@@ -1,7 +1,8 @@
 //! `parallelformers serve`: an OpenAI-compatible HTTP server (axum on tokio) over a parallel
 //! model. Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream:
 //! true` as server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health`,
-//! `GET /metrics` (Prometheus text).
+//! `GET /metrics` (Prometheus text). Connections are served by [`connections`], which bounds
+//! how many a client may hold and how long it may take to send a request.
 //!
 //! One thread owns the model ([`scheduler`]); handlers queue jobs to it and relay its events.
 //! Requests join the running batch between decode steps and leave it when they end (continuous
@@ -9,6 +10,7 @@
 //! answers 503 with `Retry-After`; SIGINT/SIGTERM stop accepting, let running requests finish
 //! within a grace period, and stop every rank.
 
+pub mod connections;
 pub mod metrics;
 pub mod openai;
 pub mod pooling;
@@ -38,6 +40,7 @@ use crate::checkpoint::source::WeightsLocation;
 use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
 use crate::text::TextSide;
+use connections::ConnectionLimits;
 use openai::{ApiError, ChatRequest, CompletionRequest, FinishReason, Route, Sampling};
 use pooling::Pooling;
 use scheduler::{EmbedJob, Event, GenerateJob, Job, Shared};
@@ -59,6 +62,8 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// When set, every `/v1/` request must carry it as `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Bounds on the connections clients hold (count, header, body and keep-alive timeouts).
+    pub connections: ConnectionLimits,
 }
 
 /// What every handler reads.
@@ -121,15 +126,15 @@ pub fn serve(
         })
         .map_err(|e| Error::Launch(format!("cannot start the model thread: {e}")))?;
     let served = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.address)
-            .await
+        let listener = connections::bind(config.address)
             .map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", config.address)))?;
         let address = listener
             .local_addr()
             .map_err(|e| Error::Launch(format!("no local address: {e}")))?;
         on_ready(address);
         let app = router(state.clone());
-        let server = axum::serve(listener, app).with_graceful_shutdown(stop_signal());
+        let server =
+            connections::serve_connections(listener, app, config.connections, stop_signal());
         // Running requests get the grace period after the signal, then the server stops anyway.
         tokio::select! {
             result = server => result.map_err(|e| Error::Launch(format!("the server failed: {e}"))),
