@@ -96,6 +96,7 @@ pub fn serve(
     let shared = Arc::new(Shared::default());
     shared.healthy.store(true, Ordering::Relaxed);
     shared.metrics.set_ranks(model.load_report().to_vec());
+    shared.metrics.set_rank_pids(model.worker_pids());
     let defaults = model.generation_config().clone();
     let context = model.config().generation_context();
     let pooling = match (&model.model().location, model.config().is_causal()) {
