@@ -31,7 +31,8 @@ pub struct ServeArgs {
     /// Most new tokens one request may ask for.
     #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
-    /// Largest request body, in bytes.
+    /// Largest request body, in bytes (a larger declared Content-Length is answered 413 before
+    /// any of the body is read).
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
     /// Seconds running requests may go on after SIGINT/SIGTERM.

@@ -11,6 +11,7 @@
 //! within a grace period, and stop every rank.
 
 pub mod connections;
+pub mod guards;
 pub mod metrics;
 pub mod openai;
 pub mod pooling;
@@ -171,42 +172,21 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
+            state.config.api_key.clone(),
+            guards::require_api_key,
         ));
     Router::new()
         .merge(api)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::invalid("", "no such route").into_response() })
+        .method_not_allowed_fallback(guards::wrong_method)
+        .fallback(guards::no_such_route)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            limit,
+            guards::refuse_declared_oversize,
+        ))
         .with_state(state)
-}
-
-/// Refuses a request without the server's API key (when one is set) with 401.
-async fn require_api_key(
-    State(state): State<Arc<AppState>>,
-    request: axum::extract::Request,
-    next: middleware::Next,
-) -> Response {
-    let Some(key) = state.config.api_key.as_deref() else {
-        return next.run(request).await;
-    };
-    let presented = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    match presented.is_some_and(|presented| same_secret(presented, key)) {
-        true => next.run(request).await,
-        false => ApiError::unauthorized().into_response(),
-    }
-}
-
-/// Compares two secrets in time that depends only on their lengths.
-fn same_secret(presented: &str, key: &str) -> bool {
-    let (a, b) = (presented.as_bytes(), key.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {

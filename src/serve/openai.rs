@@ -304,7 +304,7 @@ impl ApiError {
         }
     }
 
-    /// 401: the request lacks the server's API key.
+    /// 401: the request lacks the server's API key (answered with `WWW-Authenticate: Bearer`).
     pub fn unauthorized() -> Self {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
@@ -360,6 +360,11 @@ impl IntoResponse for ApiError {
             "code": self.code,
         }});
         let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
