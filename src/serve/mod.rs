@@ -12,6 +12,7 @@
 
 pub mod connections;
 pub mod guards;
+pub mod input;
 pub mod metrics;
 pub mod openai;
 pub mod pooling;
@@ -42,6 +43,7 @@ use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
 use crate::text::TextSide;
 use connections::ConnectionLimits;
+use input::Prompt;
 use openai::{ApiError, ChatRequest, CompletionRequest, FinishReason, Route, Sampling};
 use pooling::Pooling;
 use scheduler::{EmbedJob, Event, GenerateJob, Job, Shared};
@@ -218,13 +220,10 @@ async fn completions(
     body: std::result::Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Response {
     let result = match body {
-        Ok(Json(request)) => {
-            let prompt = request.prompt_text().and_then(|p| encode(&state.text, &p));
-            match prompt {
-                Ok(ids) => respond(&state, Route::Completions, ids, &request.sampling, 16).await,
-                Err(e) => Err(e),
-            }
-        }
+        Ok(Json(request)) => match completion_prompt(&state, &request) {
+            Ok(ids) => respond(&state, Route::Completions, ids, &request.sampling, 16).await,
+            Err(e) => Err(e),
+        },
         Err(rejection) => Err(rejected(rejection)),
     };
     finish(&state, "completions", result)
@@ -235,16 +234,47 @@ async fn chat(
     body: std::result::Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
     let result = match body {
-        Ok(Json(request)) => match state.text.chat_prompt(&request.messages) {
+        Ok(Json(request)) => match chat_prompt(&state, &request) {
             Ok(ids) => {
                 let default_max = state.config.max_tokens_limit;
                 respond(&state, Route::Chat, ids, &request.sampling, default_max).await
             }
-            Err(e) => Err(ApiError::invalid("messages", e.to_string())),
+            Err(e) => Err(e),
         },
         Err(rejection) => Err(rejected(rejection)),
     };
     finish(&state, "chat", result)
+}
+
+/// The prompt ids of a completions request (its sampling fields checked first).
+fn completion_prompt(
+    state: &AppState,
+    request: &CompletionRequest,
+) -> std::result::Result<Vec<u32>, ApiError> {
+    request.sampling.check()?;
+    match Prompt::from_json(&request.prompt)? {
+        Prompt::Text(text) => encode(&state.text, &text),
+        Prompt::Tokens(ids) => {
+            input::check_token_ids(&ids, state.text.tokenizer.get_vocab_size(true))?;
+            Ok(ids)
+        }
+    }
+}
+
+/// The prompt ids of a chat request: its sampling fields and messages checked, the chat
+/// template applied.
+fn chat_prompt(state: &AppState, request: &ChatRequest) -> std::result::Result<Vec<u32>, ApiError> {
+    request.sampling.check()?;
+    let knows_developer = state
+        .text
+        .template
+        .as_ref()
+        .is_some_and(|template| template.source().contains("developer"));
+    let messages = input::conversation(&request.messages, knows_developer)?;
+    state
+        .text
+        .chat_prompt(&messages)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
 
 async fn embeddings(
