@@ -1,8 +1,9 @@
 //! A bounded soak over loopback: cycles of a server on the default model at 2 ranks under four
 //! clients that mix whole and streamed completions and chats, cancelled streams and bad
-//! requests; each cycle ends by killing a rank while requests run, checking that `/health`
-//! turns red and that every request still ends with an answer or a clean error, then stopping
-//! the server and starting the next (the restart of the model). Checks that the server's memory
+//! requests; in each cycle a rank is killed while requests run, and the test checks that
+//! `/health` turns red, that every request still ends with an answer or a clean error, and that
+//! the server restarts its ranks and serves again; then it stops the server and starts the
+//! next. Checks that the server's memory
 //! stays flat while it runs and that nothing leaks: no process, no zombie, no shared-memory
 //! segment, no descriptor of the test process.
 //!
@@ -150,6 +151,15 @@ fn requests_cancellations_and_rank_kills_with_restarts_leak_nothing() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The server restarts its ranks by itself, and serves again.
+        while ureq::get(&server.url("/health")).call().is_err() {
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "cycle {cycles}: the ranks were not restarted"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let restarted = children(server.child.id());
         std::thread::sleep(Duration::from_secs(1));
         running.store(false, Ordering::Relaxed);
         for client in clients {
@@ -159,7 +169,7 @@ fn requests_cancellations_and_rank_kills_with_restarts_leak_nothing() {
             server.stop().success(),
             "cycle {cycles}: the server failed to stop"
         );
-        assert_all_gone(&ranks);
+        assert_all_gone(&[ranks, restarted].concat());
     }
     assert_eq!(shm_segments(), segments_before);
     assert_eq!(open_descriptors(), descriptors_before, "descriptors leaked");

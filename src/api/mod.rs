@@ -46,7 +46,8 @@ pub struct ParallelModel {
     model: ResolvedModel,
     loaded: Vec<RankMemory>,
     generation_defaults: GenerationConfig,
-    seed: Option<u64>,
+    /// How the ranks were started (to start them again).
+    options: Options,
     /// The tokenizer, loaded the first time stop strings need it.
     text: Option<Arc<TextSide>>,
 }
@@ -69,11 +70,30 @@ pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<P
 
 /// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
 pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<ParallelModel> {
+    let (mut group, ranks) = start_group(&model, &options)?;
+    let options = Options { ranks, ..options };
+    let loaded = load(&mut group, &model, &options)?;
+    let generation_defaults = match &model.location {
+        WeightsLocation::Safetensors(dir) => GenerationConfig::from_model_dir(dir)?,
+        WeightsLocation::Gguf(_) => GenerationConfig::default(),
+    };
+    Ok(ParallelModel {
+        group,
+        model,
+        loaded,
+        generation_defaults,
+        options,
+        text: None,
+    })
+}
+
+/// Starts the ranks for `model` (the plan checked first); returns them with their number.
+fn start_group(model: &ResolvedModel, options: &Options) -> Result<(WorkerGroup, usize)> {
     if options.backend == Backend::Mpi {
         // The number of ranks is mpirun's; an impossible plan drops (and so stops) the group.
-        let (group, ranks) = mpi_group(&options)?;
+        let (group, ranks) = mpi_group(options)?;
         Plan::new(&model.config, ranks)?;
-        return load(group, model, Options { ranks, ..options });
+        return Ok((group, ranks));
     }
     Plan::new(&model.config, options.ranks)?;
     let program = match &options.worker_program {
@@ -91,8 +111,7 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
         startup_timeout: options.startup_timeout,
         comm_dir: options.comm_dir.clone(),
     };
-    let group = WorkerGroup::spawn(&spec)?;
-    load(group, model, options)
+    Ok((WorkerGroup::spawn(&spec)?, options.ranks))
 }
 
 /// The group of the MPI job this process belongs to, and its number of ranks. On ranks other
@@ -124,12 +143,12 @@ fn mpi_group(_options: &Options) -> Result<(WorkerGroup, usize)> {
     ))
 }
 
-/// Loads `model` on the ranks of `group` (whose plan was checked).
-fn load(mut group: WorkerGroup, model: ResolvedModel, options: Options) -> Result<ParallelModel> {
-    let generation_defaults = match &model.location {
-        WeightsLocation::Safetensors(dir) => GenerationConfig::from_model_dir(dir)?,
-        WeightsLocation::Gguf(_) => GenerationConfig::default(),
-    };
+/// Loads `model` on the ranks of `group` (whose plan was checked); returns each rank's memory.
+fn load(
+    group: &mut WorkerGroup,
+    model: &ResolvedModel,
+    options: &Options,
+) -> Result<Vec<RankMemory>> {
     let load = Request::Load(LoadSpec {
         location: model.location.clone(),
         config: model.config.clone(),
@@ -147,14 +166,7 @@ fn load(mut group: WorkerGroup, model: ResolvedModel, options: Options) -> Resul
         })
         .collect::<Result<Vec<_>>>()?;
     print_memory(options.verbose, &loaded);
-    Ok(ParallelModel {
-        group,
-        model,
-        loaded,
-        generation_defaults,
-        seed: options.seed,
-        text: None,
-    })
+    Ok(loaded)
 }
 
 /// Prints the per-rank memory summary the seed printed with `verbose`.
@@ -210,6 +222,22 @@ impl ParallelModel {
         Ok(text)
     }
 
+    /// Stops the ranks (if they still run) and starts new ones with the same model and
+    /// options, which load their shards again: how a caller recovers from a rank that died.
+    /// Ranks started by `mpirun` cannot be started again from here.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.options.backend == Backend::Mpi {
+            return Err(Error::InvalidInput(
+                "ranks started by mpirun cannot be restarted; start the job again".into(),
+            ));
+        }
+        self.group.shutdown();
+        let (mut group, _) = start_group(&self.model, &self.options)?;
+        self.loaded = load(&mut group, &self.model, &self.options)?;
+        self.group = group;
+        Ok(())
+    }
+
     /// Why the model is unusable, if a rank failed.
     pub fn failure(&self) -> Option<&str> {
         self.group.failure()
@@ -221,7 +249,7 @@ impl ParallelModel {
             vocab_size: self.model.config.vocab_size,
             max_positions: self.model.config.generation_context(),
             eos_token_ids: self.model.eos_token_ids.clone(),
-            seed: self.seed,
+            seed: self.options.seed,
         }
     }
 

@@ -38,6 +38,14 @@ pub struct ServeArgs {
     /// Seconds running requests may go on after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10)]
     grace_seconds: u64,
+    /// Most sequences decoded together, and so most choices (`n`) one request may ask for.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Memory the running batch (key/value caches and logits) may take on each rank, in MiB;
+    /// requests wait until it has room, and one that could never fit is refused with 400
+    /// [default: a quarter of the memory available at start, shared by the ranks].
+    #[arg(long)]
+    batch_memory_mib: Option<u64>,
     /// Require this key as `Authorization: Bearer <key>` on every /v1/ route (/health and
     /// /metrics stay open).
     #[arg(long, env = "PARALLELFORMERS_API_KEY", hide_env_values = true)]
@@ -79,6 +87,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         grace: Duration::from_secs(args.grace_seconds),
         api_key: args.api_key.filter(|key| !key.is_empty()),
+        max_batch: args.max_batch,
+        batch_memory_bytes: args.batch_memory_mib.map(|mib| mib << 20),
         connections: ConnectionLimits {
             max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
             header_timeout: Duration::from_secs(args.header_timeout_seconds),

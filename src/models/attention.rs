@@ -132,6 +132,13 @@ pub struct KvCache {
 /// Positions reserved by a new cache, so that short generations never regrow it.
 const FIRST_CAPACITY: usize = 256;
 
+/// The most positions a cache row holding up to `positions` may have reserved: a cache grows
+/// to at least twice its capacity (from [`FIRST_CAPACITY`]), so never past twice what it holds.
+/// What the server's admission counts for a row.
+pub fn reserved_positions(positions: usize) -> usize {
+    positions.saturating_mul(2).max(FIRST_CAPACITY)
+}
+
 impl KvCache {
     /// Number of cached positions.
     pub fn len(&self) -> usize {

@@ -138,14 +138,20 @@ impl Reply {
     }
 }
 
+/// One message as a frame's bytes: its length, then its encoding.
+pub fn encode_frame<T: Serialize>(message: &T) -> std::io::Result<Vec<u8>> {
+    let mut frame = vec![0u8; 4];
+    postcard::to_io(message, &mut frame)
+        .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
+    let len = u32::try_from(frame.len() - 4)
+        .map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "frame too large"))?;
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(frame)
+}
+
 /// Writes one message as a frame.
 pub fn write_frame<T: Serialize>(stream: &mut impl Write, message: &T) -> std::io::Result<()> {
-    let bytes =
-        postcard::to_stdvec(message).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
-    let len = u32::try_from(bytes.len())
-        .map_err(|_| std::io::Error::new(ErrorKind::InvalidData, "frame too large"))?;
-    stream.write_all(&len.to_le_bytes())?;
-    stream.write_all(&bytes)?;
+    stream.write_all(&encode_frame(message)?)?;
     stream.flush()
 }
 

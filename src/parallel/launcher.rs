@@ -10,11 +10,12 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,7 +25,8 @@ use crate::comm::{ShmRegion, DEFAULT_SLOT_BYTES};
 /// The smallest slot a region allows (one cache line): enough for a group that only beats.
 const LINE_BYTES: usize = 128;
 use crate::error::{Error, Result};
-use crate::parallel::ipc::{decode, read_frame, write_frame, FrameReader, Reply, Request};
+use crate::parallel::ipc::{decode, encode_frame, read_frame, FrameReader, Reply, Request};
+use crate::parallel::outbox::Outbox;
 use crate::parallel::process::env;
 
 /// How often waits wake up to check on the children.
@@ -99,6 +101,8 @@ struct RankProcess {
     runner: Runner,
     stream: Option<UnixStream>,
     reader: FrameReader,
+    /// Frames on their way to the rank (the launcher never blocks on a write).
+    outbox: Outbox,
     tail: Arc<Mutex<VecDeque<String>>>,
     tail_thread: Option<JoinHandle<()>>,
     /// The heartbeat count last seen, and when it last changed.
@@ -129,6 +133,97 @@ pub struct WorkerGroup {
     region: Option<ShmRegion>,
     dir: Option<tempfile::TempDir>,
     failure: Option<String>,
+    /// What another thread needs to end the ranks if this group's thread is stuck, and the
+    /// group's id in [`LIVE_GROUPS`].
+    killer: (u64, Killer),
+}
+
+/// Every group of this process that has not stopped, by id, for [`end_every_group`].
+static LIVE_GROUPS: Mutex<Vec<(u64, Killer)>> = Mutex::new(Vec::new());
+/// The id of the next group.
+static NEXT_GROUP: AtomicU64 = AtomicU64::new(0);
+
+/// Ends every worker group of this process from any thread: kills each rank process and
+/// removes each group's private directory. The last resort of a process that must stop while
+/// the thread that owns a group waits on a rank that will never answer; that thread then sees
+/// its ranks exit.
+pub fn end_every_group() {
+    let Ok(groups) = LIVE_GROUPS.lock() else {
+        return;
+    };
+    for (_, killer) in groups.iter() {
+        killer.kill();
+        killer.remove_files();
+    }
+}
+
+/// Ends a group's ranks from another thread. Process ids are held as pidfds, so a rank already
+/// reaped is never mistaken for another process that got its id.
+#[derive(Debug, Clone)]
+struct Killer {
+    pidfds: Arc<Mutex<Vec<OwnedFd>>>,
+    dir: PathBuf,
+}
+
+impl Killer {
+    /// A killer for the group with private directory `dir`, listed in [`LIVE_GROUPS`] under a
+    /// new id (returned) until [`Killer::forget`].
+    fn register(dir: &std::path::Path) -> (u64, Self) {
+        let killer = Killer {
+            pidfds: Arc::default(),
+            dir: dir.to_path_buf(),
+        };
+        let id = NEXT_GROUP.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut groups) = LIVE_GROUPS.lock() {
+            groups.push((id, killer.clone()));
+        }
+        (id, killer)
+    }
+
+    /// Takes group `id` off [`LIVE_GROUPS`] (it has stopped).
+    fn forget(id: u64) {
+        if let Ok(mut groups) = LIVE_GROUPS.lock() {
+            groups.retain(|(group, _)| *group != id);
+        }
+    }
+
+    /// Remembers rank process `pid` (best effort: without pidfds, it cannot be killed here).
+    fn watch(&self, pid: u32) {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return;
+        }
+        // SAFETY: `fd` is a descriptor the kernel just gave this process; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        if let Ok(mut pidfds) = self.pidfds.lock() {
+            pidfds.push(fd);
+        }
+    }
+
+    /// Sends SIGKILL to every rank process (those already gone are unaffected).
+    fn kill(&self) {
+        let Ok(pidfds) = self.pidfds.lock() else {
+            return;
+        };
+        for fd in pidfds.iter() {
+            // SAFETY: pidfd_send_signal with a pidfd this process owns, no siginfo, no flags.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            }
+        }
+    }
+
+    /// Removes the group's private directory (the rendezvous socket) if it is still there.
+    fn remove_files(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The CPUs this process may run on.
@@ -196,6 +291,7 @@ impl WorkerGroup {
         let mut group = WorkerGroup {
             ranks: Vec::with_capacity(spec.ranks),
             region,
+            killer: Killer::register(dir.path()),
             dir: Some(dir),
             failure: None,
             keep: None,
@@ -210,6 +306,9 @@ impl WorkerGroup {
                 Vec::new()
             };
             let process = group.start_rank(spec, rank, &socket, &secret, &pinned.join(","))?;
+            if let Runner::Child(child) = &process.runner {
+                group.killer.1.watch(child.id());
+            }
             group.ranks.push(process);
         }
         group.accept_all(&listener, &secret, spec.startup_timeout)?;
@@ -242,12 +341,14 @@ impl WorkerGroup {
                     runner: Runner::Thread(thread),
                     stream: None,
                     reader: FrameReader::default(),
+                    outbox: Outbox::default(),
                     tail: Arc::new(Mutex::new(VecDeque::new())),
                     tail_thread: None,
                     heartbeat: (0, Instant::now()),
                 })
                 .collect(),
             region: None,
+            killer: Killer::register(dir.path()),
             dir: Some(dir),
             failure: None,
             keep: None,
@@ -321,6 +422,7 @@ impl WorkerGroup {
             runner: Runner::Child(child),
             stream: None,
             reader: FrameReader::default(),
+            outbox: Outbox::default(),
             tail,
             tail_thread,
             heartbeat: (0, Instant::now()),
@@ -413,15 +515,10 @@ impl WorkerGroup {
                 "the worker group is stopped: {failure}"
             )));
         }
+        let frame = encode_frame(request)
+            .map_err(|e| Error::Launch(format!("cannot encode a request: {e}")))?;
         for i in 0..self.ranks.len() {
-            let rank = &mut self.ranks[i];
-            let sent = match rank.stream.as_mut() {
-                Some(stream) => write_frame(stream, request),
-                None => Err(std::io::ErrorKind::NotConnected.into()),
-            };
-            if let Err(e) = sent {
-                return Err(self.connection_lost(i, format!("cannot send a request: {e}")));
-            }
+            self.send(i, &frame, "a request")?;
         }
         self.collect(timeout, listener)
     }
@@ -438,8 +535,10 @@ impl WorkerGroup {
             let waiting: Vec<usize> = (0..self.ranks.len())
                 .filter(|&i| replies[i].is_none())
                 .collect();
-            self.wait_readable(&waiting);
+            self.wait(&waiting);
+            self.flush_all()?;
             let drain_until = Instant::now() + DRAIN;
+            let mut controls = Vec::new();
             for &i in &waiting {
                 // Drain what the rank has sent: a batch streams several tokens per step, and
                 // a backlog would fill the socket and stall the rank. But not for longer than
@@ -447,9 +546,7 @@ impl WorkerGroup {
                 // from ever being asked for control messages (sequences to join).
                 while let Some(reply) = self.poll_rank(i)? {
                     if reply.is_partial() {
-                        for control in listener.partial(&reply) {
-                            self.send_control(&control)?;
-                        }
+                        controls.extend(listener.partial(&reply));
                         if Instant::now() > drain_until {
                             break;
                         }
@@ -463,10 +560,9 @@ impl WorkerGroup {
                 }
             }
             if replies[0].is_none() {
-                for control in listener.tick() {
-                    self.send_control(&control)?;
-                }
+                controls.extend(listener.tick());
             }
+            self.send_controls(controls)?;
             self.check_alive()?;
             let now = Instant::now();
             if let Some((rank, message, at)) = &first_error {
@@ -488,15 +584,27 @@ impl WorkerGroup {
         Ok(replies.into_iter().flatten().collect())
     }
 
-    /// Sleeps until one of the `ranks` has something to read, or [`POLL`] has passed.
-    fn wait_readable(&self, ranks: &[usize]) {
-        let mut fds: Vec<libc::pollfd> = ranks
+    /// Sleeps until one of the `ranks` has something to read, a rank with frames waiting in its
+    /// outbox can take more, or [`POLL`] has passed.
+    fn wait(&self, ranks: &[usize]) {
+        let mut fds: Vec<libc::pollfd> = self
+            .ranks
             .iter()
-            .filter_map(|&i| self.ranks[i].stream.as_ref())
-            .map(|stream| libc::pollfd {
-                fd: stream.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
+            .enumerate()
+            .filter_map(|(i, rank)| {
+                let reading = ranks.contains(&i);
+                let writing = !rank.outbox.is_empty();
+                let events = match (reading, writing) {
+                    (true, true) => libc::POLLIN | libc::POLLOUT,
+                    (true, false) => libc::POLLIN,
+                    (false, true) => libc::POLLOUT,
+                    (false, false) => return None,
+                };
+                rank.stream.as_ref().map(|stream| libc::pollfd {
+                    fd: stream.as_raw_fd(),
+                    events,
+                    revents: 0,
+                })
             })
             .collect();
         // SAFETY: `fds` is a valid array of pollfds for sockets this process owns. An error
@@ -593,13 +701,55 @@ impl WorkerGroup {
         Ok(())
     }
 
-    /// Sends a control message to rank 0 in the middle of a request.
-    fn send_control(&mut self, control: &Request) -> Result<()> {
-        let sent = match self.ranks[0].stream.as_mut() {
-            Some(stream) => write_frame(stream, control),
+    /// Queues `frame` for rank `i` and writes what its socket takes now (never blocking);
+    /// `what` names the frame in an error.
+    fn send(&mut self, i: usize, frame: &[u8], what: &str) -> Result<()> {
+        self.ranks[i].outbox.push(frame);
+        self.flush(i)
+            .map_err(|e| self.connection_lost(i, format!("cannot send {what}: {e}")))
+    }
+
+    /// Writes what rank `i`'s socket takes now of its outbox.
+    fn flush(&mut self, i: usize) -> std::io::Result<()> {
+        let rank = &mut self.ranks[i];
+        match rank.stream.as_ref() {
+            Some(stream) => rank.outbox.flush(stream),
             None => Err(std::io::ErrorKind::NotConnected.into()),
-        };
-        sent.map_err(|e| self.connection_lost(0, format!("cannot send a control message: {e}")))
+        }
+    }
+
+    /// Writes what each rank's socket takes now of its outbox.
+    fn flush_all(&mut self) -> Result<()> {
+        for i in 0..self.ranks.len() {
+            if !self.ranks[i].outbox.is_empty() {
+                if let Err(e) = self.flush(i) {
+                    return Err(self.connection_lost(i, format!("cannot send a request: {e}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends control messages to rank 0 in the middle of a request, the cancellations merged
+    /// into one message after the others (a sequence may be cancelled as it joins).
+    fn send_controls(&mut self, controls: Vec<Request>) -> Result<()> {
+        let mut finished = Vec::new();
+        for control in controls {
+            match control {
+                Request::Finish(ids) => finished.extend(ids),
+                other => self.send_control(&other)?,
+            }
+        }
+        match finished.is_empty() {
+            true => Ok(()),
+            false => self.send_control(&Request::Finish(finished)),
+        }
+    }
+
+    fn send_control(&mut self, control: &Request) -> Result<()> {
+        let frame = encode_frame(control)
+            .map_err(|e| Error::Launch(format!("cannot encode a control message: {e}")))?;
+        self.send(0, &frame, "a control message")
     }
 
     /// Marks the group failed because of `rank`, stops every rank, and builds the error.
@@ -615,9 +765,13 @@ impl WorkerGroup {
         if let Some(region) = &self.region {
             region.abort();
         }
+        // Best effort and never blocking: a rank that cannot take the request is killed
+        // once the grace has passed.
+        let shutdown = encode_frame(&Request::Shutdown).unwrap_or_default();
         for rank in &mut self.ranks {
-            if let Some(stream) = rank.stream.as_mut() {
-                let _ = write_frame(stream, &Request::Shutdown);
+            if let Some(stream) = rank.stream.as_ref() {
+                rank.outbox.push(&shutdown);
+                let _ = rank.outbox.flush(stream);
             }
         }
         let deadline = Instant::now() + grace;
@@ -638,6 +792,7 @@ impl WorkerGroup {
         if let Some(dir) = self.dir.take() {
             let _ = dir.close();
         }
+        Killer::forget(self.killer.0);
     }
 
     /// Stops every rank cleanly (killing those that do not exit in time).

@@ -7,6 +7,7 @@ pub mod launcher;
 pub mod memory;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod outbox;
 pub mod process;
 pub mod slicing;
 

@@ -23,6 +23,7 @@ pub struct Metrics {
     decode_micros: AtomicU64,
     decoded_tokens: AtomicU64,
     ranks: Mutex<Vec<RankMemory>>,
+    restarts: AtomicU64,
     /// The rank processes' ids, in rank order (empty where ranks are not local processes).
     rank_pids: Mutex<Vec<u32>>,
 }
@@ -69,6 +70,17 @@ impl Metrics {
         }
     }
 
+    /// Counts a restart of the ranks, whose memory after loading is `ranks`.
+    pub fn restarted(&self, ranks: Vec<RankMemory>) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.set_ranks(ranks);
+    }
+
+    /// How many times the ranks were restarted after a failure.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
     /// Sets the rank processes' ids, in rank order, whose memory each scrape reads (again after
     /// ranks are restarted).
     pub fn set_rank_pids(&self, pids: Vec<u32>) {
@@ -96,7 +108,7 @@ impl Metrics {
                 );
             }
         }
-        let scalars: [(&str, &str, &str, String); 7] = [
+        let scalars: [(&str, &str, &str, String); 8] = [
             (
                 "parallelformers_prompt_tokens_total",
                 "counter",
@@ -138,6 +150,12 @@ impl Metrics {
                 "counter",
                 "Tokens after the first of each sequence.",
                 load(&self.decoded_tokens).to_string(),
+            ),
+            (
+                "parallelformers_rank_restarts_total",
+                "counter",
+                "Restarts of the ranks after a rank failed.",
+                self.restarts().to_string(),
             ),
         ];
         for (name, kind, help, value) in scalars {

@@ -10,6 +10,7 @@
 //! answers 503 with `Retry-After`; SIGINT/SIGTERM stop accepting, let running requests finish
 //! within a grace period, and stop every rank.
 
+pub mod admission;
 pub mod connections;
 pub mod guards;
 pub mod input;
@@ -42,6 +43,7 @@ use crate::checkpoint::source::WeightsLocation;
 use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
 use crate::text::TextSide;
+use admission::BatchLimits;
 use connections::ConnectionLimits;
 use input::Prompt;
 use openai::{ApiError, ChatRequest, CompletionRequest, FinishReason, Route, Sampling};
@@ -65,9 +67,21 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// When set, every `/v1/` request must carry it as `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Most sequences decoded together (and so most choices, `n`, per request).
+    pub max_batch: usize,
+    /// Memory the running batch may take on each rank, in bytes (`None`: a quarter of the
+    /// memory available at start, shared by the ranks).
+    pub batch_memory_bytes: Option<u64>,
     /// Bounds on the connections clients hold (count, header, body and keep-alive timeouts).
     pub connections: ConnectionLimits,
 }
+
+/// How long the model thread may take to stop its ranks once the server has stopped, before
+/// they are killed.
+const MODEL_STOP: Duration = Duration::from_secs(7);
+/// How long the connections get, once running requests were cut at the end of the grace
+/// period, to carry their last events.
+const LAST_WORDS: Duration = Duration::from_secs(2);
 
 /// What every handler reads.
 struct AppState {
@@ -79,6 +93,8 @@ struct AppState {
     context: usize,
     /// How an encoder's embeddings are pooled; `None` for models that generate.
     pooling: Option<Pooling>,
+    /// What the running batch may hold.
+    limits: BatchLimits,
 }
 
 /// Serves `model` until SIGINT or SIGTERM; `on_ready` is called with the bound address.
@@ -96,8 +112,7 @@ pub fn serve(
     if model.config().is_causal() {
         model.check_sessions()?;
     }
-    let shared = Arc::new(Shared::default());
-    shared.healthy.store(true, Ordering::Relaxed);
+    let shared = Arc::new(Shared::new());
     shared.metrics.set_ranks(model.load_report().to_vec());
     shared.metrics.set_rank_pids(model.worker_pids());
     let defaults = model.generation_config().clone();
@@ -107,6 +122,18 @@ pub fn serve(
         (WeightsLocation::Safetensors(dir), false) => Some(Pooling::from_model_dir(dir)?),
         (WeightsLocation::Gguf(_), false) => None,
     };
+    let ranks = model.load_report().len();
+    let limits = BatchLimits::new(
+        model.config(),
+        ranks,
+        config.max_batch,
+        config.batch_memory_bytes,
+    )?;
+    tracing::info!(
+        max_batch = limits.max_rows,
+        batch_memory_mib = limits.memory_bytes >> 20,
+        "batch limits"
+    );
     let (jobs, queue) = std::sync::mpsc::channel();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -121,12 +148,13 @@ pub fn serve(
         defaults,
         context,
         pooling,
+        limits: limits.clone(),
     });
     let model_thread = std::thread::Builder::new()
         .name("model".into())
         .spawn({
             let shared = shared.clone();
-            move || scheduler::run(model, text, queue, shared)
+            move || scheduler::run(model, text, queue, shared, limits)
         })
         .map_err(|e| Error::Launch(format!("cannot start the model thread: {e}")))?;
     let served = runtime.block_on(async {
@@ -139,17 +167,50 @@ pub fn serve(
         let app = router(state.clone());
         let server =
             connections::serve_connections(listener, app, config.connections, stop_signal());
-        // Running requests get the grace period after the signal, then the server stops anyway.
+        let server = async {
+            server
+                .await
+                .map_err(|e| Error::Launch(format!("the server failed: {e}")))
+        };
+        tokio::pin!(server);
+        // Running requests get the grace period after the signal; then they are cut (each
+        // hears an error), and the connections get a moment to carry that.
         tokio::select! {
-            result = server => result.map_err(|e| Error::Launch(format!("the server failed: {e}"))),
-            _ = async { stop_signal().await; tokio::time::sleep(config.grace).await } => Ok(()),
+            result = &mut server => result,
+            _ = async { stop_signal().await; tokio::time::sleep(config.grace).await } => {
+                shared.stop();
+                let _ = tokio::time::timeout(LAST_WORDS, &mut server).await;
+                Ok(())
+            }
         }
     });
     // Closing the queue lets the model thread finish its batch and stop the ranks.
+    shared.stop();
     drop(state);
     runtime.shutdown_timeout(Duration::from_secs(1));
-    let _ = model_thread.join();
+    stop_model_thread(model_thread);
     served
+}
+
+/// Waits for the model thread to stop its ranks; past [`MODEL_STOP`] (a rank that never
+/// answers holds it), kills the ranks, which ends the thread's wait, and removes their files
+/// even if the thread does not get to it.
+fn stop_model_thread(thread: std::thread::JoinHandle<()>) {
+    let patience = |limit: Duration| {
+        let deadline = Instant::now() + limit;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        thread.is_finished()
+    };
+    if !patience(MODEL_STOP) {
+        tracing::error!("the ranks did not stop in time; killing them");
+        crate::parallel::launcher::end_every_group();
+        if !patience(Duration::from_secs(2)) {
+            return;
+        }
+    }
+    let _ = thread.join();
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -200,12 +261,19 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     }]}))
 }
 
+/// 200 `{"status": "ok"}` while the ranks run, 503 `{"status": "down"}` from a rank's failure
+/// until they run again; both with the number of restarts so far.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let restarts = state.shared.metrics.restarts();
     match state.shared.healthy.load(Ordering::Relaxed) {
-        true => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        true => (
+            StatusCode::OK,
+            Json(json!({"status": "ok", "restarts": restarts})),
+        )
+            .into_response(),
         false => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "down"})),
+            Json(json!({"status": "down", "restarts": restarts})),
         )
             .into_response(),
     }
@@ -411,7 +479,7 @@ async fn respond(
 ) -> std::result::Result<Response, ApiError> {
     check_model(state, sampling.model.as_deref())?;
     if !state.shared.healthy.load(Ordering::Relaxed) {
-        return Err(ApiError::unavailable("the model is down", None));
+        return Err(scheduler::outage());
     }
     let config = sampling.config(
         &state.defaults,
@@ -433,6 +501,10 @@ async fn respond(
             prompt.len(),
         )
         .map_err(|e| ApiError::invalid("", e.to_string()))?;
+    state.limits.check_request(
+        config.num_return_sequences.max(1),
+        prompt.len() + config.max_new_tokens,
+    )?;
     let metrics = &state.shared.metrics;
     if metrics.in_flight.fetch_add(1, Ordering::SeqCst) >= state.config.max_queue {
         metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -472,6 +544,7 @@ async fn respond(
             state.config.model_name.clone(),
             receiver,
             release,
+            state.shared.stopping.subscribe(),
         )),
         false => {
             whole(
@@ -541,15 +614,29 @@ async fn whole(
 }
 
 /// Relays events as OpenAI chunks (server-sent events), then `data: [DONE]`. Dropping the
-/// stream (the client left) closes the channel, which finishes the row at the next step.
+/// stream (the client left) closes the channel, which finishes the row at the next step. Once
+/// the server stops serving running requests (`stopping`), text not yet sent is dropped and
+/// the stream ends at once with an error event and `data: [DONE]`.
 fn stream(
     route: Route,
     id: String,
     model: String,
     events: UnboundedReceiver<Event>,
     in_flight: InFlight,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Response {
-    let chunks = UnboundedReceiverStream::new(events).map(move |event| {
+    let mut failed = false;
+    let events = UnboundedReceiverStream::new(events)
+        .map(move |event| match *stopping.borrow() {
+            true => Event::Failed(scheduler::shutting_down()),
+            false => event,
+        })
+        .take_while(move |event| {
+            let more = !failed;
+            failed |= matches!(event, Event::Failed(_));
+            more
+        });
+    let chunks = events.map(move |event| {
         let _hold = &in_flight;
         let data = match event {
             Event::Text { index, piece } => route.chunk(&id, &model, index, Some(&piece), None),

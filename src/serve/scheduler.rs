@@ -1,8 +1,14 @@
 //! The thread that owns the parallel model. Generation jobs run in a continuous-batching
 //! session ([`ParallelModel::generate_session`]): each job's choices join the running batch
-//! between decode steps as soon as they arrive (up to `MAX_BATCH` rows), stream their text as
-//! tokens are chosen, and leave the batch the moment they end. A job whose client went away
-//! leaves at the next step. An embedding job waits until the batch drains, then runs alone.
+//! between decode steps as soon as the batch has room for them ([`BatchLimits`]: rows and
+//! memory), stream their text as tokens are chosen, and leave the batch the moment they end. A
+//! job whose client went away leaves at the next step. An embedding job waits until the batch
+//! drains, then runs alone.
+//!
+//! When a rank dies, the requests it took down are answered 503, and the thread starts the
+//! ranks again (waiting longer after each failure that follows soon after the last), answering
+//! 503 meanwhile. Once the server stops, running requests are cut at the end of the grace
+//! period ([`Shared::stopping`]) with an error.
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
@@ -19,17 +25,25 @@ use crate::api::{ParallelModel, SequenceEnd, SessionDriver, SessionSequence};
 use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
 use crate::parallel::ipc::ForwardInput;
+use crate::serve::admission::BatchLimits;
 use crate::serve::metrics::Metrics;
 use crate::serve::openai::{ApiError, FinishReason};
 use crate::serve::pooling::Pooling;
 use crate::text::TextSide;
 use crate::tokenizer::TextStream;
 
-/// Most sequences decoded together.
-const MAX_BATCH: usize = 32;
-
 /// How often an idle model thread checks that every rank is alive.
 const HEALTH_CHECK: Duration = Duration::from_millis(200);
+
+/// The first wait before restarting ranks that failed; it doubles after each failure that
+/// follows soon after a restart, up to [`LONGEST_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest wait before a restart.
+const LONGEST_BACKOFF: Duration = Duration::from_secs(30);
+/// How long ranks must run after a restart for the next failure to start the back-off over.
+const STABLE: Duration = Duration::from_secs(60);
+/// The `Retry-After` of a request refused while the ranks restart, in seconds.
+const RETRY_AFTER_RESTART: u64 = 5;
 
 /// One request waiting for the model.
 pub enum Job {
@@ -85,23 +99,121 @@ pub enum Event {
 }
 
 /// State the handlers read.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Shared {
-    /// False once a rank died.
+    /// False from the moment a rank died until its group is running again.
     pub healthy: AtomicBool,
+    /// Turns true when the grace period after a stop signal ends: running requests are cut
+    /// (each hears an error) and waiting ones refused.
+    pub stopping: tokio::sync::watch::Sender<bool>,
     /// Counters.
     pub metrics: Metrics,
 }
 
-/// Runs jobs from `jobs` until every sender is gone, then stops the ranks.
+impl Shared {
+    /// Healthy, not stopping, no counts yet.
+    pub fn new() -> Self {
+        Shared {
+            healthy: AtomicBool::new(true),
+            stopping: tokio::sync::watch::Sender::new(false),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Whether the server has stopped serving running requests.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Cuts the running requests and refuses the waiting ones.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new()
+    }
+}
+
+/// The answer to requests that the server's stop cuts or refuses.
+pub fn shutting_down() -> ApiError {
+    ApiError::unavailable("the server is shutting down", None)
+}
+
+/// The answer to requests that a failed rank took down, or that arrive while the ranks
+/// restart; the failure itself goes to the log, not to clients.
+pub fn outage() -> ApiError {
+    ApiError::unavailable(
+        "a worker process of the model failed; the server is restarting it",
+        Some(RETRY_AFTER_RESTART),
+    )
+}
+
+/// Answers a job that will not run with `error`.
+fn refuse(job: Job, error: ApiError) {
+    match job {
+        Job::Generate(job) => {
+            let _ = job.events.send(Event::Failed(error));
+        }
+        Job::Embed(job) => {
+            let _ = job.reply.send(Err(error));
+        }
+    }
+}
+
+/// The waits before restarts: doubling while failures follow restarts closely.
+struct Backoff {
+    next: Duration,
+    restarted: Option<Instant>,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            next: FIRST_BACKOFF,
+            restarted: None,
+        }
+    }
+
+    /// The wait before the next restart.
+    fn wait(&mut self) -> Duration {
+        if self.restarted.is_some_and(|at| at.elapsed() > STABLE) {
+            self.next = FIRST_BACKOFF;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(LONGEST_BACKOFF);
+        wait
+    }
+}
+
+/// Runs jobs from `jobs` until every sender is gone, then stops the ranks. Batches stay
+/// within `limits`.
 pub fn run(
     mut model: ParallelModel,
     text: Arc<TextSide>,
     jobs: Receiver<Job>,
     shared: Arc<Shared>,
+    limits: BatchLimits,
 ) {
     let mut pending: VecDeque<Job> = VecDeque::new();
+    let mut backoff = Backoff::new();
     loop {
+        if let Some(failure) = model.failure() {
+            tracing::error!("the model is down: {failure}");
+            pending.drain(..).for_each(|job| refuse(job, outage()));
+            match heal(&mut model, &jobs, &shared, &mut backoff) {
+                true => continue,
+                false => break,
+            }
+        }
+        if shared.is_stopping() {
+            pending.extend(jobs.try_iter());
+            pending
+                .drain(..)
+                .for_each(|job| refuse(job, shutting_down()));
+        }
         if pending.is_empty() {
             match jobs.recv_timeout(HEALTH_CHECK) {
                 Ok(job) => pending.push_back(job),
@@ -118,12 +230,57 @@ pub fn run(
         match pending.pop_front() {
             Some(Job::Embed(job)) => embed(&mut model, job, &shared),
             Some(Job::Generate(job)) => {
-                run_session(&mut model, &text, job, &jobs, &mut pending, &shared)
+                let queue = Queue {
+                    jobs: &jobs,
+                    pending: &mut pending,
+                };
+                run_session(&mut model, &text, job, queue, &shared, &limits)
             }
             None => {}
         }
     }
     model.deparallelize();
+}
+
+/// Restarts the failed ranks, after a back-off during which arriving jobs are refused with
+/// 503; tries again (waiting longer) while restarts fail. Returns false when the server stops
+/// first.
+fn heal(
+    model: &mut ParallelModel,
+    jobs: &Receiver<Job>,
+    shared: &Shared,
+    backoff: &mut Backoff,
+) -> bool {
+    shared.healthy.store(false, Ordering::Relaxed);
+    loop {
+        let until = Instant::now() + backoff.wait();
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match jobs.recv_timeout(left) {
+                Ok(job) => refuse(job, outage()),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        if shared.is_stopping() {
+            return false;
+        }
+        match model.restart() {
+            Ok(()) => {
+                backoff.restarted = Some(Instant::now());
+                shared.metrics.restarted(model.load_report().to_vec());
+                shared.healthy.store(true, Ordering::Relaxed);
+                tracing::warn!("the ranks were restarted and serve again");
+                return true;
+            }
+            Err(e) => tracing::error!("restarting the ranks failed: {e}"),
+        }
+    }
+}
+
+/// The jobs that wait for the model: those taken from the channel, then the channel.
+struct Queue<'a> {
+    jobs: &'a Receiver<Job>,
+    pending: &'a mut VecDeque<Job>,
 }
 
 /// Runs `first`, then the jobs of `pending` and those arriving meanwhile, in one
@@ -132,16 +289,16 @@ fn run_session(
     model: &mut ParallelModel,
     text: &TextSide,
     first: GenerateJob,
-    jobs: &Receiver<Job>,
-    pending: &mut VecDeque<Job>,
+    queue: Queue<'_>,
     shared: &Shared,
+    limits: &BatchLimits,
 ) {
-    pending.push_front(Job::Generate(first));
+    queue.pending.push_front(Job::Generate(first));
     let mut driver = Session {
         text,
-        jobs,
-        pending,
-        metrics: &shared.metrics,
+        queue,
+        shared,
+        limits,
         live: HashMap::new(),
         next_id: 0,
         broken: Vec::new(),
@@ -159,7 +316,7 @@ fn run_session(
             // A session refused before it took any job (the model cannot generate): the
             // first job hears why, so that it is not run again.
             if untouched {
-                if let Some(Job::Generate(job)) = pending.pop_front() {
+                if let Some(Job::Generate(job)) = driver.queue.pending.pop_front() {
                     broken.push(Rc::new(JobState::new(job)));
                 }
             }
@@ -195,37 +352,69 @@ struct Choice {
     output: Output,
     tokens: usize,
     last_token: Option<Instant>,
+    /// Its prompt plus its `max_tokens`: the widest its cache row can grow.
+    positions: usize,
+    /// The server's stop finished it: its job hears an error, not an ending.
+    cut: bool,
 }
 
 /// The scheduler's side of a session: hands queued jobs to the batch and relays each
 /// sequence's text to its job.
 struct Session<'a> {
     text: &'a TextSide,
-    jobs: &'a Receiver<Job>,
-    pending: &'a mut VecDeque<Job>,
-    metrics: &'a Metrics,
+    queue: Queue<'a>,
+    shared: &'a Shared,
+    limits: &'a BatchLimits,
     live: HashMap<u32, Choice>,
     next_id: u32,
     /// Jobs whose sequences the session's failure ended; they hear why once it is known.
     broken: Vec<Rc<JobState>>,
 }
 
+impl Session<'_> {
+    fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+}
+
 impl SessionDriver for Session<'_> {
     fn join(&mut self) -> Vec<SessionSequence> {
-        self.pending.extend(self.jobs.try_iter());
+        let stopping = self.shared.is_stopping();
+        let pending = &mut *self.queue.pending;
+        pending.extend(self.queue.jobs.try_iter());
+        if stopping {
+            pending
+                .drain(..)
+                .for_each(|job| refuse(job, shutting_down()));
+            return Vec::new();
+        }
+        let mut rows = self.live.len();
+        let mut longest = self.live.values().map(|c| c.positions).max().unwrap_or(0);
         let mut joining = Vec::new();
-        while let Some(Job::Generate(job)) = self.pending.front() {
+        while let Some(Job::Generate(job)) = pending.front() {
             let choices = job.config.num_return_sequences.max(1);
-            let running = self.live.len();
-            if running + choices > MAX_BATCH && running > 0 {
+            let positions = job.prompt.len() + job.config.max_new_tokens;
+            let fits = self.limits.fits(rows, longest, choices, positions);
+            if !fits && rows > 0 {
+                // It waits for running sequences to leave.
                 break;
             }
-            let Some(Job::Generate(job)) = self.pending.pop_front() else {
+            let Some(Job::Generate(job)) = pending.pop_front() else {
                 break;
             };
             if job.events.is_closed() {
                 continue;
             }
+            if !fits {
+                // Checked at the door; a job that could never fit is refused here too.
+                let error = match self.limits.check_request(choices, positions) {
+                    Err(e) => e,
+                    Ok(()) => ApiError::internal("the request does not fit in an empty batch"),
+                };
+                let _ = job.events.send(Event::Failed(error));
+                continue;
+            }
+            (rows, longest) = (rows + choices, longest.max(positions));
             let (prompt, job_config) = (job.prompt.clone(), job.config.clone());
             let state = Rc::new(JobState::new(job));
             for index in 0..choices {
@@ -240,6 +429,8 @@ impl SessionDriver for Session<'_> {
                     output: Output::new(&config.stop),
                     tokens: 0,
                     last_token: None,
+                    positions,
+                    cut: false,
                 };
                 self.live.insert(id, choice);
                 joining.push(SessionSequence {
@@ -256,13 +447,18 @@ impl SessionDriver for Session<'_> {
         let Some(choice) = self.live.get_mut(&id) else {
             return ControlFlow::Break(());
         };
+        let metrics = &self.shared.metrics;
         let now = Instant::now();
         match choice.last_token.replace(now) {
-            Some(last) => self.metrics.decode_time(1, now - last),
+            Some(last) => metrics.decode_time(1, now - last),
             None if !choice.job.answered.replace(true) => {
-                self.metrics.first_token(choice.job.arrived.elapsed())
+                metrics.first_token(choice.job.arrived.elapsed())
             }
             None => {}
+        }
+        if self.shared.is_stopping() {
+            choice.cut = true;
+            return ControlFlow::Break(());
         }
         choice.tokens += 1;
         let events = &choice.job.events;
@@ -286,9 +482,13 @@ impl SessionDriver for Session<'_> {
             return;
         };
         let events = &choice.job.events;
+        if choice.cut {
+            let _ = events.send(Event::Failed(shutting_down()));
+            return;
+        }
         match end {
             Ok(end) => {
-                self.metrics.completion_tokens(choice.tokens);
+                self.metrics().completion_tokens(choice.tokens);
                 if let Some(rest) = choice.output.finish(&self.text.tokenizer) {
                     let _ = events.send(Event::Text {
                         index: choice.index,
@@ -313,15 +513,19 @@ impl SessionDriver for Session<'_> {
     }
 }
 
-/// The answer to a request the model failed: 503 once a rank died (and `/health` turns red),
-/// 400 for input the model refused, 500 otherwise.
+/// The answer to a request the model failed: 503 once a rank died (and `/health` turns red
+/// until the ranks are restarted), 400 for input the model refused, 500 otherwise. What went
+/// wrong inside goes to the log, not to the client.
 fn api_error(model: &ParallelModel, shared: &Shared, e: &Error) -> ApiError {
     let dead = model.failure().is_some();
     shared.healthy.store(!dead, Ordering::Relaxed);
     match (e, dead) {
-        (_, true) => ApiError::unavailable(format!("the model is down: {e}"), None),
+        (_, true) => outage(),
         (Error::InvalidInput(message), false) => ApiError::invalid("", message.clone()),
-        _ => ApiError::internal(format!("the model failed: {e}")),
+        _ => {
+            tracing::error!("a request failed: {e}");
+            ApiError::internal("the model failed; the server's log says why")
+        }
     }
 }
 
