@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use parallelformers::api::parallelize_resolved;
+use parallelformers::serve::connections::ConnectionLimits;
 use parallelformers::serve::{serve, ServeConfig};
 
 use super::ModelArgs;
@@ -30,7 +31,8 @@ pub struct ServeArgs {
     /// Most new tokens one request may ask for.
     #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
-    /// Largest request body, in bytes.
+    /// Largest request body, in bytes (a larger declared Content-Length is answered 413 before
+    /// any of the body is read).
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
     /// Seconds running requests may go on after SIGINT/SIGTERM.
@@ -48,6 +50,24 @@ pub struct ServeArgs {
     /// /metrics stay open).
     #[arg(long, env = "PARALLELFORMERS_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Most client connections open at once; more are answered 503 and closed. Never more than
+    /// the open-file limit (ulimit -n) less 128 descriptors kept for the server.
+    #[arg(long, default_value_t = ConnectionLimits::default().max_connections as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Seconds a request's head may take to arrive (from the connection's start, or from the
+    /// first byte of a later request on a kept-alive connection); the connection closes after.
+    #[arg(long, default_value_t = ConnectionLimits::default().header_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout_seconds: u64,
+    /// Seconds a request's body may take to arrive after its head; 408 after.
+    #[arg(long, default_value_t = ConnectionLimits::default().body_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout_seconds: u64,
+    /// Seconds a connection with no request in flight stays open for the next request.
+    #[arg(long, default_value_t = ConnectionLimits::default().keep_alive.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    keep_alive_seconds: u64,
 }
 
 /// Runs `serve`.
@@ -69,6 +89,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         api_key: args.api_key.filter(|key| !key.is_empty()),
         max_batch: args.max_batch,
         batch_memory_bytes: args.batch_memory_mib.map(|mib| mib << 20),
+        connections: ConnectionLimits {
+            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            header_timeout: Duration::from_secs(args.header_timeout_seconds),
+            body_timeout: Duration::from_secs(args.body_timeout_seconds),
+            keep_alive: Duration::from_secs(args.keep_alive_seconds),
+        },
     };
     serve(model, config, |address| {
         println!("listening on http://{address}");

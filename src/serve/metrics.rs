@@ -1,4 +1,6 @@
-//! The server's counters, rendered in Prometheus' text format at `GET /metrics`.
+//! The server's counters, rendered in Prometheus' text format at `GET /metrics`. Memory is
+//! read from `/proc` when the metrics are rendered, for the server process and each rank
+//! process, so a scrape shows what the processes hold now rather than at load.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -22,6 +24,8 @@ pub struct Metrics {
     decoded_tokens: AtomicU64,
     ranks: Mutex<Vec<RankMemory>>,
     restarts: AtomicU64,
+    /// The rank processes' ids, in rank order (empty where ranks are not local processes).
+    rank_pids: Mutex<Vec<u32>>,
 }
 
 impl Metrics {
@@ -75,6 +79,14 @@ impl Metrics {
     /// How many times the ranks were restarted after a failure.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Sets the rank processes' ids, in rank order, whose memory each scrape reads (again after
+    /// ranks are restarted).
+    pub fn set_rank_pids(&self, pids: Vec<u32>) {
+        if let Ok(mut held) = self.rank_pids.lock() {
+            *held = pids;
+        }
     }
 
     /// Everything in Prometheus' text exposition format.
@@ -150,19 +162,37 @@ impl Metrics {
             header(&mut text, name, kind, help);
             let _ = writeln!(text, "{name} {value}");
         }
+        if let Some((resident, _)) = process_memory("self") {
+            header(
+                &mut text,
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory of the server process.",
+            );
+            let _ = writeln!(text, "process_resident_memory_bytes {resident}");
+        }
         header(
             &mut text,
             "parallelformers_rank_memory_bytes",
             "gauge",
-            "Memory of each rank.",
+            "Memory of each rank: resident and peak as the rank process holds them now (as at \
+             load where ranks are not local processes; left out for a rank process that is \
+             gone), and the key/value cache reserved at load.",
         );
+        let pids = self.rank_pids.lock().map(|p| p.clone()).unwrap_or_default();
         if let Ok(ranks) = self.ranks.lock() {
             for m in ranks.iter() {
-                for (kind, bytes) in [
-                    ("resident", m.resident_bytes),
-                    ("peak", m.peak_bytes),
-                    ("kv_cache", m.kv_cache_bytes),
-                ] {
+                let now = match pids.len() == ranks.len() {
+                    true => pids
+                        .get(m.rank)
+                        .and_then(|pid| process_memory(&pid.to_string())),
+                    false => Some((m.resident_bytes, m.peak_bytes)),
+                };
+                let mut kinds = vec![("kv_cache", m.kv_cache_bytes)];
+                if let Some((resident, peak)) = now {
+                    kinds.splice(0..0, [("resident", resident), ("peak", peak)]);
+                }
+                for (kind, bytes) in kinds {
                     let _ = writeln!(
                         text,
                         "parallelformers_rank_memory_bytes{{rank=\"{}\",kind=\"{kind}\"}} {bytes}",
@@ -178,4 +208,84 @@ impl Metrics {
 /// A metric family's `# HELP` and `# TYPE` lines.
 fn header(text: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// `(VmRSS, VmHWM)` in bytes of process `pid` (a number, or `self`) from `/proc/PID/status`;
+/// `None` when it cannot be read (the process is gone).
+fn process_memory(pid: &str) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some((
+        status_bytes(&status, "VmRSS:")?,
+        status_bytes(&status, "VmHWM:")?,
+    ))
+}
+
+/// A `kB` field of `/proc/PID/status`, in bytes.
+fn status_bytes(status: &str, key: &str) -> Option<u64> {
+    let kb = status.lines().find_map(|l| l.strip_prefix(key))?;
+    let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::engine::WeightBytes;
+
+    fn line_value(text: &str, prefix: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn status_fields_are_read_in_bytes() {
+        let status = "Name:\tx\nVmHWM:\t   2048 kB\nVmRSS:\t    1024 kB\n";
+        assert_eq!(status_bytes(status, "VmRSS:"), Some(1024 * 1024));
+        assert_eq!(status_bytes(status, "VmHWM:"), Some(2048 * 1024));
+        assert_eq!(status_bytes(status, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn rank_memory_is_read_when_scraped_not_kept_from_load() {
+        let metrics = Metrics::default();
+        let at_load = RankMemory {
+            rank: 0,
+            weights: WeightBytes::default(),
+            kv_cache_bytes: 7,
+            resident_bytes: 1,
+            peak_bytes: 1,
+        };
+        metrics.set_ranks(vec![at_load]);
+        let text = metrics.render();
+        assert_eq!(
+            line_value(
+                &text,
+                "parallelformers_rank_memory_bytes{rank=\"0\",kind=\"resident\"}"
+            ),
+            Some(1),
+            "without pids, the load-time figure"
+        );
+        // This process stands in for the rank.
+        metrics.set_rank_pids(vec![std::process::id()]);
+        let text = metrics.render();
+        let resident = line_value(
+            &text,
+            "parallelformers_rank_memory_bytes{rank=\"0\",kind=\"resident\"}",
+        )
+        .unwrap();
+        assert!(resident > 1 << 20, "{text}");
+        assert_eq!(
+            line_value(
+                &text,
+                "parallelformers_rank_memory_bytes{rank=\"0\",kind=\"kv_cache\"}"
+            ),
+            Some(7)
+        );
+        assert!(line_value(&text, "process_resident_memory_bytes").unwrap() > 1 << 20);
+        // A rank process that is gone has no resident figure.
+        metrics.set_rank_pids(vec![u32::MAX]);
+        let text = metrics.render();
+        assert!(!text.contains("kind=\"resident\""), "{text}");
+    }
 }

@@ -1,7 +1,8 @@
 //! `parallelformers serve`: an OpenAI-compatible HTTP server (axum on tokio) over a parallel
 //! model. Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream:
 //! true` as server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health`,
-//! `GET /metrics` (Prometheus text).
+//! `GET /metrics` (Prometheus text). Connections are served by [`connections`], which bounds
+//! how many a client may hold and how long it may take to send a request.
 //!
 //! One thread owns the model ([`scheduler`]); handlers queue jobs to it and relay its events.
 //! Requests join the running batch between decode steps and leave it when they end (continuous
@@ -10,6 +11,9 @@
 //! within a grace period, and stop every rank.
 
 pub mod admission;
+pub mod connections;
+pub mod guards;
+pub mod input;
 pub mod metrics;
 pub mod openai;
 pub mod pooling;
@@ -40,6 +44,8 @@ use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
 use crate::text::TextSide;
 use admission::BatchLimits;
+use connections::ConnectionLimits;
+use input::Prompt;
 use openai::{ApiError, ChatRequest, CompletionRequest, FinishReason, Route, Sampling};
 use pooling::Pooling;
 use scheduler::{EmbedJob, Event, GenerateJob, Job, Shared};
@@ -66,6 +72,8 @@ pub struct ServeConfig {
     /// Memory the running batch may take on each rank, in bytes (`None`: a quarter of the
     /// memory available at start, shared by the ranks).
     pub batch_memory_bytes: Option<u64>,
+    /// Bounds on the connections clients hold (count, header, body and keep-alive timeouts).
+    pub connections: ConnectionLimits,
 }
 
 /// How long the model thread may take to stop its ranks once the server has stopped, before
@@ -106,6 +114,7 @@ pub fn serve(
     }
     let shared = Arc::new(Shared::new());
     shared.metrics.set_ranks(model.load_report().to_vec());
+    shared.metrics.set_rank_pids(model.worker_pids());
     let defaults = model.generation_config().clone();
     let context = model.config().generation_context();
     let pooling = match (&model.model().location, model.config().is_causal()) {
@@ -149,15 +158,15 @@ pub fn serve(
         })
         .map_err(|e| Error::Launch(format!("cannot start the model thread: {e}")))?;
     let served = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.address)
-            .await
+        let listener = connections::bind(config.address)
             .map_err(|e| Error::Launch(format!("cannot listen on {}: {e}", config.address)))?;
         let address = listener
             .local_addr()
             .map_err(|e| Error::Launch(format!("no local address: {e}")))?;
         on_ready(address);
         let app = router(state.clone());
-        let server = axum::serve(listener, app).with_graceful_shutdown(stop_signal());
+        let server =
+            connections::serve_connections(listener, app, config.connections, stop_signal());
         let server = async {
             server
                 .await
@@ -226,42 +235,21 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
+            state.config.api_key.clone(),
+            guards::require_api_key,
         ));
     Router::new()
         .merge(api)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::invalid("", "no such route").into_response() })
+        .method_not_allowed_fallback(guards::wrong_method)
+        .fallback(guards::no_such_route)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            limit,
+            guards::refuse_declared_oversize,
+        ))
         .with_state(state)
-}
-
-/// Refuses a request without the server's API key (when one is set) with 401.
-async fn require_api_key(
-    State(state): State<Arc<AppState>>,
-    request: axum::extract::Request,
-    next: middleware::Next,
-) -> Response {
-    let Some(key) = state.config.api_key.as_deref() else {
-        return next.run(request).await;
-    };
-    let presented = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    match presented.is_some_and(|presented| same_secret(presented, key)) {
-        true => next.run(request).await,
-        false => ApiError::unauthorized().into_response(),
-    }
-}
-
-/// Compares two secrets in time that depends only on their lengths.
-fn same_secret(presented: &str, key: &str) -> bool {
-    let (a, b) = (presented.as_bytes(), key.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -300,13 +288,10 @@ async fn completions(
     body: std::result::Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Response {
     let result = match body {
-        Ok(Json(request)) => {
-            let prompt = request.prompt_text().and_then(|p| encode(&state.text, &p));
-            match prompt {
-                Ok(ids) => respond(&state, Route::Completions, ids, &request.sampling, 16).await,
-                Err(e) => Err(e),
-            }
-        }
+        Ok(Json(request)) => match completion_prompt(&state, &request) {
+            Ok(ids) => respond(&state, Route::Completions, ids, &request.sampling, 16).await,
+            Err(e) => Err(e),
+        },
         Err(rejection) => Err(rejected(rejection)),
     };
     finish(&state, "completions", result)
@@ -317,16 +302,47 @@ async fn chat(
     body: std::result::Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
     let result = match body {
-        Ok(Json(request)) => match state.text.chat_prompt(&request.messages) {
+        Ok(Json(request)) => match chat_prompt(&state, &request) {
             Ok(ids) => {
                 let default_max = state.config.max_tokens_limit;
                 respond(&state, Route::Chat, ids, &request.sampling, default_max).await
             }
-            Err(e) => Err(ApiError::invalid("messages", e.to_string())),
+            Err(e) => Err(e),
         },
         Err(rejection) => Err(rejected(rejection)),
     };
     finish(&state, "chat", result)
+}
+
+/// The prompt ids of a completions request (its sampling fields checked first).
+fn completion_prompt(
+    state: &AppState,
+    request: &CompletionRequest,
+) -> std::result::Result<Vec<u32>, ApiError> {
+    request.sampling.check()?;
+    match Prompt::from_json(&request.prompt)? {
+        Prompt::Text(text) => encode(&state.text, &text),
+        Prompt::Tokens(ids) => {
+            input::check_token_ids(&ids, state.text.tokenizer.get_vocab_size(true))?;
+            Ok(ids)
+        }
+    }
+}
+
+/// The prompt ids of a chat request: its sampling fields and messages checked, the chat
+/// template applied.
+fn chat_prompt(state: &AppState, request: &ChatRequest) -> std::result::Result<Vec<u32>, ApiError> {
+    request.sampling.check()?;
+    let knows_developer = state
+        .text
+        .template
+        .as_ref()
+        .is_some_and(|template| template.source().contains("developer"));
+    let messages = input::conversation(&request.messages, knows_developer)?;
+    state
+        .text
+        .chat_prompt(&messages)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
 
 async fn embeddings(

@@ -6,8 +6,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::input::ChatMessage;
 use crate::generation::GenerationConfig;
-use crate::tokenizer::Message;
 
 /// One string or a list of strings (`prompt`, `stop`).
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +59,33 @@ pub struct Sampling {
 }
 
 impl Sampling {
+    /// Refuses values out of OpenAI's ranges, naming the field and the value: `temperature` in
+    /// [0, 2], `top_p` in (0, 1], `repetition_penalty` positive, `n` at least 1.
+    pub fn check(&self) -> Result<(), ApiError> {
+        let out = |field: &str, range: &str, value: &dyn std::fmt::Display| {
+            Err(ApiError::invalid(
+                field,
+                format!("{field} must be {range}, got {value}"),
+            ))
+        };
+        if let Some(t) = self.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+            return out("temperature", "between 0 and 2", &t);
+        }
+        if let Some(p) = self.top_p.filter(|&p| !(p > 0.0 && p <= 1.0)) {
+            return out("top_p", "in (0, 1]", &p);
+        }
+        if let Some(r) = self
+            .repetition_penalty
+            .filter(|&r| !(r > 0.0 && r.is_finite()))
+        {
+            return out("repetition_penalty", "a positive number", &r);
+        }
+        if self.n == Some(0) {
+            return out("n", "at least 1", &0);
+        }
+        Ok(())
+    }
+
     /// The generation options of this request, on top of the model's defaults.
     pub fn config(&self, defaults: &GenerationConfig, default_max: usize) -> GenerationConfig {
         let temperature = self.temperature.unwrap_or(1.0);
@@ -91,8 +118,9 @@ impl Sampling {
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
-    /// The prompt (one string, or a list of one).
-    pub prompt: OneOrMany,
+    /// The prompt: a string, a list of token ids, or a list of one of those (read by
+    /// [`super::input::Prompt::from_json`]).
+    pub prompt: Value,
     /// Sampling fields.
     #[serde(flatten)]
     pub sampling: Sampling,
@@ -101,24 +129,11 @@ pub struct CompletionRequest {
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
-    /// The conversation so far.
-    pub messages: Vec<Message>,
+    /// The conversation so far (checked by [`super::input::conversation`]).
+    pub messages: Vec<ChatMessage>,
     /// Sampling fields.
     #[serde(flatten)]
     pub sampling: Sampling,
-}
-
-impl CompletionRequest {
-    /// The single prompt text.
-    pub fn prompt_text(&self) -> Result<String, ApiError> {
-        match self.prompt.clone().into_vec().as_slice() {
-            [one] => Ok(one.clone()),
-            other => Err(ApiError::invalid(
-                "prompt",
-                format!("one prompt per request is supported, got {}", other.len()),
-            )),
-        }
-    }
 }
 
 /// `POST /v1/embeddings`.
@@ -304,7 +319,7 @@ impl ApiError {
         }
     }
 
-    /// 401: the request lacks the server's API key.
+    /// 401: the request lacks the server's API key (answered with `WWW-Authenticate: Bearer`).
     pub fn unauthorized() -> Self {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
@@ -360,11 +375,60 @@ impl IntoResponse for ApiError {
             "code": self.code,
         }});
         let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(sampling: serde_json::Value) -> (Option<String>, String) {
+        let sampling: Sampling = serde_json::from_value(sampling).unwrap();
+        let error = sampling.check().unwrap_err();
+        (error.param.clone(), error.message().to_string())
+    }
+
+    #[test]
+    fn sampling_values_out_of_range_are_refused_by_name_and_value() {
+        assert!(Sampling::default().check().is_ok());
+        let fine = json!({"temperature": 0, "top_p": 1, "repetition_penalty": 1.2, "n": 2});
+        assert!(serde_json::from_value::<Sampling>(fine)
+            .unwrap()
+            .check()
+            .is_ok());
+        let (param, message) = refusal(json!({"temperature": 2.5}));
+        assert_eq!(param.as_deref(), Some("temperature"));
+        assert!(message.contains("2.5"), "{message}");
+        assert_eq!(
+            refusal(json!({"temperature": -0.1})).0.as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(refusal(json!({"top_p": 0})).0.as_deref(), Some("top_p"));
+        assert_eq!(refusal(json!({"top_p": 1.01})).0.as_deref(), Some("top_p"));
+        let (param, message) = refusal(json!({"repetition_penalty": -1}));
+        assert_eq!(param.as_deref(), Some("repetition_penalty"));
+        assert!(message.contains("-1"), "{message}");
+        assert_eq!(refusal(json!({"n": 0})).0.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn a_401_names_the_bearer_scheme() {
+        let response = ApiError::unauthorized().into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            response.headers().get(header::WWW_AUTHENTICATE).unwrap(),
+            "Bearer"
+        );
     }
 }
