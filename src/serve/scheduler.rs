@@ -268,6 +268,7 @@ fn heal(
             Ok(()) => {
                 backoff.restarted = Some(Instant::now());
                 shared.metrics.restarted(model.load_report().to_vec());
+                shared.metrics.set_rank_pids(model.worker_pids());
                 shared.healthy.store(true, Ordering::Relaxed);
                 tracing::warn!("the ranks were restarted and serve again");
                 return true;
