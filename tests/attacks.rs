@@ -681,6 +681,43 @@ fn post_raw(server: &Server, path: &str, body: &Value) -> TcpStream {
     stream
 }
 
+/// Streams a completion of `body` on a raw connection from a thread of its own, which returns
+/// everything that arrived before the server closed the connection.
+fn stream_in_background(server: &Server, body: Value) -> std::thread::JoinHandle<String> {
+    let mut stream = post_raw(server, "/v1/completions", &body);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text
+    })
+}
+
+/// The private directory of the server whose rank 0 is `rank`, from the rendezvous socket's path
+/// in the rank's environment.
+fn rendezvous_dir(rank: u32) -> std::path::PathBuf {
+    let socket = rank_env(rank, "PARALLELFORMERS_RENDEZVOUS").expect("the rendezvous path");
+    let directory = std::path::Path::new(&socket)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(directory.exists());
+    directory
+}
+
+/// Sends SIGTERM and asserts that the server exits successfully within a grace of 1 s plus a
+/// few seconds; returns how long it took.
+fn stop_within_the_grace(server: &mut Server) -> Duration {
+    let signalled = Instant::now();
+    let status = server.stop();
+    let took = signalled.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(1 + 6), "stopping took {took:?}");
+    took
+}
+
 /// The `data:` payloads of a raw HTTP response whose body is a chunked event stream (as far
 /// as it arrived).
 fn events_of(raw: &str) -> Vec<String> {
@@ -802,26 +839,23 @@ fn request_shapes_beyond_the_budget_are_refused_and_no_rank_grows_past_it() {
     let ranks = children(server.child.id());
     let peak_after_load: Vec<u64> = ranks.iter().map(|&p| status_bytes(p, "VmHWM")).collect();
 
-    let (code, body) = server
-        .post(
-            "/v1/completions",
-            &json!({"prompt": "a", "n": 65, "max_tokens": 2}),
-        )
-        .unwrap_err();
-    assert_eq!(code, 400, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("--max-batch"), "{message}");
-    let (code, body) = server
-        .post(
-            "/v1/completions",
-            &json!({"prompt": "a", "n": 64, "max_tokens": 60}),
-        )
-        .unwrap_err();
-    assert_eq!(code, 400, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("--batch-memory-mib"), "{message}");
+    for (request, limit) in [
+        (
+            json!({"prompt": "a", "n": 65, "max_tokens": 2}),
+            "--max-batch",
+        ),
+        (
+            json!({"prompt": "a", "n": 64, "max_tokens": 60}),
+            "--batch-memory-mib",
+        ),
+    ] {
+        let (code, body) = server.post("/v1/completions", &request).unwrap_err();
+        assert_eq!(code, 400, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(limit), "{message}");
+    }
 
-    // Each fits alone (16 rows of one reserved cache row each), two do not fit together:
+    // Each fits alone (24 rows of one reserved cache row each), two do not fit together:
     // they take turns, and every one is answered.
     let flood: Vec<_> = (0..8 * scale())
         .map(|i| {
@@ -873,15 +907,7 @@ fn a_rank_killed_under_load_is_restarted_and_the_server_serves_again() {
         let streams: Vec<_> = (0..3)
             .map(|_| {
                 let body = json!({"prompt": "the model", "max_tokens": 4000, "stream": true});
-                let mut stream = post_raw(&server, "/v1/completions", &body);
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(60)))
-                    .unwrap();
-                std::thread::spawn(move || {
-                    let mut text = String::new();
-                    let _ = stream.read_to_string(&mut text);
-                    text
-                })
+                stream_in_background(&server, body)
             })
             .collect();
         std::thread::sleep(Duration::from_millis(300));
@@ -959,34 +985,17 @@ fn a_rank_killed_under_load_is_restarted_and_the_server_serves_again() {
 fn sigterm_while_streams_run_stops_within_the_grace_and_leaves_nothing() {
     let mut server = start_default(&["--grace-seconds", "1"]);
     let ranks = children(server.child.id());
-    let socket = rank_env(ranks[0], "PARALLELFORMERS_RENDEZVOUS").expect("the rendezvous path");
-    let directory = std::path::Path::new(&socket)
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    assert!(directory.exists());
+    let directory = rendezvous_dir(ranks[0]);
     let streams: Vec<_> = (0..2)
         .map(|_| {
             // Far longer than the grace.
             let body =
                 json!({"prompt": "Once upon a time", "n": 4, "max_tokens": 2000, "stream": true});
-            let mut stream = post_raw(&server, "/v1/completions", &body);
-            stream
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            std::thread::spawn(move || {
-                let mut text = String::new();
-                let _ = stream.read_to_string(&mut text);
-                text
-            })
+            stream_in_background(&server, body)
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    let signalled = Instant::now();
-    let status = server.stop();
-    let took = signalled.elapsed();
-    assert!(status.success(), "{status}");
-    assert!(took < Duration::from_secs(1 + 6), "stopping took {took:?}");
+    let took = stop_within_the_grace(&mut server);
     println!(
         "SIGTERM with streams running, grace 1 s: stopped in {:.2} s",
         took.as_secs_f64()
@@ -1015,29 +1024,13 @@ fn sigterm_while_streams_run_stops_within_the_grace_and_leaves_nothing() {
 fn sigterm_with_a_frozen_rank_stops_and_leaves_nothing() {
     let mut server = start_default(&["--grace-seconds", "1"]);
     let ranks = children(server.child.id());
-    let socket = rank_env(ranks[0], "PARALLELFORMERS_RENDEZVOUS").expect("the rendezvous path");
-    let directory = std::path::Path::new(&socket)
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let directory = rendezvous_dir(ranks[0]);
     let body = json!({"prompt": "Once upon a time", "max_tokens": 2000, "stream": true});
-    let mut stream = post_raw(&server, "/v1/completions", &body);
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stream.read_to_string(&mut text);
-        text
-    });
+    let reader = stream_in_background(&server, body);
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: freezing a rank process of the server this test started.
     unsafe { libc::kill(ranks[1] as i32, libc::SIGSTOP) };
-    let signalled = Instant::now();
-    let status = server.stop();
-    let took = signalled.elapsed();
-    assert!(status.success(), "{status}");
-    assert!(took < Duration::from_secs(1 + 6), "stopping took {took:?}");
+    let took = stop_within_the_grace(&mut server);
     println!(
         "SIGTERM with a frozen rank, grace 1 s: stopped in {:.2} s",
         took.as_secs_f64()

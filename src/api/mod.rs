@@ -98,8 +98,7 @@ fn start_group(model: &ResolvedModel, options: &Options) -> Result<(WorkerGroup,
     Plan::new(&model.config, options.ranks)?;
     let program = match &options.worker_program {
         Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| Error::Launch(format!("cannot find this executable: {e}")))?,
+        None => this_program()?,
     };
     let spec = LaunchSpec {
         ranks: options.ranks,
@@ -112,6 +111,19 @@ fn start_group(model: &ResolvedModel, options: &Options) -> Result<(WorkerGroup,
         comm_dir: options.comm_dir.clone(),
     };
     Ok((WorkerGroup::spawn(&spec)?, options.ranks))
+}
+
+/// This executable, for ranks to re-execute: the path it was started from, or `/proc/self/exe`
+/// once that file was replaced or deleted (a new build or an upgrade while a server runs, whose
+/// ranks may restart), which still starts this very program.
+fn this_program() -> Result<std::path::PathBuf> {
+    let path = std::env::current_exe()
+        .map_err(|e| Error::Launch(format!("cannot find this executable: {e}")))?;
+    let running = std::path::Path::new("/proc/self/exe");
+    match path.exists() || !running.exists() {
+        true => Ok(path),
+        false => Ok(running.to_path_buf()),
+    }
 }
 
 /// The group of the MPI job this process belongs to, and its number of ranks. On ranks other

@@ -4,7 +4,7 @@
 //! each with an OpenAI-style error body.
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -22,13 +22,7 @@ pub async fn refuse_declared_oversize(
         Some(length) if length > limit as u64 => {
             let message =
                 format!("the request body of {length} bytes exceeds the limit of {limit} bytes");
-            let mut response = ApiError::invalid("", message)
-                .with_status(StatusCode::PAYLOAD_TOO_LARGE)
-                .into_response();
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            response
+            ApiError::invalid("", message).closing(StatusCode::PAYLOAD_TOO_LARGE)
         }
         _ => next.run(request).await,
     }
@@ -97,6 +91,7 @@ pub async fn wrong_method(method: Method, uri: Uri) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     #[test]
     fn the_bearer_scheme_is_matched_in_any_case() {

@@ -360,6 +360,16 @@ impl ApiError {
         ApiError { status, ..self }
     }
 
+    /// The response with `status`, asking the client to close the connection after it (the
+    /// server will not read the rest of what the client sends).
+    pub fn closing(self, status: StatusCode) -> Response {
+        let mut response = self.with_status(status).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
+
     /// The message.
     pub fn message(&self) -> &str {
         &self.message

@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, Request, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{Request, StatusCode};
+use axum::response::Response;
 use axum::Router;
 use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
@@ -66,13 +66,7 @@ fn body_timed_out(timeout: Duration) -> Response {
         "the request body did not arrive within {} s",
         timeout.as_secs_f64()
     );
-    let mut response = ApiError::invalid("", message)
-        .with_status(StatusCode::REQUEST_TIMEOUT)
-        .into_response();
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
+    ApiError::invalid("", message).closing(StatusCode::REQUEST_TIMEOUT)
 }
 
 /// Counts a request as in flight from its head to the end of its response.
