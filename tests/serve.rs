@@ -376,6 +376,54 @@ fn chat_completions_apply_the_template_and_stream_on_the_default_model() {
         "{text:?} from {answer:?}"
     );
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+
+    // A request that names no sampling gets the model's defaults: this GGUF has no
+    // generation_config.json, so greedy, as `/v1/models` says and as the CLI's chat answers.
+    let models = server.get_json("/v1/models");
+    let defaults = &models["data"][0]["sampling_defaults"];
+    assert_eq!(defaults["temperature"], 0.0, "{models}");
+    assert!(defaults["source"].as_str().unwrap().starts_with("built-in"));
+    let plain = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}]});
+    let served = server.post("/v1/chat/completions", &plain).unwrap();
+    let served = served["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(served.contains("Paris"), "{served}");
+    let cli = Command::new(common::binary())
+        .args(["chat", "--ranks", "2", "What is the capital of France?"])
+        .output()
+        .unwrap();
+    assert!(cli.status.success());
+    assert_eq!(String::from_utf8_lossy(&cli.stdout).trim_end(), served);
+}
+
+/// The sampling defaults of requests come from the checkpoint's `generation_config.json`.
+#[test]
+fn requests_that_name_no_sampling_get_the_checkpoints_generation_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("gpt2")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let generation = json!({"do_sample": true, "temperature": 0.7, "top_k": 5, "top_p": 0.9});
+    std::fs::write(dir.path().join("generation_config.json"), generation.to_string()).unwrap();
+    let server = Server::start(&["--model", dir.path().to_str().unwrap(), "--ranks", "2"]);
+    let models = server.get_json("/v1/models");
+    let defaults = &models["data"][0]["sampling_defaults"];
+    assert_eq!(defaults["source"], "generation_config.json", "{models}");
+    assert!((defaults["temperature"].as_f64().unwrap() - 0.7).abs() < 1e-6);
+    assert_eq!(defaults["top_k"], 5);
+    // Sampled: two seeds give two answers; temperature 0 in the request is greedy again.
+    let answer = |extra: Value| {
+        let mut request = json!({"prompt": "the model", "max_tokens": 12});
+        request.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        server.post("/v1/completions", &request).unwrap()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let sampled: std::collections::HashSet<String> =
+        (0..4).map(|seed| answer(json!({"seed": seed}))).collect();
+    assert!(sampled.len() > 1, "{sampled:?}");
+    assert_eq!(answer(json!({"temperature": 0})), answer(json!({"temperature": 0.0})));
 }
 
 #[test]

@@ -57,7 +57,7 @@ fn weight_bytes_per_token(memory: &[RankMemory], config: &ModelConfig, dtype: We
 /// Runs `bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
-    let options = args.model.options(1);
+    let options = args.model.options();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Under MPI the ranks' cores (perhaps on other hosts) are not this process's to measure.
     let bandwidth =

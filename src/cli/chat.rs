@@ -14,7 +14,6 @@ use super::generation_args::GenerationArgs;
 use super::ModelArgs;
 
 /// Ranks `chat` uses unless told otherwise.
-const DEFAULT_RANKS: usize = 2;
 
 /// Longest answer unless `--max-new-tokens` says otherwise.
 const CHAT_MAX_NEW_TOKENS: usize = 256;
@@ -80,7 +79,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         "{path} has no chat template (tokenizer.chat_template / tokenizer_config.json); use `generate` for raw prompts"
     );
     let mut model =
-        parallelformers::api::parallelize_resolved(resolved, args.model.options(DEFAULT_RANKS))?;
+        parallelformers::api::parallelize_resolved(resolved, args.model.options())?;
     let config = args.generation.apply(&GenerationConfig {
         max_new_tokens: CHAT_MAX_NEW_TOKENS,
         ..model.generation_config().clone()

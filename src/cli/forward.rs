@@ -118,7 +118,7 @@ fn read_inputs(path: &Path) -> anyhow::Result<ForwardInput> {
 /// Runs `forward`.
 pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let input = read_inputs(&args.inputs)?;
-    let mut model = parallelize_resolved(args.model.resolve()?, args.model.options(1))?;
+    let mut model = parallelize_resolved(args.model.resolve()?, args.model.options())?;
     let out = model.forward(&input)?;
     let name = match model.config().output {
         OutputKind::Logits => "logits",

@@ -43,7 +43,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ),
         (None, None, _) => bail!("give a PROMPT or --input-ids"),
     };
-    let mut model = parallelize_resolved(resolved, args.model.options(1))?;
+    let mut model = parallelize_resolved(resolved, args.model.options())?;
     let config = args.generation.apply(model.generation_config());
     // Text streams to standard output as tokens are chosen (complete characters only).
     let mut stream = TextStream::new();

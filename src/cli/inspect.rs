@@ -14,7 +14,7 @@ pub struct InspectArgs {
     #[arg(long, env = "PARALLELFORMERS_MODEL")]
     model: Option<String>,
     /// Number of ranks to plan for.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "PARALLELFORMERS_RANKS", default_value_t = super::DEFAULT_RANKS)]
     ranks: usize,
     /// A policy file for a model_type that reuses a known block wiring.
     #[arg(long, env = "PARALLELFORMERS_POLICY")]

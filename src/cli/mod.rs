@@ -43,6 +43,10 @@ enum Command {
     CommBench(comm_bench::CommBenchArgs),
 }
 
+/// Ranks of every command that does not name `--ranks`: a tensor-parallel split from the first
+/// run, as the README's first command shows it.
+pub const DEFAULT_RANKS: usize = 2;
+
 /// Arguments shared by every command that loads a model.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -50,9 +54,9 @@ pub struct ModelArgs {
     /// Default: SmolLM2-135M-Instruct (GGUF Q4_1), fetched once into the user cache.
     #[arg(long, env = "PARALLELFORMERS_MODEL")]
     pub model: Option<String>,
-    /// Number of ranks (worker processes) to split the model over [default: 2 for chat, 1 otherwise].
-    #[arg(long, env = "PARALLELFORMERS_RANKS")]
-    pub ranks: Option<usize>,
+    /// Number of ranks (worker processes) to split the model over.
+    #[arg(long, env = "PARALLELFORMERS_RANKS", default_value_t = DEFAULT_RANKS)]
+    pub ranks: usize,
     /// Weight dtype.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: WeightDType,
@@ -84,10 +88,10 @@ impl ModelArgs {
         resolve_model(self.model.as_deref(), self.policy.as_deref())
     }
 
-    /// The library options these arguments describe, with `default_ranks` unless `--ranks`.
-    pub fn options(&self, default_ranks: usize) -> Options {
+    /// The library options these arguments describe.
+    pub fn options(&self) -> Options {
         Options {
-            ranks: self.ranks.unwrap_or(default_ranks),
+            ranks: self.ranks,
             dtype: self.dtype,
             verbose: self.verbose,
             backend: self.backend,

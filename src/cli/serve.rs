@@ -78,7 +78,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let stem = path.file_stem().or(path.file_name()).unwrap_or_default();
         stem.to_string_lossy().into_owned()
     });
-    let model = parallelize_resolved(resolved, args.model.options(1))?;
+    let model = parallelize_resolved(resolved, args.model.options())?;
     let config = ServeConfig {
         address: SocketAddr::new(args.host, args.port),
         model_name: name,

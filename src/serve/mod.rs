@@ -95,6 +95,8 @@ struct AppState {
     pooling: Option<Pooling>,
     /// What the running batch may hold.
     limits: BatchLimits,
+    /// The sampling of a request that names none, as `/v1/models` states it.
+    sampling: Value,
 }
 
 /// Serves `model` until SIGINT or SIGTERM; `on_ready` is called with the bound address.
@@ -116,6 +118,8 @@ pub fn serve(
     shared.metrics.set_ranks(model.load_report().to_vec());
     shared.metrics.set_rank_pids(model.worker_pids());
     let defaults = model.generation_config().clone();
+    let sampling = openai::sampling_defaults(&defaults, defaults_source(&model.model().location));
+    tracing::info!(%sampling, "sampling defaults of requests that name none");
     let context = model.config().generation_context();
     let pooling = match (&model.model().location, model.config().is_causal()) {
         (_, true) => None,
@@ -149,6 +153,7 @@ pub fn serve(
         context,
         pooling,
         limits: limits.clone(),
+        sampling,
     });
     let model_thread = std::thread::Builder::new()
         .name("model".into())
@@ -258,7 +263,20 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
         "object": "model",
         "created": openai::now(),
         "owned_by": "parallelformers",
+        "max_model_len": state.context,
+        "sampling_defaults": state.sampling,
     }]}))
+}
+
+/// Where the sampling defaults of requests come from: the checkpoint's `generation_config.json`,
+/// else transformers' defaults, which are greedy.
+fn defaults_source(location: &WeightsLocation) -> &'static str {
+    match location {
+        WeightsLocation::Safetensors(dir) if dir.join("generation_config.json").is_file() => {
+            "generation_config.json"
+        }
+        _ => "built-in: greedy (the checkpoint has no generation_config.json)",
+    }
 }
 
 /// 200 `{"status": "ok"}` while the ranks run, 503 `{"status": "down"}` from a rank's failure

@@ -86,22 +86,16 @@ impl Sampling {
         Ok(())
     }
 
-    /// The generation options of this request, on top of the model's defaults.
+    /// The generation options of this request: each field it gives, else the model's default
+    /// (its `generation_config.json`, as the CLI's `chat` and `generate` use it; greedy for a
+    /// checkpoint without one). `temperature` 0 is greedy and any other samples; without it the
+    /// model's `do_sample` decides. Beam search is not served (`num_beams` 1).
     pub fn config(&self, defaults: &GenerationConfig, default_max: usize) -> GenerationConfig {
-        let temperature = self.temperature.unwrap_or(1.0);
-        GenerationConfig {
+        let mut config = GenerationConfig {
             max_new_tokens: self
                 .max_tokens
                 .or(self.max_completion_tokens)
                 .unwrap_or(default_max),
-            min_new_tokens: 0,
-            do_sample: temperature > 0.0,
-            temperature: if temperature > 0.0 { temperature } else { 1.0 },
-            top_p: self.top_p.unwrap_or(1.0),
-            top_k: self.top_k.unwrap_or(0),
-            typical_p: 1.0,
-            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
-            no_repeat_ngram_size: 0,
             num_beams: 1,
             num_return_sequences: self.n.unwrap_or(1),
             stop: self
@@ -111,8 +105,33 @@ impl Sampling {
                 .unwrap_or_default(),
             seed: self.seed,
             ..defaults.clone()
+        };
+        match self.temperature {
+            Some(t) if t > 0.0 => (config.do_sample, config.temperature) = (true, t),
+            Some(_) => config.do_sample = false,
+            None => {}
         }
+        config.top_p = self.top_p.unwrap_or(config.top_p);
+        config.top_k = self.top_k.unwrap_or(config.top_k);
+        config.repetition_penalty = self.repetition_penalty.unwrap_or(config.repetition_penalty);
+        config
     }
+}
+
+/// The sampling a request that names none gets, as `/v1/models` and the startup line state it:
+/// `temperature` 0 means greedy; `source` says where the defaults come from.
+pub fn sampling_defaults(defaults: &GenerationConfig, source: &str) -> Value {
+    let temperature = match defaults.do_sample {
+        true => defaults.temperature,
+        false => 0.0,
+    };
+    json!({
+        "temperature": temperature,
+        "top_p": defaults.top_p,
+        "top_k": defaults.top_k,
+        "repetition_penalty": defaults.repetition_penalty,
+        "source": source,
+    })
 }
 
 /// `POST /v1/completions`.

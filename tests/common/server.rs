@@ -46,6 +46,15 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// GETs `path`; its JSON answer (panics on an error status).
+    pub fn get_json(&self, path: &str) -> Value {
+        ureq::get(&self.url(path))
+            .call()
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .into_json()
+            .unwrap()
+    }
+
     /// POSTs JSON; the JSON answer, or the status and JSON error.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, (u16, Value)> {
         match ureq::post(&self.url(path)).send_json(body.clone()) {
