@@ -13,8 +13,6 @@ use parallelformers::{GenerationConfig, ParallelModel};
 use super::generation_args::GenerationArgs;
 use super::ModelArgs;
 
-/// Ranks `chat` uses unless told otherwise.
-
 /// Longest answer unless `--max-new-tokens` says otherwise.
 const CHAT_MAX_NEW_TOKENS: usize = 256;
 
