@@ -18,9 +18,12 @@ use crate::parallel::Plan;
 use crate::policy::file::PolicyFile;
 use crate::text::TextSide;
 
+mod checks;
 mod session;
 mod stops;
 
+use checks::RequestRules;
+pub use checks::{check_forward, check_generation};
 pub use session::{SequenceEnd, SessionDriver, SessionSequence, SessionStats};
 use stops::StopWatch;
 
@@ -70,13 +73,10 @@ pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<P
 
 /// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
 pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<ParallelModel> {
+    let generation_defaults = generation_defaults(&model)?;
     let (mut group, ranks) = start_group(&model, &options)?;
     let options = Options { ranks, ..options };
     let loaded = load(&mut group, &model, &options)?;
-    let generation_defaults = match &model.location {
-        WeightsLocation::Safetensors(dir) => GenerationConfig::from_model_dir(dir)?,
-        WeightsLocation::Gguf(_) => GenerationConfig::default(),
-    };
     Ok(ParallelModel {
         group,
         model,
@@ -85,6 +85,16 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
         options,
         text: None,
     })
+}
+
+/// The generation defaults of `model`: transformers' defaults overridden by a checkpoint's
+/// `generation_config.json` (what [`ParallelModel::generation_config`] returns once the model is
+/// parallelized), read without starting any rank.
+pub fn generation_defaults(model: &ResolvedModel) -> Result<GenerationConfig> {
+    match &model.location {
+        WeightsLocation::Safetensors(dir) => GenerationConfig::from_model_dir(dir),
+        WeightsLocation::Gguf(_) => Ok(GenerationConfig::default()),
+    }
 }
 
 /// Starts the ranks for `model` (the plan checked first); returns them with their number.
@@ -257,53 +267,12 @@ impl ParallelModel {
 
     /// What generation requests are checked against, and their defaults.
     fn rules(&self) -> RequestRules {
-        RequestRules {
-            vocab_size: self.model.config.vocab_size,
-            max_positions: self.model.config.generation_context(),
-            eos_token_ids: self.model.eos_token_ids.clone(),
-            seed: self.options.seed,
-        }
-    }
-
-    /// Refuses to generate with an encoder.
-    fn check_generates(&self) -> Result<()> {
-        match self.model.config.is_causal() {
-            true => Ok(()),
-            false => Err(Error::InvalidInput(format!(
-                "{} is an encoder and cannot generate text",
-                self.model.config.architecture
-            ))),
-        }
+        RequestRules::new(&self.model, self.options.seed)
     }
 
     /// Runs a forward pass: logits `[B, L, V]` for LM heads, else the last hidden state `[B, L, H]`.
     pub fn forward(&mut self, input: &ForwardInput) -> Result<WireTensor> {
-        if input.batch == 0
-            || input.seq_len == 0
-            || input.input_ids.len() != input.batch * input.seq_len
-        {
-            return Err(Error::InvalidInput(format!(
-                "input_ids holds {} ids, which is not a non-empty batch {} × length {}",
-                input.input_ids.len(),
-                input.batch,
-                input.seq_len
-            )));
-        }
-        if let Some(mask) = &input.attention_mask {
-            if mask.len() != input.input_ids.len() {
-                return Err(Error::InvalidInput(format!(
-                    "attention_mask holds {} values but input_ids holds {}",
-                    mask.len(),
-                    input.input_ids.len()
-                )));
-            }
-            if let Some(v) = mask.iter().find(|&&v| v > 1) {
-                return Err(Error::InvalidInput(format!(
-                    "attention_mask value {v} is not 0 or 1"
-                )));
-            }
-        }
-        self.rules().check_ids(&input.input_ids)?;
+        check_forward(&self.model, input)?;
         let request = Request::Forward(input.clone());
         match self.group.request(&request, None)?.into_iter().next() {
             Some(Reply::Forward(tensor)) => Ok(tensor),
@@ -356,17 +325,7 @@ impl ParallelModel {
         config: &GenerationConfig,
         mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
     ) -> Result<GeneratedBatch> {
-        self.check_generates()?;
-        if prompts.is_empty() {
-            return Err(Error::InvalidInput("no prompt to generate for".into()));
-        }
-        if let Some(i) = prompts.iter().position(Vec::is_empty) {
-            return Err(Error::InvalidInput(format!("prompt {i} is empty")));
-        }
-        let rules = self.rules();
-        prompts.iter().try_for_each(|p| rules.check_ids(p))?;
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let (eos, seed) = rules.options(config, longest)?;
+        let (eos, seed) = self.rules().check_batch(prompts, config)?;
         let rows = prompts.len() * config.num_return_sequences;
         let mut stops = match config.stop.is_empty() {
             true => None,
@@ -464,40 +423,5 @@ impl ParallelModel {
     /// Stops every rank and frees every resource (also done on drop).
     pub fn deparallelize(mut self) {
         self.group.shutdown();
-    }
-}
-
-/// What generation requests are checked against, and where their defaults come from.
-#[derive(Debug, Clone)]
-struct RequestRules {
-    vocab_size: usize,
-    max_positions: usize,
-    /// The model's end-of-sequence ids.
-    eos_token_ids: Vec<u32>,
-    /// The seed of [`Options::seed`].
-    seed: Option<u64>,
-}
-
-impl RequestRules {
-    /// Refuses ids outside the vocabulary.
-    fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-            Some(id) => Err(Error::InvalidInput(format!(
-                "token id {id} is outside the vocabulary of {} tokens",
-                self.vocab_size
-            ))),
-            None => Ok(()),
-        }
-    }
-
-    /// Validates `config` for prompts of up to `longest` tokens; returns its end-of-sequence
-    /// ids and its seed (the request's, else the model's, else a fresh one).
-    fn options(&self, config: &GenerationConfig, longest: usize) -> Result<(Vec<u32>, u64)> {
-        config.validate(self.vocab_size, self.max_positions, longest)?;
-        let eos = config
-            .eos_token_id
-            .clone()
-            .unwrap_or_else(|| self.eos_token_ids.clone());
-        Ok((eos, config.seed.or(self.seed).unwrap_or_else(rand::random)))
     }
 }

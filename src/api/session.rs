@@ -71,7 +71,7 @@ impl ParallelModel {
     /// Refuses models that cannot run a continuous-batching session: encoders, and
     /// encoder–decoders (whose cross-attention caches sessions do not move yet).
     pub fn check_sessions(&self) -> Result<()> {
-        self.check_generates()?;
+        self.rules().check_generates()?;
         match self.config().seq2seq {
             None => Ok(()),
             Some(_) => Err(Error::InvalidInput(format!(
