@@ -1,6 +1,8 @@
 //! `parallelformers comm-bench`: all-reduce latency and bandwidth of a backend, from one hidden
 //! vector to 16 MiB (the figures in BENCHMARKS.md).
 
+use std::io::Write;
+
 use clap::Args;
 use parallelformers::comm::timing::{message_sizes, time_shm_all_reduce, AllReduceTiming};
 use parallelformers::Backend;
@@ -57,26 +59,30 @@ fn over_mpi(_sizes: &[usize]) -> anyhow::Result<(usize, Option<Vec<AllReduceTimi
     anyhow::bail!("--backend mpi needs a build with MPI: cargo build --release --features mpi")
 }
 
+/// Prints `timings` measured over `ranks`: a table, or JSON with `--json`.
 fn print(args: &CommBenchArgs, ranks: usize, timings: &[AllReduceTiming]) -> anyhow::Result<()> {
     let backend = format!("{:?}", args.backend).to_lowercase();
+    let mut out = std::io::stdout().lock();
     if args.json {
         let report = serde_json::json!({"backend": backend, "ranks": ranks, "all_reduce": timings});
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
-    println!("all-reduce (f32 sum), {backend}, {ranks} ranks");
-    println!(
+    writeln!(out, "all-reduce (f32 sum), {backend}, {ranks} ranks")?;
+    writeln!(
+        out,
         "{:>12} {:>10} {:>14} {:>12}",
         "bytes", "iterations", "median µs", "GB/s"
-    );
+    )?;
     for t in timings {
-        println!(
+        writeln!(
+            out,
             "{:>12} {:>10} {:>14.1} {:>12.3}",
             t.bytes,
             t.iterations,
             t.median_seconds * 1e6,
             t.bytes_per_second / 1e9
-        );
+        )?;
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `parallelformers inspect`: the slicing plan and per-rank weight memory, from the headers only.
 
+use std::io::Write;
+
 use clap::Args;
 use parallelformers::parallel::engine::plan_slice;
 use parallelformers::parallel::memory::human;
@@ -35,7 +37,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| Policy::for_config(config));
     let element = candle_core::DType::from(args.dtype).size_in_bytes() as u64;
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{} ({}), {} layers, {} ranks, policy `{}`, dtype {:?}",
         config.architecture,
         config.model_type,
@@ -43,18 +47,19 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         args.ranks,
         policy.name,
         args.dtype
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "split: heads {:?}, kv heads {:?}, intermediate {:?}, vocab {:?}",
         plan.heads.counts(),
         plan.kv_heads.counts(),
         plan.intermediate.element_counts(),
         plan.vocab.counts()
-    );
+    )?;
     for line in config.wiring_summary() {
-        println!("{line}");
+        writeln!(out, "{line}")?;
     }
-    println!();
+    writeln!(out)?;
     let mut sliced = vec![0u64; args.ranks];
     let mut replicated = vec![0u64; args.ranks];
     let mut unused = Vec::new();
@@ -74,24 +79,26 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             }
             shapes.push(format!("{:?}", slice.shape));
         }
-        println!(
+        writeln!(
+            out,
             "{name:<52} {:<14} {:<32} {}",
             format!("{shape:?}"),
             role.to_string(),
             shapes.join(" ")
-        );
+        )?;
     }
-    println!();
+    writeln!(out)?;
     for rank in 0..args.ranks {
-        println!(
+        writeln!(
+            out,
             "rank {rank}: weights {} (sliced {}, replicated {})",
             human(sliced[rank] + replicated[rank]),
             human(sliced[rank]),
             human(replicated[rank])
-        );
+        )?;
     }
     if !unused.is_empty() {
-        println!("not loaded: {}", unused.join(", "));
+        writeln!(out, "not loaded: {}", unused.join(", "))?;
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! bounded time; reports requests/s, tokens/s, time to first token (p50/p99) and errors for
 //! each concurrency.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,9 +45,13 @@ struct Sample {
 
 /// Runs `loadtest`.
 pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     if !args.json {
-        println!("| clients | requests/s | tokens/s | TTFT p50 | TTFT p99 | errors |");
-        println!("| --- | --- | --- | --- | --- | --- |");
+        writeln!(
+            out,
+            "| clients | requests/s | tokens/s | TTFT p50 | TTFT p99 | errors |"
+        )?;
+        writeln!(out, "| --- | --- | --- | --- | --- | --- |")?;
     }
     for &clients in &args.clients {
         let samples = Arc::new(Mutex::new(Vec::new()));
@@ -90,13 +94,17 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         let errors = samples.len() - ok.len();
         let (p50, p99) = (percentile(0.5) * 1e3, percentile(0.99) * 1e3);
         if args.json {
-            println!(
+            writeln!(
+                out,
                 "{}",
                 json!({"clients": clients, "requests_per_s": rps, "tokens_per_s": tps,
                 "ttft_p50_ms": p50, "ttft_p99_ms": p99, "errors": errors, "requests": samples.len()})
-            );
+            )?;
         } else {
-            println!("| {clients} | {rps:.2} | {tps:.1} | {p50:.0} ms | {p99:.0} ms | {errors} |");
+            writeln!(
+                out,
+                "| {clients} | {rps:.2} | {tps:.1} | {p50:.0} ms | {p99:.0} ms | {errors} |"
+            )?;
         }
     }
     Ok(())

@@ -97,8 +97,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
     };
     serve(model, config, |address| {
-        println!("listening on http://{address}");
-        let _ = std::io::stdout().flush();
+        // The line tells whoever started the server where it listens; the server serves on
+        // whether or not anyone still reads it (`| head -1` may have gone, or never come).
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, "listening on http://{address}").and_then(|()| out.flush()) {
+            tracing::warn!("cannot print the address: {e}");
+        }
     })?;
     Ok(())
 }
