@@ -21,6 +21,17 @@ fn expect_failure<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], needl
     assert_eq!(shm_segments(), before, "shared-memory segments left behind");
 }
 
+/// Like [`expect_failure`], with the ranks' shared memory asked for in a folder that does not
+/// exist: starting any rank would fail with another message, so finding `needle` shows that the
+/// arguments were refused before any rank started.
+fn expect_refused_before_starting(args: &[&str], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let absent = dir.path().join("absent");
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend(["--comm-dir", absent.to_str().unwrap()]);
+    expect_failure(&args, needle);
+}
+
 fn expect_generate_failure(model: &Path, ranks: &str, needle: &str) {
     let model = model.to_string_lossy();
     let args = [
@@ -139,26 +150,120 @@ fn tensor_with_the_wrong_dtype_is_named() {
 }
 
 #[test]
-fn too_many_ranks_is_refused_before_starting_anything() {
-    expect_generate_failure(&fixture("smollm_like"), "10", "9 attention heads");
-    expect_generate_failure(&fixture("llama"), "0", "at least one rank");
+fn an_absent_comm_dir_fails_the_start_of_the_ranks() {
+    // What `expect_refused_before_starting` relies on: good arguments get as far as starting
+    // the ranks, and fail there.
+    let model = fixture("llama");
+    expect_refused_before_starting(&generate_args(&model, &["--input-ids", "1,2"]), "absent");
 }
 
 #[test]
-fn token_id_outside_the_vocabulary_is_named() {
-    let model = fixture("llama");
-    expect_failure(
-        &[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--ranks",
-            "2",
-            "--input-ids",
-            "5,103",
-        ],
-        "token id 103 is outside the vocabulary of 103 tokens",
-    );
+fn too_many_ranks_is_refused_before_starting_anything() {
+    let (smollm, llama) = (fixture("smollm_like"), fixture("llama"));
+    for (model, ranks, needle) in [
+        (&smollm, "10", "9 attention heads"),
+        (&llama, "0", "at least one rank"),
+    ] {
+        let args = generate_args(model, &["--ranks", ranks, "--input-ids", "1,2"]);
+        expect_refused_before_starting(&args, needle);
+    }
+}
+
+/// `generate` on `model` with `extra` arguments.
+fn generate_args<'a>(model: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["generate", "--model", model.to_str().unwrap()];
+    args.extend(extra);
+    args
+}
+
+#[test]
+fn bad_generate_arguments_are_named_before_any_rank_starts() {
+    let (llama, gpt2, bert) = (fixture("llama"), fixture("gpt2"), fixture("bert"));
+    for (model, extra, needle) in [
+        (
+            &gpt2,
+            &["--top-p", "2", "hi"][..],
+            "top_p must be in (0, 1], got 2",
+        ),
+        (
+            &gpt2,
+            &["--max-new-tokens", "0", "hi"],
+            "invalid value '0' for '--max-new-tokens",
+        ),
+        (&gpt2, &[""], "the PROMPT is empty"),
+        (
+            &gpt2,
+            &["--max-new-tokens", "100", "hi"],
+            "max_new_tokens 100 exceeds the model's context of 64",
+        ),
+        (
+            &gpt2,
+            &["--min-new-tokens", "5", "--max-new-tokens", "2", "hi"],
+            "min_new_tokens (5) exceeds max_new_tokens (2)",
+        ),
+        (&gpt2, &["--num-beams", "0", "hi"], "num_beams (0)"),
+        (
+            &gpt2,
+            &["--eos-token-id", "300", "hi"],
+            "eos_token_id 300 is outside the vocabulary of 300",
+        ),
+        (
+            &gpt2,
+            &["--threads", "0", "hi"],
+            "invalid value '0' for '--threads",
+        ),
+        (&llama, &["--input-ids", ""], "--input-ids"),
+        (
+            &llama,
+            &["--input-ids", "5,103"],
+            "token id 103 is outside the vocabulary of 103 tokens",
+        ),
+        (
+            &llama,
+            &["--stop", "x", "--input-ids", "5"],
+            "has no tokenizer: --stop needs one",
+        ),
+        (
+            &bert,
+            &["--input-ids", "5"],
+            "is an encoder and cannot generate text",
+        ),
+    ] {
+        expect_refused_before_starting(&generate_args(model, extra), needle);
+    }
+}
+
+#[test]
+fn bad_chat_and_bench_arguments_are_named_before_any_rank_starts() {
+    let gguf = fixture("gguf").join("tiny_llama_q8_0.gguf");
+    let (gguf, llama) = (gguf.to_str().unwrap(), fixture("llama"));
+    let llama = llama.to_str().unwrap();
+    for (args, needle) in [
+        (&["chat", "--model", gguf, ""][..], "the PROMPT is empty"),
+        (&["chat", "--model", gguf, " \n"], "the PROMPT is empty"),
+        (
+            &["chat", "--model", gguf, "--top-p", "2", "hi"],
+            "top_p must be in (0, 1], got 2",
+        ),
+        (
+            &["chat", "--model", gguf, "--max-new-tokens", "0"],
+            "invalid value '0' for '--max-new-tokens",
+        ),
+        (
+            &["bench", "--model", llama, "--prompt-len", "0"],
+            "--prompt-len must be at least 1, got 0",
+        ),
+        (
+            &["bench", "--model", llama, "--new-tokens", "1"],
+            "--new-tokens must be at least 2, got 1",
+        ),
+        (
+            &["bench", "--model", llama, "--prompt-len", "5000"],
+            "cannot bench --prompt-len 5000 --new-tokens 64",
+        ),
+    ] {
+        expect_refused_before_starting(args, needle);
+    }
 }
 
 #[test]
@@ -167,7 +272,8 @@ fn malformed_inputs_file_is_named() {
     let model = fixture("llama");
     let out = dir.path().join("out.safetensors");
     let forward = |inputs: &Path, needle: &str| {
-        expect_failure(&forward_args(&model, "2", inputs, &out), needle)
+        let args = forward_args(&model, "2", inputs, &out);
+        expect_refused_before_starting(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle)
     };
     let garbage = dir.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"not a safetensors file").unwrap();
@@ -189,4 +295,22 @@ fn malformed_inputs_file_is_named() {
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 2], &data).unwrap();
     safetensors::serialize_to_file([("input_ids", view)], None, &float_ids).unwrap();
     forward(&float_ids, "`input_ids` must be I64");
+    // Ids outside the vocabulary of 103 tokens.
+    let far_ids = dir.path().join("far_ids.safetensors");
+    let data: Vec<u8> = [5i64, 103].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 2], &data).unwrap();
+    safetensors::serialize_to_file([("input_ids", view)], None, &far_ids).unwrap();
+    forward(
+        &far_ids,
+        "token id 103 is outside the vocabulary of 103 tokens",
+    );
+    // An output in a folder that does not exist.
+    let good = model.join("reference.safetensors");
+    let nowhere = dir.path().join("absent").join("out.safetensors");
+    let args = forward_args(&model, "2", &good, &nowhere);
+    expect_refused_before_starting(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "cannot write --output",
+    );
 }

@@ -1,10 +1,13 @@
-//! The command-line contract: `forward`, `generate`, `inspect`, `bench` and `--verbose`, as other
-//! tools call them.
+//! The command-line contract: `forward`, `generate`, `inspect`, `bench`, `chat` and `--verbose`,
+//! as other tools call them (a pipe to `head` included).
 
 mod common;
 
+use std::process::{Command, Output, Stdio};
+
 use common::{
-    fixture, forward_args, generate_reference_args, masked_max_diff, read_tensors, reference, run,
+    assert_no_processes_tagged, binary, fixture, forward_args, generate_reference_args,
+    masked_max_diff, read_tensors, reference, run, run_with_stdin, unique_tag,
 };
 
 fn stdout(out: &std::process::Output) -> String {
@@ -279,4 +282,84 @@ fn bench_json_reports_prefill_decode_and_peak_memory_per_rank() {
     let peaks = json["peak_memory_bytes"].as_array().unwrap();
     assert_eq!(peaks.len(), 2);
     assert!(peaks.iter().all(|p| p.as_u64().unwrap() > 0));
+}
+
+/// Runs the CLI with the reading end of its standard output closed before it writes anything
+/// (as `| head -0`, or a `head` that has read its lines), and asserts that none of its
+/// processes outlive it.
+fn run_with_stdout_closed(args: &[&str]) -> Output {
+    let tag = unique_tag();
+    let mut child = Command::new(binary())
+        .args(args)
+        .env("PARALLELFORMERS_TEST_TAG", &tag)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run the parallelformers binary");
+    drop(child.stdout.take());
+    let out = child
+        .wait_with_output()
+        .expect("the command did not finish");
+    assert_no_processes_tagged(&tag);
+    out
+}
+
+/// Asserts that a command whose output was closed ended quietly, as `head` users expect.
+fn assert_quiet_end_of_output(out: &Output) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    for needle in ["panicked", "Broken pipe", "error"] {
+        assert!(!err.contains(needle), "`{needle}` in:\n{err}");
+    }
+}
+
+#[test]
+fn inspect_into_a_closed_pipe_ends_quietly() {
+    let model = fixture("smollm_like");
+    let out = run_with_stdout_closed(&["inspect", "--model", model.to_str().unwrap()]);
+    assert_quiet_end_of_output(&out);
+}
+
+#[test]
+fn generate_into_a_closed_pipe_ends_quietly_and_stops_its_ranks() {
+    let model = fixture("gpt2");
+    let model = model.to_str().unwrap();
+    let streamed = [
+        "--max-new-tokens",
+        "40",
+        "--min-new-tokens",
+        "40",
+        "the model",
+    ];
+    for extra in [&streamed[..], &["--json", "the model"]] {
+        let mut args = vec!["generate", "--model", model, "--ranks", "2"];
+        args.extend(extra);
+        assert_quiet_end_of_output(&run_with_stdout_closed(&args));
+    }
+}
+
+/// The tiny GGUF model, which has a tokenizer and a chat template.
+fn chat_model() -> String {
+    fixture("gguf")
+        .join("tiny_llama_q8_0.gguf")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn interactive_chat_skips_empty_lines_and_ends_on_a_new_line_at_end_of_input() {
+    let model = chat_model();
+    let args = ["chat", "--model", &model, "--max-new-tokens", "4"];
+    let out = run_with_stdin(&args, "\n   \n");
+    assert_success(&out);
+    assert_eq!(stdout(&out), "", "empty lines are not sent to the model");
+    let err = stderr(&out);
+    assert!(err.ends_with("> > > \n"), "{err:?}");
+}
+
+#[test]
+fn chat_into_a_closed_pipe_ends_quietly() {
+    let model = chat_model();
+    let out = run_with_stdout_closed(&["chat", "--model", &model, "--max-new-tokens", "4", "hi"]);
+    assert_quiet_end_of_output(&out);
 }

@@ -1,8 +1,11 @@
 //! `parallelformers bench`: prefill latency of a fixed-length prompt, greedy decode speed at
 //! batch 1, and each rank's peak memory.
 
+use std::io::Write;
+
+use anyhow::Context;
 use clap::Args;
-use parallelformers::api::parallelize_resolved;
+use parallelformers::api::{check_generation, parallelize_resolved};
 use parallelformers::bandwidth::measure_read_bandwidth;
 use parallelformers::checkpoint::ModelConfig;
 use parallelformers::options::WeightDType;
@@ -54,36 +57,58 @@ fn weight_bytes_per_token(memory: &[RankMemory], config: &ModelConfig, dtype: We
     held.saturating_sub(untied_embedding)
 }
 
-/// Runs `bench`.
+/// The greedy (or, with `sampling`, sampled) options of a measured run: exactly `new_tokens`
+/// tokens, with no end-of-sequence id.
+fn decode_config(new_tokens: usize, sampling: bool) -> GenerationConfig {
+    let base = match sampling {
+        true => GenerationConfig {
+            do_sample: true,
+            temperature: 0.7,
+            top_k: 50,
+            top_p: 0.9,
+            typical_p: 0.95,
+            repetition_penalty: 1.1,
+            no_repeat_ngram_size: 3,
+            seed: Some(0),
+            ..GenerationConfig::default()
+        },
+        false => GenerationConfig::default(),
+    };
+    GenerationConfig {
+        max_new_tokens: new_tokens,
+        min_new_tokens: new_tokens,
+        eos_token_id: Some(Vec::new()),
+        ..base
+    }
+}
+
+/// Runs `bench`. Every argument is checked before any rank starts.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.new_tokens >= 2, "--new-tokens must be at least 2");
+    anyhow::ensure!(
+        args.new_tokens >= 2,
+        "--new-tokens must be at least 2, got {}",
+        args.new_tokens
+    );
+    anyhow::ensure!(
+        args.prompt_len >= 1,
+        "--prompt-len must be at least 1, got {}",
+        args.prompt_len
+    );
+    let resolved = args.model.resolve()?;
+    let ids = prompt(args.prompt_len, resolved.config.vocab_size);
+    let params = decode_config(args.new_tokens, args.sampling);
+    check_generation(&resolved, std::slice::from_ref(&ids), &params).with_context(|| {
+        format!(
+            "cannot bench --prompt-len {} --new-tokens {}",
+            args.prompt_len, args.new_tokens
+        )
+    })?;
     let options = args.model.options();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Under MPI the ranks' cores (perhaps on other hosts) are not this process's to measure.
     let bandwidth =
         (options.backend == Backend::Shm).then(|| measure_read_bandwidth(options.ranks.min(cores)));
-    let mut model = parallelize_resolved(args.model.resolve()?, options)?;
-    let ids = prompt(args.prompt_len, model.config().vocab_size);
-    // Greedy, exactly `new_tokens` tokens: no end-of-sequence id.
-    let params = GenerationConfig {
-        max_new_tokens: args.new_tokens,
-        min_new_tokens: args.new_tokens,
-        eos_token_id: Some(Vec::new()),
-        ..match args.sampling {
-            true => GenerationConfig {
-                do_sample: true,
-                temperature: 0.7,
-                top_k: 50,
-                top_p: 0.9,
-                typical_p: 0.95,
-                repetition_penalty: 1.1,
-                no_repeat_ngram_size: 3,
-                seed: Some(0),
-                ..GenerationConfig::default()
-            },
-            false => GenerationConfig::default(),
-        }
-    };
+    let mut model = parallelize_resolved(resolved, options)?;
     // Warm-up: page in code and weights, size the allocator.
     model.generate(
         &ids,
@@ -114,8 +139,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let limit = bandwidth.map(|b| b / streamed as f64);
     let prefill_ms = prefill * 1e3;
     let decode_tokens_per_s = 1.0 / decode;
+    let mut out = std::io::stdout().lock();
     if args.json {
-        println!(
+        writeln!(
+            out,
             "{}",
             serde_json::json!({
                 "model": model_name,
@@ -132,21 +159,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "sampling": args.sampling,
                 "decode_overhead_fraction": overhead,
             })
-        );
+        )?;
     } else {
-        println!("prefill ({} tokens): {prefill_ms:.1} ms", args.prompt_len);
+        writeln!(
+            out,
+            "prefill ({} tokens): {prefill_ms:.1} ms",
+            args.prompt_len
+        )?;
         let mode = if args.sampling { "sampled" } else { "greedy" };
-        println!("{mode} decode: {decode_tokens_per_s:.1} tokens/s, {:.1} % of it outside the model (choosing, broadcasting, streaming)", 100.0 * overhead);
+        writeln!(out, "{mode} decode: {decode_tokens_per_s:.1} tokens/s, {:.1} % of it outside the model (choosing, broadcasting, streaming)", 100.0 * overhead)?;
         if let (Some(bandwidth), Some(limit)) = (bandwidth, limit) {
-            println!(
+            writeln!(
+                out,
                 "memory-bandwidth limit: {limit:.1} tokens/s ({:.1} GB/s read over {:.0} MB of weights per token); decode is at {:.0} %",
                 bandwidth / 1e9,
                 streamed as f64 / 1e6,
                 100.0 * decode_tokens_per_s / limit
-            );
+            )?;
         }
         for m in &memory {
-            println!("{}", m.simple_line());
+            writeln!(out, "{}", m.simple_line())?;
         }
     }
     Ok(())

@@ -2,15 +2,16 @@
 //! history, streamed to the terminal as tokens arrive.
 
 use std::io::{BufRead, Write};
-use std::ops::ControlFlow;
 
-use anyhow::Context;
+use anyhow::{ensure, Context};
 use clap::Args;
+use parallelformers::api::{check_generation, generation_defaults, parallelize_resolved};
 use parallelformers::text::TextSide;
-use parallelformers::tokenizer::{Message, TextStream};
+use parallelformers::tokenizer::Message;
 use parallelformers::{GenerationConfig, ParallelModel};
 
 use super::generation_args::GenerationArgs;
+use super::printer::TokenPrinter;
 use super::ModelArgs;
 
 /// Longest answer unless `--max-new-tokens` says otherwise.
@@ -30,6 +31,14 @@ pub struct ChatArgs {
     prompt: Option<String>,
 }
 
+/// A message of `role`.
+fn message(role: &str, content: &str) -> Message {
+    Message {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
 /// Generates an answer to `messages`, printing it as it streams; returns the answer's text.
 fn answer(
     model: &mut ParallelModel,
@@ -38,88 +47,67 @@ fn answer(
     config: &GenerationConfig,
 ) -> anyhow::Result<String> {
     let prompt = text.chat_prompt(messages)?;
-    let mut stream = TextStream::new();
-    let mut stdout = std::io::stdout();
-    let mut failure = None;
-    let generated = model.generate_stream(&prompt, config, |token| {
-        match stream.push(&text.tokenizer, token) {
-            Ok(Some(piece)) => {
-                let _ = write!(stdout, "{piece}");
-                let _ = stdout.flush();
-            }
-            Ok(None) => {}
-            Err(e) => failure = Some(e),
-        }
-        ControlFlow::Continue(())
-    })?;
-    if let Some(e) = failure {
-        return Err(anyhow::anyhow!("cannot decode the answer: {e}"));
-    }
-    if let Some(rest) = stream
-        .finish(&text.tokenizer)
-        .map_err(|e| anyhow::anyhow!("cannot decode the answer: {e}"))?
-    {
-        write!(stdout, "{rest}")?;
-    }
-    writeln!(stdout)?;
+    let mut printer = TokenPrinter::new(text);
+    let generated = model.generate_stream(&prompt, config, |token| printer.push(token))?;
+    printer.finish()?;
     Ok(text.decode(&generated.ids)?)
 }
 
-/// Runs `chat`.
+/// Runs `chat`. Every argument is checked before any rank starts.
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
+    if let Some(prompt) = &args.prompt {
+        ensure!(
+            !prompt.trim().is_empty(),
+            "the PROMPT is empty: ask something, or give no PROMPT for an interactive chat"
+        );
+    }
     let resolved = args.model.resolve()?;
     let path = resolved.location.path().display().to_string();
     let text = TextSide::load(&resolved)?.with_context(|| {
         format!("{path} has no tokenizer, so it cannot chat; use `generate --input-ids`")
     })?;
-    anyhow::ensure!(
+    ensure!(
         text.template.is_some(),
         "{path} has no chat template (tokenizer.chat_template / tokenizer_config.json); use `generate` for raw prompts"
     );
-    let mut model =
-        parallelformers::api::parallelize_resolved(resolved, args.model.options())?;
     let config = args.generation.apply(&GenerationConfig {
         max_new_tokens: CHAT_MAX_NEW_TOKENS,
-        ..model.generation_config().clone()
+        ..generation_defaults(&resolved)?
     });
-    let mut messages: Vec<Message> = args
-        .system
-        .iter()
-        .map(|s| Message {
-            role: "system".into(),
-            content: s.clone(),
-        })
-        .collect();
-    let user = |content: String| Message {
-        role: "user".into(),
-        content,
-    };
-    if let Some(prompt) = args.prompt {
-        messages.push(user(prompt));
-        answer(&mut model, &text, &messages, &config)?;
+    let mut messages: Vec<Message> = args.system.iter().map(|s| message("system", s)).collect();
+    // The first answer's prompt (the shortest any answer has) is checked with the options.
+    let first = [
+        messages.clone(),
+        vec![message("user", args.prompt.as_deref().unwrap_or_default())],
+    ]
+    .concat();
+    check_generation(&resolved, &[text.chat_prompt(&first)?], &config)?;
+    let mut model = parallelize_resolved(resolved, args.model.options())?;
+    if args.prompt.is_some() {
+        answer(&mut model, &text, &first, &config)?;
         model.deparallelize();
         return Ok(());
     }
-    eprintln!(
-        "Chatting with the model on {} ranks. An empty line or end of input quits.",
+    let mut prompt = std::io::stderr();
+    writeln!(
+        prompt,
+        "Chatting with the model on {} ranks. End of input (Ctrl-D) quits.",
         model.load_report().len()
-    );
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    )?;
+    let mut lines = std::io::stdin().lock().lines();
     loop {
-        eprint!("> ");
+        write!(prompt, "> ")?;
         let Some(line) = lines.next().transpose()? else {
+            // Leave the terminal on a fresh line.
+            writeln!(prompt)?;
             break;
         };
         if line.trim().is_empty() {
-            break;
+            continue;
         }
-        messages.push(user(line));
+        messages.push(message("user", &line));
         let reply = answer(&mut model, &text, &messages, &config)?;
-        messages.push(Message {
-            role: "assistant".into(),
-            content: reply,
-        });
+        messages.push(message("assistant", &reply));
     }
     model.deparallelize();
     Ok(())

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use parallelformers::api::parallelize_resolved;
+use parallelformers::api::{check_forward, parallelize_resolved};
 use parallelformers::checkpoint::OutputKind;
 use parallelformers::ForwardInput;
 use safetensors::tensor::TensorView;
@@ -115,10 +115,24 @@ fn read_inputs(path: &Path) -> anyhow::Result<ForwardInput> {
     })
 }
 
-/// Runs `forward`.
+/// Runs `forward`. Every argument is checked before any rank starts.
 pub fn run(args: ForwardArgs) -> anyhow::Result<()> {
     let input = read_inputs(&args.inputs)?;
-    let mut model = parallelize_resolved(args.model.resolve()?, args.model.options())?;
+    let folder = match args.output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        bail!(
+            "cannot write --output {}: {} is not a directory",
+            args.output.display(),
+            folder.display()
+        );
+    }
+    let resolved = args.model.resolve()?;
+    check_forward(&resolved, &input)
+        .with_context(|| format!("--inputs {}", args.inputs.display()))?;
+    let mut model = parallelize_resolved(resolved, args.model.options())?;
     let out = model.forward(&input)?;
     let name = match model.config().output {
         OutputKind::Logits => "logits",

@@ -1,16 +1,17 @@
 //! `parallelformers generate`: continuation of a raw prompt or of token ids, printed as it is
 //! generated, with every generation option of transformers' `generate` as a flag.
 
-use anyhow::{bail, Context};
-use clap::Args;
-use parallelformers::api::parallelize_resolved;
-use parallelformers::text::TextSide;
 use std::io::Write;
 use std::ops::ControlFlow;
 
-use parallelformers::tokenizer::TextStream;
+use anyhow::{bail, ensure, Context};
+use clap::Args;
+use parallelformers::api::{check_generation, generation_defaults, parallelize_resolved};
+use parallelformers::text::TextSide;
+use parallelformers::Generated;
 
 use super::generation_args::GenerationArgs;
+use super::printer::TokenPrinter;
 use super::ModelArgs;
 
 /// Arguments of `generate`.
@@ -30,79 +31,75 @@ pub struct GenerateArgs {
     prompt: Option<String>,
 }
 
-/// Runs `generate`.
+/// Runs `generate`. Every argument is checked before any rank starts.
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let resolved = args.model.resolve()?;
     let text = TextSide::load(&resolved)?;
+    let no_tokenizer = || format!("{} has no tokenizer", resolved.location.path().display());
     let prompt_ids = match (&args.input_ids, &args.prompt, &text) {
         (Some(ids), _, _) => ids.clone(),
-        (None, Some(prompt), Some(text)) => text.encode(prompt)?,
-        (None, Some(_), None) => bail!(
-            "{} has no tokenizer: pass the prompt as --input-ids",
-            resolved.location.path().display()
-        ),
+        (None, Some(prompt), Some(text)) => {
+            ensure!(!prompt.is_empty(), "the PROMPT is empty: give some text");
+            text.encode(prompt)?
+        }
+        (None, Some(_), None) => bail!("{}: pass the prompt as --input-ids", no_tokenizer()),
         (None, None, _) => bail!("give a PROMPT or --input-ids"),
     };
+    let config = args.generation.apply(&generation_defaults(&resolved)?);
+    if text.is_none() && !config.stop.is_empty() {
+        bail!("{}: --stop needs one", no_tokenizer());
+    }
+    check_generation(&resolved, std::slice::from_ref(&prompt_ids), &config)?;
     let mut model = parallelize_resolved(resolved, args.model.options())?;
-    let config = args.generation.apply(model.generation_config());
-    // Text streams to standard output as tokens are chosen (complete characters only).
-    let mut stream = TextStream::new();
-    let mut stdout = std::io::stdout();
-    let streaming = !args.json && text.is_some() && config.num_return_sequences == 1;
-    let mut on_token = |token: u32| {
-        if let (true, Some(text)) = (streaming, &text) {
-            if let Ok(Some(piece)) = stream.push(&text.tokenizer, token) {
-                let _ = write!(stdout, "{piece}");
-                let _ = stdout.flush();
-            }
-        }
-        ControlFlow::Continue(())
-    };
+    // Text streams to standard output as tokens are chosen.
+    let streaming = !args.json && config.num_return_sequences == 1;
+    let mut printer = text.as_ref().filter(|_| streaming).map(TokenPrinter::new);
     let generated = model
-        .generate_stream(&prompt_ids, &config, &mut on_token)
+        .generate_stream(&prompt_ids, &config, |token| match printer.as_mut() {
+            Some(printer) => printer.push(token),
+            None => ControlFlow::Continue(()),
+        })
         .context("generation failed")?;
     model.deparallelize();
-    if streaming {
-        if let Some(text) = &text {
-            if let Some(rest) = stream.finish(&text.tokenizer)? {
-                print!("{rest}");
-            }
-        }
-        println!();
-        return Ok(());
+    match printer {
+        Some(printer) => printer.finish(),
+        None => print_result(&generated, text.as_ref(), args.json),
     }
-    let decoded = match &text {
-        Some(t) => Some(
-            generated
-                .sequences
-                .iter()
-                .map(|ids| t.decode(ids))
-                .collect::<parallelformers::Result<Vec<_>>>()?,
-        ),
-        None => None,
-    };
-    if args.json {
+}
+
+/// Prints `generated` at once: as one JSON object, or one line per sequence (its text, else
+/// its ids).
+fn print_result(generated: &Generated, text: Option<&TextSide>, json: bool) -> anyhow::Result<()> {
+    let decoded: Option<Vec<String>> = text
+        .map(|t| {
+            let decode = |ids: &Vec<u32>| t.decode(ids);
+            generated.sequences.iter().map(decode).collect()
+        })
+        .transpose()?;
+    let mut out = std::io::stdout().lock();
+    if json {
         let mut object = serde_json::json!({ "generated_ids": generated.ids });
         if generated.sequences.len() > 1 {
             object["sequences"] = serde_json::json!(generated.sequences);
         }
         if let Some(decoded) = &decoded {
-            object["text"] = serde_json::Value::String(decoded[0].clone());
+            object["text"] = serde_json::json!(decoded.first());
             if decoded.len() > 1 {
                 object["texts"] = serde_json::json!(decoded);
             }
         }
-        println!("{object}");
+        writeln!(out, "{object}")?;
         return Ok(());
     }
-    match decoded {
-        Some(decoded) => decoded.iter().for_each(|d| println!("{d}")),
-        None => generated.sequences.iter().for_each(|ids| {
-            println!(
-                "{}",
-                ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
-            )
-        }),
+    let lines = decoded.unwrap_or_else(|| {
+        generated
+            .sequences
+            .iter()
+            .map(|ids| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            .collect()
+    });
+    for line in lines {
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }

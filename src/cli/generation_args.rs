@@ -8,8 +8,8 @@ use parallelformers::{EarlyStopping, GenerationConfig};
 /// Flags shared by the commands that generate.
 #[derive(Debug, Clone, Default, Args)]
 pub struct GenerationArgs {
-    /// Maximum number of new tokens [default: the model's, else 20; 256 for chat].
-    #[arg(long)]
+    /// Maximum number of new tokens, at least 1 [default: the model's, else 20; 256 for chat].
+    #[arg(long, value_parser = super::at_least_one)]
     max_new_tokens: Option<usize>,
     /// End-of-sequence is suppressed until this many new tokens exist.
     #[arg(long)]

@@ -8,6 +8,7 @@ mod generate;
 mod generation_args;
 mod inspect;
 mod loadtest;
+mod printer;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -67,7 +68,7 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value = "shm")]
     pub backend: Backend,
     /// Compute threads per rank (default: available cores ÷ ranks).
-    #[arg(long, env = "PARALLELFORMERS_THREADS")]
+    #[arg(long, env = "PARALLELFORMERS_THREADS", value_parser = at_least_one)]
     pub threads: Option<usize>,
     /// Seed for sampling.
     #[arg(long)]
@@ -100,6 +101,15 @@ impl ModelArgs {
             comm_dir: self.comm_dir.clone(),
             ..Options::default()
         }
+    }
+}
+
+/// Parses a count that must be at least 1; clap's error names the flag and the value.
+pub fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(count) => Ok(count),
+        Err(e) => Err(e.to_string()),
     }
 }
 
