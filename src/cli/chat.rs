@@ -76,8 +76,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         text.template.is_some(),
         "{path} has no chat template (tokenizer.chat_template / tokenizer_config.json); use `generate` for raw prompts"
     );
-    let mut model =
-        parallelformers::api::parallelize_resolved(resolved, args.model.options())?;
+    let mut model = parallelformers::api::parallelize_resolved(resolved, args.model.options())?;
     let config = args.generation.apply(&GenerationConfig {
         max_new_tokens: CHAT_MAX_NEW_TOKENS,
         ..model.generation_config().clone()
