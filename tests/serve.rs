@@ -495,7 +495,7 @@ fn openai_python_client_works_unchanged() {
         common::skip(
             "openai_python_client_works_unchanged",
             "PARALLELFORMERS_TEST_PYTHON is not set (scripts/test sets it to a Python with the `openai` package)",
-            "PARALLELFORMERS_REQUIRE_PYTHON_CLIENT",
+            Some("PARALLELFORMERS_REQUIRE_PYTHON_CLIENT"),
         );
         return;
     };
