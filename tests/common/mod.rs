@@ -12,6 +12,22 @@ use std::process::{Command, Output};
 use parallelformers::Options;
 use safetensors::{Dtype, SafeTensors};
 
+/// Says, where a person running `cargo test` sees it, that `test` did not run and why, and what
+/// would make it run: a line on standard error written past the test harness's capture (which
+/// only takes `eprintln!`). When `required` names an environment variable (set by `.ci/run`
+/// where the test can run) whose value is `1`, a skip is a failure instead.
+pub fn skip(test: &str, why: &str, required: Option<&str>) {
+    use std::io::Write;
+    if let Some(required) = required {
+        assert!(
+            std::env::var(required).as_deref() != Ok("1"),
+            "{test} cannot run: {why} (and {required}=1 requires it)"
+        );
+    }
+    let line = format!("\nskipped: {test}: {why}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
 /// The directory of fixture `name`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
