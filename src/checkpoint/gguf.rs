@@ -909,7 +909,37 @@ impl GgufFile {
         rows: Range<usize>,
         cols: Range<usize>,
     ) -> Result<Option<(GgmlType, Vec<u8>)>, GgufError> {
-        let info = self.block_of(name, &rows, &cols)?;
+        let Some(span) = self.block_span(name, &rows, &cols)? else {
+            return Ok(None);
+        };
+        Ok(Some((span.ggml_type, self.read_span(&span)?)))
+    }
+
+    /// The stored blocks `span` covers, row after row (see [`GgufFile::block_span`]).
+    pub fn read_span(&self, span: &BlockSpan) -> Result<Vec<u8>, GgufError> {
+        let mut out = vec![0u8; span.bytes()];
+        for (r, dst) in out.chunks_exact_mut(span.row_bytes.max(1)).enumerate() {
+            let at = span.first_byte + (r * span.stride) as u64;
+            self.file
+                .read_exact_at(dst, at)
+                .map_err(|source| GgufError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(out)
+    }
+
+    /// What [`GgufFile::read_blocks`] would read of rows `rows` and columns `cols` of tensor
+    /// `name`, from the header alone: `None` where it reads nothing (a tensor not quantized in
+    /// blocks of a type this reader decodes, or columns off the block boundaries).
+    pub fn block_span(
+        &self,
+        name: &str,
+        rows: &Range<usize>,
+        cols: &Range<usize>,
+    ) -> Result<Option<BlockSpan>, GgufError> {
+        let info = self.block_of(name, rows, cols)?;
         let ty = info.ggml_type;
         let (Some(bs), Some(ts)) = (ty.block_size(), ty.type_size()) else {
             return Ok(None);
@@ -918,19 +948,37 @@ impl GgufFile {
         if !ty.is_quantized() || !ty.is_supported() || !aligned {
             return Ok(None);
         }
-        let row_bytes = info.cols / bs * ts;
-        let span = cols.len() / bs * ts;
-        let mut out = vec![0u8; rows.len() * span];
-        for (r, dst) in rows.zip(out.chunks_exact_mut(span.max(1))) {
-            let at = info.offset + (r * row_bytes + cols.start / bs * ts) as u64;
-            self.file
-                .read_exact_at(dst, at)
-                .map_err(|source| GgufError::Io {
-                    path: self.path.clone(),
-                    source,
-                })?;
-        }
-        Ok(Some((ty, out)))
+        Ok(Some(BlockSpan {
+            ggml_type: ty,
+            rows: rows.len(),
+            row_bytes: cols.len() / bs * ts,
+            stride: info.cols / bs * ts,
+            first_byte: info.offset
+                + (rows.start * (info.cols / bs * ts) + cols.start / bs * ts) as u64,
+        }))
+    }
+}
+
+/// The stored quantized blocks of a block of rows and columns of a tensor, as
+/// [`GgufFile::block_span`] finds them and [`GgufFile::read_span`] reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSpan {
+    /// The quantization type.
+    pub ggml_type: GgmlType,
+    /// Number of rows.
+    pub rows: usize,
+    /// Bytes of the blocks of one row's columns.
+    pub row_bytes: usize,
+    /// Bytes of one whole stored row.
+    stride: usize,
+    /// Absolute offset of the first row's first block of the columns.
+    first_byte: u64,
+}
+
+impl BlockSpan {
+    /// Bytes of every row's blocks: the size of what [`GgufFile::read_blocks`] returns.
+    pub fn bytes(&self) -> usize {
+        self.rows * self.row_bytes
     }
 }
 
@@ -2207,6 +2255,35 @@ mod tests {
             }
             assert!(file.read_f32(&t.name, 1..1, 0..cols).unwrap().is_empty());
             assert!(file.read_f32(&t.name, 0..rows, 7..7).unwrap().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_block_span_sizes_from_the_header_what_read_blocks_returns() {
+        let file = quant_types();
+        for t in file.tensors() {
+            let (rows, cols) = (t.rows(), t.cols());
+            let block = t.ggml_type.block_size().unwrap();
+            for (r, c) in [
+                (0..rows, 0..cols),
+                (rows / 2..rows, 0..cols),
+                (0..rows, block..cols),
+                (0..rows, 5..cols),
+                (1..rows, 0..cols - 1),
+            ] {
+                let span = file.block_span(&t.name, &r, &c).unwrap();
+                let read = file.read_blocks(&t.name, r.clone(), c.clone()).unwrap();
+                let case = format!("{} ({}) rows {r:?} cols {c:?}", t.name, t.ggml_type);
+                assert_eq!(
+                    span.map(|s| (s.ggml_type, s.bytes())),
+                    read.as_ref().map(|(ty, b)| (*ty, b.len())),
+                    "{case}"
+                );
+                let (bs, ts) = (block, t.ggml_type.type_size().unwrap());
+                let whole = t.ggml_type.is_quantized() && c.start % bs == 0 && c.end % bs == 0;
+                let expected = whole.then(|| r.len() * c.len() / bs * ts);
+                assert_eq!(span.map(|s| s.bytes()), expected, "{case}");
+            }
         }
     }
 

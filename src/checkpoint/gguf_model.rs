@@ -42,7 +42,7 @@ use candle_core::{Device, Tensor};
 use serde_json::{json, Map, Value};
 
 use crate::checkpoint::config::RawConfig;
-use crate::checkpoint::gguf::{unpermute_rotary_rows, GgufFile, GgufValue, TensorNames};
+use crate::checkpoint::gguf::{unpermute_rotary_rows, BlockSpan, GgufFile, GgufValue, TensorNames};
 use crate::checkpoint::{ModelConfig, WeightSource};
 use crate::error::{Error, Result};
 use crate::models::quantized::QuantizedMatrix;
@@ -653,6 +653,32 @@ impl GgufWeights {
             .filter(|_| permuted.iter().any(|p| name.ends_with(p)))
     }
 
+    /// The stored blocks of the block `rows × cols` of `name` (a Hugging Face name) where it
+    /// stays quantized, with the rotary head width its rows are permuted by, if any; from the
+    /// header alone. `None` for a `1 + w` norm, a bias, a q/k block that splits a rotary head,
+    /// and whatever [`GgufFile::block_span`] finds no blocks for.
+    fn kept_quantized(
+        &self,
+        name: &str,
+        rows: &Range<usize>,
+        cols: &Range<usize>,
+    ) -> Result<Option<(BlockSpan, Option<usize>)>> {
+        let Some(gguf_name) = self.names.gguf_name(name) else {
+            return Ok(None);
+        };
+        if self.is_plus_one(&gguf_name) || name.ends_with(".bias") {
+            return Ok(None);
+        }
+        let permuted = self.is_permuted(name);
+        if permuted.is_some_and(|head_dim| {
+            !rows.start.is_multiple_of(head_dim) || !rows.len().is_multiple_of(head_dim)
+        }) {
+            return Ok(None);
+        }
+        let span = self.file.block_span(&gguf_name, rows, cols)?;
+        Ok(span.map(|span| (span, permuted)))
+    }
+
     /// Whether GGUF tensor `gguf_name` is a norm weight stored as `1 + w`.
     fn is_plus_one(&self, gguf_name: &str) -> bool {
         self.norms_plus_one
@@ -686,25 +712,14 @@ impl WeightSource for GgufWeights {
         rows: Range<usize>,
         cols: Range<usize>,
     ) -> Result<Option<QuantizedMatrix>> {
-        let Some(gguf_name) = self.names.gguf_name(name) else {
+        let Some((span, permuted)) = self.kept_quantized(name, &rows, &cols)? else {
             return Ok(None);
         };
-        if self.is_plus_one(&gguf_name) || name.ends_with(".bias") {
-            return Ok(None);
-        }
-        let Some((ty, bytes)) = self
-            .file
-            .read_blocks(&gguf_name, rows.clone(), cols.clone())?
-        else {
-            return Ok(None);
-        };
-        let matrix = QuantizedMatrix::new(ty, rows.len(), cols.len(), bytes)
+        let bytes = self.file.read_span(&span)?;
+        let matrix = QuantizedMatrix::new(span.ggml_type, rows.len(), cols.len(), bytes)
             .map_err(|message| Error::checkpoint(self.file.path(), message))?;
-        match self.is_permuted(name) {
+        match permuted {
             Some(head_dim) => {
-                if !rows.start.is_multiple_of(head_dim) || !rows.len().is_multiple_of(head_dim) {
-                    return Ok(None);
-                }
                 // The row order is the un-permutation applied to the row numbers themselves
                 // (one column), exact in f32 for any realistic row count.
                 let mut order: Vec<f32> = (0..rows.len()).map(|r| r as f32).collect();
@@ -714,6 +729,17 @@ impl WeightSource for GgufWeights {
             }
             None => Ok(Some(matrix)),
         }
+    }
+
+    fn quantized_bytes(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Option<u64>> {
+        Ok(self
+            .kept_quantized(name, &rows, &cols)?
+            .map(|(span, _)| span.bytes() as u64))
     }
 
     fn read(&self, name: &str, block: Option<(Range<usize>, Range<usize>)>) -> Result<Tensor> {

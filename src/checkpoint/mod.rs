@@ -43,4 +43,14 @@ pub trait WeightSource: Send + Sync {
     ) -> Result<Option<QuantizedMatrix>> {
         Ok(None)
     }
+    /// The bytes [`WeightSource::read_quantized`] would return for the same block, from the
+    /// headers alone (for memory forecasts); `None` where it returns none.
+    fn quantized_bytes(
+        &self,
+        _name: &str,
+        _rows: Range<usize>,
+        _cols: Range<usize>,
+    ) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }

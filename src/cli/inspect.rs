@@ -1,12 +1,11 @@
-//! `parallelformers inspect`: the slicing plan and per-rank weight memory, from the headers only.
+//! `parallelformers inspect`: the slicing plan and the weight memory each rank will report once
+//! loaded (`--verbose`), from the headers only.
 
 use std::io::Write;
 
 use clap::Args;
-use parallelformers::parallel::engine::plan_slice;
-use parallelformers::parallel::memory::human;
-use parallelformers::parallel::Plan;
-use parallelformers::policy::Policy;
+use parallelformers::parallel::forecast::Forecast;
+use parallelformers::parallel::memory::weights_summary;
 use parallelformers::WeightDType;
 
 /// Arguments of `inspect`.
@@ -21,7 +20,7 @@ pub struct InspectArgs {
     /// A policy file for a model_type that reuses a known block wiring.
     #[arg(long, env = "PARALLELFORMERS_POLICY")]
     policy: Option<std::path::PathBuf>,
-    /// Weight dtype the ranks would hold.
+    /// Weight dtype the ranks would hold (`quantized`: a GGUF file's quantized blocks).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightDType,
 }
@@ -30,13 +29,8 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let model = super::resolve_model(args.model.as_deref(), args.policy.as_deref())?;
     let config = &model.config;
-    let weights = model.location.open(config)?;
-    let plan = Plan::new(config, args.ranks)?;
-    let policy = model
-        .policy
-        .clone()
-        .unwrap_or_else(|| Policy::for_config(config));
-    let element = candle_core::DType::from(args.dtype).size_in_bytes() as u64;
+    let forecast = Forecast::of(&model, args.ranks, args.dtype)?;
+    let (plan, policy) = (&forecast.plan, &forecast.policy);
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -60,45 +54,27 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         writeln!(out, "{line}")?;
     }
     writeln!(out)?;
-    let mut sliced = vec![0u64; args.ranks];
-    let mut replicated = vec![0u64; args.ranks];
-    let mut unused = Vec::new();
-    for name in weights.names() {
-        let (Some(role), Some(shape)) = (policy.role_of(&name), weights.shape(&name)) else {
-            unused.push(name);
-            continue;
-        };
-        let mut shapes = Vec::with_capacity(args.ranks);
-        for rank in 0..args.ranks {
-            let slice = plan_slice(&name, role, &shape, &plan, rank)?;
-            let bytes = slice.shape.iter().product::<usize>() as u64 * element;
-            if role.is_sliced() {
-                sliced[rank] += bytes;
-            } else {
-                replicated[rank] += bytes;
-            }
-            shapes.push(format!("{:?}", slice.shape));
-        }
+    for tensor in &forecast.tensors {
+        let shapes: Vec<String> = tensor
+            .slices
+            .iter()
+            .map(|(shape, _)| format!("{shape:?}"))
+            .collect();
         writeln!(
             out,
-            "{name:<52} {:<14} {:<32} {}",
-            format!("{shape:?}"),
-            role.to_string(),
+            "{:<52} {:<14} {:<32} {}",
+            tensor.name,
+            format!("{:?}", tensor.shape),
+            tensor.role.to_string(),
             shapes.join(" ")
         )?;
     }
     writeln!(out)?;
-    for rank in 0..args.ranks {
-        writeln!(
-            out,
-            "rank {rank}: weights {} (sliced {}, replicated {})",
-            human(sliced[rank] + replicated[rank]),
-            human(sliced[rank]),
-            human(replicated[rank])
-        )?;
+    for (rank, bytes) in forecast.ranks.iter().enumerate() {
+        writeln!(out, "rank {rank}: {}", weights_summary(bytes))?;
     }
-    if !unused.is_empty() {
-        writeln!(out, "not loaded: {}", unused.join(", "))?;
+    if !forecast.unused.is_empty() {
+        writeln!(out, "not loaded: {}", forecast.unused.join(", "))?;
     }
     Ok(())
 }

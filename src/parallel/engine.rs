@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::models::layers::LinearWeight;
 use crate::parallel::slicing::Plan;
 use crate::policy::{Policy, Role};
+use crate::WeightDType;
 
 /// Bytes of weights a rank holds, by kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -16,6 +17,22 @@ pub struct WeightBytes {
     pub sliced: u64,
     /// Bytes of tensors every rank holds whole.
     pub replicated: u64,
+}
+
+impl WeightBytes {
+    /// Adds `bytes` of a tensor with `role` to the sliced or the replicated total.
+    pub fn add(&mut self, role: &Role, bytes: u64) {
+        if role.is_sliced() {
+            self.sliced += bytes;
+        } else {
+            self.replicated += bytes;
+        }
+    }
+
+    /// Both totals together.
+    pub fn total(&self) -> u64 {
+        self.sliced + self.replicated
+    }
 }
 
 /// One contiguous block of a stored 2-D (or 1-D) tensor.
@@ -246,31 +263,26 @@ pub struct ShardLoader<'a> {
 }
 
 impl<'a> ShardLoader<'a> {
-    /// A loader for `rank` that converts every tensor to `dtype`.
+    /// A loader for `rank` that holds weights in `dtype`: every tensor converted to its float
+    /// type, except that [`WeightDType::Quantized`] keeps the quantized blocks of linear weights
+    /// that the source stores quantized (see [`ShardLoader::try_load_linear`]).
     pub fn new(
         source: &'a dyn WeightSource,
         policy: &'a Policy,
         plan: &'a Plan,
         rank: usize,
-        dtype: DType,
+        dtype: WeightDType,
     ) -> Self {
         ShardLoader {
             source,
             policy,
             plan,
             rank,
-            dtype,
-            keep_quantized: false,
+            dtype: dtype.into(),
+            keep_quantized: dtype == WeightDType::Quantized,
             bytes: WeightBytes::default(),
             read: std::collections::HashMap::new(),
         }
-    }
-
-    /// Keeps the quantized blocks of linear weights that the source stores quantized (see
-    /// [`ShardLoader::try_load_linear`]) instead of converting them to the loader's dtype.
-    pub fn keep_quantized(mut self, keep: bool) -> Self {
-        self.keep_quantized = keep;
-        self
     }
 
     /// The split arithmetic this loader follows.
@@ -326,16 +338,12 @@ impl<'a> ShardLoader<'a> {
         let Some((full, role, slice)) = self.slice_of(name, stored_shape)? else {
             return Ok(None);
         };
-        if let ([block], false, true) = (
-            slice.blocks.as_slice(),
-            slice.transpose,
-            self.keep_quantized,
-        ) {
+        if let Some(block) = self.quantized_block(&slice) {
             let quantized =
                 self.source
                     .read_quantized(&full, block.rows.clone(), block.cols.clone())?;
             if let Some(matrix) = quantized {
-                self.count(&role, matrix.bytes() as u64);
+                self.bytes.add(&role, matrix.bytes() as u64);
                 return Ok(Some(matrix.into()));
             }
         }
@@ -371,13 +379,41 @@ impl<'a> ShardLoader<'a> {
         Ok(Some((full, role, slice)))
     }
 
-    /// Adds `bytes` to the sliced or replicated total, by `role`.
-    fn count(&mut self, role: &Role, bytes: u64) {
-        if role.is_sliced() {
-            self.bytes.sliced += bytes;
-        } else {
-            self.bytes.replicated += bytes;
+    /// The one stored block of `slice` that a linear weight may keep in the source's quantized
+    /// blocks: only where the loader keeps them, and the slice is a single block read as stored
+    /// (not assembled from parts, not transposed).
+    fn quantized_block<'s>(&self, slice: &'s SlicePlan) -> Option<&'s Block> {
+        match (
+            slice.blocks.as_slice(),
+            slice.transpose,
+            self.keep_quantized,
+        ) {
+            ([block], false, true) => Some(block),
+            _ => None,
         }
+    }
+
+    /// Bytes of `elements` weights converted to the loader's dtype.
+    fn float_bytes(&self, elements: usize) -> u64 {
+        (elements * self.dtype.size_in_bytes()) as u64
+    }
+
+    /// This rank's slice of stored tensor `full` (of `shape`, with `role`) and the bytes it
+    /// would hold of it, from the headers alone: the rules of [`ShardLoader::try_load_linear`]
+    /// for a 2-D tensor (which every model a quantized format can hold loads as a linear
+    /// weight), those of [`ShardLoader::try_load`] for any other.
+    pub fn forecast(&self, full: &str, role: &Role, shape: &[usize]) -> Result<(SlicePlan, u64)> {
+        let slice = plan_slice(full, role, shape, self.plan, self.rank)?;
+        let quantized = match self.quantized_block(&slice) {
+            Some(block) if shape.len() == 2 => {
+                self.source
+                    .quantized_bytes(full, block.rows.clone(), block.cols.clone())?
+            }
+            _ => None,
+        };
+        let bytes =
+            quantized.unwrap_or_else(|| self.float_bytes(slice.shape.iter().product::<usize>()));
+        Ok((slice, bytes))
     }
 
     /// Like [`ShardLoader::load`], but `None` when the source lacks the tensor.
@@ -423,10 +459,7 @@ impl<'a> ShardLoader<'a> {
             }
         };
         let tensor = tensor.to_dtype(self.dtype)?;
-        self.count(
-            role,
-            (tensor.elem_count() * self.dtype.size_in_bytes()) as u64,
-        );
+        self.bytes.add(role, self.float_bytes(tensor.elem_count()));
         self.read.insert(full.to_string(), tensor.clone());
         Ok(tensor)
     }

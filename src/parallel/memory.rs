@@ -36,11 +36,9 @@ impl RankMemory {
     /// A one-line summary (`verbose=simple`).
     pub fn simple_line(&self) -> String {
         format!(
-            "rank {}: weights {} (sliced {}, replicated {}), peak {}",
+            "rank {}: {}, peak {}",
             self.rank,
-            human(self.weights.sliced + self.weights.replicated),
-            human(self.weights.sliced),
-            human(self.weights.replicated),
+            weights_summary(&self.weights),
             human(self.peak_bytes)
         )
     }
@@ -57,6 +55,17 @@ impl RankMemory {
             human(self.peak_bytes)
         )
     }
+}
+
+/// `weights X (sliced Y, replicated Z)`: a rank's weights as `--verbose simple` prints them
+/// after loading and `inspect` forecasts them.
+pub fn weights_summary(weights: &WeightBytes) -> String {
+    format!(
+        "weights {} (sliced {}, replicated {})",
+        human(weights.total()),
+        human(weights.sliced),
+        human(weights.replicated)
+    )
 }
 
 /// Formats a byte count with a binary unit.

@@ -1,7 +1,9 @@
-//! Tensor parallelism: the split arithmetic, building a rank's shard of a model, the worker
-//! process's life, the launcher that supervises the workers, and the wire between them.
+//! Tensor parallelism: the split arithmetic, building a rank's shard of a model (and forecasting
+//! its memory), the worker process's life, the launcher that supervises the workers, and the
+//! wire between them.
 
 pub mod engine;
+pub mod forecast;
 pub mod ipc;
 pub mod launcher;
 pub mod memory;

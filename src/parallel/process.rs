@@ -10,8 +10,6 @@ use std::cell::RefCell;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use candle_core::DType;
-
 use crate::comm::{Communicator, Heartbeat, ShmCommunicator, SingleRank};
 use crate::error::{Error, Result};
 use crate::generation::session::{self, Control, EndReason, SessionLink};
@@ -416,9 +414,7 @@ fn load_shard(
         .policy
         .clone()
         .unwrap_or_else(|| Policy::for_config(&spec.config));
-    let dtype: DType = spec.dtype.into();
-    let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, rank, dtype)
-        .keep_quantized(spec.dtype == crate::WeightDType::Quantized);
+    let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, rank, spec.dtype);
     let model = models::load(&mut loader, &spec.config)?;
     let weights = loader.bytes();
     tracing::debug!(rank, "shard loaded");
