@@ -5,6 +5,7 @@ pub mod engine;
 pub mod ipc;
 pub mod launcher;
 pub mod memory;
+pub mod meter;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod outbox;
