@@ -58,14 +58,19 @@ pub struct ParallelModel {
 ///
 /// Configuration, weight headers and the split are validated here, before any process starts.
 /// Each rank then loads only its own slices. With `verbose` set, each rank's memory is printed
-/// to standard error; with `progress` set, each rank's loading is reported to it as it goes.
+/// to standard error; with `progress` set, the downloads and each rank's loading are reported
+/// to it as they go.
 pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<ParallelModel> {
     let policy = options
         .policy
         .as_deref()
         .map(PolicyFile::load)
         .transpose()?;
-    let model = ResolvedModel::resolve_with_policy(&source.into(), policy.as_ref())?;
+    let model = ResolvedModel::resolve_with_progress(
+        &source.into(),
+        policy.as_ref(),
+        options.progress.as_ref(),
+    )?;
     parallelize_resolved(model, options)
 }
 
