@@ -1,12 +1,12 @@
 //! Progress while a model loads: each rank reports how far it has got, a few times a second at
-//! most, to a library caller that asks.
+//! most, to a library caller that asks; the command draws it as bars on a terminal only.
 
 mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use common::{fixture, options};
+use common::{binary, fixture, generate_reference_args, options, run};
 use parallelformers::{parallelize, Options, Progress, ProgressSink};
 
 /// What a sink heard, in order.
@@ -85,4 +85,64 @@ fn each_rank_reports_its_load_from_zero_to_the_total_and_the_end_comes_last() {
             reports.len()
         );
     }
+}
+
+#[test]
+fn without_a_sink_the_command_prints_nothing_on_a_pipe() {
+    let mut args = generate_reference_args("llama");
+    args.extend(["--ranks", "2", "--max-new-tokens", "2"].map(String::from));
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "standard error is a pipe"
+    );
+}
+
+/// Runs the command with `args` under a pseudo-terminal (util-linux `script`); its terminal
+/// output, or `None` where `script` is missing.
+fn run_on_a_terminal(args: &[String]) -> Option<String> {
+    let quoted: Vec<String> = std::iter::once(binary().to_string_lossy().into_owned())
+        .chain(args.iter().cloned())
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let child = std::process::Command::new("script")
+        .args(["-qec", &quoted.join(" "), "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .output();
+    match child {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            Some(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("cannot run script: {e}"),
+    }
+}
+
+#[test]
+fn on_a_terminal_the_command_draws_a_bar_per_loading_rank() {
+    let mut args = generate_reference_args("llama");
+    args.extend(["--ranks", "2", "--max-new-tokens", "2"].map(String::from));
+    let Some(screen) = run_on_a_terminal(&args) else {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    };
+    for rank in 0..2 {
+        assert!(
+            screen.contains(&format!("loading rank {rank}")),
+            "rank {rank}'s bar: {screen:?}"
+        );
+    }
+    assert!(screen.contains("generated_ids"), "the answer: {screen:?}");
 }
