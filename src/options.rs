@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::progress::ProgressSink;
+
 /// The dtype weights are stored in and activations computed in (norms, attention and
 /// reductions always run in f32).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -93,6 +95,9 @@ pub struct Options {
     /// see [`PolicyFile`](crate::policy::file::PolicyFile)). Used by
     /// [`parallelize`](crate::parallelize); a model resolved beforehand carries its own.
     pub policy: Option<PathBuf>,
+    /// Where to tell how fetching the model (in [`parallelize`](crate::parallelize)) and
+    /// loading it on the ranks go; `None`: the library reports and prints nothing.
+    pub progress: Option<ProgressSink>,
 }
 
 impl Default for Options {
@@ -109,6 +114,7 @@ impl Default for Options {
             load_timeout: Duration::from_secs(600),
             comm_dir: None,
             policy: None,
+            progress: None,
         }
     }
 }

@@ -178,6 +178,14 @@ fn write_ipc_seeds() {
                 secret: "0123456789abcdef".into(),
             },
         ),
+        (
+            "loading",
+            Reply::Loading {
+                rank: 1,
+                done: 4096,
+                total: 1 << 40,
+            },
+        ),
         ("parallelized", Reply::Parallelized(memory)),
         (
             "forward_out",

@@ -16,6 +16,7 @@ use crate::parallel::launcher::{default_threads, LaunchSpec, WorkerGroup};
 use crate::parallel::memory::RankMemory;
 use crate::parallel::Plan;
 use crate::policy::file::PolicyFile;
+use crate::progress::{self, Progress};
 use crate::text::TextSide;
 
 mod checks;
@@ -60,14 +61,19 @@ pub struct ParallelModel {
 ///
 /// Configuration, weight headers and the split are validated here, before any process starts.
 /// Each rank then loads only its own slices. With `verbose` set, each rank's memory is printed
-/// to standard error.
+/// to standard error; with `progress` set, the downloads and each rank's loading are reported
+/// to it as they go.
 pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<ParallelModel> {
     let policy = options
         .policy
         .as_deref()
         .map(PolicyFile::load)
         .transpose()?;
-    let model = ResolvedModel::resolve_with_policy(&source.into(), policy.as_ref())?;
+    let model = ResolvedModel::resolve_with_progress(
+        &source.into(),
+        policy.as_ref(),
+        options.progress.as_ref(),
+    )?;
     parallelize_resolved(model, options)
 }
 
@@ -165,7 +171,8 @@ fn mpi_group(_options: &Options) -> Result<(WorkerGroup, usize)> {
     ))
 }
 
-/// Loads `model` on the ranks of `group` (whose plan was checked); returns each rank's memory.
+/// Loads `model` on the ranks of `group` (whose plan was checked), telling
+/// `options.progress` how far each rank has got; returns each rank's memory.
 fn load(
     group: &mut WorkerGroup,
     model: &ResolvedModel,
@@ -177,8 +184,15 @@ fn load(
         dtype: options.dtype,
         policy: model.policy.clone(),
     });
+    let sink = options.progress.as_ref();
+    let mut on_partial = |reply: &Reply| -> Option<Request> {
+        if let &Reply::Loading { rank, done, total } = reply {
+            progress::report(sink, &Progress::Loading { rank, done, total });
+        }
+        None
+    };
     let loaded = group
-        .request(&load, Some(options.load_timeout))?
+        .request_streaming(&load, Some(options.load_timeout), &mut on_partial)?
         .into_iter()
         .map(|reply| match reply {
             Reply::Parallelized(memory) => Ok(memory),
@@ -187,6 +201,7 @@ fn load(
             ))),
         })
         .collect::<Result<Vec<_>>>()?;
+    progress::report(sink, &Progress::Loaded);
     print_memory(options.verbose, &loaded);
     Ok(loaded)
 }

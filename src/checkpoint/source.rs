@@ -12,6 +12,7 @@ use crate::checkpoint::{default_model, hub, ModelConfig, SafetensorsCheckpoint, 
 use crate::error::{Error, Result};
 use crate::policy::file::PolicyFile;
 use crate::policy::Policy;
+use crate::progress::ProgressSink;
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,10 +125,20 @@ impl ResolvedModel {
     /// is read with the file's spellings, and the file's rules are checked against the
     /// checkpoint's tensors.
     pub fn resolve_with_policy(source: &ModelSource, policy: Option<&PolicyFile>) -> Result<Self> {
+        Self::resolve_with_progress(source, policy, None)
+    }
+
+    /// Like [`ResolvedModel::resolve_with_policy`], telling `progress` (if given) how the
+    /// downloads of a Hub model or of the default model go.
+    pub fn resolve_with_progress(
+        source: &ModelSource,
+        policy: Option<&PolicyFile>,
+        progress: Option<&ProgressSink>,
+    ) -> Result<Self> {
         if let Some(policy) = policy {
             return match source {
                 ModelSource::Path(path) if path.is_dir() => Self::from_policy(path, policy),
-                ModelSource::Hub(id) => Self::from_policy(&hub::snapshot(id)?, policy),
+                ModelSource::Hub(id) => Self::from_policy(&hub::snapshot(id, progress)?, policy),
                 _ => Err(Error::InvalidInput(
                     "a policy file applies to a checkpoint directory (config.json and safetensors)"
                         .into(),
@@ -144,8 +155,8 @@ impl ResolvedModel {
                     "no such model directory or .gguf file",
                 ),
             )),
-            ModelSource::Hub(id) => Self::from_directory(&hub::snapshot(id)?),
-            ModelSource::Default => Self::from_gguf(&default_model::default_model_path()?),
+            ModelSource::Hub(id) => Self::from_directory(&hub::snapshot(id, progress)?),
+            ModelSource::Default => Self::from_gguf(&default_model::default_model_path(progress)?),
         }
     }
 

@@ -9,6 +9,7 @@ mod generation_args;
 mod inspect;
 mod loadtest;
 mod printer;
+mod progress;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
@@ -99,6 +100,7 @@ impl ModelArgs {
             seed: self.seed,
             threads_per_rank: self.threads,
             comm_dir: self.comm_dir.clone(),
+            progress: progress::terminal(),
             ..Options::default()
         }
     }
@@ -114,14 +116,14 @@ pub fn at_least_one(value: &str) -> Result<usize, String> {
 }
 
 /// The model a `--model` value (or none: the default model) names, described by the policy file
-/// at `policy` when given.
+/// at `policy` when given; downloads show their progress on a terminal.
 pub fn resolve_model(
     model: Option<&str>,
     policy: Option<&std::path::Path>,
 ) -> parallelformers::Result<ResolvedModel> {
     let source = model.map_or(ModelSource::Default, ModelSource::parse);
     let policy = policy.map(PolicyFile::load).transpose()?;
-    ResolvedModel::resolve_with_policy(&source, policy.as_ref())
+    ResolvedModel::resolve_with_progress(&source, policy.as_ref(), progress::terminal().as_ref())
 }
 
 /// Runs the selected subcommand.

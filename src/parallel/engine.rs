@@ -6,6 +6,7 @@ use candle_core::{DType, Tensor};
 use crate::checkpoint::WeightSource;
 use crate::error::{Error, Result};
 use crate::models::layers::LinearWeight;
+use crate::parallel::meter::LoadMeter;
 use crate::parallel::slicing::Plan;
 use crate::policy::{Policy, Role};
 use crate::WeightDType;
@@ -260,6 +261,8 @@ pub struct ShardLoader<'a> {
     /// Slices read so far, by stored name: a tensor that several blocks share (ALBERT) is read
     /// and held once.
     read: std::collections::HashMap<String, Tensor>,
+    /// Where the tensors read are counted and reported, if anywhere.
+    meter: Option<LoadMeter<'a>>,
 }
 
 impl<'a> ShardLoader<'a> {
@@ -282,6 +285,29 @@ impl<'a> ShardLoader<'a> {
             keep_quantized: dtype == WeightDType::Quantized,
             bytes: WeightBytes::default(),
             read: std::collections::HashMap::new(),
+            meter: None,
+        }
+    }
+
+    /// Counts each tensor read on `meter`, which reports how far the load has got.
+    pub fn metered(mut self, meter: LoadMeter<'a>) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Tells the meter, if any, that the model has read all it needs.
+    pub fn finish(&mut self) -> Result<()> {
+        match self.meter.as_mut() {
+            Some(meter) => meter.finish(),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts stored tensor `full` of `shape` on the meter, if any.
+    fn count_read(&mut self, full: &str, shape: &[usize]) -> Result<()> {
+        match self.meter.as_mut() {
+            Some(meter) => meter.read(full, shape),
+            None => Ok(()),
         }
     }
 
@@ -344,6 +370,7 @@ impl<'a> ShardLoader<'a> {
                     .read_quantized(&full, block.rows.clone(), block.cols.clone())?;
             if let Some(matrix) = quantized {
                 self.bytes.add(&role, matrix.bytes() as u64);
+                self.count_read(&full, stored_shape)?;
                 return Ok(Some(matrix.into()));
             }
         }
@@ -461,6 +488,7 @@ impl<'a> ShardLoader<'a> {
         let tensor = tensor.to_dtype(self.dtype)?;
         self.bytes.add(role, self.float_bytes(tensor.elem_count()));
         self.read.insert(full.to_string(), tensor.clone());
+        self.count_read(full, shape)?;
         Ok(tensor)
     }
 }

@@ -95,6 +95,16 @@ pub enum Reply {
         /// The secret the launcher passed it.
         secret: String,
     },
+    /// How far the rank has got loading its shard, sent during the load request a few times
+    /// a second at most (see [`Progress::Loading`](crate::progress::Progress::Loading)).
+    Loading {
+        /// The rank.
+        rank: usize,
+        /// Elements of the checkpoint's tensors read so far.
+        done: u64,
+        /// Elements of all the checkpoint's tensors.
+        total: u64,
+    },
     /// The shard is loaded.
     Parallelized(RankMemory),
     /// Forward output (rank 0 only; others answer [`Reply::Done`]).
@@ -133,7 +143,7 @@ impl Reply {
     pub fn is_partial(&self) -> bool {
         matches!(
             self,
-            Reply::Token { .. } | Reply::Ended { .. } | Reply::Idle
+            Reply::Token { .. } | Reply::Ended { .. } | Reply::Idle | Reply::Loading { .. }
         )
     }
 }

@@ -7,6 +7,7 @@ pub mod forecast;
 pub mod ipc;
 pub mod launcher;
 pub mod memory;
+pub mod meter;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod outbox;

@@ -1,6 +1,7 @@
 //! The life of a worker process (the seed's `ParallelProcess`): read its environment, pin itself
-//! to its cores, join the rendezvous and the communicator, load only its own slices, report
-//! "parallelized" with its memory, then serve requests until told to stop.
+//! to its cores, join the rendezvous and the communicator, load only its own slices (telling the
+//! launcher how far it has got a few times a second), report "parallelized" with its memory,
+//! then serve requests until told to stop.
 //!
 //! A worker is our own binary re-executed with `PARALLELFORMERS_RANK` set. Any program that
 //! calls [`parallelize`](crate::parallelize) with itself as the worker program must call
@@ -21,6 +22,7 @@ use crate::parallel::ipc::{
 };
 use crate::parallel::launcher::HEARTBEAT_INTERVAL;
 use crate::parallel::memory::RankMemory;
+use crate::parallel::meter::{LoadMeter, LoadReport};
 use crate::parallel::slicing::Plan;
 use crate::policy::Policy;
 
@@ -236,9 +238,10 @@ pub fn serve(
             )))
         }
     };
+    let mut report = |done, total| send(&mut stream, &Reply::Loading { rank, done, total });
     let loaded = comm
         .open(rank, world_size)
-        .and_then(|comm| load_shard(rank, world_size, comm, &spec));
+        .and_then(|comm| load_shard(rank, world_size, comm, &spec, &mut report));
     let mut shard = match loaded {
         Ok(shard) => shard,
         Err(e) => {
@@ -402,11 +405,14 @@ fn memory(rank: usize, shard: &mut Shard) -> RankMemory {
     RankMemory::measure(rank, shard.weights, shard.model.kv_cache_bytes() as u64)
 }
 
+/// Loads rank `rank`'s shard as `spec` says, telling `report` how far it has got
+/// ([`Reply::Loading`]).
 fn load_shard(
     rank: usize,
     world_size: usize,
     comm: Box<dyn Communicator>,
     spec: &LoadSpec,
+    report: LoadReport<'_>,
 ) -> Result<Shard> {
     let weights = spec.location.open(&spec.config)?;
     let plan = Plan::new(&spec.config, world_size)?;
@@ -414,8 +420,10 @@ fn load_shard(
         .policy
         .clone()
         .unwrap_or_else(|| Policy::for_config(&spec.config));
-    let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, rank, spec.dtype);
+    let mut loader = ShardLoader::new(weights.as_ref(), &policy, &plan, rank, spec.dtype)
+        .metered(LoadMeter::start(weights.as_ref(), report)?);
     let model = models::load(&mut loader, &spec.config)?;
+    loader.finish()?;
     let weights = loader.bytes();
     tracing::debug!(rank, "shard loaded");
     comm.barrier()?;
