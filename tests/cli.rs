@@ -206,13 +206,12 @@ fn generate_from_a_text_prompt_returns_text_from_the_tokenizer() {
 #[test]
 fn verbose_detail_prints_every_ranks_memory() {
     let model = fixture("llama").to_string_lossy().into_owned();
+    // Without --ranks: every command's default, 2.
     let generate = |level: &str| {
         let out = run(&[
             "generate",
             "--model",
             &model,
-            "--ranks",
-            "2",
             "--max-new-tokens",
             "2",
             "--input-ids",
@@ -241,15 +240,14 @@ fn verbose_detail_prints_every_ranks_memory() {
 #[test]
 fn inspect_prints_the_plan_and_memory_per_rank_without_loading() {
     let model = fixture("smollm_like");
-    let out = run(&[
-        "inspect",
-        "--model",
-        model.to_str().unwrap(),
-        "--ranks",
-        "2",
-    ]);
+    // Without --ranks: every command's default, 2.
+    let out = run(&["inspect", "--model", model.to_str().unwrap()]);
     assert_success(&out);
     let text = stdout(&out);
+    assert!(
+        text.lines().next().unwrap().contains(", 2 ranks,"),
+        "{text}"
+    );
     assert!(text.contains("heads [5, 4], kv heads [2, 2]"), "{text}");
     assert!(text.contains("column(kvheads)"), "{text}");
     assert!(

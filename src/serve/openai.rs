@@ -89,7 +89,8 @@ impl Sampling {
     /// The generation options of this request: each field it gives, else the model's default
     /// (its `generation_config.json`, as the CLI's `chat` and `generate` use it; greedy for a
     /// checkpoint without one). `temperature` 0 is greedy and any other samples; without it the
-    /// model's `do_sample` decides. Beam search is not served (`num_beams` 1).
+    /// model's `do_sample` decides, except that `n` > 1 samples. Beam search is not served
+    /// (`num_beams` 1).
     pub fn config(&self, defaults: &GenerationConfig, default_max: usize) -> GenerationConfig {
         let mut config = GenerationConfig {
             max_new_tokens: self
@@ -109,6 +110,8 @@ impl Sampling {
         match self.temperature {
             Some(t) if t > 0.0 => (config.do_sample, config.temperature) = (true, t),
             Some(_) => config.do_sample = false,
+            // Several choices of one prompt differ only when sampled: at the model's temperature.
+            None if config.num_return_sequences > 1 => config.do_sample = true,
             None => {}
         }
         config.top_p = self.top_p.unwrap_or(config.top_p);
@@ -426,6 +429,30 @@ mod tests {
         let sampling: Sampling = serde_json::from_value(sampling).unwrap();
         let error = sampling.check().unwrap_err();
         (error.param.clone(), error.message().to_string())
+    }
+
+    #[test]
+    fn unnamed_sampling_fields_take_the_models_defaults_and_several_choices_sample() {
+        let greedy = GenerationConfig::default();
+        let config = |request: serde_json::Value| {
+            serde_json::from_value::<Sampling>(request)
+                .unwrap()
+                .config(&greedy, 16)
+        };
+        assert!(!config(json!({})).do_sample, "the model's greedy default");
+        assert!(config(json!({"n": 3})).do_sample, "several choices sample");
+        assert!(!config(json!({"n": 3, "temperature": 0})).do_sample);
+        let hot = config(json!({"temperature": 0.5, "top_k": 7}));
+        assert!(hot.do_sample && hot.temperature == 0.5 && hot.top_k == 7);
+        let sampling = GenerationConfig {
+            do_sample: true,
+            temperature: 0.7,
+            ..GenerationConfig::default()
+        };
+        let plain = serde_json::from_value::<Sampling>(json!({}))
+            .unwrap()
+            .config(&sampling, 16);
+        assert!(plain.do_sample && plain.temperature == 0.7);
     }
 
     #[test]
