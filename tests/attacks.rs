@@ -696,14 +696,19 @@ fn stream_in_background(server: &Server, body: Value) -> std::thread::JoinHandle
 }
 
 /// The private directory of the server whose rank 0 is `rank`, from the rendezvous socket's path
-/// in the rank's environment.
+/// in the rank's environment; already removed once every rank has connected.
 fn rendezvous_dir(rank: u32) -> std::path::PathBuf {
-    let socket = rank_env(rank, "PARALLELFORMERS_RENDEZVOUS").expect("the rendezvous path");
+    let socket =
+        common::process_env(rank, "PARALLELFORMERS_RENDEZVOUS").expect("the rendezvous path");
     let directory = std::path::Path::new(&socket)
         .parent()
         .unwrap()
         .to_path_buf();
-    assert!(directory.exists());
+    assert!(
+        !directory.exists(),
+        "{} is still there while the server runs",
+        directory.display()
+    );
     directory
 }
 
@@ -738,15 +743,6 @@ fn events_of(raw: &str) -> Vec<String> {
         .filter_map(|line| line.strip_prefix("data: "))
         .map(str::to_string)
         .collect()
-}
-
-/// A value from a rank's environment (the rendezvous socket's path, for one).
-fn rank_env(pid: u32, name: &str) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    environ
-        .split(|&b| b == 0)
-        .filter_map(|entry| std::str::from_utf8(entry).ok())
-        .find_map(|entry| entry.strip_prefix(&format!("{name}=")).map(str::to_string))
 }
 
 /// A figure of `/proc/PID/status`, in bytes (`VmHWM`: the peak resident memory).

@@ -184,6 +184,13 @@ fn a_rank_killed_or_stopped_in_any_phase_fails_the_call_fast_and_leaves_nothing_
     assert!(line.starts_with("listening on"), "{line}");
     let orphans: Vec<u32> = (0..2).flat_map(|r| ranks_of(main.id(), r)).collect();
     assert_eq!(orphans.len(), 2);
+    // Its private directory went once the ranks had connected: a SIGKILL leaves no file.
+    let socket = common::process_env(orphans[0], "PARALLELFORMERS_RENDEZVOUS").unwrap();
+    let directory = std::path::Path::new(&socket)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(!directory.exists(), "{}", directory.display());
     main.kill().unwrap();
     main.wait().unwrap();
     let fault = Instant::now();

@@ -249,6 +249,7 @@ pub fn default_threads(ranks: usize) -> usize {
 fn rendezvous() -> Result<(tempfile::TempDir, PathBuf, UnixListener)> {
     let dir = tempfile::Builder::new()
         .prefix("parallelformers-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .map_err(|e| Error::Launch(format!("cannot create a private directory: {e}")))?;
     let socket = dir.path().join("rendezvous.sock");
@@ -462,6 +463,11 @@ impl WorkerGroup {
                 }
                 Err(e) => return Err(Error::Launch(format!("rendezvous socket: {e}"))),
             }
+        }
+        // Every rank is connected: the socket has done its job. Removing its directory now
+        // leaves nothing behind even if this process is killed without a chance to clean up.
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.close();
         }
         Ok(())
     }
@@ -876,5 +882,19 @@ fn keep_tail(rank: usize, stderr: impl std::io::Read, tail: &Mutex<VecDeque<Stri
             }
             tail.push_back(line);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_rendezvous_directory_is_private() {
+        let (dir, socket, _listener) = rendezvous().unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        assert!(socket.starts_with(dir.path()));
     }
 }

@@ -28,6 +28,15 @@ pub fn skip(test: &str, why: &str, required: Option<&str>) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
+/// A value from process `pid`'s environment (a rank's rendezvous socket path, for one).
+pub fn process_env(pid: u32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|&b| b == 0)
+        .filter_map(|entry| std::str::from_utf8(entry).ok())
+        .find_map(|entry| entry.strip_prefix(&format!("{name}=")).map(str::to_string))
+}
+
 /// The directory of fixture `name`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
