@@ -711,26 +711,25 @@ impl WorkerGroup {
     /// `what` names the frame in an error.
     fn send(&mut self, i: usize, frame: &[u8], what: &str) -> Result<()> {
         self.ranks[i].outbox.push(frame);
-        self.flush(i)
-            .map_err(|e| self.connection_lost(i, format!("cannot send {what}: {e}")))
+        self.flush(i, what)
     }
 
-    /// Writes what rank `i`'s socket takes now of its outbox.
-    fn flush(&mut self, i: usize) -> std::io::Result<()> {
+    /// Writes what rank `i`'s socket takes now of its outbox; a broken socket fails the group,
+    /// naming `what` was being sent.
+    fn flush(&mut self, i: usize, what: &str) -> Result<()> {
         let rank = &mut self.ranks[i];
-        match rank.stream.as_ref() {
+        let flushed = match rank.stream.as_ref() {
             Some(stream) => rank.outbox.flush(stream),
             None => Err(std::io::ErrorKind::NotConnected.into()),
-        }
+        };
+        flushed.map_err(|e| self.connection_lost(i, format!("cannot send {what}: {e}")))
     }
 
     /// Writes what each rank's socket takes now of its outbox.
     fn flush_all(&mut self) -> Result<()> {
         for i in 0..self.ranks.len() {
             if !self.ranks[i].outbox.is_empty() {
-                if let Err(e) = self.flush(i) {
-                    return Err(self.connection_lost(i, format!("cannot send a request: {e}")));
-                }
+                self.flush(i, "a request")?;
             }
         }
         Ok(())

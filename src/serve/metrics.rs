@@ -63,30 +63,27 @@ impl Metrics {
             .fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
-    /// Replaces the per-rank memory figures.
-    pub fn set_ranks(&self, ranks: Vec<RankMemory>) {
+    /// Replaces the ranks: their memory figures after loading, and their process ids in rank
+    /// order, whose memory each scrape reads (empty where ranks are not local processes).
+    pub fn set_ranks(&self, ranks: Vec<RankMemory>, pids: Vec<u32>) {
         if let Ok(mut held) = self.ranks.lock() {
             *held = ranks;
         }
+        if let Ok(mut held) = self.rank_pids.lock() {
+            *held = pids;
+        }
     }
 
-    /// Counts a restart of the ranks, whose memory after loading is `ranks`.
-    pub fn restarted(&self, ranks: Vec<RankMemory>) {
+    /// Counts a restart of the ranks, whose memory after loading is `ranks` and whose process
+    /// ids are `pids`.
+    pub fn restarted(&self, ranks: Vec<RankMemory>, pids: Vec<u32>) {
         self.restarts.fetch_add(1, Ordering::Relaxed);
-        self.set_ranks(ranks);
+        self.set_ranks(ranks, pids);
     }
 
     /// How many times the ranks were restarted after a failure.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
-    }
-
-    /// Sets the rank processes' ids, in rank order, whose memory each scrape reads (again after
-    /// ranks are restarted).
-    pub fn set_rank_pids(&self, pids: Vec<u32>) {
-        if let Ok(mut held) = self.rank_pids.lock() {
-            *held = pids;
-        }
     }
 
     /// Everything in Prometheus' text exposition format.
@@ -256,7 +253,7 @@ mod tests {
             resident_bytes: 1,
             peak_bytes: 1,
         };
-        metrics.set_ranks(vec![at_load]);
+        metrics.set_ranks(vec![at_load], Vec::new());
         let text = metrics.render();
         assert_eq!(
             line_value(
@@ -267,7 +264,7 @@ mod tests {
             "without pids, the load-time figure"
         );
         // This process stands in for the rank.
-        metrics.set_rank_pids(vec![std::process::id()]);
+        metrics.set_ranks(vec![at_load], vec![std::process::id()]);
         let text = metrics.render();
         let resident = line_value(
             &text,
@@ -284,7 +281,7 @@ mod tests {
         );
         assert!(line_value(&text, "process_resident_memory_bytes").unwrap() > 1 << 20);
         // A rank process that is gone has no resident figure.
-        metrics.set_rank_pids(vec![u32::MAX]);
+        metrics.set_ranks(vec![at_load], vec![u32::MAX]);
         let text = metrics.render();
         assert!(!text.contains("kind=\"resident\""), "{text}");
     }

@@ -115,8 +115,9 @@ pub fn serve(
         model.check_sessions()?;
     }
     let shared = Arc::new(Shared::new());
-    shared.metrics.set_ranks(model.load_report().to_vec());
-    shared.metrics.set_rank_pids(model.worker_pids());
+    shared
+        .metrics
+        .set_ranks(model.load_report().to_vec(), model.worker_pids());
     let defaults = model.generation_config().clone();
     let sampling = openai::sampling_defaults(&defaults, defaults_source(&model.model().location));
     tracing::info!(%sampling, "sampling defaults of requests that name none");

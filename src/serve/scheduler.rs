@@ -267,8 +267,9 @@ fn heal(
         match model.restart() {
             Ok(()) => {
                 backoff.restarted = Some(Instant::now());
-                shared.metrics.restarted(model.load_report().to_vec());
-                shared.metrics.set_rank_pids(model.worker_pids());
+                shared
+                    .metrics
+                    .restarted(model.load_report().to_vec(), model.worker_pids());
                 shared.healthy.store(true, Ordering::Relaxed);
                 tracing::warn!("the ranks were restarted and serve again");
                 return true;
@@ -370,12 +371,6 @@ struct Session<'a> {
     next_id: u32,
     /// Jobs whose sequences the session's failure ended; they hear why once it is known.
     broken: Vec<Rc<JobState>>,
-}
-
-impl Session<'_> {
-    fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
-    }
 }
 
 impl SessionDriver for Session<'_> {
@@ -489,7 +484,7 @@ impl SessionDriver for Session<'_> {
         }
         match end {
             Ok(end) => {
-                self.metrics().completion_tokens(choice.tokens);
+                self.shared.metrics.completion_tokens(choice.tokens);
                 if let Some(rest) = choice.output.finish(&self.text.tokenizer) {
                     let _ = events.send(Event::Text {
                         index: choice.index,
