@@ -669,8 +669,8 @@ fn start_default(args: &[&str]) -> Server {
 /// Sends a JSON POST on a raw connection and returns it, so that the caller decides when to
 /// hang up.
 fn post_raw(server: &Server, path: &str, body: &Value) -> TcpStream {
-    let address = server.base.trim_start_matches("http://");
-    let mut stream = TcpStream::connect(address).unwrap();
+    let address = address(server);
+    let mut stream = connect(server);
     let body = body.to_string();
     write!(
         stream,
