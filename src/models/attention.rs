@@ -12,6 +12,9 @@ use crate::models::kernels;
 use crate::models::layers::{softmax_last, with_values};
 pub use crate::models::rope::{Rotary, RotaryAngles};
 
+mod spans;
+pub use spans::KvSpan;
+
 /// The additive mask value for a hidden key: finite, so that a row with every key hidden gives
 /// a uniform distribution instead of NaN (as transformers does with `finfo.min`).
 const HIDDEN: f32 = f32::MIN;
