@@ -66,6 +66,34 @@ pub enum Backend {
     Mpi,
 }
 
+/// Prompt tokens prefilled between two decode steps of a running batch unless told otherwise.
+pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 512;
+
+/// The prefix cache's size on each rank unless told otherwise, in MiB.
+pub const DEFAULT_PREFIX_CACHE_MIB: u64 = 512;
+
+/// How the ranks prefill prompts, fixed for the life of the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefillOptions {
+    /// Most prompt tokens (padding included) prefilled between two decode steps while a
+    /// continuous-batching session has sequences decoding, so that they keep streaming while a
+    /// long prompt joins (at least 1; a prompt joining an idle batch is prefilled at once).
+    pub chunk_tokens: usize,
+    /// Bytes of the prefix cache on each rank (0: no prefix cache): keys and values of earlier
+    /// prompts and replies, by blocks of tokens, for later prompts that start with the same
+    /// tokens (continuous-batching sessions, and single-prompt generation such as `chat`).
+    pub prefix_cache_bytes: u64,
+}
+
+impl Default for PrefillOptions {
+    fn default() -> Self {
+        PrefillOptions {
+            chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_MIB << 20,
+        }
+    }
+}
+
 /// Options of [`parallelize`](crate::parallelize).
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -98,6 +126,8 @@ pub struct Options {
     /// Where to tell how fetching the model (in [`parallelize`](crate::parallelize)) and
     /// loading it on the ranks go; `None`: the library reports and prints nothing.
     pub progress: Option<ProgressSink>,
+    /// Chunked prefill and the prefix cache.
+    pub prefill: PrefillOptions,
 }
 
 impl Default for Options {
@@ -115,6 +145,7 @@ impl Default for Options {
             comm_dir: None,
             policy: None,
             progress: None,
+            prefill: PrefillOptions::default(),
         }
     }
 }
