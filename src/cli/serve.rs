@@ -48,9 +48,8 @@ pub struct ServeArgs {
     /// [default: a quarter of the memory available at start, shared by the ranks].
     #[arg(long)]
     batch_memory_mib: Option<u64>,
-    /// Most prompt tokens prefilled between two decode steps while sequences stream: a long
-    /// prompt joins the running batch in chunks of this many tokens, so that the others keep
-    /// streaming.
+    /// Most prompt tokens prefilled between two decode steps: a long prompt joins the running
+    /// batch in chunks of this many tokens, so that the others keep streaming.
     #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK_TOKENS, value_parser = at_least_one)]
     prefill_chunk_tokens: usize,
     /// Memory of the prefix cache on each rank, in MiB (0: none): keys and values of earlier

@@ -7,8 +7,8 @@
 //! so that every rank changes its batch in the same way.
 //!
 //! Joining sequences are prefilled in caches of their own while the running batch's are set
-//! aside ([`joining`]: beside a running batch, a long prompt is prefilled in chunks between
-//! decode steps; a prompt that starts with blocks of the prefix cache is seeded with them).
+//! aside ([`joining`]: a long prompt is prefilled in chunks, one between each two decode steps;
+//! a prompt that starts with blocks of the prefix cache is seeded with them).
 //! Once prefilled, their rows are appended to the running caches, every row aligned to the end
 //! (the rows shorter than the batch get left padding that the attention mask hides, and
 //! position ids count real tokens only). A row that ends leaves its blocks in the prefix cache
@@ -112,9 +112,9 @@ const FINISHED: u32 = u32::MAX;
 const FAILED: u32 = u32::MAX - 1;
 
 /// Runs a continuous-batching session that starts with `initial`. Every rank runs it; rank 0
-/// passes its `link` to the main process, the others `None`. Beside a running batch, at most
-/// about `chunk_tokens` prompt tokens are prefilled between two decode steps; prompts start
-/// from what `prefix` holds of them, and leave their blocks there.
+/// passes its `link` to the main process, the others `None`. At most about `chunk_tokens`
+/// prompt tokens are prefilled between two decode steps; prompts start from what `prefix`
+/// holds of them, and leave their blocks there.
 pub fn run(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
@@ -143,8 +143,7 @@ pub fn run(
             summary.sequences.push(row.output());
         }
         if !joining.is_empty() {
-            let budget = (!batch.rows.is_empty()).then_some(chunk_tokens);
-            let (passes, complete) = joining.advance(model, comm, budget)?;
+            let (passes, complete) = joining.advance(model, comm, chunk_tokens)?;
             summary.prefill_passes += passes;
             for (group, joined) in complete {
                 batch.admit(model, group, prefix)?;

@@ -1,10 +1,11 @@
 //! Sequences that joined a session and are still being prefilled. Sequences that join together
 //! are prefilled as one group with caches of its own (their prompts padded on the left to one
 //! width); a sequence whose prompt starts with blocks the prefix cache holds gets a group of its
-//! own, seeded with them. While a batch is running, each step prefills at most a budget of
-//! prompt tokens (the groups with the least left first), so that a long prompt is prefilled in
-//! chunks between decode steps and the running sequences keep streaming; a group joins the
-//! running batch once its whole prompt is in its caches.
+//! own, seeded with them. Each step prefills at most a budget of prompt tokens (the groups with
+//! the least left first), so that a long prompt is prefilled in chunks between decode steps
+//! and the running sequences keep streaming; a group joins the running batch once its whole
+//! prompt is in its caches. (Chunks also bound a pass's attention scores, and with today's
+//! kernels make a long prompt alone faster to prefill than one pass over it.)
 
 use candle_core::Tensor;
 
@@ -197,23 +198,23 @@ impl Joining {
         Ok(cancelled)
     }
 
-    /// Prefills up to `budget` prompt tokens (all of them with `None`), the groups with the
-    /// least left first, each by at least one column; returns the number of forward passes and
-    /// the groups now complete, with their rows' logits.
+    /// Prefills up to `budget` prompt tokens (padding included), the groups with the least
+    /// left first, each by at least one column; returns the number of forward passes and the
+    /// groups now complete, with their rows' logits.
     pub fn advance(
         &mut self,
         model: &mut dyn ShardedModel,
         comm: &dyn Communicator,
-        budget: Option<usize>,
+        budget: usize,
     ) -> Result<(usize, Vec<(Group, Tensor)>)> {
         self.groups.sort_by_key(Group::left);
         let mut left = budget;
         let (mut passes, mut complete, mut index) = (0, Vec::new(), 0);
-        while index < self.groups.len() && left != Some(0) {
+        while index < self.groups.len() && left > 0 {
             let group = &mut self.groups[index];
             let (rows, columns_left) = (group.rows.len(), group.width() - group.done);
-            let columns = left.map_or(columns_left, |l| (l / rows).clamp(1, columns_left));
-            left = left.map(|l| l.saturating_sub(rows * columns));
+            let columns = (left / rows).clamp(1, columns_left);
+            left = left.saturating_sub(rows * columns);
             passes += 1;
             match group.advance(model, comm, columns)? {
                 Some(logits) => complete.push((self.groups.remove(index), logits)),

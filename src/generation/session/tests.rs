@@ -315,7 +315,7 @@ fn prompts_prefilled_in_chunks_give_the_logits_of_one_pass_within_rounding() {
         greedy(0, long_prompt(), 1),
         greedy(1, long_prompt()[30..].to_vec(), 1),
     ];
-    let prefill = |model: &mut dyn ShardedModel, budget: Option<usize>| {
+    let prefill = |model: &mut dyn ShardedModel, budget: usize| {
         let mut joining = Joining::default();
         joining
             .add(&sequences, &mut no_prefix_cache(), false)
@@ -330,8 +330,8 @@ fn prompts_prefilled_in_chunks_give_the_logits_of_one_pass_within_rounding() {
             }
         }
     };
-    let (one, whole) = prefill(model.as_mut(), None);
-    let (chunks, chunked) = prefill(model.as_mut(), Some(2 * 7));
+    let (one, whole) = prefill(model.as_mut(), usize::MAX);
+    let (chunks, chunked) = prefill(model.as_mut(), 2 * 7);
     assert_eq!((one, chunks), (1, 15), "100 columns in chunks of 7");
     assert_eq!(whole.len(), chunked.len());
     let worst = whole
