@@ -17,23 +17,6 @@ pub struct KvSpan {
     values: Vec<f32>,
 }
 
-impl KvSpan {
-    /// Number of positions.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether it holds no position.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Bytes of its keys and values.
-    pub fn bytes(&self) -> usize {
-        (self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()
-    }
-}
-
 impl KvCache {
     /// Positions `start..start + len` of row `row` (counted as stored: left padding included).
     fn span(&self, row: usize, start: usize, len: usize) -> Result<KvSpan> {
@@ -155,13 +138,12 @@ mod tests {
     fn a_span_holds_the_positions_of_its_row_head_by_head() {
         let cache = numbered(2, 5);
         let span = cache.span(1, 2, 2).unwrap();
-        assert_eq!(span.len(), 2);
+        assert_eq!(span.len, 2);
         assert_eq!(
             span.keys,
             [1020., 1021., 1022., 1030., 1031., 1032., 1120., 1121., 1122., 1130., 1131., 1132.]
         );
         assert_eq!(span.values[0], 2040.);
-        assert_eq!(span.bytes(), 2 * 12 * 4);
         assert!(cache.span(2, 0, 1).is_err(), "no row 2");
         assert!(cache.span(0, 4, 2).is_err(), "past the end");
     }
