@@ -80,6 +80,15 @@ pub fn softmax_rows(x: &mut [f32], cols: usize) {
     dispatch!(softmax_rows(x, cols))
 }
 
+/// In place: `x[i] = exp(x[i] - shift)`, returning the sum of the results: the middle pass
+/// of a softmax, which attention's online softmax runs a tile of scores at a time.
+///
+/// Entries equal to `-inf` (hidden keys) come out as exactly `0.0`; results below `2^-124`
+/// flush to zero on the AVX-512 path (they cannot change a sum of at least 1).
+pub fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+    dispatch!(exp_shifted(x, shift))
+}
+
 /// In place: `x[i] = exp(x[i])` (the primitive under SiLU and softmax, tested on its own).
 ///
 /// Relative error is below `3e-7` wherever the result is a normal `f32`. `exp(-inf)` is
@@ -126,6 +135,16 @@ mod scalar {
         }
     }
 
+    pub(super) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+        // Accumulate in f64: a long sequential f32 sum drifts by more than 1e-6.
+        let mut sum = 0.0f64;
+        for v in x.iter_mut() {
+            *v = (*v - shift).exp();
+            sum += *v as f64;
+        }
+        sum as f32
+    }
+
     pub(super) fn softmax_rows(x: &mut [f32], cols: usize) {
         for row in x.chunks_exact_mut(cols) {
             // NaN entries are skipped here but still turn the whole row into NaN below,
@@ -137,13 +156,7 @@ mod scalar {
                 row.fill(0.0);
                 continue;
             }
-            // Accumulate in f64: a long sequential f32 sum drifts by more than 1e-6.
-            let mut sum = 0.0f64;
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v as f64;
-            }
-            let inv = (1.0 / sum) as f32;
+            let inv = 1.0 / exp_shifted(row, max);
             for v in row.iter_mut() {
                 *v *= inv;
             }
@@ -325,6 +338,35 @@ mod avx512 {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let mv = _mm512_set1_ps(shift);
+        let mut s = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + LANES <= n {
+            // SAFETY: lanes `i..i + 16` are inside `x`.
+            unsafe {
+                let y = exp_or_zero(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
+                _mm512_storeu_ps(p.add(i), y);
+                s = _mm512_add_ps(s, y);
+            }
+            i += LANES;
+        }
+        if i < n {
+            let k = tail_mask(n - i);
+            // SAFETY: only the lanes selected by `k` are read or written, all inside `x`.
+            unsafe {
+                let y = exp_or_zero(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
+                _mm512_mask_storeu_ps(p.add(i), k, y);
+                // Masked-off lanes hold exp(0 - shift), which must not enter the sum.
+                s = _mm512_mask_add_ps(s, k, s, y);
+            }
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn softmax_row(row: &mut [f32]) {
@@ -353,28 +395,7 @@ mod avx512 {
         }
 
         // Pass 2: exponentiate the shifted values and accumulate their sum.
-        let mv = _mm512_set1_ps(max);
-        let mut s = _mm512_setzero_ps();
-        i = 0;
-        while i + LANES <= n {
-            // SAFETY: lanes `i..i + 16` are inside `row`.
-            unsafe {
-                let y = exp_or_zero(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
-                _mm512_storeu_ps(p.add(i), y);
-                s = _mm512_add_ps(s, y);
-            }
-            i += LANES;
-        }
-        if let Some(k) = tail {
-            // SAFETY: only the lanes selected by `k` are read or written, all inside `row`.
-            unsafe {
-                let y = exp_or_zero(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
-                _mm512_mask_storeu_ps(p.add(i), k, y);
-                // Masked-off lanes hold exp(0 - max), which must not enter the sum.
-                s = _mm512_mask_add_ps(s, k, s, y);
-            }
-        }
-        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(s));
+        let inv = _mm512_set1_ps(1.0 / exp_shifted(row, max));
 
         // Pass 3: normalise.
         i = 0;
