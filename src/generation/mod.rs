@@ -331,39 +331,62 @@ impl Rows {
     }
 }
 
+/// Prompt positions per forward pass of a prefill: a long prompt goes through the model this
+/// many positions at a time, each pass attending to the cache of the earlier ones, so that the
+/// activations of a pass stay in the processor's caches (and its logits are computed once).
+pub const PREFILL_CHUNK: usize = 512;
+
 /// The forward pass of prompts padded on the left to one width (`ids[i]` starts with
-/// `padding[i]` pad ids), filling the caches: the last position's logits of every row.
+/// `padding[i]` pad ids), filling the caches, [`PREFILL_CHUNK`] positions at a time for models
+/// with a key/value cache: the last position's logits of every row.
 fn prefill(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
     ids: &[Vec<u32>],
     padding: &[usize],
 ) -> Result<Tensor> {
-    // Position ids count real tokens only (the padding's positions are never attended).
-    let positions: Vec<u32> = padding
-        .iter()
-        .zip(ids)
-        .flat_map(|(&pad, ids)| (0..ids.len()).map(move |i| i.saturating_sub(pad) as u32))
-        .collect();
     let width = ids.first().map_or(0, Vec::len);
-    let mask: Vec<u32> = padding
+    // Position ids count real tokens only (the padding's positions are never attended).
+    let positions: Vec<Vec<u32>> = padding
         .iter()
-        .flat_map(|&pad| (0..width).map(move |i| u32::from(i >= pad)))
+        .map(|&pad| (0..width).map(|i| i.saturating_sub(pad) as u32).collect())
         .collect();
-    let flat: Vec<u32> = ids.concat();
-    model.forward(
-        &Batch {
-            ids: &flat,
-            batch: ids.len(),
-            seq_len: width,
-            attention_mask: padding.iter().any(|&p| p > 0).then_some(mask.as_slice()),
-            use_cache: true,
-            last_only: true,
-            positions: Some(&positions),
-            decoder_ids: None,
-        },
-        comm,
-    )
+    let mask: Vec<Vec<u32>> = padding
+        .iter()
+        .map(|&pad| (0..width).map(|i| u32::from(i >= pad)).collect())
+        .collect();
+    let padded = padding.iter().any(|&p| p > 0);
+    // An encoder–decoder's first step runs its encoder, which takes the prompt at once.
+    let chunk = match model.caches().is_some() {
+        true => PREFILL_CHUNK,
+        false => width.max(1),
+    };
+    let mut start = 0;
+    loop {
+        let end = (start + chunk).min(width);
+        let columns = |rows: &[Vec<u32>], from: usize| -> Vec<u32> {
+            rows.iter().flat_map(|r| r[from..end].iter().copied()).collect()
+        };
+        let (flat, chunk_positions, chunk_mask) =
+            (columns(ids, start), columns(&positions, start), columns(&mask, 0));
+        let logits = model.forward(
+            &Batch {
+                ids: &flat,
+                batch: ids.len(),
+                seq_len: end - start,
+                attention_mask: padded.then_some(chunk_mask.as_slice()),
+                use_cache: true,
+                last_only: true,
+                positions: Some(&chunk_positions),
+                decoder_ids: None,
+            },
+            comm,
+        )?;
+        if end >= width {
+            return Ok(logits);
+        }
+        start = end;
+    }
 }
 
 /// Rank 0's side: processes each row's logits and chooses its next token.
