@@ -365,10 +365,15 @@ fn prefill(
     loop {
         let end = (start + chunk).min(width);
         let columns = |rows: &[Vec<u32>], from: usize| -> Vec<u32> {
-            rows.iter().flat_map(|r| r[from..end].iter().copied()).collect()
+            rows.iter()
+                .flat_map(|r| r[from..end].iter().copied())
+                .collect()
         };
-        let (flat, chunk_positions, chunk_mask) =
-            (columns(ids, start), columns(&positions, start), columns(&mask, 0));
+        let (flat, chunk_positions, chunk_mask) = (
+            columns(ids, start),
+            columns(&positions, start),
+            columns(&mask, 0),
+        );
         let logits = model.forward(
             &Batch {
                 ids: &flat,
