@@ -4,10 +4,13 @@
 
 mod common;
 
+use std::ops::ControlFlow;
 use std::sync::OnceLock;
 
 use common::{fixture, options, run, run_with_stdin};
 use parallelformers::checkpoint::source::ResolvedModel;
+use parallelformers::generation::PREFILL_CHUNK;
+use parallelformers::parallel::ipc::ForwardInput;
 use parallelformers::text::TextSide;
 use parallelformers::tokenizer::Message;
 use parallelformers::{parallelize, GenerationConfig, ModelSource, WeightDType};
@@ -179,4 +182,51 @@ fn interactive_chat_keeps_the_conversation_history() {
             "The capital of Germany is Berlin."
         ]
     );
+}
+
+/// Prompts longer than a prefill chunk ([`PREFILL_CHUNK`] positions) are prefilled a chunk at
+/// a time, each chunk attending to the cache of the earlier ones; the tokens greedy decoding
+/// then chooses are the argmax of whole forward passes (no cache, one pass) over each prompt
+/// and the tokens before, for a batch whose rows are padded differently.
+#[test]
+fn prompts_longer_than_a_prefill_chunk_generate_what_whole_forward_passes_choose() {
+    let mut model = parallelize(default_model().location.path(), options(2)).unwrap();
+    let vocab = 49_152;
+    let prompt = |len: usize, seed: usize| -> Vec<u32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed) % (vocab - 100) + 100) as u32)
+            .collect()
+    };
+    let prompts = [
+        prompt(PREFILL_CHUNK + 90, 13),
+        prompt(PREFILL_CHUNK + 20, 29),
+    ];
+    let config = GenerationConfig {
+        max_new_tokens: 2,
+        ..GenerationConfig::default()
+    };
+    let generated = model
+        .generate_batch(&prompts, &config, |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    for (prompt, new) in prompts.iter().zip(&generated.sequences) {
+        assert_eq!(new.len(), 2, "{new:?}");
+        for (j, &token) in new.iter().enumerate() {
+            let ids: Vec<u32> = prompt.iter().chain(&new[..j]).copied().collect();
+            let logits = model
+                .forward(&ForwardInput {
+                    seq_len: ids.len(),
+                    input_ids: ids,
+                    batch: 1,
+                    attention_mask: None,
+                    decoder_input_ids: None,
+                })
+                .unwrap();
+            let last = &logits.data[logits.data.len() - vocab..];
+            let argmax = (0..vocab)
+                .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+                .unwrap();
+            assert_eq!(token, argmax as u32, "token {j} after {} ids", prompt.len());
+        }
+    }
+    model.deparallelize();
 }

@@ -267,8 +267,9 @@ impl Rows {
         }
     }
 
-    /// The prompts' forward pass: the last position's logits of every row.
-    /// The caches hold the first `cached` columns already.
+    /// The prompts' forward passes after the first `cached` columns, which the caches hold
+    /// already, [`PREFILL_CHUNK`] columns at a time for models with a key/value cache: the last
+    /// position's logits of every row.
     fn forward_prompts(
         &self,
         model: &mut dyn ShardedModel,
@@ -276,7 +277,20 @@ impl Rows {
         cached: usize,
     ) -> Result<Tensor> {
         let width = self.ids.first().map_or(0, Vec::len);
-        prefill(model, comm, &self.ids, &self.padding, cached..width)
+        // An encoder–decoder's first step runs its encoder, which takes the prompt at once.
+        let chunk = match model.caches().is_some() {
+            true => PREFILL_CHUNK,
+            false => width.max(1),
+        };
+        let mut start = cached;
+        loop {
+            let end = (start + chunk).min(width);
+            let logits = prefill(model, comm, &self.ids, &self.padding, start..end)?;
+            if end >= width {
+                return Ok(logits);
+            }
+            start = end;
+        }
     }
 
     /// One decode step: feeds each row's chosen token and returns the new logits.
@@ -372,6 +386,12 @@ impl Rows {
         }
     }
 }
+
+/// Prompt positions per forward pass of [`generate`]'s prefill: a long prompt goes through the
+/// model this many positions at a time, each pass attending to the cache of the earlier ones,
+/// so that the activations of a pass stay in the processor's caches (and its logits are
+/// computed once). Sessions take theirs from [`PrefillOptions`](crate::PrefillOptions).
+pub const PREFILL_CHUNK: usize = 512;
 
 /// The forward pass of `columns` of prompts padded on the left to one width (`ids[i]` starts
 /// with `padding[i]` pad ids), the caches holding the columns before them: fills the caches

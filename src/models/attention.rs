@@ -1,71 +1,22 @@
-//! Attention over this rank's heads: masks (causal, padding, sliding window), rotary positions
-//! (re-exported from [`rope`](crate::models::rope)), the per-rank key/value cache, and
-//! grouped-query attention.
+//! Attention over this rank's heads: masks described, never materialised ([`Mask`]: causal,
+//! padding, sliding window, ALiBi, relative position bias), rotary positions (re-exported from
+//! [`rope`](crate::models::rope)), the per-rank key/value cache, and grouped-query attention
+//! computed a tile at a time ([`tiled`]).
 //!
 //! Scores, masks and softmax are computed in f32 whatever the weights' dtype.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::Result;
-use crate::models::elementwise::softmax_rows;
-use crate::models::kernels;
-use crate::models::layers::{softmax_last, with_values};
+use crate::models::layers::with_values;
 pub use crate::models::rope::{Rotary, RotaryAngles};
 
+mod mask;
 mod spans;
+mod tiled;
+
+pub use mask::Mask;
 pub use spans::KvSpan;
-
-/// The additive mask value for a hidden key: finite, so that a row with every key hidden gives
-/// a uniform distribution instead of NaN (as transformers does with `finfo.min`).
-const HIDDEN: f32 = f32::MIN;
-
-/// Which keys each query may see.
-#[derive(Debug, Clone, Copy)]
-pub struct MaskSpec<'a> {
-    /// Batch size.
-    pub batch: usize,
-    /// Number of new (query) positions.
-    pub query_len: usize,
-    /// Number of cached positions before them.
-    pub past_len: usize,
-    /// `[batch, past_len + query_len]`, 1 = token, 0 = padding; `None` = all tokens.
-    pub attention_mask: Option<&'a [u32]>,
-    /// Queries see only earlier keys.
-    pub causal: bool,
-    /// Queries see only the last `window` keys (themselves included).
-    pub sliding_window: Option<usize>,
-}
-
-impl MaskSpec<'_> {
-    /// The additive mask `[batch, 1, query_len, key_len]` in f32, or `None` when nothing is hidden.
-    pub fn build(&self) -> Result<Option<Tensor>> {
-        let key_len = self.past_len + self.query_len;
-        let mut values = vec![0f32; self.batch * self.query_len * key_len];
-        let mut any_hidden = false;
-        for b in 0..self.batch {
-            for q in 0..self.query_len {
-                let q_pos = self.past_len + q;
-                for k in 0..key_len {
-                    let padded = self.attention_mask.is_some_and(|m| m[b * key_len + k] == 0);
-                    let future = self.causal && k > q_pos;
-                    let outside_window = self.sliding_window.is_some_and(|w| q_pos >= k + w);
-                    if padded || future || outside_window {
-                        values[(b * self.query_len + q) * key_len + k] = HIDDEN;
-                        any_hidden = true;
-                    }
-                }
-            }
-        }
-        if !any_hidden {
-            return Ok(None);
-        }
-        Ok(Some(Tensor::from_vec(
-            values,
-            (self.batch, 1, self.query_len, key_len),
-            &Device::Cpu,
-        )?))
-    }
-}
 
 /// BLOOM's ALiBi slopes of all `heads` heads (transformers' `build_alibi_tensor`): powers of
 /// a base for the largest power of two of heads, then every other power of the next base.
@@ -77,45 +28,6 @@ pub fn alibi_slopes(heads: usize) -> Vec<f32> {
         .collect();
     slopes.extend((0..heads - closest).map(|i| base(2 * closest).powi((2 * i + 1) as i32) as f32));
     slopes
-}
-
-/// The additive mask `[B, heads, Lq, Lk]` of ALiBi heads with `slopes`: `base` (causal and
-/// padding, `[B, 1, Lq, Lk]`, or none) plus each head's slope times the key's position, which
-/// counts the keys the attention mask keeps (as BLOOM numbers them).
-pub fn alibi_mask(
-    base: Option<&Tensor>,
-    slopes: &[f32],
-    attention_mask: Option<&[u32]>,
-    batch: usize,
-    query_len: usize,
-    key_len: usize,
-) -> Result<Tensor> {
-    let heads = slopes.len();
-    let mut values = vec![0f32; batch * heads * query_len * key_len];
-    for b in 0..batch {
-        let mut position = 0f32;
-        let positions: Vec<f32> = (0..key_len)
-            .map(|k| {
-                let kept = attention_mask.is_none_or(|m| m[b * key_len + k] != 0);
-                let p = if kept { position } else { 0.0 };
-                position += f32::from(u8::from(kept));
-                p
-            })
-            .collect();
-        for (h, slope) in slopes.iter().enumerate() {
-            for q in 0..query_len {
-                let row = ((b * heads + h) * query_len + q) * key_len;
-                for (k, p) in positions.iter().enumerate() {
-                    values[row + k] = slope * p;
-                }
-            }
-        }
-    }
-    let alibi = Tensor::from_vec(values, (batch, heads, query_len, key_len), &Device::Cpu)?;
-    Ok(match base {
-        Some(base) => alibi.broadcast_add(base)?,
-        None => alibi,
-    })
 }
 
 /// Keys and values of earlier positions for this rank's heads, in f32. Each head's positions
@@ -335,8 +247,8 @@ impl KvCache {
         }
     }
 
-    /// The cached keys and values as contiguous `[B, kv_heads, T, D]` tensors (for attention
-    /// of several new positions at once).
+    /// The cached keys and values as contiguous `[B, kv_heads, T, D]` tensors.
+    #[cfg(test)]
     fn tensors(&self) -> Result<(Tensor, Tensor)> {
         let shape = (self.batch, self.heads, self.len, self.dim);
         let copy = |buffer: &[f32]| -> Result<Tensor> {
@@ -344,7 +256,7 @@ impl KvCache {
             for head in buffer.chunks_exact(self.capacity * self.dim) {
                 values.extend_from_slice(&head[..self.len * self.dim]);
             }
-            Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+            Ok(Tensor::from_vec(values, shape, &candle_core::Device::Cpu)?)
         };
         Ok((copy(&self.keys)?, copy(&self.values)?))
     }
@@ -538,7 +450,7 @@ pub fn attend(
     layout: HeadLayout,
     rotary: Option<&RotaryAngles>,
     cache: Option<&mut KvCache>,
-    mask: Option<&Tensor>,
+    mask: &Mask,
 ) -> Result<Tensor> {
     let scale = 1.0 / (layout.head_dim as f64).sqrt();
     attend_scaled(projected, layout, rotary, cache, mask, scale)
@@ -550,7 +462,7 @@ pub fn attend_scaled(
     layout: HeadLayout,
     rotary: Option<&RotaryAngles>,
     cache: Option<&mut KvCache>,
-    mask: Option<&Tensor>,
+    mask: &Mask,
     scale: f64,
 ) -> Result<Tensor> {
     let scores = Scores {
@@ -569,39 +481,15 @@ pub struct Scores {
     pub softcap: Option<f64>,
 }
 
-impl Scores {
-    /// Scales (and caps) one score.
-    fn apply(&self, score: f32) -> f32 {
-        let scaled = score * self.scale as f32;
-        match self.softcap {
-            Some(cap) => {
-                let cap = cap as f32;
-                (scaled / cap).tanh() * cap
-            }
-            None => scaled,
-        }
-    }
-
-    /// Scales (and caps) a tensor of scores.
-    fn apply_tensor(&self, scores: Tensor) -> Result<Tensor> {
-        let scaled = (scores * self.scale)?;
-        Ok(match self.softcap {
-            Some(cap) => ((scaled / cap)?.tanh()? * cap)?,
-            None => scaled,
-        })
-    }
-}
-
 /// [`attend`] with the scores computed as `scores` says.
 pub fn attend_with(
     projected: Projected,
     layout: HeadLayout,
     rotary: Option<&RotaryAngles>,
     cache: Option<&mut KvCache>,
-    mask: Option<&Tensor>,
+    mask: &Mask,
     scores: Scores,
 ) -> Result<Tensor> {
-    let (batch, len, _) = projected.q.dims3()?;
     let dtype = projected.q.dtype();
     let mut q = split_heads(&projected.q, layout.heads, layout.head_dim)?;
     let mut k = split_heads(&projected.k, layout.kv_heads, layout.head_dim)?;
@@ -614,26 +502,22 @@ pub fn attend_with(
     let out = match cache {
         Some(cache) => {
             cache.append(&k, &v)?;
-            over_cache(&q, cache, mask, &layout, scores)?
+            over_keys(&q, cache.view(), mask, &layout, scores)?
         }
-        None if len == 1 => {
+        None => {
             let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+            let len = k.dim(2)?;
             with_values(&k, |keys| {
                 with_values(&v, |values| {
                     let view = KvView {
                         keys,
                         values,
-                        len: 1,
-                        head_stride: layout.head_dim,
+                        len,
+                        head_stride: len * layout.head_dim,
                     };
-                    attend_one_query(&q, view, mask, &layout, scores)
+                    over_keys(&q, view, mask, &layout, scores)
                 })
             })???
-            .reshape((batch, 1, layout.heads * layout.head_dim))?
-        }
-        None => {
-            let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-            attend_dense(&q, &k, &v, mask, &layout, scores)?
         }
     };
     Ok(out.to_dtype(dtype)?)
@@ -646,7 +530,7 @@ pub fn attend_cached(
     q: &Tensor,
     layout: HeadLayout,
     cache: &KvCache,
-    mask: Option<&Tensor>,
+    mask: &Mask,
     scale: f64,
 ) -> Result<Tensor> {
     let heads = split_heads(q, layout.heads, layout.head_dim)?.to_dtype(DType::F32)?;
@@ -654,7 +538,7 @@ pub fn attend_cached(
         scale,
         softcap: None,
     };
-    Ok(over_cache(&heads, cache, mask, &layout, scores)?.to_dtype(q.dtype())?)
+    Ok(over_keys(&heads, cache.view(), mask, &layout, scores)?.to_dtype(q.dtype())?)
 }
 
 /// A cache holding keys `k` and values `v` `[B, L, kv_heads*D]` (an encoder output's, which
@@ -676,174 +560,28 @@ fn split_heads(t: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
-/// Attention of the f32 queries `q` `[B, heads, L, D]` over everything `cache` holds:
-/// `[B, L, heads*D]` in f32.
-fn over_cache(
-    q: &Tensor,
-    cache: &KvCache,
-    mask: Option<&Tensor>,
-    layout: &HeadLayout,
-    scores: Scores,
-) -> Result<Tensor> {
-    let (batch, _, len, _) = q.dims4()?;
-    if len == 1 {
-        return Ok(
-            attend_one_query(q, cache.view(), mask, layout, scores)?.reshape((
-                batch,
-                1,
-                layout.heads * layout.head_dim,
-            ))?,
-        );
-    }
-    let (k, v) = cache.tensors()?;
-    attend_dense(q, &k, &v, mask, layout, scores)
-}
-
-/// Attention of f32 queries `[B, heads, L, D]` over f32 keys and values `[B, kv_heads, T, D]`
-/// by matrix products: `[B, L, heads*D]` in f32.
-fn attend_dense(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    layout: &HeadLayout,
-    scores: Scores,
-) -> Result<Tensor> {
-    let (batch, _, len, _) = q.dims4()?;
-    let (k, v) = (expand_kv(k, layout)?, expand_kv(v, layout)?);
-    let mut logits = scores.apply_tensor(q.matmul(&k.t()?)?)?;
-    if let Some(mask) = mask {
-        logits = logits.broadcast_add(mask)?;
-    }
-    let probs = softmax_last(&logits)?;
-    let out = probs.matmul(&v.contiguous()?)?;
-    Ok(out
-        .transpose(1, 2)?
-        .reshape((batch, len, layout.heads * layout.head_dim))?)
-}
-
-/// Attention of one new position per sequence (a decode step) over the whole cache, head by
-/// head, reading the cache in place: scores through the matrix-vector kernel (a head's keys are
-/// a `[T, D]` matrix), then a weighted sum of its values.
-/// `q` is `[B, heads, 1, D]`, `kv` holds `T` positions per key/value head, `mask` is
-/// `[B, 1, 1, T]` (or `[B, heads, 1, T]`, one row per head, for ALiBi); the result is
-/// `[B, heads, D]`.
-fn attend_one_query(
+/// Attention of the f32 queries `q` `[B, heads, L, D]` over the keys and values of `kv`, a
+/// tile at a time: `[B, L, heads*D]` in f32.
+fn over_keys(
     q: &Tensor,
     kv: KvView,
-    mask: Option<&Tensor>,
+    mask: &Mask,
     layout: &HeadLayout,
-    score_options: Scores,
+    scores: Scores,
 ) -> Result<Tensor> {
-    let (batch, heads, _, dim) = q.dims4()?;
-    let keys = kv.len;
-    let mask: Option<Vec<f32>> = mask
-        .map(|m| m.flatten_all().and_then(|m| m.to_vec1()))
-        .transpose()?;
-    let mut out = vec![0f32; batch * heads * dim];
-    let mut scores = vec![0f32; keys];
-    with_values(q, |q| {
-        for b in 0..batch {
-            for h in 0..heads {
-                let query = &q[(b * heads + h) * dim..][..dim];
-                let base = (b * layout.kv_heads + layout.kv_head_of(h)) * kv.head_stride;
-                kernels::matvec(&kv.keys[base..base + keys * dim], query, &mut scores);
-                let bias = mask.as_ref().map(|m| {
-                    let row = match m.len() == batch * heads * keys {
-                        true => b * heads + h,
-                        false => b,
-                    };
-                    &m[row * keys..(row + 1) * keys]
-                });
-                for (t, score) in scores.iter_mut().enumerate() {
-                    *score = score_options.apply(*score) + bias.map_or(0.0, |m| m[t]);
-                }
-                softmax_rows(&mut scores, keys);
-                let output = &mut out[(b * heads + h) * dim..][..dim];
-                for (t, &weight) in scores.iter().enumerate() {
-                    let value = &kv.values[base + t * dim..][..dim];
-                    output
-                        .iter_mut()
-                        .zip(value)
-                        .for_each(|(o, x)| *o += weight * x);
-                }
-            }
-        }
-    })?;
-    Ok(Tensor::from_vec(out, (batch, heads, dim), q.device())?)
-}
-
-/// The key/value head of each of this rank's query heads, `[B, heads, T, D]` from
-/// `[B, kv_heads, T, D]` (grouped-query attention shares one key/value head among a group).
-fn expand_kv(x: &Tensor, layout: &HeadLayout) -> Result<Tensor> {
-    if layout.heads == layout.kv_heads {
-        return Ok(x.clone());
-    }
-    let index: Vec<u32> = (0..layout.heads)
-        .map(|h| layout.kv_head_of(h) as u32)
-        .collect();
-    let index = Tensor::new(index.as_slice(), x.device())?;
-    Ok(x.contiguous()?.index_select(&index, 1)?)
+    let (batch, _, len, _) = q.dims4()?;
+    let out = with_values(q, |q| tiled::attend(q, len, kv, mask, layout, scores))??;
+    Ok(Tensor::from_vec(
+        out,
+        (batch, len, layout.heads * layout.head_dim),
+        q.device(),
+    )?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn mask_values(spec: MaskSpec) -> Vec<Vec<bool>> {
-        let mask = spec.build().unwrap().unwrap();
-        let (_, _, q, k) = mask.dims4().unwrap();
-        let flat: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
-        (0..q)
-            .map(|i| (0..k).map(|j| flat[i * k + j] == 0.0).collect())
-            .collect()
-    }
-
-    #[test]
-    fn causal_mask_with_a_sliding_window_of_two_sees_itself_and_one_before() {
-        let visible = mask_values(MaskSpec {
-            batch: 1,
-            query_len: 3,
-            past_len: 0,
-            attention_mask: None,
-            causal: true,
-            sliding_window: Some(2),
-        });
-        assert_eq!(
-            visible,
-            vec![
-                vec![true, false, false],
-                vec![true, true, false],
-                vec![false, true, true]
-            ]
-        );
-    }
-
-    #[test]
-    fn padding_hides_keys_for_bidirectional_attention() {
-        let visible = mask_values(MaskSpec {
-            batch: 1,
-            query_len: 2,
-            past_len: 0,
-            attention_mask: Some(&[1, 0]),
-            causal: false,
-            sliding_window: None,
-        });
-        assert_eq!(visible, vec![vec![true, false], vec![true, false]]);
-    }
-
-    #[test]
-    fn nothing_hidden_means_no_mask() {
-        let spec = MaskSpec {
-            batch: 2,
-            query_len: 1,
-            past_len: 4,
-            attention_mask: None,
-            causal: true,
-            sliding_window: None,
-        };
-        assert!(spec.build().unwrap().is_none());
-    }
+    use candle_core::Device;
 
     /// A layout of `heads` query heads starting at model-wide head `first_head`, with model-wide
     /// groups of `group`.
@@ -859,85 +597,147 @@ mod tests {
         }
     }
 
-    #[test]
-    fn one_query_attention_equals_the_matmul_path_with_groups_and_a_mask() {
-        // Whole groups, and a rank whose two query heads straddle two groups.
-        for layout in [layout(4, 0, 2, 8), layout(2, 1, 2, 8)] {
-            // Without soft-capping, and with a cap low enough to change the scores (Gemma 2).
-            for softcap in [None, Some(0.3)] {
-                check_one_query_attention(layout, softcap);
+    /// Attention by definition, in f64: every score plus an additive mask of `f32::MIN` on the
+    /// keys `hidden(b, q, k)` says, softmax over all keys, weighted sum of values. The
+    /// reference the tiled kernel is held to (a fully hidden row averages every value).
+    fn reference(
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        (batch, query_len, key_len): (usize, usize, usize),
+        layout: &HeadLayout,
+        scores: Scores,
+        bias: impl Fn(usize, usize, usize, usize) -> f32,
+        hidden: impl Fn(usize, usize, usize) -> bool,
+    ) -> Vec<f32> {
+        let (heads, dim) = (layout.heads, layout.head_dim);
+        let mut out = vec![0f32; batch * query_len * heads * dim];
+        for b in 0..batch {
+            for h in 0..heads {
+                let kv = (b * layout.kv_heads + layout.kv_head_of(h)) * key_len * dim;
+                for i in 0..query_len {
+                    let query = &q[((b * heads + h) * query_len + i) * dim..][..dim];
+                    let logits: Vec<f64> = (0..key_len)
+                        .map(|t| {
+                            let key = &k[kv + t * dim..][..dim];
+                            let dot: f32 = query.iter().zip(key).map(|(a, b)| a * b).sum();
+                            let mut s = dot * scores.scale as f32;
+                            if let Some(cap) = scores.softcap {
+                                s = (s / cap as f32).tanh() * cap as f32;
+                            }
+                            let mask = if hidden(b, i, t) { f32::MIN } else { 0.0 };
+                            (s + bias(b, h, i, t) + mask) as f64
+                        })
+                        .collect();
+                    let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+                    let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    let row = &mut out[((b * query_len + i) * heads + h) * dim..][..dim];
+                    for (t, w) in weights.iter().enumerate() {
+                        for (o, x) in row.iter_mut().zip(&v[kv + t * dim..][..dim]) {
+                            *o += (w / total * *x as f64) as f32;
+                        }
+                    }
+                }
             }
         }
+        out
     }
 
-    fn check_one_query_attention(layout: HeadLayout, softcap: Option<f64>) {
-        let dev = Device::Cpu;
-        let (batch, heads, kv_heads, keys, dim) =
-            (2, layout.heads, layout.kv_heads, 5, layout.head_dim);
-        let values = |n: usize, seed: f32| -> Vec<f32> {
-            (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
-        };
-        let q = Tensor::from_vec(
-            values(batch * heads * dim, 0.1),
-            (batch, heads, 1, dim),
-            &dev,
-        )
-        .unwrap();
-        let k = Tensor::from_vec(
-            values(batch * kv_heads * keys * dim, 0.7),
-            (batch, kv_heads, keys, dim),
-            &dev,
-        )
-        .unwrap();
-        let v = Tensor::from_vec(
-            values(batch * kv_heads * keys * dim, 1.3),
-            (batch, kv_heads, keys, dim),
-            &dev,
-        )
-        .unwrap();
-        let mut mask = vec![0f32; batch * keys];
-        mask[keys] = HIDDEN; // the second sequence's first key is padding
-        let mask = Tensor::from_vec(mask, (batch, 1, 1, keys), &dev).unwrap();
+    /// Deterministic values in [-1, 1].
+    fn wave(n: usize, seed: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
+    }
+
+    /// The tiled kernel against [`reference`] for one mask: queries at `past..past + len`
+    /// over `past + len` keys (or `keys` for cross-attention), batch 2, the second sequence
+    /// left-padded by `padding` positions.
+    fn check_tiled(
+        layout: HeadLayout,
+        (len, past, padding): (usize, usize, usize),
+        softcap: Option<f64>,
+        build: impl Fn(Mask) -> Mask,
+        bias: impl Fn(usize, usize, usize, usize) -> f32,
+        hidden: impl Fn(usize, usize, usize) -> bool,
+    ) {
+        let (batch, dim) = (2, layout.head_dim);
+        let keys = past + len;
+        let q = wave(batch * layout.heads * len * dim, 0.1);
+        let k = wave(batch * layout.kv_heads * keys * dim, 0.7);
+        let v = wave(batch * layout.kv_heads * keys * dim, 1.3);
+        let attention_mask: Vec<u32> = (0..batch * keys)
+            .map(|i| u32::from(i < keys || i - keys >= padding))
+            .collect();
+        let mask = build(
+            Mask::all_visible(batch, keys, past)
+                .with_padding(Some(&attention_mask))
+                .unwrap(),
+        );
         let scores = Scores {
             scale: 1.0 / (dim as f64).sqrt(),
             softcap,
         };
-        let mut cache = KvCache::default();
-        for (start, len) in [(0, keys - 1), (keys - 1, 1)] {
-            cache
-                .append(
-                    &k.narrow(2, start, len).unwrap(),
-                    &v.narrow(2, start, len).unwrap(),
-                )
-                .unwrap();
-        }
-        let fast = attend_one_query(&q, cache.view(), Some(&mask), &layout, scores).unwrap();
-        let (k2, v2) = (
-            expand_kv(&k, &layout).unwrap(),
-            expand_kv(&v, &layout).unwrap(),
+        let view = KvView {
+            keys: &k,
+            values: &v,
+            len: keys,
+            head_stride: keys * dim,
+        };
+        let got = tiled::attend(&q, len, view, &mask, &layout, scores).unwrap();
+        let padded = |b: usize, t: usize| attention_mask[b * keys + t] == 0;
+        let want = reference(
+            (&q, &k, &v),
+            (batch, len, keys),
+            &layout,
+            scores,
+            bias,
+            |b, i, t| padded(b, t) || hidden(b, past + i, t),
         );
-        let logits = scores
-            .apply_tensor(q.matmul(&k2.t().unwrap()).unwrap())
-            .unwrap()
-            .broadcast_add(&mask)
-            .unwrap();
-        let slow = softmax_last(&logits)
-            .unwrap()
-            .matmul(&v2)
-            .unwrap()
-            .reshape((batch, heads, dim))
-            .unwrap();
-        let diff: f32 = (fast - slow)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff < 1e-6, "{diff}");
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{layout:?} len {len} past {past}: {diff}");
+    }
+
+    #[test]
+    fn tiled_attention_equals_attention_by_definition_for_every_kind_of_mask() {
+        // Whole groups, and a rank whose two query heads straddle two groups.
+        let layouts = [layout(4, 0, 2, 8), layout(2, 1, 2, 8)];
+        // A decode step over a long cache, a prompt crossing tiles, one after a cached prefix.
+        let shapes = [(1, 300, 0), (150, 0, 37), (70, 200, 5), (3, 0, 2)];
+        for layout in layouts {
+            for (len, past, padding) in shapes {
+                let shape = (len, past, padding);
+                let none = |_: usize, _: usize, _: usize, _: usize| 0.0;
+                // Bidirectional, with and without Gemma 2's soft-capping.
+                for softcap in [None, Some(0.3)] {
+                    check_tiled(layout, shape, softcap, |m| m, none, |_, _, _| false);
+                }
+                // Causal; causal within a sliding window of 50.
+                let causal = |_: usize, q: usize, t: usize| t > q;
+                check_tiled(layout, shape, None, Mask::causal, none, causal);
+                let window = |_: usize, q: usize, t: usize| t > q || q >= t + 50;
+                let windowed = |m: Mask| m.causal().with_window(Some(50));
+                check_tiled(layout, shape, None, windowed, none, window);
+                // ALiBi (positions count tokens only), causal.
+                let slopes = [0.5, 0.25, 0.125, 0.0625];
+                let keys = past + len;
+                let alibi = |b: usize, h: usize, _: usize, t: usize| {
+                    let lead = if b == 1 { padding } else { 0 };
+                    slopes[h] * t.saturating_sub(lead) as f32
+                };
+                let with_alibi = |m: Mask| m.causal().with_alibi(&slopes[..layout.heads]);
+                check_tiled(layout, shape, None, with_alibi, alibi, causal);
+                // A relative bias of key - query (T5).
+                let relative = |h: usize, offset: i64| (h as f32 + 1.0) * 0.01 * offset as f32;
+                let with_relative = |m: Mask| m.with_relative_bias(layout.heads, len, relative);
+                let bias = |_: usize, h: usize, i: usize, t: usize| {
+                    relative(h, t as i64 - (past + i) as i64)
+                };
+                check_tiled(layout, shape, None, with_relative, bias, |_, _, _| false);
+                assert!(keys > 0);
+            }
+        }
     }
 
     #[test]
@@ -1083,24 +883,5 @@ mod tests {
         for (got, want) in six.iter().zip(want) {
             assert!((got - want).abs() < 1e-7, "{six:?}");
         }
-    }
-
-    #[test]
-    fn expand_kv_gives_each_query_head_its_group() {
-        let x = Tensor::arange(0f32, 4.0, &Device::Cpu)
-            .unwrap()
-            .reshape((1, 2, 1, 2))
-            .unwrap();
-        let expand = |layout: HeadLayout| -> Vec<f32> {
-            expand_kv(&x, &layout)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
-        assert_eq!(expand(layout(4, 0, 2, 2)), [0., 1., 0., 1., 2., 3., 2., 3.]);
-        // Model-wide heads 1..4 in groups of 2: heads 1 → kv 0; 2, 3 → kv 1.
-        assert_eq!(expand(layout(3, 1, 2, 2)), [0., 1., 2., 3., 2., 3.]);
     }
 }

@@ -215,7 +215,7 @@ impl EncoderDecoder for Bart {
         for layer in &self.encoder {
             let attn = layer
                 .attn
-                .attend_self(&x, &self.scores, None, mask.as_ref(), comm)?;
+                .attend_self(&x, &self.scores, None, &mask, comm)?;
             x = layer.attn_norm.forward(&(x + attn)?)?;
             x = layer.ff.forward(&x, self.activation, comm)?;
         }
@@ -235,12 +235,12 @@ impl EncoderDecoder for Bart {
             .collect();
         let shape = (input.batch, input.len);
         let mut x = self.embed(&self.decoder_embeddings, input.ids, shape, &positions, comm)?;
-        let mask = decoder_mask(&input)?;
+        let mask = decoder_mask(&input);
         for (i, layer) in self.decoder.iter().enumerate() {
             let cache = input.caches.as_deref_mut().map(|c| c.layer(i));
             let attn = layer
                 .attn
-                .attend_self(&x, &self.scores, cache, mask.as_ref(), comm)?;
+                .attend_self(&x, &self.scores, cache, &mask, comm)?;
             x = layer.attn_norm.forward(&(x + attn)?)?;
             let cross = input.cross.get(i).ok_or_else(|| missing_cross(i))?;
             let attn = layer

@@ -164,7 +164,7 @@ impl ShardedModel for Bert {
                 k: layer.key.forward(&x)?,
                 v: layer.value.forward(&x)?,
             };
-            let attn = attend(projected, self.layout, None, None, mask.as_ref())?;
+            let attn = attend(projected, self.layout, None, None, &mask)?;
             x = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&attn, comm)? + &x)?)?;

@@ -80,6 +80,23 @@ pub fn softmax_rows(x: &mut [f32], cols: usize) {
     dispatch!(softmax_rows(x, cols))
 }
 
+/// In place: `x[i] = exp(x[i] - shift)`, returning the sum of the results: the middle pass
+/// of a softmax, which attention's online softmax runs a tile of scores at a time.
+///
+/// Entries equal to `-inf` (hidden keys) come out as exactly `0.0`; results below `2^-124`
+/// flush to zero on the AVX-512 path (they cannot change a sum of at least 1).
+pub fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if !std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU supports AVX2 and FMA, the features the AVX2 kernel enables.
+        return unsafe { avx2::exp_shifted(x, shift) };
+    }
+    dispatch!(exp_shifted(x, shift))
+}
+
 /// In place: `x[i] = exp(x[i])` (the primitive under SiLU and softmax, tested on its own).
 ///
 /// Relative error is below `3e-7` wherever the result is a normal `f32`. `exp(-inf)` is
@@ -126,6 +143,16 @@ mod scalar {
         }
     }
 
+    pub(super) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+        // Accumulate in f64: a long sequential f32 sum drifts by more than 1e-6.
+        let mut sum = 0.0f64;
+        for v in x.iter_mut() {
+            *v = (*v - shift).exp();
+            sum += *v as f64;
+        }
+        sum as f32
+    }
+
     pub(super) fn softmax_rows(x: &mut [f32], cols: usize) {
         for row in x.chunks_exact_mut(cols) {
             // NaN entries are skipped here but still turn the whole row into NaN below,
@@ -137,17 +164,71 @@ mod scalar {
                 row.fill(0.0);
                 continue;
             }
-            // Accumulate in f64: a long sequential f32 sum drifts by more than 1e-6.
-            let mut sum = 0.0f64;
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v as f64;
-            }
-            let inv = (1.0 / sum) as f32;
+            let inv = 1.0 / exp_shifted(row, max);
             for v in row.iter_mut() {
                 *v *= inv;
             }
         }
+    }
+}
+
+/// The AVX2 version of [`exp_shifted`], the inner loop of attention's softmax, for processors
+/// without AVX-512: 8 lanes, the same reduction and polynomial as the AVX-512 `exp`, `2^n`
+/// built in the exponent bits, results below `2^-124` flushed to zero.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::avx512::{LN2_HI, LN2_LO, P0, P1, P2, P3, P4, P5};
+
+    const LANES: usize = 8;
+
+    /// Lane-wise `exp(x)` for `x ≤ 0` (NaN propagates), zero below `-86`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_or_zero(x: __m256) -> __m256 {
+        let lowest = _mm256_set1_ps(-86.0);
+        let kept = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, lowest);
+        // `max` returns its second operand when either is NaN, so NaN survives the clamp.
+        let x = _mm256_max_ps(lowest, x);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let one = _mm256_set1_ps(1.0);
+        let mut p = _mm256_set1_ps(P0);
+        for c in [P1, P2, P3, P4, P5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        p = _mm256_fmadd_ps(p, r, one);
+        p = _mm256_fmadd_ps(p, r, one);
+        // 2^n for n in [-125, 0]: a normal float built from its exponent bits.
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_and_ps(kept, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+        let shift_v = _mm256_set1_ps(shift);
+        let mut sum = _mm256_setzero_ps();
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            // SAFETY: `chunk` holds exactly eight elements; unaligned access is allowed.
+            unsafe {
+                let y = exp_or_zero(_mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), shift_v));
+                _mm256_storeu_ps(chunk.as_mut_ptr(), y);
+                sum = _mm256_add_ps(sum, y);
+            }
+        }
+        let mut lanes = [0f32; LANES];
+        // SAFETY: `lanes` holds eight elements.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        let tail = chunks.into_remainder();
+        lanes.iter().sum::<f32>() + super::scalar::exp_shifted(tail, shift)
     }
 }
 
@@ -163,17 +244,17 @@ mod avx512 {
     // Cody–Waite split of ln 2: `LN2_HI` has few significant bits, so `n · LN2_HI` is
     // exact for every `n` reachable after clamping, and `LN2_HI + LN2_LO ≈ ln 2` to well
     // beyond `f32` precision.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
+    pub(super) const LN2_HI: f32 = 0.693_359_4;
+    pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
 
     // Minimax coefficients (Cephes `expf`) for
     // `exp(r) ≈ 1 + r + r²·(P5 + r·(P4 + r·(P3 + r·(P2 + r·(P1 + r·P0)))))`, |r| ≤ ln2/2.
-    const P0: f32 = 1.987_569_1e-4;
-    const P1: f32 = 1.398_199_9e-3;
-    const P2: f32 = 8.333_452e-3;
-    const P3: f32 = 4.166_579_6e-2;
-    const P4: f32 = 1.666_666_5e-1;
-    const P5: f32 = 0.5;
+    pub(super) const P0: f32 = 1.987_569_1e-4;
+    pub(super) const P1: f32 = 1.398_199_9e-3;
+    pub(super) const P2: f32 = 8.333_452e-3;
+    pub(super) const P3: f32 = 4.166_579_6e-2;
+    pub(super) const P4: f32 = 1.666_666_5e-1;
+    pub(super) const P5: f32 = 0.5;
 
     /// Mask selecting the low `rem` lanes (`rem < 16`).
     #[inline]
@@ -325,6 +406,35 @@ mod avx512 {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let mv = _mm512_set1_ps(shift);
+        let mut s = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + LANES <= n {
+            // SAFETY: lanes `i..i + 16` are inside `x`.
+            unsafe {
+                let y = exp_or_zero(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
+                _mm512_storeu_ps(p.add(i), y);
+                s = _mm512_add_ps(s, y);
+            }
+            i += LANES;
+        }
+        if i < n {
+            let k = tail_mask(n - i);
+            // SAFETY: only the lanes selected by `k` are read or written, all inside `x`.
+            unsafe {
+                let y = exp_or_zero(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
+                _mm512_mask_storeu_ps(p.add(i), k, y);
+                // Masked-off lanes hold exp(0 - shift), which must not enter the sum.
+                s = _mm512_mask_add_ps(s, k, s, y);
+            }
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn softmax_row(row: &mut [f32]) {
@@ -353,28 +463,7 @@ mod avx512 {
         }
 
         // Pass 2: exponentiate the shifted values and accumulate their sum.
-        let mv = _mm512_set1_ps(max);
-        let mut s = _mm512_setzero_ps();
-        i = 0;
-        while i + LANES <= n {
-            // SAFETY: lanes `i..i + 16` are inside `row`.
-            unsafe {
-                let y = exp_or_zero(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), mv));
-                _mm512_storeu_ps(p.add(i), y);
-                s = _mm512_add_ps(s, y);
-            }
-            i += LANES;
-        }
-        if let Some(k) = tail {
-            // SAFETY: only the lanes selected by `k` are read or written, all inside `row`.
-            unsafe {
-                let y = exp_or_zero(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
-                _mm512_mask_storeu_ps(p.add(i), k, y);
-                // Masked-off lanes hold exp(0 - max), which must not enter the sum.
-                s = _mm512_mask_add_ps(s, k, s, y);
-            }
-        }
-        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(s));
+        let inv = _mm512_set1_ps(1.0 / exp_shifted(row, max));
 
         // Pass 3: normalise.
         i = 0;
@@ -556,6 +645,57 @@ mod tests {
         if has_avx512() {
             // SAFETY: AVX-512F is available (checked just above).
             exp_sweep(|x| unsafe { avx512::exp_inplace(x) }, "avx512");
+        }
+    }
+
+    /// Every implementation of `exp_shifted` against f64: relative error within `3e-7` down
+    /// to where results flush to zero, `-inf` and very negative inputs exactly zero, the sum
+    /// of the results returned, tails of every length.
+    #[test]
+    fn exp_shifted_matches_f64_on_every_path() {
+        type ExpShifted = fn(&mut [f32], f32) -> f32;
+        let mut paths: Vec<(&str, ExpShifted)> =
+            vec![("dispatch", exp_shifted), ("scalar", scalar::exp_shifted)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx512() {
+                // SAFETY: AVX-512F is available (checked just above).
+                paths.push(("avx512", |x, s| unsafe { avx512::exp_shifted(x, s) }));
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: AVX2 and FMA are available (checked just above).
+                paths.push(("avx2", |x, s| unsafe { avx2::exp_shifted(x, s) }));
+            }
+        }
+        let mut rng = Rng(7);
+        for (name, path) in paths {
+            for len in [0, 1, 7, 8, 9, 15, 16, 17, 64, 131] {
+                let shift = 2.5f32;
+                let mut input: Vec<f32> = (0..len).map(|_| rng.uniform(-80.0, 2.5)).collect();
+                if len > 3 {
+                    input[1] = f32::NEG_INFINITY;
+                    input[2] = -500.0;
+                }
+                let mut x = input.clone();
+                let sum = path(&mut x, shift);
+                let mut want_sum = 0f64;
+                for (&v, &y) in input.iter().zip(&x) {
+                    let want = ((v - shift) as f64).exp();
+                    want_sum += want;
+                    if v - shift < -86.0 {
+                        assert!(y == 0.0 || (y as f64 - want).abs() < 1e-37, "{name}");
+                    } else {
+                        check_close(y, want, 3e-7, 0.0, name);
+                    }
+                }
+                let error = (sum as f64 - want_sum).abs() / want_sum.max(1e-30);
+                assert!(
+                    len == 0 || error < 1e-6,
+                    "{name}: sum {sum} against {want_sum}"
+                );
+            }
         }
     }
 

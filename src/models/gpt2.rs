@@ -222,16 +222,15 @@ impl ShardedModel for Gpt2 {
             ))?)?;
         let global = input.mask(past, true, None)?;
         let window = self.blocks.iter().find_map(|b| b.window);
-        let local = match window {
-            Some(w) => input.mask(past, true, Some(w))?,
-            None => None,
-        };
+        let local = window
+            .map(|w| input.mask(past, true, Some(w)))
+            .transpose()?;
         for i in 0..self.blocks.len() {
             let block = &self.blocks[i];
             let projected = self.project(block, &block.ln_1.forward(&x)?)?;
-            let mask = match block.window {
-                Some(_) => local.as_ref(),
-                None => global.as_ref(),
+            let mask = match (block.window, &local) {
+                (Some(_), Some(local)) => local,
+                _ => &global,
             };
             let cache = input.use_cache.then(|| self.caches.layer(i));
             let attn = attend(projected, self.layout, None, cache, mask)?;

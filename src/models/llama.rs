@@ -12,7 +12,9 @@ use crate::checkpoint::config::{
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
-use crate::models::attention::{attend_with, HeadLayout, KvCache, LayerCaches, Projected, Scores};
+use crate::models::attention::{
+    attend_with, HeadLayout, KvCache, LayerCaches, Mask, Projected, Scores,
+};
 use crate::models::layers::{
     activate, gated, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
@@ -290,7 +292,7 @@ fn load_layer(
 struct AttentionInputs<'a> {
     layout: HeadLayout,
     angles: Option<&'a RotaryAngles>,
-    mask: Option<&'a Tensor>,
+    mask: &'a Mask,
     scores: Scores,
 }
 
@@ -343,7 +345,7 @@ impl ShardedModel for Llama {
             None => None,
         };
         // One mask per distinct window (most models have one or two).
-        let mut masks: Vec<(Option<usize>, Option<Tensor>)> = Vec::new();
+        let mut masks: Vec<(Option<usize>, Mask)> = Vec::new();
         let residual_scale = self.options.residual_scale;
         let scaled = |t: Tensor| -> Result<Tensor> {
             Ok(match residual_scale {
@@ -352,14 +354,15 @@ impl ShardedModel for Llama {
             })
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            let mask = match masks.iter().find(|(w, _)| *w == layer.window) {
-                Some((_, mask)) => mask.clone(),
+            let known = masks.iter().position(|(w, _)| *w == layer.window);
+            let index = match known {
+                Some(index) => index,
                 None => {
-                    let mask = input.mask(past, true, layer.window)?;
-                    masks.push((layer.window, mask.clone()));
-                    mask
+                    masks.push((layer.window, input.mask(past, true, layer.window)?));
+                    masks.len() - 1
                 }
             };
+            let mask = &masks[index].1;
             let layer_angles = match layer.rope {
                 LayerRope::Full => Some(&angles),
                 LayerRope::Sliding => sliding_angles.as_ref().or(Some(&angles)),
@@ -371,7 +374,7 @@ impl ShardedModel for Llama {
             let inputs = AttentionInputs {
                 layout: self.layout,
                 angles: layer_angles,
-                mask: mask.as_ref(),
+                mask,
                 scores: self.scores,
             };
             let attn = layer.attention(&normed, inputs, cache, comm)?;

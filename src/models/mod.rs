@@ -69,22 +69,18 @@ impl Batch<'_> {
         }
     }
 
-    /// The additive attention mask for this batch after `past_len` cached positions.
+    /// Which keys each position of this batch sees after `past_len` cached positions: its
+    /// padding hidden, and the future too when `causal`, and keys beyond `sliding_window`.
     pub fn mask(
         &self,
         past_len: usize,
         causal: bool,
         sliding_window: Option<usize>,
-    ) -> Result<Option<Tensor>> {
-        attention::MaskSpec {
-            batch: self.batch,
-            query_len: self.seq_len,
-            past_len,
-            attention_mask: self.attention_mask,
-            causal,
-            sliding_window,
-        }
-        .build()
+    ) -> Result<attention::Mask> {
+        let mask = attention::Mask::all_visible(self.batch, past_len + self.seq_len, past_len)
+            .with_padding(self.attention_mask)?
+            .with_window(sliding_window);
+        Ok(if causal { mask.causal() } else { mask })
     }
 }
 

@@ -12,9 +12,7 @@ use crate::checkpoint::config::FusedQkv;
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::Result;
-use crate::models::attention::{
-    alibi_mask, alibi_slopes, attend, HeadLayout, LayerCaches, Projected, Rotary,
-};
+use crate::models::attention::{alibi_slopes, attend, HeadLayout, LayerCaches, Projected, Rotary};
 use crate::models::layers::{
     activate, LayerNorm, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
@@ -178,17 +176,7 @@ impl ShardedModel for Phi {
         }
         let mut mask = input.mask(past, true, None)?;
         if let Some(slopes) = &self.alibi {
-            let keys = past + input.seq_len;
-            let (batch, len) = (input.batch, input.seq_len);
-            let mask_with_alibi = alibi_mask(
-                mask.as_ref(),
-                slopes,
-                input.attention_mask,
-                batch,
-                len,
-                keys,
-            )?;
-            mask = Some(mask_with_alibi);
+            mask = mask.with_alibi(slopes);
         }
         let angles = self
             .rotary
@@ -200,13 +188,7 @@ impl ShardedModel for Phi {
             let normed = block.norm.forward(&x)?;
             let projected = self.project(block, &normed)?;
             let cache = input.use_cache.then(|| self.caches.layer(i));
-            let attn = attend(
-                projected,
-                self.layout,
-                angles.as_ref(),
-                cache,
-                mask.as_ref(),
-            )?;
+            let attn = attend(projected, self.layout, angles.as_ref(), cache, &mask)?;
             let block = &self.blocks[i];
             let attended = block.dense.forward(&attn, comm)?;
             // The MLP reads the block's input (parallel), or its input plus the attention.

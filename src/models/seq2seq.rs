@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::models::attention::{
-    attend_cached, attend_scaled, cache_of, HeadLayout, KvCache, LayerCaches, MaskSpec, Projected,
+    attend_cached, attend_scaled, cache_of, HeadLayout, KvCache, LayerCaches, Mask, Projected,
 };
 use crate::models::layers::{Linear, RowParallelLinear};
 use crate::models::{weight_and_bias, Batch, ShardedModel};
@@ -49,7 +49,7 @@ impl AttentionBlock {
         x: &Tensor,
         scores: &Scores,
         cache: Option<&mut KvCache>,
-        mask: Option<&Tensor>,
+        mask: &Mask,
         comm: &dyn Communicator,
     ) -> Result<Tensor> {
         let projected = Projected {
@@ -72,7 +72,7 @@ impl AttentionBlock {
         x: &Tensor,
         scores: &Scores,
         cache: &KvCache,
-        mask: Option<&Tensor>,
+        mask: &Mask,
         comm: &dyn Communicator,
     ) -> Result<Tensor> {
         let attn = attend_cached(
@@ -109,8 +109,8 @@ pub struct DecoderInput<'a> {
     pub caches: Option<&'a mut LayerCaches>,
     /// Per decoder layer, the encoder output's keys and values.
     pub cross: &'a LayerCaches,
-    /// The additive mask `[B, 1, 1, S]` hiding the encoder's padding.
-    pub cross_mask: Option<&'a Tensor>,
+    /// Which encoder positions the decoder sees (not the encoder's padding).
+    pub cross_mask: &'a Mask,
     /// Only the last position's logits.
     pub last_only: bool,
 }
@@ -147,8 +147,8 @@ struct Generation {
     caches: LayerCaches,
     /// Per decoder layer, the encoder output's keys and values.
     cross: LayerCaches,
-    /// The additive mask `[B, 1, 1, S]` hiding the encoder's padding (`None`: no padding).
-    cross_mask: Option<Tensor>,
+    /// Which encoder positions the decoder sees (not the encoder's padding).
+    cross_mask: Mask,
 }
 
 /// A rank's shard of an encoder–decoder.
@@ -167,11 +167,7 @@ impl<M: EncoderDecoder> Seq2Seq<M> {
     }
 
     /// Encodes `input` and returns the cross-attention caches and the encoder padding mask.
-    fn encode(
-        &self,
-        input: &Batch,
-        comm: &dyn Communicator,
-    ) -> Result<(LayerCaches, Option<Tensor>)> {
+    fn encode(&self, input: &Batch, comm: &dyn Communicator) -> Result<(LayerCaches, Mask)> {
         let encoded = self.model.encode(input, comm)?;
         Ok((
             self.model.cross_caches(&encoded)?,
@@ -205,7 +201,7 @@ impl<M: EncoderDecoder> Seq2Seq<M> {
                 past: 0,
                 caches: None,
                 cross: &cross,
-                cross_mask: mask.as_ref(),
+                cross_mask: &mask,
                 last_only: input.last_only,
             },
             comm,
@@ -213,17 +209,9 @@ impl<M: EncoderDecoder> Seq2Seq<M> {
     }
 }
 
-/// The additive mask `[B, 1, 1, S]` hiding the encoder's padding from the decoder.
-fn cross_mask(attention_mask: Option<&[u32]>, batch: usize, len: usize) -> Result<Option<Tensor>> {
-    MaskSpec {
-        batch,
-        query_len: 1,
-        past_len: len.saturating_sub(1),
-        attention_mask,
-        causal: false,
-        sliding_window: None,
-    }
-    .build()
+/// The decoder's view of the encoder's `len` positions: all but the padding.
+fn cross_mask(attention_mask: Option<&[u32]>, batch: usize, len: usize) -> Result<Mask> {
+    Mask::all_visible(batch, len, 0).with_padding(attention_mask)
 }
 
 impl<M: EncoderDecoder> ShardedModel for Seq2Seq<M> {
@@ -256,7 +244,7 @@ impl<M: EncoderDecoder> ShardedModel for Seq2Seq<M> {
                 past,
                 caches: Some(&mut g.caches),
                 cross: &g.cross,
-                cross_mask: g.cross_mask.as_ref(),
+                cross_mask: &g.cross_mask,
                 last_only: input.last_only,
             },
             comm,
@@ -278,10 +266,7 @@ impl<M: EncoderDecoder> ShardedModel for Seq2Seq<M> {
         let (len, encoder_len) = (g.caches.len(), g.cross.len());
         g.caches.select(rows, len)?;
         g.cross.select(rows, encoder_len)?;
-        if let Some(mask) = &mut g.cross_mask {
-            let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-            *mask = mask.index_select(&Tensor::new(rows.as_slice(), mask.device())?, 0)?;
-        }
+        g.cross_mask = g.cross_mask.select_rows(rows)?;
         Ok(())
     }
 
@@ -296,16 +281,8 @@ impl<M: EncoderDecoder> ShardedModel for Seq2Seq<M> {
 
 /// The decoder's causal self-attention mask after `past` cached positions (decoder inputs are
 /// never padded).
-pub fn decoder_mask(input: &DecoderInput) -> Result<Option<Tensor>> {
-    MaskSpec {
-        batch: input.batch,
-        query_len: input.len,
-        past_len: input.past,
-        attention_mask: None,
-        causal: true,
-        sliding_window: None,
-    }
-    .build()
+pub fn decoder_mask(input: &DecoderInput) -> Mask {
+    Mask::all_visible(input.batch, input.past + input.len, input.past).causal()
 }
 
 /// A generation's cross-attention caches lack decoder layer `layer`.

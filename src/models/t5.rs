@@ -4,13 +4,13 @@
 //! feed-forward, and an LM head that, when tied to the embedding, reads the hidden state times
 //! `d_model^-0.5`.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::checkpoint::config::RelativeBuckets;
 use crate::checkpoint::{Activation, ModelConfig};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
-use crate::models::attention::{HeadLayout, LayerCaches};
+use crate::models::attention::{HeadLayout, LayerCaches, Mask};
 use crate::models::layers::{
     activate, gated, to_f32, Linear, RmsNorm, RowParallelLinear, VocabParallelEmbedding,
     VocabParallelHead,
@@ -129,30 +129,11 @@ impl PositionBias {
         })
     }
 
-    /// The bias `[batch, heads, len, past + len]` of queries at positions `past..past + len`
-    /// over keys `0..past + len`, plus `mask` (`[batch, 1, len, past + len]`) when given.
-    fn scores(
-        &self,
-        batch: usize,
-        len: usize,
-        past: usize,
-        mask: Option<Tensor>,
-    ) -> Result<Tensor> {
-        let keys = past + len;
-        let heads = self.table.len();
-        let mut values = Vec::with_capacity(heads * len * keys);
-        for row in &self.table {
-            for q in past..past + len {
-                values.extend((0..keys).map(|k| row[self.bucket(k as i64 - q as i64)]));
-            }
-        }
-        let bias = Tensor::from_vec(values, (1, heads, len, keys), &Device::Cpu)?;
-        let shape = (batch, heads, len, keys);
-        Ok(match mask {
-            Some(mask) => bias.broadcast_add(&mask)?,
-            None => bias.broadcast_as(shape)?,
-        }
-        .contiguous()?)
+    /// `mask` (of `len` queries) with this stack's bias of each key's offset from the query.
+    fn scores(&self, mask: Mask, len: usize) -> Mask {
+        mask.with_relative_bias(self.table.len(), len, |head, offset| {
+            self.table[head][self.bucket(offset)]
+        })
     }
 
     /// transformers' `_relative_position_bucket` of `relative` = key - query: exact buckets
@@ -267,16 +248,13 @@ impl EncoderDecoder for T5 {
             .shared
             .forward(input.ids, &[input.batch, input.seq_len], comm)?;
         let mask = input.mask(0, false, None)?;
-        let scores = self
-            .encoder_bias
-            .scores(input.batch, input.seq_len, 0, mask)?;
+        let scores = self.encoder_bias.scores(mask, input.seq_len);
         for block in &self.encoder {
             let normed = block.attn.norm.forward(&x)?;
-            let attn =
-                block
-                    .attn
-                    .attn
-                    .attend_self(&normed, &self.scores, None, Some(&scores), comm)?;
+            let attn = block
+                .attn
+                .attn
+                .attend_self(&normed, &self.scores, None, &scores, comm)?;
             x = (x + attn)?;
             x = block.ff.forward(&x, self.activation, comm)?;
         }
@@ -294,17 +272,14 @@ impl EncoderDecoder for T5 {
         let mut x = self
             .shared
             .forward(input.ids, &[input.batch, input.len], comm)?;
-        let scores =
-            self.decoder_bias
-                .scores(input.batch, input.len, input.past, decoder_mask(&input)?)?;
+        let scores = self.decoder_bias.scores(decoder_mask(&input), input.len);
         for (i, block) in self.decoder.iter().enumerate() {
             let cache = input.caches.as_deref_mut().map(|c| c.layer(i));
             let normed = block.attn.norm.forward(&x)?;
-            let attn =
-                block
-                    .attn
-                    .attn
-                    .attend_self(&normed, &self.scores, cache, Some(&scores), comm)?;
+            let attn = block
+                .attn
+                .attn
+                .attend_self(&normed, &self.scores, cache, &scores, comm)?;
             x = (x + attn)?;
             let cross = input.cross.get(i).ok_or_else(|| missing_cross(i))?;
             let normed = block.cross.norm.forward(&x)?;
