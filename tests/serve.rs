@@ -617,3 +617,58 @@ fn embeddings_pool_and_normalise_like_sentence_transformers() {
         .unwrap_err();
     assert_eq!(code, 400);
 }
+
+/// `loadtest`'s scenarios against the default model, scaled down: the long prompt's size, its
+/// time to first token and the streams' latencies before and during it; each chat turn's
+/// prompt (the history grows) and time to first token.
+#[test]
+fn loadtest_scenarios_measure_a_long_prompt_beside_streams_and_each_turn_of_a_chat() {
+    let mut server = Server::start(&[]);
+    let loadtest = |extra: &[&str]| -> Value {
+        let out = common::run(&[&["loadtest", "--url", &server.base, "--json"], extra].concat());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    let long = loadtest(&[
+        "--scenario",
+        "long-prompt",
+        "--streams",
+        "2",
+        "--seconds",
+        "1",
+        "--long-prompt-tokens",
+        "120",
+        "--max-tokens",
+        "8",
+    ]);
+    let tokens = long["long_prompt_tokens"].as_u64().unwrap();
+    assert!((60..=240).contains(&tokens), "{long}");
+    assert!(long["long_ttft_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        long["itl_before_ms"]["samples"].as_u64().unwrap() > 0,
+        "{long}"
+    );
+    assert!(long["itl_before_ms"]["p50"].as_f64().unwrap() > 0.0);
+
+    let chat = loadtest(&[
+        "--scenario",
+        "multi-turn",
+        "--history-tokens",
+        "100",
+        "--turns",
+        "2",
+        "--max-tokens",
+        "4",
+    ]);
+    let turns = chat["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 2, "{chat}");
+    let prompt = |turn: usize| turns[turn]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt(0) >= 50 && prompt(1) > prompt(0), "{chat}");
+    assert!(turns[1]["ttft_s"].as_f64().unwrap() > 0.0);
+    assert!(server.stop().success());
+}

@@ -65,21 +65,18 @@ pub fn run(args: &LoadtestArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             .map(|(_, gap)| gap * 1e3)
             .collect()
     };
-    let mut before = window(before_start, sent);
-    let mut during = window(sent, first);
+    let before = Latency::of(window(before_start, sent));
+    let during = Latency::of(window(sent, first));
     let tokens = prompt_tokens(&url, &long_body)?;
     let ttft = (first - sent).as_secs_f64();
-    let (before_p50, before_p99) = (percentile(&mut before, 0.5), percentile(&mut before, 0.99));
-    let (during_p50, during_p99) = (percentile(&mut during, 0.5), percentile(&mut during, 0.99));
+    let ratio = during.p99 / before.p50;
     if args.json {
         writeln!(
             out,
             "{}",
             json!({"scenario": "long-prompt", "streams": args.streams, "long_prompt_tokens": tokens,
-                "long_ttft_s": ttft,
-                "itl_before_ms": {"p50": before_p50, "p99": before_p99, "samples": before.len()},
-                "itl_during_ms": {"p50": during_p50, "p99": during_p99, "samples": during.len()},
-                "p99_during_over_p50_before": during_p99 / before_p50})
+                "long_ttft_s": ttft, "itl_before_ms": before.json(), "itl_during_ms": during.json(),
+                "p99_during_over_p50_before": ratio})
         )?;
         return Ok(());
     }
@@ -90,24 +87,45 @@ pub fn run(args: &LoadtestArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "| streams' inter-token latency | p50 | p99 | samples |"
+        "| streams' inter-token latency | p50 | p90 | p99 | max | samples |"
     )?;
-    writeln!(out, "| --- | --- | --- | --- |")?;
-    for (phase, p50, p99, n) in [
-        (
-            "before the long prompt",
-            before_p50,
-            before_p99,
-            before.len(),
-        ),
-        ("during its prefill", during_p50, during_p99, during.len()),
+    writeln!(out, "| --- | --- | --- | --- | --- | --- |")?;
+    for (phase, l) in [
+        ("before the long prompt", &before),
+        ("during its prefill", &during),
     ] {
-        writeln!(out, "| {phase} | {p50:.0} ms | {p99:.0} ms | {n} |")?;
+        writeln!(
+            out,
+            "| {phase} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {} |",
+            l.p50, l.p90, l.p99, l.max, l.samples
+        )?;
     }
-    writeln!(
-        out,
-        "p99 during its prefill / p50 before: {:.2}",
-        during_p99 / before_p50
-    )?;
+    writeln!(out, "p99 during its prefill / p50 before: {ratio:.2}")?;
     Ok(())
+}
+
+/// A window's inter-token latencies, in milliseconds.
+struct Latency {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+    samples: usize,
+}
+
+impl Latency {
+    fn of(mut gaps: Vec<f64>) -> Self {
+        Latency {
+            p50: percentile(&mut gaps, 0.5),
+            p90: percentile(&mut gaps, 0.9),
+            p99: percentile(&mut gaps, 0.99),
+            max: percentile(&mut gaps, 1.0),
+            samples: gaps.len(),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({"p50": self.p50, "p90": self.p90, "p99": self.p99, "max": self.max,
+            "samples": self.samples})
+    }
 }
