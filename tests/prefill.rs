@@ -205,3 +205,24 @@ fn a_small_prefix_cache_evicts_the_least_recently_used_blocks() {
     assert_eq!(cached(&mut model, &a), 0, "b evicted a");
     model.deparallelize();
 }
+
+/// An encoder–decoder's caches hold decoder positions, not the prompt's: it generates for one
+/// prompt without the prefix cache, whatever its budget.
+#[test]
+fn an_encoder_decoder_generates_for_one_prompt_as_without_a_prefix_cache() {
+    for family in ["bart", "t5"] {
+        let mut cached = parallelize(fixture(family), prefill_options(2, 512, 1 << 20)).unwrap();
+        let mut uncached = parallelize(fixture(family), prefill_options(2, 512, 0)).unwrap();
+        let vocab = cached.config().vocab_size as u32;
+        let ids = prompt(40, 9, vocab);
+        let config = greedy(5);
+        let want = uncached.generate(&ids, &config).unwrap().ids;
+        for _ in 0..2 {
+            let generated = cached.generate(&ids, &config).unwrap();
+            assert_eq!(generated.ids, want, "{family}");
+            assert_eq!(generated.cached_prompt_tokens, 0, "{family}");
+        }
+        cached.deparallelize();
+        uncached.deparallelize();
+    }
+}

@@ -75,7 +75,8 @@ pub struct Hooks<'a> {
 
 /// Generates for every prompt of `req` (greedy or sampling, as its options say). Every rank
 /// returns the same sequences; the hooks are called on rank 0 only. A single prompt with a
-/// single returned sequence starts from what `prefix` holds of it, and leaves its blocks there.
+/// single returned sequence of a decoder-only model starts from what `prefix` holds of it, and
+/// leaves its blocks there.
 pub fn generate(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
@@ -95,7 +96,9 @@ pub fn generate(
         return Ok(rows.finish(0.0, 0.0, 0.0));
     }
     model.clear_cache();
-    let single = rows.count() == 1;
+    // One row of a decoder-only model (an encoder–decoder's caches hold decoder positions,
+    // not the prompt's).
+    let single = rows.count() == 1 && model.caches().is_some();
     let cached = match single {
         true => seed(model, prefix, &rows.ids[0])?,
         false => 0,
