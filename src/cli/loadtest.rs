@@ -2,7 +2,7 @@
 //! runs concurrent streaming clients for a bounded time and reports requests/s, tokens/s, time
 //! to first token (p50/p99) and errors for each concurrency; `long-prompt` and `multi-turn`
 //! measure what a long prompt does to the others' streams and what a chat's history costs each
-//! turn ([`long_prompt`], [`multi_turn`]).
+//! turn (modules `long_prompt`, `multi_turn`).
 
 mod filler;
 mod long_prompt;

@@ -7,7 +7,7 @@
 //! so that every rank changes its batch in the same way.
 //!
 //! Joining sequences are prefilled in caches of their own while the running batch's are set
-//! aside ([`joining`]: a long prompt is prefilled in chunks, one between each two decode steps;
+//! aside (`joining`: a long prompt is prefilled in chunks, one between each two decode steps;
 //! a prompt that starts with blocks of the prefix cache is seeded with them).
 //! Once prefilled, their rows are appended to the running caches, every row aligned to the end
 //! (the rows shorter than the batch get left padding that the attention mask hides, and

@@ -4,8 +4,8 @@
 //! own, seeded with them. Each step prefills at most a budget of prompt tokens (the groups with
 //! the least left first), so that a long prompt is prefilled in chunks between decode steps
 //! and the running sequences keep streaming; a group joins the running batch once its whole
-//! prompt is in its caches. (Chunks also bound a pass's attention scores, and with today's
-//! kernels make a long prompt alone faster to prefill than one pass over it.)
+//! prompt is in its caches. (Chunks also bound a pass's activations; see
+//! [`DEFAULT_PREFILL_CHUNK_TOKENS`](crate::options::DEFAULT_PREFILL_CHUNK_TOKENS).)
 
 use candle_core::Tensor;
 
