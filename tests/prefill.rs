@@ -226,3 +226,62 @@ fn an_encoder_decoder_generates_for_one_prompt_as_without_a_prefix_cache() {
         uncached.deparallelize();
     }
 }
+
+/// A driver that hands over one sequence and asks for it to be finished at the next tick,
+/// while its long prompt is still being prefilled.
+struct CancelAtOnce {
+    sequence: Option<SessionSequence>,
+    handed: bool,
+    tokens: usize,
+    end: Option<SequenceEnd>,
+}
+
+impl SessionDriver for CancelAtOnce {
+    fn join(&mut self) -> Vec<SessionSequence> {
+        self.handed |= self.sequence.is_some();
+        self.sequence.take().into_iter().collect()
+    }
+
+    fn token(&mut self, _: u32, _: u32) -> ControlFlow<()> {
+        self.tokens += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn ended(&mut self, _: u32, end: parallelformers::Result<SequenceEnd>) {
+        self.end = Some(end.unwrap());
+    }
+
+    fn finished(&mut self) -> Vec<u32> {
+        match self.handed && self.end.is_none() {
+            true => vec![7],
+            false => Vec::new(),
+        }
+    }
+}
+
+/// A sequence finished through [`SessionDriver::finished`] while its prompt is prefilled, 16
+/// tokens at a time (2000 tokens of the default model take seconds), ends at once, unprefilled.
+#[test]
+fn a_driver_finishes_a_sequence_whose_long_prompt_is_being_prefilled() {
+    let mut model = parallelize(
+        parallelformers::ModelSource::Default,
+        prefill_options(2, 16, 0),
+    )
+    .unwrap();
+    let vocab = model.config().vocab_size as u32;
+    let mut driver = CancelAtOnce {
+        sequence: Some(sequence(7, prompt(2000, 1, vocab), &greedy(4))),
+        handed: false,
+        tokens: 0,
+        end: None,
+    };
+    let stats = model.generate_session(&mut driver).unwrap();
+    assert_eq!(driver.end, Some(SequenceEnd::Stopped));
+    assert_eq!(driver.tokens, 0);
+    assert!(
+        stats.prefill_passes < 2000 / 16,
+        "{} passes",
+        stats.prefill_passes
+    );
+    model.deparallelize();
+}
