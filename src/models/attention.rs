@@ -103,6 +103,16 @@ impl KvCache {
     /// padding). This one copy reorders beams, drops finished rows, trims padding every row has,
     /// and joins the rows of two batches.
     fn gather(rows: &[(&KvCache, usize)], len: usize) -> Result<KvCache> {
+        let capacity = rows.iter().map(|(c, _)| c.capacity).max().unwrap_or(0);
+        KvCache::gather_with_room(rows, len, capacity.max(len))
+    }
+
+    /// [`KvCache::gather`] into buffers with room for `capacity` positions (at least `len`).
+    fn gather_with_room(
+        rows: &[(&KvCache, usize)],
+        len: usize,
+        capacity: usize,
+    ) -> Result<KvCache> {
         let Some(&(first, _)) = rows.first() else {
             return Ok(KvCache::default());
         };
@@ -116,12 +126,6 @@ impl KvCache {
                 cache.batch, cache.heads, cache.dim
             )));
         }
-        let capacity = rows
-            .iter()
-            .map(|(c, _)| c.capacity)
-            .max()
-            .unwrap_or(0)
-            .max(len);
         let size = rows.len() * heads * capacity * dim;
         let mut gathered = KvCache {
             keys: vec![0f32; size],
@@ -196,7 +200,16 @@ impl KvCache {
         }
         let len = self.len.max(other.len);
         if len > self.capacity {
-            self.grow(len.max(2 * self.capacity));
+            // Wider than this cache's room (a long prompt joins): one fresh copy puts every row
+            // in place, with nothing to shift and no padding to zero again, and leaves room for
+            // the decode steps that follow (within twice what it holds: `len` > the first
+            // capacity).
+            let rows: Vec<(&KvCache, usize)> = (0..self.batch)
+                .map(|r| (&*self, r))
+                .chain((0..other.batch).map(|r| (other, r)))
+                .collect();
+            *self = KvCache::gather_with_room(&rows, len, len + FIRST_CAPACITY)?;
+            return Ok(());
         }
         let (dim, shift) = (self.dim, len - self.len);
         if shift > 0 {
@@ -870,6 +883,35 @@ mod tests {
         joined.retain(&[], 0).unwrap();
         assert_eq!((joined.len(), joined.bytes()), (0, 0));
         assert!(kept.retain(&[1, 0], 2).is_err());
+    }
+
+    #[test]
+    fn rows_wider_than_the_batchs_room_join_it_in_one_copy_with_room_to_decode() {
+        let (heads, dim) = (2, 3);
+        let mut short = KvCache::default();
+        let short_keys = numbered(2, heads, 3, dim, 0.0);
+        short.append(&short_keys, &short_keys).unwrap();
+        let mut long = KvCache::default();
+        let long_keys = numbered(1, heads, FIRST_CAPACITY + 60, dim, 9000.0);
+        long.append(&long_keys, &long_keys).unwrap();
+        let want = KvCache::gather(&[(&short, 0), (&short, 1), (&long, 0)], long.len).unwrap();
+        let mut joined = short.clone();
+        joined.append_rows(&long).unwrap();
+        let flat = |c: &KvCache| {
+            c.tensors()
+                .unwrap()
+                .0
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+        };
+        assert_eq!(flat(&joined).unwrap(), flat(&want).unwrap());
+        // The next decode step writes in place.
+        let capacity = joined.capacity;
+        assert!(capacity > joined.len);
+        let next = numbered(3, heads, 1, dim, 0.0);
+        joined.append(&next, &next).unwrap();
+        assert_eq!(joined.capacity, capacity);
     }
 
     #[test]
