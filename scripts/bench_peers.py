@@ -196,9 +196,9 @@ def bench_transformers(model_dir, prompts, new_tokens, threads):
 
 
 def bench_ctranslate2(model_dir, work, prompts, new_tokens, threads):
-    """Prefill and decode of each (ids, repeats) in `prompts`, in order. Prefill is a one-token
-    generation (it computes the logits of every prompt position); decode is the extra time of
-    `new_tokens` tokens over one."""
+    """Prefill and decode of each (ids, repeats) in `prompts`, in order, from one streamed
+    generation: prefill is the time to the first token (CTranslate2 computes the logits of every
+    prompt position), decode the time between the first and the last."""
     import ctranslate2
     from transformers import AutoTokenizer
 
@@ -209,16 +209,16 @@ def bench_ctranslate2(model_dir, work, prompts, new_tokens, threads):
     generator = ctranslate2.Generator(str(converted), device="cpu", compute_type="float32", intra_threads=threads)
 
     def run(tokens, length):
+        """(seconds to the first token, seconds per later token)"""
         start = time.perf_counter()
-        generator.generate_batch([tokens], max_length=length, min_length=length, sampling_topk=1,
-                                 include_prompt_in_result=False)
-        return time.perf_counter() - start
+        stamps = [time.perf_counter() for _ in generator.generate_tokens(tokens, max_length=length, min_length=length,
+                                                                         sampling_topk=1)]
+        return stamps[0] - start, (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
     def measure(ids, repeats):
         tokens = tokenizer.convert_ids_to_tokens(ids)
-        prefill = min(run(tokens, 1) for _ in range(repeats))
-        total = min(run(tokens, new_tokens) for _ in range(repeats))
-        return {"prefill_ms": prefill * 1e3, "decode_tokens_per_s": (new_tokens - 1) / (total - prefill)}
+        runs = [run(tokens, new_tokens) for _ in range(repeats)]
+        return {"prefill_ms": min(r[0] for r in runs) * 1e3, "decode_tokens_per_s": 1.0 / min(r[1] for r in runs)}
 
     run(tokenizer.convert_ids_to_tokens(prompts[0][0][:8]), 2)  # warm-up
     results = [measure(ids, repeats) for ids, repeats in prompts]
