@@ -19,8 +19,10 @@ outside the repository):
 At each prompt length every system prefills `prompt_ids` (the ids `parallelformers bench` uses)
 and then decodes --new-tokens tokens greedily. Prefill is the wall time from the prompt to the
 first token's logits; decode is the mean time of each following step, so "decode after a
-2048-token prompt" is the same run's decode. Best of --repeats runs for prompts up to 512
-tokens, of --long-repeats beyond. parallelformers is measured by `parallelformers bench --json`
+2048-token prompt" is the same run's decode. Prefill computes the logits of the last prompt
+position only, except in CTranslate2, whose generation computes them at every position. Best of
+--repeats runs for prompts up to 512 tokens, of --long-repeats beyond. A prompt and its new
+tokens must fit the model's positions (SmolLM2: 8192). parallelformers is measured by `parallelformers bench --json`
 (its own warm-up runs the full prompt once); f16 runs at the shortest prompt only, for issue 4's
 f16-vs-f32 decode target.
 
