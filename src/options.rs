@@ -66,6 +66,37 @@ pub enum Backend {
     Mpi,
 }
 
+/// Prompt tokens prefilled between two decode steps of a session unless told otherwise: one
+/// tile of the prefill kernel (64 tokens). On a 2-core machine it kept 8 streams' median
+/// inter-token latency within about 3 times its value while a 2048-token prompt joined, and it
+/// prefilled that prompt alone about twice as fast as passes of 128 to 2048 tokens did.
+pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 64;
+
+/// The prefix cache's size on each rank unless told otherwise, in MiB.
+pub const DEFAULT_PREFIX_CACHE_MIB: u64 = 512;
+
+/// How the ranks prefill prompts, fixed for the life of the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefillOptions {
+    /// Most prompt tokens (padding included) that a continuous-batching session prefills
+    /// between two decode steps, so that running sequences keep streaming while a long prompt
+    /// joins (at least 1).
+    pub chunk_tokens: usize,
+    /// Bytes of the prefix cache on each rank (0: no prefix cache): keys and values of earlier
+    /// prompts and replies, by blocks of tokens, for later prompts that start with the same
+    /// tokens (continuous-batching sessions, and single-prompt generation such as `chat`).
+    pub prefix_cache_bytes: u64,
+}
+
+impl Default for PrefillOptions {
+    fn default() -> Self {
+        PrefillOptions {
+            chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_MIB << 20,
+        }
+    }
+}
+
 /// Options of [`parallelize`](crate::parallelize).
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -98,6 +129,8 @@ pub struct Options {
     /// Where to tell how fetching the model (in [`parallelize`](crate::parallelize)) and
     /// loading it on the ranks go; `None`: the library reports and prints nothing.
     pub progress: Option<ProgressSink>,
+    /// Chunked prefill and the prefix cache.
+    pub prefill: PrefillOptions,
 }
 
 impl Default for Options {
@@ -115,6 +148,7 @@ impl Default for Options {
             comm_dir: None,
             policy: None,
             progress: None,
+            prefill: PrefillOptions::default(),
         }
     }
 }

@@ -267,6 +267,46 @@ fn bad_chat_and_bench_arguments_are_named_before_any_rank_starts() {
 }
 
 #[test]
+fn bad_prefill_and_loadtest_arguments_are_named() {
+    let llama = fixture("llama");
+    let llama = llama.to_str().unwrap();
+    for (args, needle) in [
+        (
+            &["serve", "--model", llama, "--prefill-chunk-tokens", "0"][..],
+            "invalid value '0' for '--prefill-chunk-tokens",
+        ),
+        (
+            &["serve", "--model", llama, "--prefix-cache-mb=-1"],
+            "invalid value '-1' for '--prefix-cache-mb",
+        ),
+        (
+            &["chat", "--model", llama, "--prefix-cache-mb", "lots", "hi"],
+            "invalid value 'lots' for '--prefix-cache-mb",
+        ),
+    ] {
+        expect_refused_before_starting(args, needle);
+    }
+    for (args, needle) in [
+        (
+            &[
+                "loadtest",
+                "--url",
+                "http://127.0.0.1:9",
+                "--scenario",
+                "burst",
+            ][..],
+            "invalid value 'burst' for '--scenario",
+        ),
+        (
+            &["loadtest", "--url", "http://127.0.0.1:9", "--turns", "0"],
+            "invalid value '0' for '--turns",
+        ),
+    ] {
+        expect_failure(args, needle);
+    }
+}
+
+#[test]
 fn malformed_inputs_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("llama");

@@ -141,6 +141,7 @@ fn write_ipc_seeds() {
                 config,
                 dtype: WeightDType::Quantized,
                 policy: None,
+                prefill: Default::default(),
             }),
         ),
         (
@@ -203,6 +204,7 @@ fn write_ipc_seeds() {
                 prefill_seconds: 0.01,
                 decode_seconds: 0.2,
                 overhead_seconds: 0.003,
+                cached_prompt_tokens: 16,
             }),
         ),
         (
@@ -218,6 +220,8 @@ fn write_ipc_seeds() {
             Reply::SessionEnded(SessionSummary {
                 sequences: vec![(3, vec![9, 9]), (4, vec![])],
                 steps: 5,
+                prefill_passes: 3,
+                cached_prompt_tokens: 32,
                 prefill_seconds: 0.1,
                 decode_seconds: 0.5,
                 overhead_seconds: 0.01,

@@ -265,16 +265,7 @@ fn a_client_that_disconnects_cancels_its_request() {
     let first = lines.next().unwrap().unwrap();
     assert!(first.starts_with("data: "), "{first}");
     drop(lines);
-    let metric = |name: &str| -> Option<u64> {
-        let text = ureq::get(&server.url("/metrics"))
-            .call()
-            .ok()?
-            .into_string()
-            .ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.parse().ok())
-    };
+    let metric = |name: &str| metric(&server, name);
     let deadline = Instant::now() + Duration::from_secs(30);
     let generated = loop {
         match metric("parallelformers_completion_tokens_total") {
@@ -299,6 +290,58 @@ fn a_client_that_disconnects_cancels_its_request() {
         )
         .unwrap();
     assert_eq!(after["usage"]["completion_tokens"], 2);
+}
+
+/// A value of `/metrics`.
+fn metric(server: &Server, name: &str) -> Option<u64> {
+    let text = ureq::get(&server.url("/metrics"))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+}
+
+/// A second request sharing a prompt's first blocks takes them from the prefix cache and
+/// answers the same; `/metrics` counts the hits and misses; `--prefix-cache-mb 0` turns the
+/// cache off.
+#[test]
+fn the_prefix_cache_is_counted_in_metrics_and_a_budget_of_zero_turns_it_off() {
+    let model = fixture("gpt2");
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 13 + 5) % 300).collect();
+    let request = json!({"prompt": prompt, "max_tokens": 4, "temperature": 0});
+    let mut answers = Vec::new();
+    for (budget, hits, misses) in [("16", 32, 40 + 8), ("0", 0, 0)] {
+        let mut server = Server::start(&[
+            "--model",
+            model.to_str().unwrap(),
+            "--ranks",
+            "2",
+            "--prefix-cache-mb",
+            budget,
+        ]);
+        let first = server.post("/v1/completions", &request).unwrap();
+        let second = server.post("/v1/completions", &request).unwrap();
+        assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"]);
+        answers.push(first["choices"][0]["text"].clone());
+        let name = "parallelformers_prefix_cache";
+        assert_eq!(
+            metric(&server, &format!("{name}_hit_tokens_total")),
+            Some(hits),
+            "--prefix-cache-mb {budget}"
+        );
+        assert_eq!(
+            metric(&server, &format!("{name}_miss_tokens_total")),
+            Some(misses)
+        );
+        let bytes = metric(&server, &format!("{name}_bytes")).unwrap();
+        assert_eq!(bytes > 0, hits > 0, "{bytes} bytes held");
+        assert!(bytes <= 16 << 20);
+        assert!(server.stop().success());
+    }
+    assert_eq!(answers[0], answers[1], "the same answer without the cache");
 }
 
 #[test]
@@ -573,4 +616,59 @@ fn embeddings_pool_and_normalise_like_sentence_transformers() {
         )
         .unwrap_err();
     assert_eq!(code, 400);
+}
+
+/// `loadtest`'s scenarios against the default model, scaled down: the long prompt's size, its
+/// time to first token and the streams' latencies before and during it; each chat turn's
+/// prompt (the history grows) and time to first token.
+#[test]
+fn loadtest_scenarios_measure_a_long_prompt_beside_streams_and_each_turn_of_a_chat() {
+    let mut server = Server::start(&[]);
+    let loadtest = |extra: &[&str]| -> Value {
+        let out = common::run(&[&["loadtest", "--url", &server.base, "--json"], extra].concat());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.trim()).unwrap()
+    };
+    let long = loadtest(&[
+        "--scenario",
+        "long-prompt",
+        "--streams",
+        "2",
+        "--seconds",
+        "1",
+        "--long-prompt-tokens",
+        "120",
+        "--max-tokens",
+        "8",
+    ]);
+    let tokens = long["long_prompt_tokens"].as_u64().unwrap();
+    assert!((60..=240).contains(&tokens), "{long}");
+    assert!(long["long_ttft_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        long["itl_before_ms"]["samples"].as_u64().unwrap() > 0,
+        "{long}"
+    );
+    assert!(long["itl_before_ms"]["p50"].as_f64().unwrap() > 0.0);
+
+    let chat = loadtest(&[
+        "--scenario",
+        "multi-turn",
+        "--history-tokens",
+        "100",
+        "--turns",
+        "2",
+        "--max-tokens",
+        "4",
+    ]);
+    let turns = chat["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 2, "{chat}");
+    let prompt = |turn: usize| turns[turn]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt(0) >= 50 && prompt(1) > prompt(0), "{chat}");
+    assert!(turns[1]["ttft_s"].as_f64().unwrap() > 0.0);
+    assert!(server.stop().success());
 }

@@ -398,6 +398,7 @@ pub fn config_json(data: &[u8]) -> Result<(), String> {
         config: config.clone(),
         dtype: WeightDType::F32,
         policy: None,
+        prefill: Default::default(),
     });
     write_frame(&mut wire, &load).expect("a config encodes");
     match read_frame::<Request>(&mut wire.as_slice()).expect("an encoded config decodes") {
@@ -511,6 +512,7 @@ fn walk_policy(file: &PolicyFile, tensors: &[(&str, Vec<usize>)]) {
         config: llama_config().clone(),
         dtype: WeightDType::F32,
         policy: Some(policy.clone()),
+        prefill: Default::default(),
     });
     let mut wire = Vec::new();
     write_frame(&mut wire, &load).expect("a policy encodes");

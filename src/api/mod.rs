@@ -42,6 +42,9 @@ pub struct Generated {
     /// The part of `decode_seconds` rank 0 spent outside the model (processing logits,
     /// choosing, broadcasting, streaming).
     pub overhead_seconds: f64,
+    /// Prompt tokens whose keys and values came from the ranks' prefix cache (the start of an
+    /// earlier prompt or answer) instead of being computed.
+    pub cached_prompt_tokens: usize,
 }
 
 /// A model split over worker processes.
@@ -79,6 +82,11 @@ pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<P
 
 /// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
 pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<ParallelModel> {
+    if options.prefill.chunk_tokens == 0 {
+        return Err(Error::InvalidInput(
+            "the prefill chunk must allow at least one token (prefill chunk_tokens)".into(),
+        ));
+    }
     let generation_defaults = generation_defaults(&model)?;
     let (mut group, ranks) = start_group(&model, &options)?;
     let options = Options { ranks, ..options };
@@ -183,6 +191,7 @@ fn load(
         config: model.config.clone(),
         dtype: options.dtype,
         policy: model.policy.clone(),
+        prefill: options.prefill,
     });
     let sink = options.progress.as_ref();
     let mut on_partial = |reply: &Reply| -> Option<Request> {
@@ -327,6 +336,7 @@ impl ParallelModel {
             prefill_seconds: batch.prefill_seconds,
             decode_seconds: batch.decode_seconds,
             overhead_seconds: batch.overhead_seconds,
+            cached_prompt_tokens: batch.cached_prompt_tokens,
         })
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::stops::StopWatch;
 use super::{ParallelModel, RequestRules};
 use crate::error::{Error, Result};
+use crate::generation::prefix_cache::PrefixCacheReport;
 use crate::generation::session::{EndReason, SequenceRequest, SessionSummary};
 use crate::generation::GenerationConfig;
 use crate::parallel::ipc::{Reply, Request};
@@ -48,6 +49,19 @@ pub trait SessionDriver {
     fn token(&mut self, id: u32, token: u32) -> ControlFlow<()>;
     /// Sequence `id` ended after its last token, or was refused or failed (`Err`, naming why).
     fn ended(&mut self, id: u32, end: Result<SequenceEnd>);
+    /// Sequences to finish now without waiting for their next token (one whose long prompt is
+    /// still being prefilled streams none for a while). Asked as often as [`join`]; each ends
+    /// as [`SequenceEnd::Stopped`]. None by default.
+    ///
+    /// [`join`]: SessionDriver::join
+    fn finished(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
+    /// What the ranks' prefix cache did since the last report: prompt tokens it supplied and
+    /// those computed, and what it holds now. Ignored by default.
+    fn prefix_cache(&mut self, report: &PrefixCacheReport) {
+        let _ = report;
+    }
 }
 
 /// Figures of a finished session (rank 0's timings).
@@ -59,6 +73,11 @@ pub struct SessionStats {
     pub tokens: usize,
     /// Decode steps (each extends every running sequence by one token).
     pub steps: usize,
+    /// Forward passes that prefilled joining sequences (a long prompt joining a running batch
+    /// takes several, in chunks between decode steps).
+    pub prefill_passes: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_prompt_tokens: usize,
     /// Time of the joining sequences' forward passes, in seconds.
     pub prefill_seconds: f64,
     /// Time of the decode steps and token choices, in seconds.
@@ -132,6 +151,8 @@ impl ParallelModel {
             sequences: first.sequences.len(),
             tokens: first.sequences.iter().map(|(_, t)| t.len()).sum(),
             steps: first.steps,
+            prefill_passes: first.prefill_passes,
+            cached_prompt_tokens: first.cached_prompt_tokens,
             prefill_seconds: first.prefill_seconds,
             decode_seconds: first.decode_seconds,
             overhead_seconds: first.overhead_seconds,
@@ -276,6 +297,23 @@ impl SessionListener<'_> {
         (!admitted.is_empty()).then_some(Request::Join(admitted))
     }
 
+    /// The running sequences the driver finishes now, as a control message, if any.
+    fn finishing(&mut self) -> Option<Request> {
+        let ids: Vec<u32> = self
+            .driver
+            .finished()
+            .into_iter()
+            .filter(|id| match self.live.get_mut(id) {
+                Some(live) if !live.finishing => {
+                    live.finishing = true;
+                    true
+                }
+                _ => false,
+            })
+            .collect();
+        (!ids.is_empty()).then_some(Request::Finish(ids))
+    }
+
     /// The answer to an empty batch: the driver's next sequences that pass the checks (asking
     /// again while it offers only sequences that end at once), else the end of the session.
     fn after_idle(&mut self) -> Request {
@@ -302,11 +340,15 @@ impl Listener for SessionListener<'_> {
                 Vec::new()
             }
             Reply::Idle => vec![self.after_idle()],
+            Reply::PrefixCache(report) => {
+                self.driver.prefix_cache(report);
+                Vec::new()
+            }
             _ => Vec::new(),
         }
     }
 
     fn tick(&mut self) -> Vec<Request> {
-        self.joining().into_iter().collect()
+        self.finishing().into_iter().chain(self.joining()).collect()
     }
 }

@@ -103,7 +103,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.prompt_len, args.new_tokens
         )
     })?;
-    let options = args.model.options();
+    let mut options = args.model.options();
+    // Every run repeats the same prompt: prefill is measured without the prefix cache.
+    options.prefill.prefix_cache_bytes = 0;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Under MPI the ranks' cores (perhaps on other hosts) are not this process's to measure.
     let bandwidth =

@@ -1,14 +1,17 @@
 //! `parallelformers chat`: one answer to a prompt, or an interactive conversation that keeps its
-//! history, streamed to the terminal as tokens arrive.
+//! history, streamed to the terminal as tokens arrive. Each answer's prompt is the whole
+//! conversation; the ranks' prefix cache keeps the keys and values of the conversation so far
+//! (the earlier prompts and answers), so that an answer computes only the newest message.
 
 use std::io::{BufRead, Write};
 
 use anyhow::{ensure, Context};
 use clap::Args;
 use parallelformers::api::{check_generation, generation_defaults, parallelize_resolved};
+use parallelformers::options::DEFAULT_PREFIX_CACHE_MIB;
 use parallelformers::text::TextSide;
 use parallelformers::tokenizer::Message;
-use parallelformers::{GenerationConfig, ParallelModel};
+use parallelformers::{GenerationConfig, Options, ParallelModel, PrefillOptions};
 
 use super::generation_args::GenerationArgs;
 use super::printer::TokenPrinter;
@@ -27,6 +30,10 @@ pub struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     generation: GenerationArgs,
+    /// Memory of the prefix cache on each rank, in MiB (0: none): each answer starts from the
+    /// keys and values the ranks kept of the conversation so far, instead of reading it again.
+    #[arg(long, default_value_t = DEFAULT_PREFIX_CACHE_MIB)]
+    prefix_cache_mb: u64,
     /// The question; without it, an interactive conversation starts.
     prompt: Option<String>,
 }
@@ -82,7 +89,15 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     ]
     .concat();
     check_generation(&resolved, &[text.chat_prompt(&first)?], &config)?;
-    let mut model = parallelize_resolved(resolved, args.model.options())?;
+    // The conversation's keys and values stay in the ranks' prefix cache between answers.
+    let options = Options {
+        prefill: PrefillOptions {
+            prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
+            ..PrefillOptions::default()
+        },
+        ..args.model.options()
+    };
+    let mut model = parallelize_resolved(resolved, options)?;
     if args.prompt.is_some() {
         answer(&mut model, &text, &first, &config)?;
         model.deparallelize();

@@ -1,13 +1,36 @@
-//! `parallelformers loadtest`: concurrent streaming clients against a running `serve`, for a
-//! bounded time; reports requests/s, tokens/s, time to first token (p50/p99) and errors for
-//! each concurrency.
+//! `parallelformers loadtest`: clients against a running `serve`. The `throughput` scenario
+//! runs concurrent streaming clients for a bounded time and reports requests/s, tokens/s, time
+//! to first token (p50/p99) and errors for each concurrency; `long-prompt` and `multi-turn`
+//! measure what a long prompt does to the others' streams and what a chat's history costs each
+//! turn (modules `long_prompt`, `multi_turn`).
 
-use std::io::{BufRead, BufReader, Write};
+mod filler;
+mod long_prompt;
+mod multi_turn;
+mod stream;
+
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::json;
+
+use super::at_least_one;
+use stream::{percentile, stream};
+
+/// What `loadtest` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Each concurrency of --clients in turn: requests/s, tokens/s, time to first token.
+    Throughput,
+    /// --streams clients stream while one sends a prompt of --long-prompt-tokens: their
+    /// inter-token latency before and during its prefill, and its time to first token.
+    LongPrompt,
+    /// A chat whose first message brings the history to --history-tokens, for --turns turns:
+    /// each turn's time to first token.
+    MultiTurn,
+}
 
 /// Arguments of `loadtest`.
 #[derive(Debug, Args)]
@@ -15,22 +38,39 @@ pub struct LoadtestArgs {
     /// The server's address, e.g. http://127.0.0.1:8000.
     #[arg(long)]
     url: String,
-    /// Concurrent clients of each run, comma-separated.
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Scenario::Throughput)]
+    scenario: Scenario,
+    /// Concurrent clients of each run, comma-separated (throughput).
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     clients: Vec<usize>,
-    /// Seconds each run sends requests (requests still running then are awaited).
+    /// Seconds each run sends requests, requests still running then being awaited
+    /// (throughput); seconds the streams are measured before the long prompt (long-prompt).
     #[arg(long, default_value_t = 20)]
     seconds: u64,
-    /// New tokens per request.
-    #[arg(long, default_value_t = 32)]
+    /// New tokens per request (per turn in multi-turn).
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     max_tokens: usize,
-    /// The prompt of every request.
+    /// The prompt of every streaming request (throughput, long-prompt).
     #[arg(
         long,
         default_value = "Write a short story about a robot who learns to paint."
     )]
     prompt: String,
-    /// Print one JSON object per run instead of a Markdown table.
+    /// Streaming clients (long-prompt).
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    streams: usize,
+    /// About how many tokens the long prompt has (long-prompt; sized by a calibration request,
+    /// the report gives the server's count).
+    #[arg(long, default_value_t = 2048, value_parser = at_least_one)]
+    long_prompt_tokens: usize,
+    /// About how many tokens the chat's first message brings the history to (multi-turn).
+    #[arg(long, default_value_t = 1500, value_parser = at_least_one)]
+    history_tokens: usize,
+    /// Turns of the chat (multi-turn).
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    turns: usize,
+    /// Print JSON instead of a Markdown table.
     #[arg(long)]
     json: bool,
 }
@@ -46,6 +86,15 @@ struct Sample {
 /// Runs `loadtest`.
 pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
+    match args.scenario {
+        Scenario::Throughput => throughput(&args, &mut out),
+        Scenario::LongPrompt => long_prompt::run(&args, &mut out),
+        Scenario::MultiTurn => multi_turn::run(&args, &mut out),
+    }
+}
+
+/// The `throughput` scenario.
+fn throughput(args: &LoadtestArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if !args.json {
         writeln!(
             out,
@@ -60,10 +109,21 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         let threads: Vec<_> = (0..clients)
             .map(|_| {
                 let (samples, url) = (samples.clone(), format!("{}/v1/completions", args.url));
-                let body = json!({"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0.8, "stream": true});
+                let body = json!({"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0.8});
                 std::thread::spawn(move || {
                     while Instant::now() < deadline {
-                        let sample = one_request(&url, &body);
+                        let sample = match stream(&url, &body) {
+                            Some(streamed) => Sample {
+                                first_token: streamed.arrivals.first().map(|at| *at - streamed.sent),
+                                tokens: streamed.arrivals.len(),
+                                failed: false,
+                            },
+                            None => Sample {
+                                first_token: None,
+                                tokens: 0,
+                                failed: true,
+                            },
+                        };
                         if let Ok(mut all) = samples.lock() {
                             all.push(sample);
                         }
@@ -82,17 +142,13 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
             .filter_map(|s| s.first_token)
             .map(|d| d.as_secs_f64())
             .collect();
-        firsts.sort_by(f64::total_cmp);
-        let percentile = |p: f64| {
-            firsts
-                .get(((firsts.len() as f64 - 1.0) * p).round() as usize)
-                .copied()
-                .unwrap_or(f64::NAN)
-        };
         let tokens: usize = ok.iter().map(|s| s.tokens).sum();
         let (rps, tps) = (ok.len() as f64 / elapsed, tokens as f64 / elapsed);
         let errors = samples.len() - ok.len();
-        let (p50, p99) = (percentile(0.5) * 1e3, percentile(0.99) * 1e3);
+        let (p50, p99) = (
+            percentile(&mut firsts, 0.5) * 1e3,
+            percentile(&mut firsts, 0.99) * 1e3,
+        );
         if args.json {
             writeln!(
                 out,
@@ -108,45 +164,4 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// One streamed completion: when its first token arrived and how many chunks of text it got.
-fn one_request(url: &str, body: &serde_json::Value) -> Sample {
-    let sent = Instant::now();
-    let failed = Sample {
-        first_token: None,
-        tokens: 0,
-        failed: true,
-    };
-    let Ok(response) = ureq::post(url).send_json(body.clone()) else {
-        return failed;
-    };
-    let mut sample = Sample {
-        first_token: None,
-        tokens: 0,
-        failed: false,
-    };
-    for line in BufReader::new(response.into_reader()).lines() {
-        let Ok(line) = line else { return failed };
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            return sample;
-        }
-        let Ok(chunk) = serde_json::from_str::<serde_json::Value>(data) else {
-            return failed;
-        };
-        if chunk.get("error").is_some() {
-            return failed;
-        }
-        if chunk["choices"][0]["text"]
-            .as_str()
-            .is_some_and(|t| !t.is_empty())
-        {
-            sample.first_token.get_or_insert(sent.elapsed());
-            sample.tokens += 1;
-        }
-    }
-    failed
 }

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use clap::Args;
 use parallelformers::api::parallelize_resolved;
+use parallelformers::options::{DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_MIB};
 use parallelformers::serve::connections::ConnectionLimits;
 use parallelformers::serve::{serve, ServeConfig};
+use parallelformers::PrefillOptions;
 
-use super::ModelArgs;
+use super::{at_least_one, ModelArgs};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -46,6 +48,16 @@ pub struct ServeArgs {
     /// [default: a quarter of the memory available at start, shared by the ranks].
     #[arg(long)]
     batch_memory_mib: Option<u64>,
+    /// Most prompt tokens prefilled between two decode steps: a long prompt joins the running
+    /// batch in chunks of this many tokens, so that the others keep streaming.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK_TOKENS, value_parser = at_least_one)]
+    prefill_chunk_tokens: usize,
+    /// Memory of the prefix cache on each rank, in MiB (0: none): keys and values of earlier
+    /// prompts and replies, kept by blocks of 16 tokens for later requests that start with the
+    /// same tokens (a shared system prompt, the earlier turns of a chat), least recently used
+    /// blocks evicted first.
+    #[arg(long, default_value_t = DEFAULT_PREFIX_CACHE_MIB)]
+    prefix_cache_mb: u64,
     /// Require this key as `Authorization: Bearer <key>` on every /v1/ route (/health and
     /// /metrics stay open).
     #[arg(long, env = "PARALLELFORMERS_API_KEY", hide_env_values = true)]
@@ -78,7 +90,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let stem = path.file_stem().or(path.file_name()).unwrap_or_default();
         stem.to_string_lossy().into_owned()
     });
-    let model = parallelize_resolved(resolved, args.model.options())?;
+    let options = parallelformers::Options {
+        prefill: PrefillOptions {
+            chunk_tokens: args.prefill_chunk_tokens,
+            prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
+        },
+        ..args.model.options()
+    };
+    let model = parallelize_resolved(resolved, options)?;
     let config = ServeConfig {
         address: SocketAddr::new(args.host, args.port),
         model_name: name,

@@ -27,7 +27,7 @@ pub(super) fn beam_search(
     let beams = req.config.num_beams;
     let mut rows = Rows::new(req, beams);
     model.clear_cache();
-    let mut logits = rows.forward_prompts(model, comm)?;
+    let mut logits = rows.forward_prompts(model, comm, 0)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = std::time::Instant::now();
     let mut search = (comm.rank() == 0).then(|| Search::new(req));
@@ -61,6 +61,7 @@ pub(super) fn beam_search(
         prefill_seconds,
         decode_seconds: decode_start.elapsed().as_secs_f64(),
         overhead_seconds: overhead.seconds,
+        cached_prompt_tokens: 0,
     })
 }
 

@@ -9,9 +9,11 @@
 
 mod beam;
 pub mod config;
+pub mod prefix_cache;
 pub mod processors;
 pub mod session;
 
+use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -21,8 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::models::attention::LayerCaches;
 use crate::models::{Batch, ShardedModel};
 pub use config::{EarlyStopping, GenerationConfig};
+use prefix_cache::PrefixCache;
 use processors::{History, LogitsPipeline};
 
 /// A generation request as every rank receives it.
@@ -55,6 +59,8 @@ pub struct GeneratedBatch {
     /// The part of `decode_seconds` spent outside the model on the answering rank: processing
     /// logits, choosing tokens, broadcasting them, streaming them out.
     pub overhead_seconds: f64,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of the model.
+    pub cached_prompt_tokens: usize,
 }
 
 /// Callbacks of a generation on rank 0: `on_token(row, token)` sees each token as soon as it is
@@ -68,11 +74,14 @@ pub struct Hooks<'a> {
 }
 
 /// Generates for every prompt of `req` (greedy or sampling, as its options say). Every rank
-/// returns the same sequences; the hooks are called on rank 0 only.
+/// returns the same sequences; the hooks are called on rank 0 only. A single prompt with a
+/// single returned sequence of a decoder-only model starts from what `prefix` holds of it, and
+/// leaves its blocks there.
 pub fn generate(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
     req: &GenerateRequest,
+    prefix: &mut PrefixCache,
     hooks: Hooks,
 ) -> Result<GeneratedBatch> {
     if req.prompts.is_empty() || req.prompts.iter().any(Vec::is_empty) {
@@ -87,7 +96,14 @@ pub fn generate(
         return Ok(rows.finish(0.0, 0.0, 0.0));
     }
     model.clear_cache();
-    let mut logits = rows.forward_prompts(model, comm)?;
+    // One row of a decoder-only model (an encoder–decoder's caches hold decoder positions,
+    // not the prompt's).
+    let single = rows.count() == 1 && model.caches().is_some();
+    let cached = match single {
+        true => seed(model, prefix, &rows.ids[0])?,
+        false => 0,
+    };
+    let mut logits = rows.forward_prompts(model, comm, cached)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut chooser =
@@ -126,12 +142,37 @@ pub fn generate(
         }
         logits = rows.forward_step(model, comm, &rows.last_fed())?;
     }
+    if single {
+        let caches = caches_of(model)?;
+        prefix.store(&rows.ids[0][..caches.len()], caches, 0, 0)?;
+    }
     model.clear_cache();
-    Ok(rows.finish(
+    let mut generated = rows.finish(
         prefill_seconds,
         decode_start.elapsed().as_secs_f64(),
         overhead.seconds,
-    ))
+    );
+    generated.cached_prompt_tokens = cached;
+    Ok(generated)
+}
+
+/// The caches of a model that decodes incrementally.
+fn caches_of(model: &mut dyn ShardedModel) -> Result<&mut LayerCaches> {
+    model.caches().ok_or_else(|| {
+        Error::InvalidInput("this model has no key/value cache and cannot generate".into())
+    })
+}
+
+/// Seeds the model's (empty) caches with what `prefix` holds of `prompt`; returns the number of
+/// positions seeded.
+fn seed(model: &mut dyn ShardedModel, prefix: &mut PrefixCache, prompt: &[u32]) -> Result<usize> {
+    Ok(match prefix.seed(prompt)? {
+        Some((caches, reused)) => {
+            *caches_of(model)? = caches;
+            reused
+        }
+        None => 0,
+    })
 }
 
 /// Time spent between the model's forward passes, summed over the steps.
@@ -229,13 +270,30 @@ impl Rows {
         }
     }
 
-    /// The prompts' forward pass: the last position's logits of every row.
+    /// The prompts' forward passes after the first `cached` columns, which the caches hold
+    /// already, [`PREFILL_CHUNK`] columns at a time for models with a key/value cache: the last
+    /// position's logits of every row.
     fn forward_prompts(
         &self,
         model: &mut dyn ShardedModel,
         comm: &dyn Communicator,
+        cached: usize,
     ) -> Result<Tensor> {
-        prefill(model, comm, &self.ids, &self.padding)
+        let width = self.ids.first().map_or(0, Vec::len);
+        // An encoder–decoder's first step runs its encoder, which takes the prompt at once.
+        let chunk = match model.caches().is_some() {
+            true => PREFILL_CHUNK,
+            false => width.max(1),
+        };
+        let mut start = cached;
+        loop {
+            let end = (start + chunk).min(width);
+            let logits = prefill(model, comm, &self.ids, &self.padding, start..end)?;
+            if end >= width {
+                return Ok(logits);
+            }
+            start = end;
+        }
     }
 
     /// One decode step: feeds each row's chosen token and returns the new logits.
@@ -327,71 +385,53 @@ impl Rows {
             prefill_seconds,
             decode_seconds,
             overhead_seconds,
+            cached_prompt_tokens: 0,
         }
     }
 }
 
-/// Prompt positions per forward pass of a prefill: a long prompt goes through the model this
-/// many positions at a time, each pass attending to the cache of the earlier ones, so that the
-/// activations of a pass stay in the processor's caches (and its logits are computed once).
+/// Prompt positions per forward pass of [`generate`]'s prefill: a long prompt goes through the
+/// model this many positions at a time, each pass attending to the cache of the earlier ones,
+/// so that the activations of a pass stay in the processor's caches (and its logits are
+/// computed once). Sessions take theirs from [`PrefillOptions`](crate::PrefillOptions).
 pub const PREFILL_CHUNK: usize = 512;
 
-/// The forward pass of prompts padded on the left to one width (`ids[i]` starts with
-/// `padding[i]` pad ids), filling the caches, [`PREFILL_CHUNK`] positions at a time for models
-/// with a key/value cache: the last position's logits of every row.
+/// The forward pass of `columns` of prompts padded on the left to one width (`ids[i]` starts
+/// with `padding[i]` pad ids), the caches holding the columns before them: fills the caches
+/// and returns the logits of the last of these columns for every row.
 fn prefill(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
     ids: &[Vec<u32>],
     padding: &[usize],
+    columns: Range<usize>,
 ) -> Result<Tensor> {
-    let width = ids.first().map_or(0, Vec::len);
     // Position ids count real tokens only (the padding's positions are never attended).
-    let positions: Vec<Vec<u32>> = padding
+    let positions: Vec<u32> = padding
         .iter()
-        .map(|&pad| (0..width).map(|i| i.saturating_sub(pad) as u32).collect())
+        .flat_map(|&pad| columns.clone().map(move |i| i.saturating_sub(pad) as u32))
         .collect();
-    let mask: Vec<Vec<u32>> = padding
+    let mask: Vec<u32> = padding
         .iter()
-        .map(|&pad| (0..width).map(|i| u32::from(i >= pad)).collect())
+        .flat_map(|&pad| (0..columns.end).map(move |i| u32::from(i >= pad)))
         .collect();
-    let padded = padding.iter().any(|&p| p > 0);
-    // An encoder–decoder's first step runs its encoder, which takes the prompt at once.
-    let chunk = match model.caches().is_some() {
-        true => PREFILL_CHUNK,
-        false => width.max(1),
-    };
-    let mut start = 0;
-    loop {
-        let end = (start + chunk).min(width);
-        let columns = |rows: &[Vec<u32>], from: usize| -> Vec<u32> {
-            rows.iter()
-                .flat_map(|r| r[from..end].iter().copied())
-                .collect()
-        };
-        let (flat, chunk_positions, chunk_mask) = (
-            columns(ids, start),
-            columns(&positions, start),
-            columns(&mask, 0),
-        );
-        let logits = model.forward(
-            &Batch {
-                ids: &flat,
-                batch: ids.len(),
-                seq_len: end - start,
-                attention_mask: padded.then_some(chunk_mask.as_slice()),
-                use_cache: true,
-                last_only: true,
-                positions: Some(&chunk_positions),
-                decoder_ids: None,
-            },
-            comm,
-        )?;
-        if end >= width {
-            return Ok(logits);
-        }
-        start = end;
-    }
+    let flat: Vec<u32> = ids
+        .iter()
+        .flat_map(|row| row[columns.clone()].iter().copied())
+        .collect();
+    model.forward(
+        &Batch {
+            ids: &flat,
+            batch: ids.len(),
+            seq_len: columns.len(),
+            attention_mask: padding.iter().any(|&p| p > 0).then_some(mask.as_slice()),
+            use_cache: true,
+            last_only: true,
+            positions: Some(&positions),
+            decoder_ids: None,
+        },
+        comm,
+    )
 }
 
 /// Rank 0's side: processes each row's logits and chooses its next token.

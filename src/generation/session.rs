@@ -6,12 +6,16 @@
 //! options and seeded generator, and broadcasts the tokens together with the joining sequences,
 //! so that every rank changes its batch in the same way.
 //!
-//! Joining sequences are prefilled as a batch of their own while the running batch's caches are
-//! set aside; then their rows are appended to the running caches, every row aligned to the end
+//! Joining sequences are prefilled in caches of their own while the running batch's are set
+//! aside (`joining`: a long prompt is prefilled in chunks, one between each two decode steps;
+//! a prompt that starts with blocks of the prefix cache is seeded with them).
+//! Once prefilled, their rows are appended to the running caches, every row aligned to the end
 //! (the rows shorter than the batch get left padding that the attention mask hides, and
-//! position ids count real tokens only). A row that ends leaves the caches at once, together
-//! with any padding that every remaining row has, so the batch is never wider than its longest
-//! sequence. Both changes move rows in place.
+//! position ids count real tokens only). A row that ends leaves its blocks in the prefix cache
+//! and the caches at once, together with any padding that every remaining row has, so the
+//! batch is never wider than its longest sequence. Both changes move rows in place.
+
+mod joining;
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -21,10 +25,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::processors::History;
-use crate::generation::{broadcast_words, prefill, Chooser, GenerationConfig};
-use crate::models::attention::LayerCaches;
+use crate::generation::{broadcast_words, caches_of, Chooser, GenerationConfig};
 use crate::models::{Batch, ShardedModel};
+use joining::{Group, Joining};
 
 /// One sequence of a session, as every rank receives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +66,11 @@ pub struct SessionSummary {
     pub sequences: Vec<(u32, Vec<u32>)>,
     /// Decode steps run (each extends every running sequence by one token).
     pub steps: usize,
+    /// Forward passes that prefilled joining sequences (a long prompt joining a running batch
+    /// takes several, one between each two decode steps).
+    pub prefill_passes: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of the model.
+    pub cached_prompt_tokens: usize,
     /// Time of the joining sequences' forward passes, in seconds.
     pub prefill_seconds: f64,
     /// Time of the decode steps and token choices, in seconds.
@@ -88,6 +98,8 @@ pub trait SessionLink {
     fn ended(&mut self, id: u32, reason: &EndReason) -> Result<()>;
     /// Says that the batch is empty and rank 0 waits for a control message.
     fn idle(&mut self) -> Result<()>;
+    /// Tells what the prefix cache did since the last report.
+    fn prefix_cache(&mut self, report: &PrefixCacheReport) -> Result<()>;
     /// The control messages that have arrived; with `wait`, blocks until at least one has.
     fn controls(&mut self, wait: bool) -> Result<Vec<Control>>;
 }
@@ -100,43 +112,77 @@ const FINISHED: u32 = u32::MAX;
 const FAILED: u32 = u32::MAX - 1;
 
 /// Runs a continuous-batching session that starts with `initial`. Every rank runs it; rank 0
-/// passes its `link` to the main process, the others `None`.
+/// passes its `link` to the main process, the others `None`. At most about `chunk_tokens`
+/// prompt tokens are prefilled between two decode steps; prompts start from what `prefix`
+/// holds of them, and leave their blocks there.
 pub fn run(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
     initial: Vec<SequenceRequest>,
+    chunk_tokens: usize,
+    prefix: &mut PrefixCache,
     mut link: Option<&mut dyn SessionLink>,
 ) -> Result<SessionSummary> {
     model.clear_cache();
     let mut batch = RunningBatch::default();
+    let mut joining = Joining::default();
     let mut inbox = Inbox::default();
     let mut summary = SessionSummary::default();
-    let mut joining = initial;
+    let mut news = News {
+        joining: initial,
+        cancelled: Vec::new(),
+    };
     let mut logits: Option<Tensor> = None;
     loop {
+        let started = Instant::now();
+        summary.cached_prompt_tokens += joining.add(&news.joining, prefix, link.is_some())?;
+        for row in joining.cancel(&news.cancelled)? {
+            if let Some(link) = link.as_deref_mut() {
+                link.ended(row.id, &EndReason::Finished)?;
+            }
+            summary.sequences.push(row.output());
+        }
         if !joining.is_empty() {
-            let started = Instant::now();
-            let joined = batch.admit(model, comm, &joining, link.is_some())?;
-            logits = Some(match logits.take() {
-                Some(running) => Tensor::cat(&[running, joined], 0)?,
-                None => joined,
-            });
+            let (passes, complete) = joining.advance(model, comm, chunk_tokens)?;
+            summary.prefill_passes += passes;
+            for (group, joined) in complete {
+                batch.admit(model, group, prefix)?;
+                logits = Some(match logits.take() {
+                    Some(running) => Tensor::cat(&[running, joined], 0)?,
+                    None => joined,
+                });
+            }
             summary.prefill_seconds += started.elapsed().as_secs_f64();
         }
         let step_start = Instant::now();
         let mut words = vec![0u32; 2 + batch.rows.len()];
         let mut payload = Vec::new();
         if let Some(link) = link.as_deref_mut() {
-            inbox.collect(link, batch.rows.is_empty())?;
-            words = batch.decide(logits.as_ref(), &mut inbox)?;
-            if !inbox.joining.is_empty() {
-                payload = postcard::to_stdvec(&std::mem::take(&mut inbox.joining))
+            if let Some(report) = prefix.take_report() {
+                link.prefix_cache(&report)?;
+            }
+            inbox.collect(link, batch.rows.is_empty() && joining.is_empty())?;
+            let finishing = std::mem::take(&mut inbox.finishing);
+            words = batch.decide(logits.as_ref(), &finishing, &mut inbox.failures)?;
+            let idle = batch.rows.is_empty() && joining.is_empty();
+            if idle && inbox.joining.is_empty() && inbox.end {
+                words[0] = END;
+            }
+            let news = News {
+                cancelled: finishing
+                    .into_iter()
+                    .filter(|&id| joining.contains(id) || inbox.joining.iter().any(|s| s.id == id))
+                    .collect(),
+                joining: std::mem::take(&mut inbox.joining),
+            };
+            if !news.joining.is_empty() || !news.cancelled.is_empty() {
+                payload = postcard::to_stdvec(&news)
                     .map_err(|e| Error::Launch(format!("cannot encode joining sequences: {e}")))?;
                 words[1] = payload.len() as u32;
             }
         }
         let words = broadcast_words(comm, words)?;
-        joining = receive_joining(comm, payload, words[1] as usize)?;
+        news = receive_news(comm, payload, words[1] as usize)?;
         if words[0] == END {
             break;
         }
@@ -158,7 +204,7 @@ pub fn run(
         summary
             .sequences
             .extend(ended.iter().map(|(row, _)| batch.rows[*row].output()));
-        batch.remove(model, &ended)?;
+        batch.remove(model, &ended, prefix)?;
         let overhead = step_start.elapsed().as_secs_f64();
         summary.overhead_seconds += overhead;
         summary.decode_seconds += overhead;
@@ -174,14 +220,19 @@ pub fn run(
     Ok(summary)
 }
 
-/// Rank 0's broadcast of the joining sequences (`len` bytes), decoded on every rank.
-fn receive_joining(
-    comm: &dyn Communicator,
-    mut payload: Vec<u8>,
-    len: usize,
-) -> Result<Vec<SequenceRequest>> {
+/// What changes in the batch besides its rows' tokens, as rank 0 broadcasts it with a step.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct News {
+    /// Sequences that join.
+    joining: Vec<SequenceRequest>,
+    /// Sequences finished before their prefill ended (the joining ones included).
+    cancelled: Vec<u32>,
+}
+
+/// Rank 0's broadcast of the step's news (`len` bytes), decoded on every rank.
+fn receive_news(comm: &dyn Communicator, mut payload: Vec<u8>, len: usize) -> Result<News> {
     if len == 0 {
-        return Ok(Vec::new());
+        return Ok(News::default());
     }
     payload.resize(len, 0);
     comm.broadcast(&mut payload, 0)?;
@@ -268,54 +319,41 @@ struct RunningBatch {
     width: usize,
 }
 
-/// The caches of a model that decodes incrementally.
-fn caches_of(model: &mut dyn ShardedModel) -> Result<&mut LayerCaches> {
-    model.caches().ok_or_else(|| {
-        Error::InvalidInput("this model has no key/value cache and cannot generate".into())
-    })
-}
-
 impl RunningBatch {
-    /// Prefills `joining` and adds it to the batch; returns its rows' logits `[n, vocab]`.
+    /// Adds the rows of a prefilled `group` to the batch, leaving the blocks of their prompts
+    /// in `prefix`.
     fn admit(
         &mut self,
         model: &mut dyn ShardedModel,
-        comm: &dyn Communicator,
-        joining: &[SequenceRequest],
-        chooses: bool,
-    ) -> Result<Tensor> {
-        let running = caches_of(model)?.take();
-        let longest = joining.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
-        let padding: Vec<usize> = joining.iter().map(|s| longest - s.prompt.len()).collect();
-        let padded: Vec<Vec<u32>> = joining
-            .iter()
-            .zip(&padding)
-            .map(|(s, &pad)| [vec![0; pad], s.prompt.clone()].concat())
-            .collect();
-        let logits = prefill(model, comm, &padded, &padding)?;
-        let caches = caches_of(model)?;
-        if !self.rows.is_empty() {
-            let joined = std::mem::replace(caches, running);
-            caches.append_rows(&joined)?;
+        group: Group,
+        prefix: &mut PrefixCache,
+    ) -> Result<()> {
+        for (index, row) in group.rows.iter().enumerate() {
+            prefix.store(&row.ids, &group.caches, index, group.padding(index))?;
         }
-        self.width = self.width.max(longest);
-        self.rows.extend(joining.iter().map(|s| {
-            let mut row = Row::new(s, chooses);
-            row.cached = s.prompt.len();
+        self.width = self.width.max(group.width());
+        let caches = caches_of(model)?;
+        match self.rows.is_empty() {
+            true => *caches = group.caches,
+            false => caches.append_rows(&group.caches)?,
+        }
+        self.rows.extend(group.rows.into_iter().map(|mut row| {
+            row.cached = row.prompt_len;
             row
         }));
-        let vocab = logits.dim(2)?;
-        Ok(logits.reshape((joining.len(), vocab))?)
+        Ok(())
     }
 
-    /// Rank 0's words for the step: `[END or 0, 0, one word per row]`, a row's word being its
-    /// next token, [`FINISHED`] or [`FAILED`].
-    fn decide(&mut self, logits: Option<&Tensor>, inbox: &mut Inbox) -> Result<Vec<u32>> {
+    /// Rank 0's words for the step: `[0, 0, one word per row]`, a row's word being its next
+    /// token, [`FINISHED`] (its id is in `finishing`) or [`FAILED`] (and why, in `failures`).
+    fn decide(
+        &mut self,
+        logits: Option<&Tensor>,
+        finishing: &[u32],
+        failures: &mut HashMap<u32, String>,
+    ) -> Result<Vec<u32>> {
         let mut words = vec![0u32; 2];
         if self.rows.is_empty() {
-            if inbox.joining.is_empty() && inbox.end {
-                words[0] = END;
-            }
             return Ok(words);
         }
         let values: Vec<f32> = match logits {
@@ -323,7 +361,6 @@ impl RunningBatch {
             None => return Err(Error::Launch("a running batch has no logits".into())),
         };
         let vocab = values.len() / self.rows.len();
-        let finishing = std::mem::take(&mut inbox.finishing);
         for (row, scores) in self.rows.iter_mut().zip(values.chunks_exact(vocab)) {
             if finishing.contains(&row.id) {
                 words.push(FINISHED);
@@ -339,15 +376,10 @@ impl RunningBatch {
                 None => Err(Error::Launch("only rank 0 chooses tokens".into())),
             };
             words.push(chosen.unwrap_or_else(|e| {
-                inbox.failures.insert(row.id, e.to_string());
+                failures.insert(row.id, e.to_string());
                 FAILED
             }));
         }
-        // A sequence may be finished before it joins (its client left at once).
-        inbox.finishing = finishing
-            .into_iter()
-            .filter(|id| inbox.joining.iter().any(|s| s.id == *id))
-            .collect();
         Ok(words)
     }
 
@@ -377,10 +409,21 @@ impl RunningBatch {
     }
 
     /// Drops the `ended` rows from the batch and the caches, with the padding every remaining
-    /// row has.
-    fn remove(&mut self, model: &mut dyn ShardedModel, ended: &[(usize, EndReason)]) -> Result<()> {
+    /// row has, leaving the blocks of their tokens in `prefix`.
+    fn remove(
+        &mut self,
+        model: &mut dyn ShardedModel,
+        ended: &[(usize, EndReason)],
+        prefix: &mut PrefixCache,
+    ) -> Result<()> {
         if ended.is_empty() {
             return Ok(());
+        }
+        let caches = caches_of(model)?;
+        for &(index, _) in ended {
+            let row = &self.rows[index];
+            let tokens = &row.ids[..row.cached];
+            prefix.store(tokens, caches, index, self.width - row.cached)?;
         }
         let kept: Vec<usize> = (0..self.rows.len())
             .filter(|r| !ended.iter().any(|(e, _)| e == r))
@@ -427,3 +470,6 @@ impl RunningBatch {
         Ok(logits.reshape((self.rows.len(), vocab))?)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,9 +12,11 @@ use crate::models::layers::with_values;
 pub use crate::models::rope::{Rotary, RotaryAngles};
 
 mod mask;
+mod spans;
 mod tiled;
 
 pub use mask::Mask;
+pub use spans::KvSpan;
 
 /// BLOOM's ALiBi slopes of all `heads` heads (transformers' `build_alibi_tensor`): powers of
 /// a base for the largest power of two of heads, then every other power of the next base.

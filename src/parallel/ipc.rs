@@ -28,6 +28,8 @@ pub struct LoadSpec {
     pub dtype: crate::options::WeightDType,
     /// The policy of a policy file (`None`: the built-in policy of the configuration's family).
     pub policy: Option<crate::policy::Policy>,
+    /// Chunked prefill and the prefix cache.
+    pub prefill: crate::options::PrefillOptions,
 }
 
 /// A batch of token sequences for one forward pass.
@@ -128,6 +130,8 @@ pub enum Reply {
     /// The session's batch is empty and rank 0 waits for sequences to join or the end of
     /// the session (rank 0, during the session).
     Idle,
+    /// What the prefix cache did since the last report (rank 0, during a session).
+    PrefixCache(crate::generation::prefix_cache::PrefixCacheReport),
     /// The session ended (every rank, so that the main process can check they agree).
     SessionEnded(SessionSummary),
     /// Memory use.
@@ -143,7 +147,11 @@ impl Reply {
     pub fn is_partial(&self) -> bool {
         matches!(
             self,
-            Reply::Token { .. } | Reply::Ended { .. } | Reply::Idle | Reply::Loading { .. }
+            Reply::Token { .. }
+                | Reply::Ended { .. }
+                | Reply::Idle
+                | Reply::PrefixCache(_)
+                | Reply::Loading { .. }
         )
     }
 }

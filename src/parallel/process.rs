@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use crate::comm::{Communicator, Heartbeat, ShmCommunicator, SingleRank};
 use crate::error::{Error, Result};
+use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::session::{self, Control, EndReason, SessionLink};
 use crate::generation::{self, Hooks};
 use crate::models::{self, Batch, ShardedModel};
@@ -132,6 +133,10 @@ struct Shard {
     model: Box<dyn ShardedModel>,
     comm: Box<dyn Communicator>,
     weights: WeightBytes,
+    /// Most prompt tokens prefilled between two decode steps of a session.
+    chunk_tokens: usize,
+    /// Keys and values of earlier sequences, kept between requests.
+    prefix: PrefixCache,
 }
 
 fn run_worker() -> Result<()> {
@@ -275,7 +280,14 @@ pub fn serve(
                     on_token: &mut on_token,
                     finish_requested: &mut finish_requested,
                 };
-                match generation::generate(shard.model.as_mut(), shard.comm.as_ref(), &req, hooks) {
+                let model = shard.model.as_mut();
+                match generation::generate(
+                    model,
+                    shard.comm.as_ref(),
+                    &req,
+                    &mut shard.prefix,
+                    hooks,
+                ) {
                     Ok(generated) => Reply::Generated(generated),
                     Err(e) => Reply::Error(e.to_string()),
                 }
@@ -285,7 +297,9 @@ pub fn serve(
                     stream: &mut stream,
                 };
                 let link = (rank == 0).then_some(&mut link as &mut dyn SessionLink);
-                match session::run(shard.model.as_mut(), shard.comm.as_ref(), initial, link) {
+                let (model, comm) = (shard.model.as_mut(), shard.comm.as_ref());
+                let chunk = shard.chunk_tokens;
+                match session::run(model, comm, initial, chunk, &mut shard.prefix, link) {
                     Ok(summary) => Reply::SessionEnded(summary),
                     Err(e) => Reply::Error(e.to_string()),
                 }
@@ -368,6 +382,10 @@ impl SessionLink for RankZeroLink<'_> {
         write_frame(self.stream, &Reply::Idle).map_err(lost_launcher)
     }
 
+    fn prefix_cache(&mut self, report: &PrefixCacheReport) -> Result<()> {
+        write_frame(self.stream, &Reply::PrefixCache(*report)).map_err(lost_launcher)
+    }
+
     fn controls(&mut self, wait: bool) -> Result<Vec<Control>> {
         control_messages(self.stream, wait)?
             .into_iter()
@@ -427,10 +445,16 @@ fn load_shard(
     let weights = loader.bytes();
     tracing::debug!(rank, "shard loaded");
     comm.barrier()?;
+    let prefix = PrefixCache::new(
+        spec.prefill.prefix_cache_bytes,
+        plan.kv_bytes_per_position(&spec.config),
+    );
     Ok(Shard {
         model,
         comm,
         weights,
+        chunk_tokens: spec.prefill.chunk_tokens,
+        prefix,
     })
 }
 

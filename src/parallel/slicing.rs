@@ -152,6 +152,14 @@ impl Plan {
         })
     }
 
+    /// Bytes of key/value cache (keys and values of every layer, in f32) that one position of
+    /// one row costs the rank holding the most key/value heads: a figure every rank shares.
+    pub fn kv_bytes_per_position(&self, config: &ModelConfig) -> u64 {
+        let kv_heads = self.kv_heads.counts().into_iter().max().unwrap_or(0).max(1);
+        let f32_bytes = std::mem::size_of::<f32>() as u64;
+        2 * (config.num_layers * kv_heads * config.head_dim) as u64 * f32_bytes
+    }
+
     /// The split of a partitioned dimension.
     pub fn split(&self, partition: Partition) -> &Split {
         match partition {

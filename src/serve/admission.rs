@@ -45,14 +45,11 @@ impl BatchLimits {
             ));
         }
         let plan = Plan::new(config, ranks)?;
-        let kv_heads = plan.kv_heads.counts().into_iter().max().unwrap_or(0).max(1);
         let f32_bytes = std::mem::size_of::<f32>() as u64;
-        let bytes_per_position =
-            2 * (config.num_layers * kv_heads * config.head_dim) as u64 * f32_bytes;
         Ok(BatchLimits {
             max_rows,
             memory_bytes: memory_bytes.unwrap_or_else(|| default_memory(ranks)),
-            bytes_per_position,
+            bytes_per_position: plan.kv_bytes_per_position(config),
             bytes_per_row: config.vocab_size as u64 * f32_bytes * LOGITS_COPIES,
         })
     }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::generation::prefix_cache::PrefixCacheReport;
 use crate::parallel::memory::RankMemory;
 
 /// Counters shared by the handlers and the model thread.
@@ -24,6 +25,9 @@ pub struct Metrics {
     decoded_tokens: AtomicU64,
     ranks: Mutex<Vec<RankMemory>>,
     restarts: AtomicU64,
+    prefix_hit_tokens: AtomicU64,
+    prefix_miss_tokens: AtomicU64,
+    prefix_bytes: AtomicU64,
     /// The rank processes' ids, in rank order (empty where ranks are not local processes).
     rank_pids: Mutex<Vec<u32>>,
 }
@@ -75,10 +79,20 @@ impl Metrics {
     }
 
     /// Counts a restart of the ranks, whose memory after loading is `ranks` and whose process
-    /// ids are `pids`.
+    /// ids are `pids` (their prefix caches start empty).
     pub fn restarted(&self, ranks: Vec<RankMemory>, pids: Vec<u32>) {
         self.restarts.fetch_add(1, Ordering::Relaxed);
+        self.prefix_bytes.store(0, Ordering::Relaxed);
         self.set_ranks(ranks, pids);
+    }
+
+    /// Adds the prefix cache's hits and misses since its last report, and takes what it holds.
+    pub fn prefix_cache(&self, report: &PrefixCacheReport) {
+        self.prefix_hit_tokens
+            .fetch_add(report.hit_tokens, Ordering::Relaxed);
+        self.prefix_miss_tokens
+            .fetch_add(report.miss_tokens, Ordering::Relaxed);
+        self.prefix_bytes.store(report.bytes, Ordering::Relaxed);
     }
 
     /// How many times the ranks were restarted after a failure.
@@ -105,7 +119,7 @@ impl Metrics {
                 );
             }
         }
-        let scalars: [(&str, &str, &str, String); 8] = [
+        let scalars: [(&str, &str, &str, String); 11] = [
             (
                 "parallelformers_prompt_tokens_total",
                 "counter",
@@ -153,6 +167,24 @@ impl Metrics {
                 "counter",
                 "Restarts of the ranks after a rank failed.",
                 self.restarts().to_string(),
+            ),
+            (
+                "parallelformers_prefix_cache_hit_tokens_total",
+                "counter",
+                "Prompt tokens whose keys and values came from the prefix cache.",
+                load(&self.prefix_hit_tokens).to_string(),
+            ),
+            (
+                "parallelformers_prefix_cache_miss_tokens_total",
+                "counter",
+                "Prompt tokens computed because the prefix cache did not hold them.",
+                load(&self.prefix_miss_tokens).to_string(),
+            ),
+            (
+                "parallelformers_prefix_cache_bytes",
+                "gauge",
+                "Bytes of keys and values the prefix cache holds on the busiest rank.",
+                load(&self.prefix_bytes).to_string(),
             ),
         ];
         for (name, kind, help, value) in scalars {

@@ -23,6 +23,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::api::{ParallelModel, SequenceEnd, SessionDriver, SessionSequence};
 use crate::error::{Error, Result};
+use crate::generation::prefix_cache::PrefixCacheReport;
 use crate::generation::GenerationConfig;
 use crate::parallel::ipc::ForwardInput;
 use crate::serve::admission::BatchLimits;
@@ -506,6 +507,29 @@ impl SessionDriver for Session<'_> {
             }
             Err(_) => self.broken.push(choice.job),
         }
+    }
+
+    fn finished(&mut self) -> Vec<u32> {
+        // Choices that have streamed nothing yet (their prompts are being prefilled) hear of
+        // a gone client or the server's stop here rather than at their first token.
+        let stopping = self.shared.is_stopping();
+        let mut finished = Vec::new();
+        for (&id, choice) in &mut self.live {
+            if choice.last_token.is_some() {
+                continue;
+            }
+            if stopping {
+                choice.cut = true;
+                finished.push(id);
+            } else if choice.job.events.is_closed() {
+                finished.push(id);
+            }
+        }
+        finished
+    }
+
+    fn prefix_cache(&mut self, report: &PrefixCacheReport) {
+        self.shared.metrics.prefix_cache(report);
     }
 }
 

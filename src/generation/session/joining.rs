@@ -1,0 +1,226 @@
+//! Sequences that joined a session and are still being prefilled. Sequences that join together
+//! are prefilled as one group with caches of its own (their prompts padded on the left to one
+//! width); a sequence whose prompt starts with blocks the prefix cache holds gets a group of its
+//! own, seeded with them. Each step prefills at most a budget of prompt tokens (the groups with
+//! the least left first), so that a long prompt is prefilled in chunks between decode steps
+//! and the running sequences keep streaming; a group joins the running batch once its whole
+//! prompt is in its caches. (Chunks also bound a pass's activations; see
+//! [`DEFAULT_PREFILL_CHUNK_TOKENS`](crate::options::DEFAULT_PREFILL_CHUNK_TOKENS).)
+
+use candle_core::Tensor;
+
+use super::{Row, SequenceRequest};
+use crate::comm::Communicator;
+use crate::error::Result;
+use crate::generation::prefix_cache::PrefixCache;
+use crate::generation::{caches_of, prefill};
+use crate::models::attention::LayerCaches;
+use crate::models::ShardedModel;
+
+/// Sequences prefilled together.
+pub(super) struct Group {
+    /// The sequences, in the order of their rows.
+    pub rows: Vec<Row>,
+    /// Each prompt with `padding` pad ids in front, all of one width.
+    ids: Vec<Vec<u32>>,
+    padding: Vec<usize>,
+    /// Columns already in the caches.
+    done: usize,
+    /// The caches of the columns done (set aside while the running batch decodes).
+    pub caches: LayerCaches,
+}
+
+impl Group {
+    /// A group of `rows` with nothing cached.
+    fn new(rows: Vec<Row>) -> Self {
+        let width = rows.iter().map(|r| r.prompt_len).max().unwrap_or(0);
+        let padding: Vec<usize> = rows.iter().map(|r| width - r.prompt_len).collect();
+        Group {
+            ids: rows
+                .iter()
+                .zip(&padding)
+                .map(|(r, &pad)| [vec![0; pad], r.ids.clone()].concat())
+                .collect(),
+            padding,
+            rows,
+            done: 0,
+            caches: LayerCaches::default(),
+        }
+    }
+
+    /// A group of one row whose first `cached` positions are in `caches` already.
+    fn seeded(row: Row, caches: LayerCaches, cached: usize) -> Self {
+        Group {
+            ids: vec![row.ids.clone()],
+            padding: vec![0],
+            rows: vec![row],
+            done: cached,
+            caches,
+        }
+    }
+
+    /// Columns of every row, padding included.
+    pub fn width(&self) -> usize {
+        self.ids.first().map_or(0, Vec::len)
+    }
+
+    /// Row `row`'s left padding.
+    pub fn padding(&self, row: usize) -> usize {
+        self.padding[row]
+    }
+
+    /// Tokens left to prefill, padding included.
+    fn left(&self) -> usize {
+        self.rows.len() * (self.width() - self.done)
+    }
+
+    /// Prefills the next `columns` columns in the group's own caches, the running batch's set
+    /// aside meanwhile; once the last column is done, returns every row's logits `[rows, vocab]`.
+    fn advance(
+        &mut self,
+        model: &mut dyn ShardedModel,
+        comm: &dyn Communicator,
+        columns: usize,
+    ) -> Result<Option<Tensor>> {
+        let end = self.done + columns;
+        let caches = caches_of(model)?;
+        let running = match self.done {
+            // Empty caches with the model's layers.
+            0 => caches.take(),
+            _ => std::mem::replace(caches, std::mem::take(&mut self.caches)),
+        };
+        let logits = prefill(model, comm, &self.ids, &self.padding, self.done..end);
+        self.caches = std::mem::replace(caches_of(model)?, running);
+        let logits = logits?;
+        self.done = end;
+        if end < self.width() {
+            return Ok(None);
+        }
+        let vocab = logits.dim(2)?;
+        Ok(Some(logits.reshape((self.rows.len(), vocab))?))
+    }
+
+    /// Drops the rows of sequences `ids`, and the columns that only they needed; returns the
+    /// rows dropped.
+    fn cancel(&mut self, ids: &[u32]) -> Result<Vec<Row>> {
+        let kept: Vec<usize> = (0..self.rows.len())
+            .filter(|&r| !ids.contains(&self.rows[r].id))
+            .collect();
+        if kept.len() == self.rows.len() {
+            return Ok(Vec::new());
+        }
+        let width = kept
+            .iter()
+            .map(|&r| self.rows[r].prompt_len)
+            .max()
+            .unwrap_or(0);
+        let dropped_columns = self.width() - width;
+        let done = self.done.saturating_sub(dropped_columns);
+        if !kept.is_empty() && self.done > 0 {
+            self.caches.retain(&kept, done)?;
+        }
+        self.done = done;
+        let mut cancelled = Vec::new();
+        let (mut rows, mut ids, mut padding) = (Vec::new(), Vec::new(), Vec::new());
+        let old = self
+            .rows
+            .drain(..)
+            .zip(self.ids.drain(..))
+            .zip(&self.padding);
+        for (index, ((row, row_ids), &pad)) in old.enumerate() {
+            match kept.contains(&index) {
+                true => {
+                    ids.push(row_ids[dropped_columns..].to_vec());
+                    padding.push(pad - dropped_columns);
+                    rows.push(row);
+                }
+                false => cancelled.push(row),
+            }
+        }
+        (self.rows, self.ids, self.padding) = (rows, ids, padding);
+        Ok(cancelled)
+    }
+}
+
+/// The groups being prefilled.
+#[derive(Default)]
+pub(super) struct Joining {
+    groups: Vec<Group>,
+}
+
+impl Joining {
+    /// Whether nothing is being prefilled.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Whether sequence `id` is being prefilled.
+    pub fn contains(&self, id: u32) -> bool {
+        self.groups
+            .iter()
+            .any(|g| g.rows.iter().any(|r| r.id == id))
+    }
+
+    /// Adds `sequences` (rank 0 `chooses` their tokens): those whose prompt starts with blocks
+    /// of `prefix` in groups of their own, seeded with them, the others in one group. Returns
+    /// the prompt tokens seeded.
+    pub fn add(
+        &mut self,
+        sequences: &[SequenceRequest],
+        prefix: &mut PrefixCache,
+        chooses: bool,
+    ) -> Result<usize> {
+        let mut fresh = Vec::new();
+        let mut seeded = 0;
+        for sequence in sequences {
+            let row = Row::new(sequence, chooses);
+            match prefix.seed(&sequence.prompt)? {
+                Some((caches, cached)) => {
+                    seeded += cached;
+                    self.groups.push(Group::seeded(row, caches, cached));
+                }
+                None => fresh.push(row),
+            }
+        }
+        if !fresh.is_empty() {
+            self.groups.push(Group::new(fresh));
+        }
+        Ok(seeded)
+    }
+
+    /// Drops the sequences `ids` wherever they are being prefilled; returns their rows.
+    pub fn cancel(&mut self, ids: &[u32]) -> Result<Vec<Row>> {
+        let mut cancelled = Vec::new();
+        for group in &mut self.groups {
+            cancelled.extend(group.cancel(ids)?);
+        }
+        self.groups.retain(|g| !g.rows.is_empty());
+        Ok(cancelled)
+    }
+
+    /// Prefills up to `budget` prompt tokens (padding included), the groups with the least
+    /// left first, each by at least one column; returns the number of forward passes and the
+    /// groups now complete, with their rows' logits.
+    pub fn advance(
+        &mut self,
+        model: &mut dyn ShardedModel,
+        comm: &dyn Communicator,
+        budget: usize,
+    ) -> Result<(usize, Vec<(Group, Tensor)>)> {
+        self.groups.sort_by_key(Group::left);
+        let mut left = budget;
+        let (mut passes, mut complete, mut index) = (0, Vec::new(), 0);
+        while index < self.groups.len() && left > 0 {
+            let group = &mut self.groups[index];
+            let (rows, columns_left) = (group.rows.len(), group.width() - group.done);
+            let columns = (left / rows).clamp(1, columns_left);
+            left = left.saturating_sub(rows * columns);
+            passes += 1;
+            match group.advance(model, comm, columns)? {
+                Some(logits) => complete.push((self.groups.remove(index), logits)),
+                None => index += 1,
+            }
+        }
+        Ok((passes, complete))
+    }
+}
