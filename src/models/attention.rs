@@ -54,6 +54,13 @@ pub fn reserved_positions(positions: usize) -> usize {
     positions.saturating_mul(2).max(FIRST_CAPACITY)
 }
 
+/// The capacity of a cache row built afresh for `positions` (a row that joins wider than the
+/// batch, a row seeded from the prefix cache): room for [`FIRST_CAPACITY`] more positions, within
+/// what [`reserved_positions`] counts.
+fn capacity_with_room(positions: usize) -> usize {
+    (positions + FIRST_CAPACITY).min(reserved_positions(positions))
+}
+
 impl KvCache {
     /// Number of cached positions.
     pub fn len(&self) -> usize {
@@ -202,13 +209,12 @@ impl KvCache {
         if len > self.capacity {
             // Wider than this cache's room (a long prompt joins): one fresh copy puts every row
             // in place, with nothing to shift and no padding to zero again, and leaves room for
-            // the decode steps that follow (within twice what it holds: `len` > the first
-            // capacity).
+            // the decode steps that follow.
             let rows: Vec<(&KvCache, usize)> = (0..self.batch)
                 .map(|r| (&*self, r))
                 .chain((0..other.batch).map(|r| (other, r)))
                 .collect();
-            *self = KvCache::gather_with_room(&rows, len, len + FIRST_CAPACITY)?;
+            *self = KvCache::gather_with_room(&rows, len, capacity_with_room(len))?;
             return Ok(());
         }
         let (dim, shift) = (self.dim, len - self.len);

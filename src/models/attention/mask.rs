@@ -134,21 +134,6 @@ impl Mask {
         self
     }
 
-    /// Sequences.
-    pub fn batch(&self) -> usize {
-        self.batch
-    }
-
-    /// Keys per sequence.
-    pub fn key_len(&self) -> usize {
-        self.key_len
-    }
-
-    /// Whether the mask hides nothing and adds nothing (plain attention over every key).
-    pub fn is_trivial(&self) -> bool {
-        self.kept.is_none() && !self.causal && self.sliding_window.is_none() && self.bias.is_none()
-    }
-
     /// The mask of the sequences `rows` (in that order; beams that survive a step).
     pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
         if let Some(&row) = rows.iter().find(|&&r| r >= self.batch) {
@@ -272,7 +257,6 @@ mod tests {
         assert_eq!(mask.visible_keys(2), 3..5);
         let open = Mask::all_visible(1, 5, 0);
         assert_eq!(open.visible_keys(3), 0..5);
-        assert!(open.is_trivial() && !mask.is_trivial());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! caches of a later sequence that starts with the same tokens. An extension of [`KvCache`] and
 //! [`LayerCaches`] kept apart from attention itself, which it does not touch.
 
-use super::{reserved_positions, KvCache, LayerCaches, FIRST_CAPACITY};
+use super::{capacity_with_room, KvCache, LayerCaches};
 use crate::error::{Error, Result};
 
 /// Keys and values of consecutive positions of one row of one layer's cache, each
@@ -58,9 +58,8 @@ impl KvCache {
                 "cannot seed {len} positions from spans of {held} positions of differing shapes"
             )));
         }
-        // Room for the rest of the prompt and the first decode steps (within what admission
-        // counts a row may reserve).
-        let capacity = (len + FIRST_CAPACITY).min(reserved_positions(len));
+        // Room for the rest of the prompt and the first decode steps.
+        let capacity = capacity_with_room(len);
         let mut cache = KvCache {
             keys: vec![0f32; heads * capacity * dim],
             values: vec![0f32; heads * capacity * dim],
