@@ -66,11 +66,46 @@ pub enum Backend {
     Mpi,
 }
 
-/// Prompt tokens prefilled between two decode steps of a session unless told otherwise: one
-/// tile of the prefill kernel (64 tokens). On a 2-core machine it kept 8 streams' median
-/// inter-token latency within about 3 times its value while a 2048-token prompt joined, and it
-/// prefilled that prompt alone about twice as fast as passes of 128 to 2048 tokens did.
-pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 64;
+/// Most prompt tokens a paced session prefills between two decode steps: also what it
+/// prefills at a time while no sequence is running, as [`generate`](crate::generation::generate)
+/// does.
+pub const MOST_PACED_PREFILL_TOKENS: usize = crate::generation::PREFILL_CHUNK;
+
+/// Fewest prompt tokens a paced session prefills between two decode steps, however slow.
+pub const FEWEST_PACED_PREFILL_TOKENS: usize = 16;
+
+/// How many prompt tokens a continuous-batching session prefills between two decode steps, so
+/// that the running sequences keep streaming while a long prompt joins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PrefillChunk {
+    /// As many as take about as long as one decode step of the running batch, as rank 0
+    /// measures them (between [`FEWEST_PACED_PREFILL_TOKENS`] and
+    /// [`MOST_PACED_PREFILL_TOKENS`]; the most while no sequence is running). The running
+    /// sequences' steps then take at most about twice as long while a prompt joins, whatever
+    /// the model, the machine and the batch.
+    #[default]
+    Paced,
+    /// This many (at least 1), padding included.
+    Tokens(usize),
+}
+
+impl std::str::FromStr for PrefillChunk {
+    type Err = String;
+
+    /// `auto` ([`PrefillChunk::Paced`]) or a number of tokens, at least 1.
+    fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
+        if text == "auto" {
+            return Ok(PrefillChunk::Paced);
+        }
+        match text.parse::<usize>() {
+            Ok(0) => Err("the prefill chunk must allow at least one token".into()),
+            Ok(tokens) => Ok(PrefillChunk::Tokens(tokens)),
+            Err(_) => Err(format!(
+                "expected `auto` or a number of tokens, got `{text}`"
+            )),
+        }
+    }
+}
 
 /// The prefix cache's size on each rank unless told otherwise, in MiB.
 pub const DEFAULT_PREFIX_CACHE_MIB: u64 = 512;
@@ -78,10 +113,8 @@ pub const DEFAULT_PREFIX_CACHE_MIB: u64 = 512;
 /// How the ranks prefill prompts, fixed for the life of the ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrefillOptions {
-    /// Most prompt tokens (padding included) that a continuous-batching session prefills
-    /// between two decode steps, so that running sequences keep streaming while a long prompt
-    /// joins (at least 1).
-    pub chunk_tokens: usize,
+    /// How many prompt tokens a continuous-batching session prefills between two decode steps.
+    pub chunk: PrefillChunk,
     /// Bytes of the prefix cache on each rank (0: no prefix cache): keys and values of earlier
     /// prompts and replies, by blocks of tokens, for later prompts that start with the same
     /// tokens (continuous-batching sessions, and single-prompt generation such as `chat`).
@@ -91,7 +124,7 @@ pub struct PrefillOptions {
 impl Default for PrefillOptions {
     fn default() -> Self {
         PrefillOptions {
-            chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
+            chunk: PrefillChunk::Paced,
             prefix_cache_bytes: DEFAULT_PREFIX_CACHE_MIB << 20,
         }
     }

@@ -276,6 +276,10 @@ fn bad_prefill_and_loadtest_arguments_are_named() {
             "invalid value '0' for '--prefill-chunk-tokens",
         ),
         (
+            &["serve", "--model", llama, "--prefill-chunk-tokens", "fast"][..],
+            "expected `auto` or a number of tokens, got `fast`",
+        ),
+        (
             &["serve", "--model", llama, "--prefix-cache-mb=-1"],
             "invalid value '-1' for '--prefix-cache-mb",
         ),

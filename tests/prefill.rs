@@ -13,13 +13,15 @@ use common::{fixture, options};
 use parallelformers::api::{SequenceEnd, SessionDriver, SessionSequence};
 use parallelformers::generation::prefix_cache::{PrefixCacheReport, BLOCK_TOKENS};
 use parallelformers::parallel::Plan;
-use parallelformers::{parallelize, GenerationConfig, Options, ParallelModel, PrefillOptions};
+use parallelformers::{
+    parallelize, GenerationConfig, Options, ParallelModel, PrefillChunk, PrefillOptions,
+};
 
 /// Options of `ranks` ranks with chunks of `chunk_tokens` and a prefix cache of `cache_bytes`.
 fn prefill_options(ranks: usize, chunk_tokens: usize, cache_bytes: u64) -> Options {
     Options {
         prefill: PrefillOptions {
-            chunk_tokens,
+            chunk: PrefillChunk::Tokens(chunk_tokens),
             prefix_cache_bytes: cache_bytes,
         },
         ..options(ranks)

@@ -10,7 +10,7 @@ use crate::checkpoint::source::{ModelSource, ResolvedModel, WeightsLocation};
 use crate::checkpoint::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generation::{GenerateRequest, GeneratedBatch, GenerationConfig};
-use crate::options::{Backend, Options, Verbosity};
+use crate::options::{Backend, Options, PrefillChunk, Verbosity};
 use crate::parallel::ipc::{ForwardInput, LoadSpec, Reply, Request, WireTensor};
 use crate::parallel::launcher::{default_threads, LaunchSpec, WorkerGroup};
 use crate::parallel::memory::RankMemory;
@@ -82,9 +82,9 @@ pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<P
 
 /// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
 pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<ParallelModel> {
-    if options.prefill.chunk_tokens == 0 {
+    if options.prefill.chunk == PrefillChunk::Tokens(0) {
         return Err(Error::InvalidInput(
-            "the prefill chunk must allow at least one token (prefill chunk_tokens)".into(),
+            "the prefill chunk must allow at least one token (PrefillChunk::Tokens(0))".into(),
         ));
     }
     let generation_defaults = generation_defaults(&model)?;

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use clap::Args;
 use parallelformers::api::parallelize_resolved;
-use parallelformers::options::{DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_MIB};
+use parallelformers::options::DEFAULT_PREFIX_CACHE_MIB;
 use parallelformers::serve::connections::ConnectionLimits;
 use parallelformers::serve::{serve, ServeConfig};
-use parallelformers::PrefillOptions;
+use parallelformers::{PrefillChunk, PrefillOptions};
 
-use super::{at_least_one, ModelArgs};
+use super::ModelArgs;
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -48,10 +48,11 @@ pub struct ServeArgs {
     /// [default: a quarter of the memory available at start, shared by the ranks].
     #[arg(long)]
     batch_memory_mib: Option<u64>,
-    /// Most prompt tokens prefilled between two decode steps: a long prompt joins the running
-    /// batch in chunks of this many tokens, so that the others keep streaming.
-    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK_TOKENS, value_parser = at_least_one)]
-    prefill_chunk_tokens: usize,
+    /// Prompt tokens prefilled between two decode steps, so that a long prompt joins the
+    /// running batch in chunks while the others keep streaming: `auto` takes as many as last
+    /// about one decode step (16 to 512; 512 while nothing else runs), a number that many.
+    #[arg(long, default_value = "auto")]
+    prefill_chunk_tokens: PrefillChunk,
     /// Memory of the prefix cache on each rank, in MiB (0: none): keys and values of earlier
     /// prompts and replies, kept by blocks of 16 tokens for later requests that start with the
     /// same tokens (a shared system prompt, the earlier turns of a chat), least recently used
@@ -92,7 +93,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let options = parallelformers::Options {
         prefill: PrefillOptions {
-            chunk_tokens: args.prefill_chunk_tokens,
+            chunk: args.prefill_chunk_tokens,
             prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
         },
         ..args.model.options()

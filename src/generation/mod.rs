@@ -393,7 +393,7 @@ impl Rows {
 /// Prompt positions per forward pass of [`generate`]'s prefill: a long prompt goes through the
 /// model this many positions at a time, each pass attending to the cache of the earlier ones,
 /// so that the activations of a pass stay in the processor's caches (and its logits are
-/// computed once). Sessions take theirs from [`PrefillOptions`](crate::PrefillOptions).
+/// computed once). Sessions size theirs with [`PrefillChunk`](crate::options::PrefillChunk).
 pub const PREFILL_CHUNK: usize = 512;
 
 /// The forward pass of `columns` of prompts padded on the left to one width (`ids[i]` starts

@@ -7,8 +7,8 @@
 //! so that every rank changes its batch in the same way.
 //!
 //! Joining sequences are prefilled in caches of their own while the running batch's are set
-//! aside (`joining`: a long prompt is prefilled in chunks, one between each two decode steps;
-//! a prompt that starts with blocks of the prefix cache is seeded with them).
+//! aside (`joining`: a long prompt is prefilled in chunks, one between each two decode steps,
+//! sized by `pacing`; a prompt that starts with blocks of the prefix cache is seeded with them).
 //! Once prefilled, their rows are appended to the running caches, every row aligned to the end
 //! (the rows shorter than the batch get left padding that the attention mask hides, and
 //! position ids count real tokens only). A row that ends leaves its blocks in the prefix cache
@@ -16,6 +16,7 @@
 //! batch is never wider than its longest sequence. Both changes move rows in place.
 
 mod joining;
+mod pacing;
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -29,7 +30,9 @@ use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::processors::History;
 use crate::generation::{broadcast_words, caches_of, Chooser, GenerationConfig};
 use crate::models::{Batch, ShardedModel};
+use crate::options::PrefillChunk;
 use joining::{Group, Joining};
+use pacing::Pacer;
 
 /// One sequence of a session, as every rank receives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,6 +107,9 @@ pub trait SessionLink {
     fn controls(&mut self, wait: bool) -> Result<Vec<Control>>;
 }
 
+/// Words of a step's broadcast before the rows' words: whether the session ends, the length of
+/// the news that follow, and the prompt tokens the next step may prefill.
+const HEADER_WORDS: usize = 3;
 /// The first word of a step's broadcast when the session ends.
 const END: u32 = 1;
 /// A row's word when the main process finished it.
@@ -112,14 +118,14 @@ const FINISHED: u32 = u32::MAX;
 const FAILED: u32 = u32::MAX - 1;
 
 /// Runs a continuous-batching session that starts with `initial`. Every rank runs it; rank 0
-/// passes its `link` to the main process, the others `None`. At most about `chunk_tokens`
-/// prompt tokens are prefilled between two decode steps; prompts start from what `prefix`
-/// holds of them, and leave their blocks there.
+/// passes its `link` to the main process, the others `None`. `chunk` says how many prompt
+/// tokens are prefilled between two decode steps; prompts start from what `prefix` holds of
+/// them, and leave their blocks there.
 pub fn run(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
     initial: Vec<SequenceRequest>,
-    chunk_tokens: usize,
+    chunk: PrefillChunk,
     prefix: &mut PrefixCache,
     mut link: Option<&mut dyn SessionLink>,
 ) -> Result<SessionSummary> {
@@ -127,6 +133,7 @@ pub fn run(
     let mut batch = RunningBatch::default();
     let mut joining = Joining::default();
     let mut inbox = Inbox::default();
+    let mut pacer = Pacer::new(chunk);
     let mut summary = SessionSummary::default();
     let mut news = News {
         joining: initial,
@@ -143,9 +150,11 @@ pub fn run(
             summary.sequences.push(row.output());
         }
         if !joining.is_empty() {
-            let (passes, complete) = joining.advance(model, comm, chunk_tokens)?;
-            summary.prefill_passes += passes;
-            for (group, joined) in complete {
+            let prefill_start = Instant::now();
+            let advanced = joining.advance(model, comm, pacer.budget())?;
+            pacer.prefilled(advanced.tokens, prefill_start.elapsed().as_secs_f64());
+            summary.prefill_passes += advanced.passes;
+            for (group, joined) in advanced.complete {
                 batch.admit(model, group, prefix)?;
                 logits = Some(match logits.take() {
                     Some(running) => Tensor::cat(&[running, joined], 0)?,
@@ -155,7 +164,7 @@ pub fn run(
             summary.prefill_seconds += started.elapsed().as_secs_f64();
         }
         let step_start = Instant::now();
-        let mut words = vec![0u32; 2 + batch.rows.len()];
+        let mut words = vec![0u32; HEADER_WORDS + batch.rows.len()];
         let mut payload = Vec::new();
         if let Some(link) = link.as_deref_mut() {
             if let Some(report) = prefix.take_report() {
@@ -168,6 +177,7 @@ pub fn run(
             if idle && inbox.joining.is_empty() && inbox.end {
                 words[0] = END;
             }
+            words[2] = pacer.next(!batch.rows.is_empty());
             let news = News {
                 cancelled: finishing
                     .into_iter()
@@ -186,9 +196,10 @@ pub fn run(
         if words[0] == END {
             break;
         }
-        let ended = batch.record(&words[2..]);
+        pacer.set_budget(words[2]);
+        let ended = batch.record(&words[HEADER_WORDS..]);
         if let Some(link) = link.as_deref_mut() {
-            for (row, &word) in batch.rows.iter().zip(&words[2..]) {
+            for (row, &word) in batch.rows.iter().zip(&words[HEADER_WORDS..]) {
                 if word < FAILED {
                     link.token(row.id, word)?;
                 }
@@ -212,7 +223,9 @@ pub fn run(
         if !batch.rows.is_empty() {
             let started = Instant::now();
             logits = Some(batch.step(model, comm)?);
-            summary.decode_seconds += started.elapsed().as_secs_f64();
+            let seconds = started.elapsed().as_secs_f64();
+            pacer.decoded(seconds);
+            summary.decode_seconds += seconds;
             summary.steps += 1;
         }
     }
@@ -344,15 +357,15 @@ impl RunningBatch {
         Ok(())
     }
 
-    /// Rank 0's words for the step: `[0, 0, one word per row]`, a row's word being its next
-    /// token, [`FINISHED`] (its id is in `finishing`) or [`FAILED`] (and why, in `failures`).
+    /// Rank 0's words for the step: [`HEADER_WORDS`] zeros, then one word per row, a row's word
+    /// being its next token, [`FINISHED`] (its id is in `finishing`) or [`FAILED`] (and why, in `failures`).
     fn decide(
         &mut self,
         logits: Option<&Tensor>,
         finishing: &[u32],
         failures: &mut HashMap<u32, String>,
     ) -> Result<Vec<u32>> {
-        let mut words = vec![0u32; 2];
+        let mut words = vec![0u32; HEADER_WORDS];
         if self.rows.is_empty() {
             return Ok(words);
         }

@@ -17,6 +17,7 @@ use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::session::{self, Control, EndReason, SessionLink};
 use crate::generation::{self, Hooks};
 use crate::models::{self, Batch, ShardedModel};
+use crate::options::PrefillChunk;
 use crate::parallel::engine::{ShardLoader, WeightBytes};
 use crate::parallel::ipc::{
     read_frame, write_frame, ForwardInput, LoadSpec, Reply, Request, WireTensor,
@@ -133,8 +134,8 @@ struct Shard {
     model: Box<dyn ShardedModel>,
     comm: Box<dyn Communicator>,
     weights: WeightBytes,
-    /// Most prompt tokens prefilled between two decode steps of a session.
-    chunk_tokens: usize,
+    /// How many prompt tokens a session prefills between two decode steps.
+    prefill_chunk: PrefillChunk,
     /// Keys and values of earlier sequences, kept between requests.
     prefix: PrefixCache,
 }
@@ -298,7 +299,7 @@ pub fn serve(
                 };
                 let link = (rank == 0).then_some(&mut link as &mut dyn SessionLink);
                 let (model, comm) = (shard.model.as_mut(), shard.comm.as_ref());
-                let chunk = shard.chunk_tokens;
+                let chunk = shard.prefill_chunk;
                 match session::run(model, comm, initial, chunk, &mut shard.prefix, link) {
                     Ok(summary) => Reply::SessionEnded(summary),
                     Err(e) => Reply::Error(e.to_string()),
@@ -453,7 +454,7 @@ fn load_shard(
         model,
         comm,
         weights,
-        chunk_tokens: spec.prefill.chunk_tokens,
+        prefill_chunk: spec.prefill.chunk,
         prefix,
     })
 }

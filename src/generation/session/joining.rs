@@ -4,8 +4,7 @@
 //! own, seeded with them. Each step prefills at most a budget of prompt tokens (the groups with
 //! the least left first), so that a long prompt is prefilled in chunks between decode steps
 //! and the running sequences keep streaming; a group joins the running batch once its whole
-//! prompt is in its caches. (Chunks also bound a pass's activations; see
-//! [`DEFAULT_PREFILL_CHUNK_TOKENS`](crate::options::DEFAULT_PREFILL_CHUNK_TOKENS).)
+//! prompt is in its caches. (The budget comes from [`pacing`](super::pacing).)
 
 use candle_core::Tensor;
 
@@ -199,28 +198,38 @@ impl Joining {
     }
 
     /// Prefills up to `budget` prompt tokens (padding included), the groups with the least
-    /// left first, each by at least one column; returns the number of forward passes and the
-    /// groups now complete, with their rows' logits.
+    /// left first, each by at least one column.
     pub fn advance(
         &mut self,
         model: &mut dyn ShardedModel,
         comm: &dyn Communicator,
         budget: usize,
-    ) -> Result<(usize, Vec<(Group, Tensor)>)> {
+    ) -> Result<Advanced> {
         self.groups.sort_by_key(Group::left);
-        let mut left = budget;
-        let (mut passes, mut complete, mut index) = (0, Vec::new(), 0);
-        while index < self.groups.len() && left > 0 {
+        let mut advanced = Advanced::default();
+        let mut index = 0;
+        while index < self.groups.len() && advanced.tokens < budget {
             let group = &mut self.groups[index];
             let (rows, columns_left) = (group.rows.len(), group.width() - group.done);
-            let columns = (left / rows).clamp(1, columns_left);
-            left = left.saturating_sub(rows * columns);
-            passes += 1;
+            let columns = ((budget - advanced.tokens) / rows).clamp(1, columns_left);
+            advanced.tokens += rows * columns;
+            advanced.passes += 1;
             match group.advance(model, comm, columns)? {
-                Some(logits) => complete.push((self.groups.remove(index), logits)),
+                Some(logits) => advanced.complete.push((self.groups.remove(index), logits)),
                 None => index += 1,
             }
         }
-        Ok((passes, complete))
+        Ok(advanced)
     }
+}
+
+/// What one [`Joining::advance`] did.
+#[derive(Default)]
+pub(super) struct Advanced {
+    /// Forward passes run.
+    pub passes: usize,
+    /// Prompt tokens prefilled, padding included.
+    pub tokens: usize,
+    /// The groups now complete, with their rows' logits `[rows, vocab]`.
+    pub complete: Vec<(Group, Tensor)>,
 }

@@ -152,7 +152,8 @@ fn interleaved_script(cancel_after: Option<usize>) -> impl FnMut(&[Heard], bool)
     }
 }
 
-/// Runs a session of the anchor with `script`, chunks of `chunk_tokens`, and `prefix`.
+/// Runs a session of the anchor with `script`, chunks of `chunk_tokens` (0: paced), and
+/// `prefix`.
 fn run_scripted<F: FnMut(&[Heard], bool) -> Vec<Control>>(
     model: &mut dyn ShardedModel,
     chunk_tokens: usize,
@@ -165,7 +166,10 @@ fn run_scripted<F: FnMut(&[Heard], bool) -> Vec<Control>>(
         model,
         &SingleRank,
         initial,
-        chunk_tokens,
+        match chunk_tokens {
+            0 => PrefillChunk::Paced,
+            tokens => PrefillChunk::Tokens(tokens),
+        },
         prefix,
         Some(&mut link),
     )
@@ -214,6 +218,33 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_decodes_as_if_p
     let alone = whole_link.tokens(0);
     let common = anchored.len().min(alone.len());
     assert_eq!(anchored[..common], alone[..common]);
+}
+
+#[test]
+fn paced_chunks_interleave_with_decode_steps_and_decode_as_if_prefilled_at_once() {
+    let mut model = tiny_model();
+    let anchor = || vec![greedy(0, vec![1, 2, 3], 60)];
+    let (paced, link) = run_scripted(
+        model.as_mut(),
+        0,
+        &mut no_prefix_cache(),
+        interleaved_script(None),
+        anchor(),
+    );
+    // The first paced chunk beside a running sequence is at most 64 tokens, and later ones at
+    // most double: the 100-token prompt takes at least two passes, and at most seven of at
+    // least 16 tokens.
+    let passes = paced.prefill_passes - 1;
+    assert!((2..=7).contains(&passes), "{passes} passes");
+    let (whole, whole_link) = run_scripted(
+        model.as_mut(),
+        usize::MAX,
+        &mut no_prefix_cache(),
+        interleaved_script(None),
+        anchor(),
+    );
+    assert_eq!(whole.prefill_passes, 2);
+    assert_eq!(link.tokens(1), whole_link.tokens(1));
 }
 
 #[test]
@@ -322,9 +353,9 @@ fn prompts_prefilled_in_chunks_give_the_logits_of_one_pass_within_rounding() {
             .unwrap();
         let mut passes = 0;
         loop {
-            let (n, mut complete) = joining.advance(model, &SingleRank, budget).unwrap();
-            passes += n;
-            if let Some((_, logits)) = complete.pop() {
+            let mut advanced = joining.advance(model, &SingleRank, budget).unwrap();
+            passes += advanced.passes;
+            if let Some((_, logits)) = advanced.complete.pop() {
                 let values: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
                 return (passes, values);
             }
