@@ -148,6 +148,9 @@ pub struct Options {
     /// The program started for each rank; `None` = this executable. It must call
     /// [`run_worker_if_requested`](crate::run_worker_if_requested) at the top of `main`.
     pub worker_program: Option<PathBuf>,
+    /// Arguments of the worker program (an interpreter's, for one: the Python package starts
+    /// its ranks as `python -m parallelformers._worker`).
+    pub worker_args: Vec<String>,
     /// Longest wait for the ranks to connect.
     pub startup_timeout: Duration,
     /// Longest wait for the ranks to load their shards.
@@ -176,6 +179,7 @@ impl Default for Options {
             seed: None,
             threads_per_rank: None,
             worker_program: None,
+            worker_args: Vec::new(),
             startup_timeout: Duration::from_secs(30),
             load_timeout: Duration::from_secs(600),
             comm_dir: None,

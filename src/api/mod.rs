@@ -130,6 +130,7 @@ fn start_group(model: &ResolvedModel, options: &Options) -> Result<(WorkerGroup,
             .threads_per_rank
             .unwrap_or_else(|| default_threads(options.ranks)),
         program,
+        args: options.worker_args.clone(),
         echo_stderr: std::env::var_os("RUST_LOG").is_some(),
         startup_timeout: options.startup_timeout,
         comm_dir: options.comm_dir.clone(),

@@ -56,6 +56,8 @@ pub struct LaunchSpec {
     pub threads_per_rank: usize,
     /// The executable to run for each rank.
     pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
     /// Echo the ranks' standard error, prefixed with the rank.
     pub echo_stderr: bool,
     /// Deadline for every rank to connect.
@@ -375,6 +377,7 @@ impl WorkerGroup {
         let threads = spec.threads_per_rank.to_string();
         let mut command = Command::new(&spec.program);
         command
+            .args(&spec.args)
             .env(env::RANK, rank.to_string())
             .env(env::LOCAL_RANK, rank.to_string())
             .env(env::WORLD_SIZE, spec.ranks.to_string())

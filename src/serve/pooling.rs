@@ -7,7 +7,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::api::ParallelModel;
 use crate::error::{Error, Result};
+use crate::parallel::ipc::ForwardInput;
 
 /// How token states become one vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +115,42 @@ impl Pooling {
         }
         v
     }
+}
+
+/// Runs the encoder of `model` over the token ids of several texts (one batch, padded on the
+/// right) and pools each row with `pooling`: one vector per text.
+pub fn embed(
+    model: &mut ParallelModel,
+    inputs: &[Vec<u32>],
+    pooling: &Pooling,
+) -> Result<Vec<Vec<f32>>> {
+    let width = inputs.iter().map(Vec::len).max().unwrap_or(0);
+    let input = ForwardInput {
+        input_ids: inputs
+            .iter()
+            .flat_map(|ids| {
+                ids.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, width - ids.len()))
+            })
+            .collect(),
+        batch: inputs.len(),
+        seq_len: width,
+        attention_mask: Some(
+            inputs
+                .iter()
+                .flat_map(|ids| (0..width).map(|i| u32::from(i < ids.len())))
+                .collect(),
+        ),
+        decoder_input_ids: None,
+    };
+    let states = model.forward(&input)?;
+    let hidden = states.shape.last().copied().unwrap_or(0);
+    Ok(inputs
+        .iter()
+        .zip(states.data.chunks_exact(width * hidden.max(1)))
+        .map(|(ids, states)| pooling.pool(states, hidden, ids.len()))
+        .collect())
 }
 
 #[cfg(test)]

@@ -25,11 +25,10 @@ use crate::api::{ParallelModel, SequenceEnd, SessionDriver, SessionSequence};
 use crate::error::{Error, Result};
 use crate::generation::prefix_cache::PrefixCacheReport;
 use crate::generation::GenerationConfig;
-use crate::parallel::ipc::ForwardInput;
 use crate::serve::admission::BatchLimits;
 use crate::serve::metrics::Metrics;
 use crate::serve::openai::{ApiError, FinishReason};
-use crate::serve::pooling::Pooling;
+use crate::serve::pooling::{self, Pooling};
 use crate::text::TextSide;
 use crate::tokenizer::TextStream;
 
@@ -551,39 +550,8 @@ fn api_error(model: &ParallelModel, shared: &Shared, e: &Error) -> ApiError {
 
 /// Runs an encoder over the texts (one batch, padded on the right) and pools each.
 fn embed(model: &mut ParallelModel, job: EmbedJob, shared: &Shared) {
-    let width = job.inputs.iter().map(Vec::len).max().unwrap_or(0);
-    let input = ForwardInput {
-        input_ids: job
-            .inputs
-            .iter()
-            .flat_map(|ids| {
-                ids.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, width - ids.len()))
-            })
-            .collect(),
-        batch: job.inputs.len(),
-        seq_len: width,
-        attention_mask: Some(
-            job.inputs
-                .iter()
-                .flat_map(|ids| (0..width).map(|i| u32::from(i < ids.len())))
-                .collect(),
-        ),
-        decoder_input_ids: None,
-    };
-    let answer = match model.forward(&input) {
-        Ok(states) => {
-            let hidden = states.shape.last().copied().unwrap_or(0);
-            Ok(job
-                .inputs
-                .iter()
-                .zip(states.data.chunks_exact(width * hidden.max(1)))
-                .map(|(ids, states)| job.pooling.pool(states, hidden, ids.len()))
-                .collect())
-        }
-        Err(e) => Err(api_error(model, shared, &e)),
-    };
+    let answer =
+        pooling::embed(model, &job.inputs, &job.pooling).map_err(|e| api_error(model, shared, &e));
     let _ = job.reply.send(answer);
 }
 
