@@ -182,41 +182,39 @@ fn no_prefix_cache() -> PrefixCache {
 }
 
 /// An anchor sequence (60 tokens after a 3-token prompt) joined by the interleaved script's
-/// 100-token prompt, prefilled in chunks of `chunk_tokens` (0: paced).
+/// 100-token prompt, prefilled in chunks of `chunk_tokens` (0: paced): the summary, and what
+/// the main process heard.
 fn anchor_and_long_prompt(
     model: &mut dyn ShardedModel,
     chunk_tokens: usize,
-) -> (
-    SessionSummary,
-    Scripted<impl FnMut(&[Heard], bool) -> Vec<Control>>,
-) {
+) -> (SessionSummary, Vec<Heard>) {
     let anchor = vec![greedy(0, vec![1, 2, 3], 60)];
     let script = interleaved_script(None);
-    run_scripted(model, chunk_tokens, &mut no_prefix_cache(), script, anchor)
+    let (summary, link) = run_scripted(model, chunk_tokens, &mut no_prefix_cache(), script, anchor);
+    (summary, link.heard)
 }
 
 #[test]
 fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_decodes_as_if_prefilled_at_once() {
     let mut model = tiny_model();
-    let (chunked, link) = anchor_and_long_prompt(model.as_mut(), 8);
+    let (chunked, heard) = anchor_and_long_prompt(model.as_mut(), 8);
     // The anchor's prefill, then 100 tokens in 13 chunks of at most 8.
     assert_eq!(chunked.prefill_passes, 1 + 13);
-    let long_first = link
-        .heard
+    let long_first = heard
         .iter()
         .position(|h| matches!(h, Heard::Token(1, _)))
         .unwrap();
-    let anchor_before = tokens_of(&link.heard[..long_first], 0).len();
+    let anchor_before = tokens_of(&heard[..long_first], 0).len();
     // The join was handed over after the anchor's second token; every chunk shared its step
     // with a decode step of the anchor.
     assert!(anchor_before >= 2 + 13, "{anchor_before} anchor tokens");
 
-    let (whole, whole_link) = anchor_and_long_prompt(model.as_mut(), usize::MAX);
+    let (whole, whole_heard) = anchor_and_long_prompt(model.as_mut(), usize::MAX);
     assert_eq!(whole.prefill_passes, 2, "one pass per joining prompt");
-    assert_eq!(link.tokens(1), whole_link.tokens(1));
-    assert_eq!(link.tokens(1).len(), 5);
-    let anchored = link.tokens(0);
-    let alone = whole_link.tokens(0);
+    assert_eq!(tokens_of(&heard, 1), tokens_of(&whole_heard, 1));
+    assert_eq!(tokens_of(&heard, 1).len(), 5);
+    let anchored = tokens_of(&heard, 0);
+    let alone = tokens_of(&whole_heard, 0);
     let common = anchored.len().min(alone.len());
     assert_eq!(anchored[..common], alone[..common]);
 }
@@ -224,15 +222,15 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_decodes_as_if_p
 #[test]
 fn paced_chunks_interleave_with_decode_steps_and_decode_as_if_prefilled_at_once() {
     let mut model = tiny_model();
-    let (paced, link) = anchor_and_long_prompt(model.as_mut(), 0);
+    let (paced, heard) = anchor_and_long_prompt(model.as_mut(), 0);
     // The first paced chunk beside a running sequence is at most 64 tokens, and later ones at
     // most double: the 100-token prompt takes at least two passes, and at most seven of at
     // least 16 tokens.
     let passes = paced.prefill_passes - 1;
     assert!((2..=7).contains(&passes), "{passes} passes");
-    let (whole, whole_link) = anchor_and_long_prompt(model.as_mut(), usize::MAX);
+    let (whole, whole_heard) = anchor_and_long_prompt(model.as_mut(), usize::MAX);
     assert_eq!(whole.prefill_passes, 2);
-    assert_eq!(link.tokens(1), whole_link.tokens(1));
+    assert_eq!(tokens_of(&heard, 1), tokens_of(&whole_heard, 1));
 }
 
 #[test]
