@@ -26,7 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, GenerationConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig  # noqa: E402
 from transformers.generation.logits_process import (  # noqa: E402
     MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
@@ -46,6 +46,8 @@ MODELS = ["llama", "gpt2", "mistral", "qwen2", "smollm_like"]
 # Today's Llama-style families (issue 15), written with transformers 5.25.0.
 TODAY_MODELS = ["llama3", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "smollm3", "olmo2", "stablelm",
                 "granite", "starcoder2", "cohere"]
+# Encoder-decoders: their processors see the decoder's tokens (start token and new tokens).
+SEQ2SEQ_MODELS = ["t5", "bart"]
 PAD = 0
 
 
@@ -61,6 +63,8 @@ def base_config(model, **options) -> GenerationConfig:
         repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0, eos_token_id=eos,
         pad_token_id=PAD,
     )
+    if model.config.is_encoder_decoder:
+        config.decoder_start_token_id = model.config.decoder_start_token_id
     for key, value in options.items():
         setattr(config, key, value)
     return config
@@ -68,18 +72,26 @@ def base_config(model, **options) -> GenerationConfig:
 
 @torch.no_grad()
 def run(model, prompts: list[list[int]], **options):
-    """`generate` on left-padded prompts; the new tokens of each returned sequence, cut after
+    """`generate` on padded prompts (on the left; an encoder's on the right); the new tokens of each returned sequence, cut after
     its first end-of-sequence, and the beam scores when beams are used."""
     config = base_config(model, **options)
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    if model.config.is_encoder_decoder:
+        # An encoder's prompts padded on the right, as their tokenizers pad them (BART's learned
+        # positions count from the first column, so left padding would shift them).
+        ids = torch.tensor([p + [PAD] * (width - len(p)) for p in prompts])
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    else:
+        ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     model.generation_config = config
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                          return_dict_in_generate=True, output_scores=config.num_beams > 1)
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    # An encoder-decoder's sequences are the decoder's: its start token, then the new tokens.
+    start = 1 if model.config.is_encoder_decoder else width
     sequences = []
-    for row in out.sequences[:, width:].tolist():
+    for row in out.sequences[:, start:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         sequences.append(row[:cut])
     case = {"prompts": prompts, "options": options, "sequences": sequences}
@@ -89,7 +101,8 @@ def run(model, prompts: list[list[int]], **options):
 
 
 def model_cases(name: str) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(FIXTURES / name, dtype=torch.float32)
+    kind = AutoModelForSeq2SeqLM if name in SEQ2SEQ_MODELS else AutoModelForCausalLM
+    model = kind.from_pretrained(FIXTURES / name, dtype=torch.float32)
     model.eval()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(7)
@@ -211,7 +224,7 @@ def main() -> None:
     if not names:
         embedding_fixture()
         (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
-    for name in names or MODELS + TODAY_MODELS:
+    for name in names or MODELS + TODAY_MODELS + SEQ2SEQ_MODELS:
         (OUT / f"{name}.json").write_text(json.dumps(model_cases(name), indent=1) + "\n")
         print(f"wrote {OUT / name}.json")
 

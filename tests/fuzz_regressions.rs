@@ -162,6 +162,7 @@ fn write_ipc_seeds() {
                 eos_token_ids: vec![2, 7],
                 pad_token_id: 0,
                 seed: 42,
+                decoder_start_token_id: None,
             }),
         ),
         ("session", Request::Session(vec![sequence.clone()])),

@@ -109,6 +109,15 @@ fn greedy_penalties_batches_and_beams_match_transformers_at_several_rank_counts(
     }
 }
 
+/// Encoder–decoders (T5, BART): their processors see the decoder's tokens (its start token and
+/// the new ones), as transformers' see `decoder_input_ids`, not the encoder's prompt.
+#[test]
+fn encoder_decoders_generate_like_transformers_at_several_rank_counts() {
+    for family in ["t5", "bart"] {
+        check_recorded_cases(family, 3);
+    }
+}
+
 /// Today's families (Llama 3, Qwen3, Gemma 1–3, Phi-3, SmolLM3, OLMo 2, StableLM, Granite,
 /// StarCoder2, Cohere) at 1 to 4 ranks: 3 and 4 ranks share key/value heads.
 #[test]

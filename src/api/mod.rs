@@ -370,6 +370,12 @@ impl ParallelModel {
             pad_token_id: config.pad_token_id.or(eos.first().copied()).unwrap_or(0),
             eos_token_ids: eos,
             seed,
+            decoder_start_token_id: self
+                .model
+                .config
+                .seq2seq
+                .as_ref()
+                .map(|s| s.decoder_start_token_id),
         });
         // Where the main process ended a row itself (cancelled, stop string): tokens the
         // ranks chose after that are dropped.

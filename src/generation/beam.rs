@@ -219,11 +219,12 @@ impl Search {
         for beam in 0..self.beams {
             let row = p * self.beams + beam;
             let mut scores = log_softmax(&values[row * vocab..(row + 1) * vocab]);
+            let (ids, padding) = rows.processed_ids(row, self.length);
             self.pipeline.apply(
                 &mut scores,
                 History {
-                    ids: &rows.ids[row],
-                    padding: rows.padding[row],
+                    ids: &ids,
+                    padding,
                     new_tokens: self.length,
                 },
             );

@@ -13,6 +13,7 @@ pub mod prefix_cache;
 pub mod processors;
 pub mod session;
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::time::Instant;
 
@@ -42,6 +43,10 @@ pub struct GenerateRequest {
     pub pad_token_id: u32,
     /// Seed of rank 0's sampler.
     pub seed: u64,
+    /// An encoder–decoder's decoder start token (`None` for decoder-only models): its logits
+    /// processors see the decoder's sequence, this token and the new ones, as transformers'
+    /// see `decoder_input_ids`, not the encoder's prompt.
+    pub decoder_start_token_id: Option<u32>,
 }
 
 /// The new tokens of every returned sequence, with the timings of the rank that answers.
@@ -222,6 +227,7 @@ struct Rows {
     pad: u32,
     eos: Vec<u32>,
     limit: usize,
+    decoder_start: Option<u32>,
 }
 
 impl Rows {
@@ -252,6 +258,21 @@ impl Rows {
             pad: req.pad_token_id,
             eos: req.eos_token_ids.clone(),
             limit: req.config.max_new_tokens,
+            decoder_start: req.decoder_start_token_id,
+        }
+    }
+
+    /// What the logits processors see of `row` after `new_tokens` new tokens, with its left
+    /// padding: the prompt and the new tokens, or for an encoder–decoder the decoder's start
+    /// token and the new tokens.
+    fn processed_ids(&self, row: usize, new_tokens: usize) -> (Cow<'_, [u32]>, usize) {
+        let ids = &self.ids[row];
+        match self.decoder_start {
+            Some(start) => {
+                let new = &ids[ids.len() - new_tokens..];
+                (Cow::Owned([&[start], new].concat()), 0)
+            }
+            None => (Cow::Borrowed(ids.as_slice()), self.padding[row]),
         }
     }
 
@@ -474,9 +495,10 @@ impl Chooser {
                 decision.push(FINISHED);
                 continue;
             }
+            let (ids, padding) = rows.processed_ids(row, rows.new[row].len());
             let history = History {
-                ids: &rows.ids[row],
-                padding: rows.padding[row],
+                ids: &ids,
+                padding,
                 new_tokens: rows.new[row].len(),
             };
             let token = self.choose(scores, history)?;
