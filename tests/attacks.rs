@@ -695,6 +695,29 @@ fn stream_in_background(server: &Server, body: Value) -> std::thread::JoinHandle
     })
 }
 
+/// Like [`stream_in_background`], but returns once the stream's first token has arrived (so
+/// that it is running, however loaded the machine), the text so far included in what the
+/// thread returns.
+fn stream_started_in_background(server: &Server, body: Value) -> std::thread::JoinHandle<String> {
+    let mut stream = post_raw(server, "/v1/completions", &body);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut start = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&start).contains("\"text\"") {
+        match stream.read(&mut byte) {
+            Ok(1) => start.push(byte[0]),
+            _ => break,
+        }
+    }
+    std::thread::spawn(move || {
+        let mut text = String::from_utf8_lossy(&start).into_owned();
+        let _ = stream.read_to_string(&mut text);
+        text
+    })
+}
+
 /// The private directory of the server whose rank 0 is `rank`, from the rendezvous socket's path
 /// in the rank's environment; already removed once every rank has connected.
 fn rendezvous_dir(rank: u32) -> std::path::PathBuf {
@@ -987,10 +1010,9 @@ fn sigterm_while_streams_run_stops_within_the_grace_and_leaves_nothing() {
             // Far longer than the grace.
             let body =
                 json!({"prompt": "Once upon a time", "n": 4, "max_tokens": 2000, "stream": true});
-            stream_in_background(&server, body)
+            stream_started_in_background(&server, body)
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
     let took = stop_within_the_grace(&mut server);
     println!(
         "SIGTERM with streams running, grace 1 s: stopped in {:.2} s",
