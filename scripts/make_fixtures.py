@@ -89,6 +89,10 @@ from transformers import (  # noqa: E402
     Phi3ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
     StableLmConfig,
@@ -827,6 +831,36 @@ def cohere_spec(out: Path):
     return today_spec(CohereForCausalLM, cfg, True)
 
 
+# Mixtures of experts (issue 20): tiny expert widths that 3 ranks split unevenly; routers drawn
+# wider than the other weights so that each token's top-k experts stand clear of the rest.
+ROUTER_STD = 1.0
+
+
+def moe_spec(cls, cfg, tied):
+    return today_spec(cls, cfg, tied, router_std=ROUTER_STD)
+
+
+def mixtral_spec(out: Path):
+    # 6 experts of width 40, top 2, renormalised (always, in Mixtral); untied head.
+    cfg = MixtralConfig(**TODAY, vocab_size=101, num_local_experts=6, num_experts_per_tok=2,
+                        rms_norm_eps=1e-5, tie_word_embeddings=False,
+                        rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    cfg.intermediate_size = 40
+    return moe_spec(MixtralForCausalLM, cfg, False)
+
+
+def qwen3_moe_spec(out: Path):
+    # q/k norms as Qwen3's, 8 experts of width 24, top 2 without renormalisation
+    # (norm_topk_prob false), three layers of which the middle one is dense (mlp_only_layers,
+    # its MLP 96 wide); tied embeddings.
+    cfg = Qwen3MoeConfig(**{**TODAY, "num_hidden_layers": 3}, vocab_size=103, num_experts=8,
+                         num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
+                         mlp_only_layers=[1], decoder_sparse_step=1, tie_word_embeddings=True,
+                         rms_norm_eps=1e-6, use_sliding_window=False,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    return moe_spec(Qwen3MoeForCausalLM, cfg, True)
+
+
 TODAY_FIXTURES = {
     "llama3": (llama3_spec, 30000),
     "qwen3": (qwen3_spec, 31000),
@@ -840,6 +874,8 @@ TODAY_FIXTURES = {
     "granite": (granite_spec, 39000),
     "starcoder2": (starcoder2_spec, 40000),
     "cohere": (cohere_spec, 41000),
+    "mixtral": (mixtral_spec, 42000),
+    "qwen3_moe": (qwen3_moe_spec, 43000),
 }
 FIXTURES.update(TODAY_FIXTURES)
 
@@ -874,6 +910,12 @@ def build_model(spec, seed: int):
                 mod_name, _, pname = a.rpartition(".")
                 setattr(model.get_submodule(mod_name), pname, torch.nn.Parameter(params[a].detach().clone()))
     randomize_(model, seed + 1, spec.get("std", WEIGHT_STD))
+    if "router_std" in spec:
+        with torch.no_grad():
+            gr = torch.Generator().manual_seed(seed + 4)
+            for name, p in model.named_parameters():
+                if name.endswith(".gate.weight"):  # a mixture of experts' router
+                    p.copy_(spec["router_std"] * torch.randn(p.shape, generator=gr))
     g = torch.Generator().manual_seed(seed + 3)
     for bname in spec.get("bias_buffers", ()):  # buffers randomize_ does not reach
         buf = model.get_buffer(bname)

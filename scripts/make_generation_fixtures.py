@@ -48,6 +48,8 @@ TODAY_MODELS = ["llama3", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "smollm3
                 "granite", "starcoder2", "cohere"]
 # Encoder-decoders: their processors see the decoder's tokens (start token and new tokens).
 SEQ2SEQ_MODELS = ["t5", "bart"]
+# Mixtures of experts (issue 20).
+MOE_MODELS = ["mixtral", "qwen3_moe"]
 PAD = 0
 
 
@@ -224,7 +226,7 @@ def main() -> None:
     if not names:
         embedding_fixture()
         (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
-    for name in names or MODELS + TODAY_MODELS + SEQ2SEQ_MODELS:
+    for name in names or MODELS + TODAY_MODELS + SEQ2SEQ_MODELS + MOE_MODELS:
         (OUT / f"{name}.json").write_text(json.dumps(model_cases(name), indent=1) + "\n")
         print(f"wrote {OUT / name}.json")
 

@@ -250,6 +250,43 @@ fn cohere_with_parallel_block_and_logit_scale_matches_transformers_at_every_rank
     check_all_ranks("cohere");
 }
 
+/// Mixtral: 6 experts, each split across the ranks like a dense MLP, a replicated router
+/// picking the top 2 with renormalised weights.
+#[test]
+fn mixtral_with_tensor_parallel_experts_matches_transformers_at_every_rank_count() {
+    check_all_ranks("mixtral");
+}
+
+/// Qwen3-MoE: Qwen3's q/k norms, 8 experts routed top 2 without renormalisation
+/// (`norm_topk_prob` false), and a dense middle layer (`mlp_only_layers`).
+#[test]
+fn qwen3_moe_with_a_dense_layer_matches_transformers_at_every_rank_count() {
+    check_all_ranks("qwen3_moe");
+}
+
+/// Tensor-parallel experts: each rank holds `1 / ranks` of every expert, not whole experts.
+#[test]
+fn each_rank_holds_a_share_of_every_expert() {
+    let held = |ranks| {
+        let model = parallelize(fixture("mixtral"), options(ranks)).unwrap();
+        let report: Vec<_> = model.load_report().iter().map(|r| r.weights).collect();
+        model.deparallelize();
+        report
+    };
+    let whole = held(1)[0];
+    let halves = held(2);
+    // The ranks' slices add up to the whole model, and differ only by the odd vocabulary row
+    // of the embedding and of the head (101 rows of 64 f32s each).
+    let sliced: Vec<u64> = halves.iter().map(|w| w.sliced).collect();
+    assert_eq!(
+        sliced.iter().sum::<u64>(),
+        whole.sliced,
+        "{halves:?} of {whole:?}"
+    );
+    assert!(sliced[0] - sliced[1] <= 2 * 64 * 4, "{halves:?}");
+    assert!(halves.iter().all(|w| w.replicated == whole.replicated));
+}
+
 #[test]
 fn bert_hidden_states_match_transformers_at_every_rank_count() {
     check_all_ranks("bert");

@@ -32,6 +32,9 @@ const TODAYS_FAMILIES: [&str; 12] = [
     "cohere",
 ];
 
+/// The mixtures of experts of issue 20 (tensor-parallel experts).
+const MOE_FAMILIES: [&str; 2] = ["mixtral", "qwen3_moe"];
+
 fn recorded(name: &str) -> Value {
     let path = fixture("generation").join(format!("{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -123,6 +126,15 @@ fn encoder_decoders_generate_like_transformers_at_several_rank_counts() {
 #[test]
 fn todays_families_generate_like_transformers_at_one_to_four_ranks() {
     for family in TODAYS_FAMILIES {
+        check_recorded_cases(family, 4);
+    }
+}
+
+/// Mixtral and Qwen3-MoE with tensor-parallel experts at 1 to 4 ranks: routing, and so every
+/// token, as transformers'.
+#[test]
+fn mixtures_of_experts_generate_like_transformers_at_one_to_four_ranks() {
+    for family in MOE_FAMILIES {
         check_recorded_cases(family, 4);
     }
 }

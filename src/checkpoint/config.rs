@@ -9,9 +9,11 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 mod decoder;
+mod moe;
 pub mod rope;
 mod seq2seq;
 pub use decoder::{DecoderOptions, LayerRope, MlpKind, NormKind, NormPlacement, QkNorm};
+pub use moe::{ExpertNames, MoeConfig};
 pub use rope::{RopeConfig, RopeConfigs, RopeScaling};
 pub use seq2seq::{RelativeBuckets, Seq2SeqConfig};
 
@@ -104,6 +106,7 @@ const ALIASES: &[(&str, &[&str])] = &[
     ("num_hidden_layers", &["n_layer", "n_layers", "num_layers"]),
     ("num_attention_heads", &["n_head", "n_heads", "num_heads"]),
     ("num_key_value_heads", &["num_kv_heads"]),
+    ("num_local_experts", &["num_experts"]),
     (
         "intermediate_size",
         &["n_inner", "hidden_dim", "ffn_dim", "ffn_hidden_size"],
@@ -191,6 +194,13 @@ pub struct RawConfig {
     use_qk_norm: Option<bool>,
     use_bias: Option<bool>,
     use_qkv_bias: Option<bool>,
+    // Mixtures of experts (Mixtral, Qwen3-MoE); see `moe.rs`.
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
     // Encoder–decoders (BART, T5); see `seq2seq.rs`.
     d_model: Option<usize>,
     d_kv: Option<usize>,
@@ -318,6 +328,12 @@ impl ModelConfig {
         }
     }
 
+    /// The hidden width of one expert of a mixture of experts; the MLP's for dense models.
+    pub fn expert_width(&self) -> usize {
+        let moe = self.decoder.as_ref().and_then(|d| d.moe.as_ref());
+        moe.map_or(self.intermediate_size, |m| m.intermediate_size)
+    }
+
     /// Whether the model generates text (has a causal LM head).
     pub fn is_causal(&self) -> bool {
         self.family != Family::Bert
@@ -331,8 +347,9 @@ fn family_of(
 ) -> std::result::Result<(Family, OutputKind), String> {
     let family = match model_type {
         "gpt2" | "gpt_bigcode" | "opt" | "gpt_neo" => Family::Gpt2,
-        "llama" | "mistral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "phi3"
-        | "smollm3" | "olmo2" | "stablelm" | "granite" | "starcoder2" | "cohere" => Family::Llama,
+        "llama" | "mistral" | "mixtral" | "qwen2" | "qwen3" | "qwen3_moe" | "gemma" | "gemma2"
+        | "gemma3_text" | "phi3" | "smollm3" | "olmo2" | "stablelm" | "granite" | "starcoder2"
+        | "cohere" => Family::Llama,
         "gemma3" => {
             return Err("model_type `gemma3` is Gemma 3's image-and-text model; its text decoder alone (Gemma3ForCausalLM, model_type gemma3_text) is supported".into())
         }
@@ -342,7 +359,7 @@ fn family_of(
         "t5" => Family::T5,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, stablelm, granite, starcoder2, cohere, phi, gptj, gpt_neox, bloom, falcon, bert, roberta, distilbert, electra, albert, bart, t5); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, stablelm, granite, starcoder2, cohere, phi, gptj, gpt_neox, bloom, falcon, bert, roberta, distilbert, electra, albert, bart, t5); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
@@ -540,7 +557,12 @@ impl RawConfig {
         }
         let is_qwen2 = model_type == "qwen2";
         let decoder = match family {
-            Family::Llama => Some(self.decoder_options(&model_type, hidden_size, num_layers)?),
+            Family::Llama => Some(self.decoder_options(
+                &model_type,
+                hidden_size,
+                intermediate_size,
+                num_layers,
+            )?),
             _ => None,
         };
         let qkv_bias = match model_type.as_str() {
@@ -1037,5 +1059,37 @@ mod tests {
         let llama = resolve(LLAMA_5X).unwrap();
         assert!(qwen.qkv_bias && !qwen.attn_out_bias);
         assert!(!llama.qkv_bias);
+    }
+
+    #[test]
+    fn qwen3_moe_layers_are_sparse_unless_mlp_only_or_off_the_sparse_step() {
+        let moe_of = |extra: &str| {
+            let json = format!(
+                r#"{{"model_type":"qwen3_moe","vocab_size":10,"hidden_size":8,"num_hidden_layers":4,
+                "num_attention_heads":2,"intermediate_size":16,"num_experts":4,
+                "num_experts_per_tok":2,"moe_intermediate_size":6{extra}}}"#
+            );
+            resolve(&json).map(|c| c.decoder.and_then(|d| d.moe))
+        };
+        let moe = moe_of(r#","mlp_only_layers":[0],"decoder_sparse_step":2"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(moe.sparse_layers, [false, true, false, true]);
+        assert_eq!((moe.experts, moe.top_k, moe.intermediate_size), (4, 2, 6));
+        assert!(!moe.renormalize);
+        let renormalized = moe_of(r#","norm_topk_prob":true"#).unwrap().unwrap();
+        assert!(renormalized.renormalize && renormalized.sparse_layers.iter().all(|&s| s));
+        assert!(moe_of(r#","decoder_sparse_step":0"#)
+            .unwrap_err()
+            .contains("decoder_sparse_step"));
+        assert!(moe_of(r#","num_experts_per_tok":5"#)
+            .unwrap_err()
+            .contains("more than"));
+        // No experts: a dense decoder.
+        assert_eq!(moe_of(r#","num_experts":0"#).unwrap(), None);
+        let mixtral = ModelConfig::from_file(&fixture_config("mixtral")).unwrap();
+        let moe = mixtral.decoder.unwrap().moe.unwrap();
+        assert!(moe.renormalize && moe.sparse_layers == [true, true]);
+        assert_eq!((moe.experts, moe.intermediate_size), (6, 40));
     }
 }

@@ -50,6 +50,13 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         plan.intermediate.element_counts(),
         plan.vocab.counts()
     )?;
+    if config.decoder.as_ref().is_some_and(|d| d.moe.is_some()) {
+        writeln!(
+            out,
+            "split: every expert's intermediate {:?}",
+            plan.expert_intermediate.element_counts()
+        )?;
+    }
     for line in config.wiring_summary() {
         writeln!(out, "{line}")?;
     }

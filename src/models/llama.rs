@@ -1,8 +1,9 @@
 //! The Llama-style decoders: Llama 2/3, Mistral, Qwen2/3, Gemma 1–3, Phi-3, SmolLM3, OLMo 2,
-//! StableLM, Granite, StarCoder2 and Cohere. One wiring — rotary positions, grouped-query
-//! attention with query heads split evenly, an MLP split by its hidden width — whose switches
+//! StableLM, Granite, StarCoder2, Cohere, and the mixtures of experts Mixtral and Qwen3-MoE.
+//! One wiring — rotary positions, grouped-query attention with query heads split evenly, an MLP split by its hidden width — whose switches
 //! ([`DecoderOptions`]) come from the configuration: the norm kind and placement, q/k norms,
-//! fused projections, multipliers, soft-caps, and per layer its window and rotary positions.
+//! fused projections, multipliers, soft-caps, per layer its window and rotary positions, and
+//! whether its MLP is a mixture of experts ([`crate::models::moe`]).
 
 use candle_core::Tensor;
 
@@ -18,6 +19,7 @@ use crate::models::attention::{
 use crate::models::layers::{
     activate, gated, Linear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
 };
+use crate::models::moe::SparseMoe;
 use crate::models::norm::{HeadNorm, HeadNormSpec, HeadsOf, Norm};
 use crate::models::rope::{Rotary, RotaryAngles};
 use crate::models::{apply_head, weight_and_bias, Batch, ShardedModel};
@@ -42,6 +44,8 @@ enum Mlp {
     },
     /// `c_proj(act(c_fc(x)))`.
     Plain { fc: Linear, proj: RowParallelLinear },
+    /// A mixture of experts, each split like the gated MLP (Mixtral, Qwen3-MoE).
+    Sparse(SparseMoe),
 }
 
 impl Mlp {
@@ -68,6 +72,7 @@ impl Mlp {
                 down.forward(&hidden, comm)
             }
             Mlp::Plain { fc, proj } => proj.forward(&activate(activation, &fc.forward(x)?)?, comm),
+            Mlp::Sparse(moe) => moe.forward(x, activation, comm),
         }
     }
 }
@@ -198,18 +203,23 @@ fn load_layer(
     };
     let o = proj("self_attn.o_proj", h, q_width, c.attn_out_bias)?.into();
     let inter = c.intermediate_size;
-    let mlp = match options.mlp {
-        MlpKind::Gated => Mlp::Gated {
+    let sparse = options
+        .moe
+        .as_ref()
+        .filter(|moe| moe.sparse_layers.get(i).copied().unwrap_or(false));
+    let mlp = match (sparse, options.mlp) {
+        (Some(moe), _) => Mlp::Sparse(SparseMoe::load(loader, c, moe, i)?),
+        (None, MlpKind::Gated) => Mlp::Gated {
             gate: proj("mlp.gate_proj", inter, h, c.mlp_bias)?.into(),
             up: Some(proj("mlp.up_proj", inter, h, c.mlp_bias)?.into()),
             down: proj("mlp.down_proj", h, inter, c.mlp_bias)?.into(),
         },
-        MlpKind::FusedGated => Mlp::Gated {
+        (None, MlpKind::FusedGated) => Mlp::Gated {
             gate: proj("mlp.gate_up_proj", 2 * inter, h, c.mlp_bias)?.into(),
             up: None,
             down: proj("mlp.down_proj", h, inter, c.mlp_bias)?.into(),
         },
-        MlpKind::Plain => Mlp::Plain {
+        (None, MlpKind::Plain) => Mlp::Plain {
             fc: proj("mlp.c_fc", inter, h, c.mlp_bias)?.into(),
             proj: proj("mlp.c_proj", h, inter, c.mlp_bias)?.into(),
         },

@@ -11,6 +11,7 @@ pub mod layers;
 pub mod llama;
 #[cfg(target_arch = "x86_64")]
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod phi;
 pub mod quantized;

@@ -118,6 +118,8 @@ pub struct Plan {
     pub kv_heads: Split,
     /// The MLP's hidden width.
     pub intermediate: Split,
+    /// Each expert's hidden width (a mixture of experts; else the MLP's).
+    pub expert_intermediate: Split,
     /// Vocabulary rows.
     pub vocab: Split,
 }
@@ -145,7 +147,8 @@ impl Plan {
         let kv_heads = Split::covering(&heads, group, config.num_kv_heads, config.head_dim);
         Ok(Plan {
             world_size,
-            intermediate: even_intermediate(config, world_size),
+            intermediate: even_intermediate(config.intermediate_size, world_size),
+            expert_intermediate: even_intermediate(config.expert_width(), world_size),
             heads,
             kv_heads,
             vocab: Split::even(config.vocab_size, 1, world_size),
@@ -166,19 +169,19 @@ impl Plan {
             Partition::Heads => &self.heads,
             Partition::KvHeads => &self.kv_heads,
             Partition::Intermediate => &self.intermediate,
+            Partition::ExpertIntermediate => &self.expert_intermediate,
             Partition::Vocab => &self.vocab,
         }
     }
 }
 
-/// Splits the MLP evenly, in whole blocks of 32 units when the width allows it (so quantized
+/// Splits an MLP of `total` hidden units evenly, in whole blocks of 32 units when the width allows it (so quantized
 /// down projections, sliced along this dimension, split at block boundaries).
 ///
 /// An even split is also the fastest: every rank reaches the MLP's all-reduce at the same time.
 /// (Giving a rank with fewer attention heads more of the MLP would even out memory but make the
 /// other rank wait at each layer's second all-reduce.)
-fn even_intermediate(config: &ModelConfig, ranks: usize) -> Split {
-    let total = config.intermediate_size;
+fn even_intermediate(total: usize, ranks: usize) -> Split {
     match total.is_multiple_of(QUANT_BLOCK) && total / QUANT_BLOCK >= ranks {
         true => Split::even(total / QUANT_BLOCK, QUANT_BLOCK, ranks),
         false => Split::even(total, 1, ranks),

@@ -22,6 +22,9 @@ pub enum Partition {
     KvHeads,
     /// The MLP hidden width.
     Intermediate,
+    /// The hidden width of each expert of a mixture of experts: every rank holds a slice of
+    /// every expert.
+    ExpertIntermediate,
     /// Vocabulary rows.
     Vocab,
 }
@@ -314,6 +317,46 @@ mod tests {
         crate::checkpoint::config::RawConfig::from_value(serde_json::from_str(&json).unwrap())
             .and_then(crate::checkpoint::config::RawConfig::resolve)
             .unwrap()
+    }
+
+    #[test]
+    fn moe_experts_split_like_the_dense_mlp_by_their_own_width_and_routers_are_replicated() {
+        let expert = |partition| Role::Column {
+            parts: vec![partition],
+            transposed: false,
+        };
+        let down = Role::Row {
+            partition: Partition::ExpertIntermediate,
+            transposed: false,
+        };
+        let mixtral = tables::llama(&decoder_config("mixtral"));
+        let m = "model.layers.1.block_sparse_moe";
+        for (name, role) in [
+            ("gate.weight", Role::Replicate),
+            ("experts.7.w1.weight", expert(Partition::ExpertIntermediate)),
+            ("experts.7.w3.weight", expert(Partition::ExpertIntermediate)),
+            ("experts.7.w2.weight", down.clone()),
+        ] {
+            assert_eq!(
+                mixtral.role_of(&format!("{m}.{name}")),
+                Some(&role),
+                "{name}"
+            );
+        }
+        let qwen = tables::llama(&decoder_config("qwen3_moe"));
+        let q = "model.layers.0.mlp";
+        for (name, role) in [
+            ("gate.weight", Role::Replicate),
+            (
+                "experts.3.gate_proj.weight",
+                expert(Partition::ExpertIntermediate),
+            ),
+            ("experts.3.down_proj.weight", down),
+            // A dense layer's MLP.
+            ("gate_proj.weight", expert(Partition::Intermediate)),
+        ] {
+            assert_eq!(qwen.role_of(&format!("{q}.{name}")), Some(&role), "{name}");
+        }
     }
 
     #[test]

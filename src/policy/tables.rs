@@ -5,7 +5,7 @@
 use super::{Partition, Policy, Rename, Role, Rule};
 use crate::checkpoint::config::{FusedQkv, MlpKind, QkNorm};
 use crate::checkpoint::ModelConfig;
-use Partition::{Heads, Intermediate, KvHeads, Vocab};
+use Partition::{ExpertIntermediate, Heads, Intermediate, KvHeads, Vocab};
 
 fn rule(pattern: &str, role: Role) -> Rule {
     Rule {
@@ -444,7 +444,8 @@ pub fn falcon(config: &ModelConfig) -> Policy {
 /// The Llama-style decoders: separate or fused (Phi-3's `qkv_proj`, `gate_up_proj`) q/k/v and
 /// gate/up projections, a gated or plain (StarCoder2's `c_fc`/`c_proj`) MLP, every block norm
 /// replicated, and q/k norms replicated unless they span the whole projection (OLMo 2's,
-/// split with their heads).
+/// split with their heads). Mixtures of experts (Mixtral, Qwen3-MoE) split each expert like the
+/// dense MLP and replicate the router.
 pub fn llama(config: &ModelConfig) -> Policy {
     let options = config.decoder.as_ref();
     let fused_qkv = options.is_some_and(|o| o.fused_qkv);
@@ -466,6 +467,26 @@ pub fn llama(config: &ModelConfig) -> Policy {
             rule("layers.*.self_attn.v_proj.*", column(KvHeads)),
         ],
     });
+    // Every expert split like a dense MLP (tensor-parallel experts); the router replicated.
+    if let Some(moe) = options.and_then(|o| o.moe.as_ref()) {
+        let [gate, up, down] = moe.names.projections();
+        let experts = format!("layers.*.{}.*", moe.names.experts());
+        rules.extend([
+            rule(
+                &format!("layers.*.{}.weight", moe.names.router()),
+                Role::Replicate,
+            ),
+            rule(
+                &format!("{experts}.{gate}.weight"),
+                column(ExpertIntermediate),
+            ),
+            rule(
+                &format!("{experts}.{up}.weight"),
+                column(ExpertIntermediate),
+            ),
+            rule(&format!("{experts}.{down}.weight"), row(ExpertIntermediate)),
+        ]);
+    }
     rules.extend(match mlp {
         MlpKind::Gated => vec![
             rule("layers.*.mlp.gate_proj.*", column(Intermediate)),

@@ -4,7 +4,7 @@
 //! with. Each family is a short list of choices here, read from its `config.json` the way
 //! transformers reads it.
 
-use super::RawConfig;
+use super::{MoeConfig, RawConfig};
 
 /// How a decoder normalises its hidden states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -101,6 +101,9 @@ pub struct DecoderOptions {
     pub final_softcap: Option<f64>,
     /// Per layer, the rotary positions it applies.
     pub layer_rope: Vec<LayerRope>,
+    /// The mixture of experts of the sparse layers (Mixtral, Qwen3-MoE); `None`: every MLP is
+    /// dense.
+    pub moe: Option<MoeConfig>,
 }
 
 /// Whether each layer of `layers` attends over a sliding window, from `layer_types` as
@@ -136,7 +139,9 @@ fn sliding_layers(raw: &RawConfig, model_type: &str, layers: usize) -> Result<Ve
     let uses_window = raw.use_sliding_window != Some(false);
     Ok((0..layers)
         .map(|i| match model_type {
-            "mistral" | "starcoder2" | "phi3" => true,
+            "mistral" | "mixtral" | "starcoder2" | "phi3" => true,
+            // Qwen3-MoE slides on every layer when `use_sliding_window`.
+            "qwen3_moe" => raw.use_sliding_window == Some(true),
             "qwen2" | "qwen3" => {
                 raw.use_sliding_window == Some(true) && i >= raw.max_window_layers.unwrap_or(0)
             }
@@ -165,9 +170,13 @@ impl RawConfig {
         model_type: &str,
         layers: usize,
     ) -> Result<Vec<Option<usize>>, String> {
-        // Qwen2, Qwen3 and SmolLM3 ignore `sliding_window` unless `use_sliding_window`.
+        // Qwen2, Qwen3(-MoE) and SmolLM3 ignore `sliding_window` unless `use_sliding_window`.
         let window = match model_type {
-            "qwen2" | "qwen3" | "smollm3" if self.use_sliding_window != Some(true) => None,
+            "qwen2" | "qwen3" | "qwen3_moe" | "smollm3"
+                if self.use_sliding_window != Some(true) =>
+            {
+                None
+            }
             // The default of Gemma 2's and 3's config classes.
             "gemma2" | "gemma3_text" => self.sliding_window.or(Some(4096)),
             _ => self.sliding_window,
@@ -184,12 +193,13 @@ impl RawConfig {
             .collect())
     }
 
-    /// The decoder switches of `model_type` (a Llama-style family), with `hidden_size` and
-    /// `layers` resolved already.
+    /// The decoder switches of `model_type` (a Llama-style family), with `hidden_size`,
+    /// `intermediate_size` and `layers` resolved already.
     pub(super) fn decoder_options(
         &self,
         model_type: &str,
         hidden_size: usize,
+        intermediate_size: usize,
         layers: usize,
     ) -> Result<DecoderOptions, String> {
         let gemma = matches!(model_type, "gemma" | "gemma2" | "gemma3_text");
@@ -207,7 +217,7 @@ impl RawConfig {
             _ => NormPlacement::Pre,
         };
         let qk_norm = match model_type {
-            "qwen3" | "gemma3_text" => Some(QkNorm::SharedPerHead),
+            "qwen3" | "qwen3_moe" | "gemma3_text" => Some(QkNorm::SharedPerHead),
             "olmo2" => Some(QkNorm::WholeProjection),
             "cohere" if self.use_qk_norm == Some(true) => Some(QkNorm::OwnPerHead),
             "stablelm" if self.qk_layernorm == Some(true) => Some(QkNorm::OwnPerHead),
@@ -272,6 +282,7 @@ impl RawConfig {
             attn_softcap,
             final_softcap,
             layer_rope,
+            moe: self.moe_config(model_type, intermediate_size, layers)?,
         })
     }
 }
@@ -287,6 +298,17 @@ impl super::ModelConfig {
         block.extend(d.qk_norm.map(|q| format!("q/k norm {q:?}")));
         block.extend(d.fused_qkv.then(|| "fused qkv_proj".to_string()));
         block.push(format!("{:?} MLP ({:?})", d.mlp, self.activation));
+        if let Some(moe) = &d.moe {
+            let sparse = moe.sparse_layers.iter().filter(|&&s| s).count();
+            block.push(format!(
+                "{} experts of width {}, top {}{} on {sparse} of {} layers",
+                moe.experts,
+                moe.intermediate_size,
+                moe.top_k,
+                if moe.renormalize { " renormalised" } else { "" },
+                moe.sparse_layers.len()
+            ));
+        }
         let mut scales = Vec::new();
         let named = [
             ("embedding", d.embedding_scale),

@@ -1,0 +1,180 @@
+//! The sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE) split as *tensor-parallel experts*:
+//! every expert's gate and up projections split by rows and its down projection by columns,
+//! exactly like the dense MLP, so each rank holds `1 / ranks` of every expert. The router is
+//! replicated, so every rank routes every token alike; each rank runs only the experts some
+//! token was routed to (a decode step reads the top-k experts' slices and nothing else), and
+//! one all-reduce per layer sums the ranks' partial outputs.
+//!
+//! Routing follows transformers' `MixtralTopKRouter` / `Qwen3MoeTopKRouter`: a softmax over the
+//! router logits in f32, the top k with `torch.topk`'s order (larger first, the lower expert
+//! first on ties), renormalised when the configuration says, applied in f32.
+
+use std::cmp::Ordering;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::config::MoeConfig;
+use crate::checkpoint::{Activation, ModelConfig};
+use crate::comm::Communicator;
+use crate::error::Result;
+use crate::models::elementwise;
+use crate::models::layers::{all_reduce, gated, with_values, Linear};
+use crate::parallel::engine::ShardLoader;
+
+/// This rank's slice of one expert: `down(act(gate(x)) * up(x))` without the all-reduce.
+struct Expert {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A sparse MLP: a replicated router and this rank's slice of every expert.
+pub(crate) struct SparseMoe {
+    router: Linear,
+    experts: Vec<Expert>,
+    top_k: usize,
+    renormalize: bool,
+}
+
+/// The tokens one expert serves and the weight each gives its output.
+#[derive(Debug, Default, PartialEq)]
+struct Assignment {
+    tokens: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+impl SparseMoe {
+    /// Loads layer `layer`'s router and this rank's slice of its experts.
+    pub(crate) fn load(
+        loader: &mut ShardLoader,
+        c: &ModelConfig,
+        moe: &MoeConfig,
+        layer: usize,
+    ) -> Result<Self> {
+        let (h, width) = (c.hidden_size, moe.intermediate_size);
+        let router_name = format!("layers.{layer}.{}.weight", moe.names.router());
+        let router = Linear::new(loader.load_linear(&router_name, &[moe.experts, h])?, None);
+        let [gate, up, down] = moe.names.projections();
+        let mut experts = Vec::with_capacity(moe.experts);
+        for e in 0..moe.experts {
+            let prefix = format!("layers.{layer}.{}.{e}", moe.names.experts());
+            let mut proj = |name: &str, shape: [usize; 2]| -> Result<Linear> {
+                let weight = loader.load_linear(&format!("{prefix}.{name}.weight"), &shape)?;
+                Ok(Linear::new(weight, None))
+            };
+            experts.push(Expert {
+                gate: proj(gate, [width, h])?,
+                up: proj(up, [width, h])?,
+                down: proj(down, [h, width])?,
+            });
+        }
+        Ok(SparseMoe {
+            router,
+            experts,
+            top_k: moe.top_k,
+            renormalize: moe.renormalize,
+        })
+    }
+
+    /// The MLP's output for `x` `[.., hidden]`, summed across ranks.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        activation: Activation,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let hidden = dims[dims.len() - 1];
+        let tokens = x.elem_count() / hidden.max(1);
+        let flat = x.reshape((tokens, hidden))?.to_dtype(DType::F32)?;
+        let mut logits: Vec<f32> = self.router.forward(&flat)?.flatten_all()?.to_vec1()?;
+        let routes = route(
+            &mut logits,
+            self.experts.len(),
+            self.top_k,
+            self.renormalize,
+        );
+        let mut out = vec![0f32; tokens * hidden];
+        for (expert, assigned) in self.experts.iter().zip(&routes) {
+            if assigned.tokens.is_empty() {
+                continue;
+            }
+            let index = Tensor::from_slice(&assigned.tokens, assigned.tokens.len(), &Device::Cpu)?;
+            let rows = flat.index_select(&index, 0)?;
+            let inner = gated(
+                activation,
+                &expert.gate.forward(&rows)?,
+                &expert.up.forward(&rows)?,
+            )?;
+            let partial = expert.down.forward(&inner)?;
+            with_values(&partial, |values| {
+                let rows = values.chunks_exact(hidden);
+                for ((row, &token), &weight) in rows.zip(&assigned.tokens).zip(&assigned.weights) {
+                    let target = &mut out[token as usize * hidden..][..hidden];
+                    for (o, v) in target.iter_mut().zip(row) {
+                        *o += v * weight;
+                    }
+                }
+            })?;
+        }
+        let out = Tensor::from_vec(out, dims, &Device::Cpu)?;
+        all_reduce(&out, comm)
+    }
+}
+
+/// Routes each token (a row of `logits`, `[tokens, experts]`, softmaxed in place) to its
+/// `top_k` experts; per expert, the tokens it serves in order and their weights.
+fn route(logits: &mut [f32], experts: usize, top_k: usize, renormalize: bool) -> Vec<Assignment> {
+    let mut routes: Vec<Assignment> = (0..experts).map(|_| Assignment::default()).collect();
+    if experts == 0 {
+        return routes;
+    }
+    elementwise::softmax_rows(logits, experts);
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for (token, probs) in logits.chunks_exact(experts).enumerate() {
+        order.clear();
+        order.extend(0..experts);
+        // torch.topk: larger first; on ties, the lower index first (a stable sort keeps it).
+        order.sort_by(|&a, &b| probs[b].partial_cmp(&probs[a]).unwrap_or(Ordering::Equal));
+        let chosen = &order[..top_k.min(experts)];
+        let sum: f32 = chosen.iter().map(|&e| probs[e]).sum();
+        for &e in chosen {
+            let weight = match renormalize {
+                true => probs[e] / sum,
+                false => probs[e],
+            };
+            routes[e].tokens.push(token as u32);
+            routes[e].weights.push(weight);
+        }
+    }
+    routes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_token_goes_to_its_two_most_probable_experts_with_renormalised_weights() {
+        // Probabilities are proportional to exp(logit): token 0 prefers 2 then 0, token 1
+        // prefers 1 then 2.
+        let mut logits = [1.0, 0.0, 2.0, 0.0, 3.0, 1.0];
+        let routes = route(&mut logits, 3, 2, true);
+        let e = std::f32::consts::E;
+        assert_eq!(routes[0].tokens, [0]);
+        assert!((routes[0].weights[0] - 1.0 / (1.0 + e)).abs() < 1e-6);
+        assert_eq!(routes[1].tokens, [1]);
+        assert!((routes[1].weights[0] - e * e / (e * e + 1.0)).abs() < 1e-6);
+        assert_eq!(routes[2].tokens, [0, 1]);
+    }
+
+    #[test]
+    fn ties_pick_the_lower_expert_first_like_torch_topk() {
+        let mut logits = [0.5, 0.5, 0.5, 0.5];
+        let routes = route(&mut logits, 4, 2, false);
+        let served: Vec<usize> = routes.iter().map(|r| r.tokens.len()).collect();
+        assert_eq!(served, [1, 1, 0, 0]);
+        // Without renormalisation the weights are the softmax's own.
+        assert_eq!(routes[0].weights, [0.25]);
+    }
+}
