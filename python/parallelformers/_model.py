@@ -282,8 +282,7 @@ class ParallelModel:
 
     def _stream(self, prompt: List[int], options: Dict[str, Any], text: bool) -> Iterator[Union[str, int]]:
         generation = self._native.start_generation([prompt], **options)
-        tokens: List[int] = []
-        sent = ""
+        pieces = self._native.text_stream() if text else None
         done = False
         try:
             while not done:
@@ -295,18 +294,16 @@ class ParallelModel:
                     break
                 if event[1] != 0:
                     continue
-                if not text:
+                if pieces is None:
                     yield event[2]
                     continue
-                tokens.append(event[2])
-                decoded = self._native.decode(tokens)
-                if decoded.startswith(sent) and not decoded.endswith("\ufffd") and len(decoded) > len(sent):
-                    yield decoded[len(sent):]
-                    sent = decoded
-            if text:
-                decoded = self._native.decode(tokens)
-                if decoded.startswith(sent) and len(decoded) > len(sent):
-                    yield decoded[len(sent):]
+                piece = pieces.push(event[2])
+                if piece:
+                    yield piece
+            if pieces is not None:
+                rest = pieces.finish()
+                if rest:
+                    yield rest
         finally:
             if not done:
                 _stop(generation)

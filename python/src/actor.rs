@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 use parallelformers::checkpoint::source::{ResolvedModel, WeightsLocation};
 use parallelformers::serve::pooling::{self, Pooling};
 use parallelformers::{
-    Error, ForwardInput, GeneratedBatch, GenerationConfig, Options, ParallelModel, Result,
-    WireTensor,
+    Error, ForwardInput, GeneratedBatch, GenerationConfig, Options, ParallelModel, RankMemory,
+    Result, WireTensor,
 };
 
 /// What the model tells Python once it has started.
@@ -26,8 +26,8 @@ pub struct Started {
     pub resolved: ResolvedModel,
     /// The ranks' process ids.
     pub pids: Vec<u32>,
-    /// Each rank's memory once loaded: one line per rank, and a breakdown per rank.
-    pub memory: (Vec<String>, Vec<String>),
+    /// Each rank's memory once loaded.
+    pub memory: Vec<RankMemory>,
 }
 
 /// An event of a running generation.
@@ -127,18 +127,7 @@ fn run(
             defaults: model.generation_config().clone(),
             resolved: model.model().clone(),
             pids: model.worker_pids(),
-            memory: (
-                model
-                    .load_report()
-                    .iter()
-                    .map(|m| m.simple_line())
-                    .collect(),
-                model
-                    .load_report()
-                    .iter()
-                    .map(|m| m.detail_lines())
-                    .collect(),
-            ),
+            memory: model.load_report().to_vec(),
         };
         Ok((model, started))
     };

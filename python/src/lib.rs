@@ -24,6 +24,7 @@ fn worker_main() {
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<model::Model>()?;
     module.add_class::<generation::Generation>()?;
+    module.add_class::<model::TextPieces>()?;
     module.add_function(wrap_pyfunction!(worker_main, module)?)?;
     module.add("OPTION_NAMES", generation::OPTION_NAMES.to_vec())?;
     errors::register(module)?;

@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArray2};
 use parallelformers::checkpoint::source::ResolvedModel;
 use parallelformers::text::TextSide;
-use parallelformers::tokenizer::Message;
+use parallelformers::tokenizer::{Message, TextStream};
 use parallelformers::{
-    Backend, ForwardInput, GenerationConfig, ModelSource, Options, Result, WeightDType, WireTensor,
+    Backend, ForwardInput, GenerationConfig, ModelSource, Options, RankMemory, Result, WeightDType,
+    WireTensor,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -29,7 +30,7 @@ pub struct Model {
     defaults: GenerationConfig,
     resolved: ResolvedModel,
     pids: Vec<u32>,
-    memory: (Vec<String>, Vec<String>),
+    memory: Vec<RankMemory>,
     /// The tokenizer and chat template, loaded on first use (here, not on the model's thread,
     /// so that a streaming generation's text can be decoded while it runs).
     text: OnceLock<Arc<TextSide>>,
@@ -201,8 +202,8 @@ impl Model {
     /// (`"simple"`) or a breakdown per rank (`"detail"`).
     fn load_report(&self, verbose: &str) -> PyResult<Vec<String>> {
         match verbose {
-            "simple" => Ok(self.memory.0.clone()),
-            "detail" => Ok(self.memory.1.clone()),
+            "simple" => Ok(self.memory.iter().map(|m| m.simple_line()).collect()),
+            "detail" => Ok(self.memory.iter().map(|m| m.detail_lines()).collect()),
             other => Err(invalid(format!(
                 "verbose must be None, \"simple\" or \"detail\", not {other:?}"
             ))),
@@ -320,6 +321,15 @@ impl Model {
             .map_err(to_py)
     }
 
+    /// An incremental decoder of generated ids: the text each new id makes final, as the
+    /// server streams it (whole characters only, special tokens skipped).
+    fn text_stream(&self, py: Python<'_>) -> PyResult<TextPieces> {
+        Ok(TextPieces {
+            side: self.text(py)?,
+            stream: Mutex::new(TextStream::new()),
+        })
+    }
+
     /// Sentence embeddings `[len(texts), hidden]` of an encoder, pooled and normalised as its
     /// sentence-transformers files say.
     fn embed<'py>(
@@ -348,6 +358,32 @@ impl Model {
         let actor = self.actor.lock().map_err(|_| closed())?.take();
         py.detach(move || drop(actor));
         Ok(())
+    }
+}
+
+/// Text pieces of a generation, as its ids arrive.
+#[pyclass(module = "parallelformers._native")]
+pub struct TextPieces {
+    side: Arc<TextSide>,
+    stream: Mutex<TextStream>,
+}
+
+#[pymethods]
+impl TextPieces {
+    /// Adds the next id; returns the text it made final (`None` while nothing new is).
+    fn push(&self, id: u32) -> PyResult<Option<String>> {
+        let mut stream = self.stream.lock().map_err(|_| closed())?;
+        stream
+            .push(&self.side.tokenizer, id)
+            .map_err(|e| invalid(format!("cannot decode token {id}: {e}")))
+    }
+
+    /// The text still held back once the generation ended.
+    fn finish(&self) -> PyResult<Option<String>> {
+        let mut stream = self.stream.lock().map_err(|_| closed())?;
+        stream
+            .finish(&self.side.tokenizer)
+            .map_err(|e| invalid(format!("cannot decode: {e}")))
     }
 }
 
