@@ -39,7 +39,9 @@ pub use api::{parallelize, Generated, ParallelModel};
 pub use checkpoint::source::ModelSource;
 pub use error::{Error, Result};
 pub use generation::{EarlyStopping, GeneratedBatch, GenerationConfig};
-pub use options::{Backend, Options, PrefillChunk, PrefillOptions, Verbosity, WeightDType};
+pub use options::{
+    Backend, ExpertSplit, Options, PrefillChunk, PrefillOptions, Verbosity, WeightDType,
+};
 pub use parallel::ipc::{ForwardInput, WireTensor};
 pub use parallel::memory::RankMemory;
 pub use parallel::process::run_worker_if_requested;

@@ -66,6 +66,20 @@ pub enum Backend {
     Mpi,
 }
 
+/// How the experts of a mixture-of-experts model are divided among the ranks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertSplit {
+    /// Tensor-parallel experts: every expert's projections are split like a dense MLP's, so
+    /// each rank holds a slice of every expert and one all-reduce per layer combines them.
+    #[default]
+    Tensor,
+    /// Expert parallelism: each rank holds whole experts (as evenly as their number allows),
+    /// runs the tokens routed to them, and the ranks' results are combined; attention stays
+    /// tensor-parallel.
+    Expert,
+}
+
 /// Most prompt tokens a paced session prefills between two decode steps: also what it
 /// prefills at a time while no sequence is running, as [`generate`](crate::generation::generate)
 /// does.
@@ -162,6 +176,9 @@ pub struct Options {
     /// see [`PolicyFile`](crate::policy::file::PolicyFile)). Used by
     /// [`parallelize`](crate::parallelize); a model resolved beforehand carries its own.
     pub policy: Option<PathBuf>,
+    /// How a mixture of experts is divided among the ranks; `None`: as the policy file says,
+    /// else tensor-parallel experts.
+    pub expert_split: Option<ExpertSplit>,
     /// Where to tell how fetching the model (in [`parallelize`](crate::parallelize)) and
     /// loading it on the ranks go; `None`: the library reports and prints nothing.
     pub progress: Option<ProgressSink>,
@@ -184,6 +201,7 @@ impl Default for Options {
             load_timeout: Duration::from_secs(600),
             comm_dir: None,
             policy: None,
+            expert_split: None,
             progress: None,
             prefill: PrefillOptions::default(),
         }

@@ -238,6 +238,40 @@ fn verbose_detail_prints_every_ranks_memory() {
 }
 
 #[test]
+fn verbose_detail_names_the_experts_each_rank_holds() {
+    let model = fixture("qwen3_moe").to_string_lossy().into_owned();
+    let out = run(&[
+        "generate",
+        "--model",
+        &model,
+        "--ranks",
+        "3",
+        "--expert-split",
+        "expert",
+        "--max-new-tokens",
+        "2",
+        "--input-ids",
+        "1,2,3",
+        "--verbose",
+        "detail",
+    ]);
+    assert_success(&out);
+    let detail = stderr(&out);
+    for held in ["experts 0-2 of 8", "experts 3-5 of 8", "experts 6-7 of 8"] {
+        assert!(detail.contains(held), "missing `{held}` in:\n{detail}");
+    }
+    assert_eq!(detail.matches("weights of experts").count(), 3, "{detail}");
+    // A value clap does not know is named with the ones it does.
+    let bad = run(&["inspect", "--model", &model, "--expert-split", "experts"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("possible values: tensor, expert"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+#[test]
 fn inspect_prints_the_plan_and_memory_per_rank_without_loading() {
     let model = fixture("smollm_like");
     // Without --ranks: every command's default, 2.
@@ -280,6 +314,62 @@ fn bench_json_reports_prefill_decode_and_peak_memory_per_rank() {
     let peaks = json["peak_memory_bytes"].as_array().unwrap();
     assert_eq!(peaks.len(), 2);
     assert!(peaks.iter().all(|p| p.as_u64().unwrap() > 0));
+}
+
+/// A mixture of experts' decode reads its active parameters only: the bytes `bench` counts per
+/// token are the model's less the experts a token is not routed to, whichever way the experts
+/// are split; `--batch` decodes several sequences together.
+#[test]
+fn bench_counts_the_active_parameters_of_a_mixture_of_experts() {
+    let model = fixture("qwen3_moe");
+    let bench = |split: &str, batch: &str| {
+        let out = run(&[
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--ranks",
+            "2",
+            "--expert-split",
+            split,
+            "--batch",
+            batch,
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--json",
+        ]);
+        assert_success(&out);
+        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).unwrap()
+    };
+    let (tensor, whole) = (bench("tensor", "1"), bench("expert", "3"));
+    // The fixture (f32, tied embeddings): 2 sparse layers of 8 experts, 3 projections of
+    // 64 × 24 each, 2 routed per token; every other weight is read at each step.
+    let bytes = std::fs::read(model.join("model.safetensors")).unwrap();
+    let stored: usize = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|(_, view)| view.data().len())
+        .sum();
+    let experts = 2 * 8 * 3 * 64 * 24 * 4;
+    let unread = experts - experts * 2 / 8;
+    let active = tensor["weight_bytes_per_token"].as_u64().unwrap() as usize;
+    // Each of 2 ranks holds the vocabulary-split embedding's half and the replicated norms: the
+    // ranks together hold a few norm vectors more than the file (2 × 64 f32s each).
+    assert!(
+        active >= stored - unread && active - (stored - unread) < 8 * 1024,
+        "{active} vs {stored} - {unread}"
+    );
+    assert_eq!(
+        whole["weight_bytes_per_token"],
+        tensor["weight_bytes_per_token"]
+    );
+    assert_eq!(whole["batch"], 3);
+    let (tokens, steps) = (&whole["decode_tokens_per_s"], &whole["decode_steps_per_s"]);
+    assert!((tokens.as_f64().unwrap() - 3.0 * steps.as_f64().unwrap()).abs() < 1e-6);
 }
 
 /// Runs the CLI with the reading end of its standard output closed before it writes anything

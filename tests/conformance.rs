@@ -4,17 +4,16 @@
 mod common;
 
 use common::{fixture, masked_max_diff, options, reference, reference_batch, reference_output};
-use parallelformers::{parallelize, GenerationConfig, WeightDType};
+use parallelformers::{parallelize, ExpertSplit, GenerationConfig, Options, WeightDType};
 
 /// f32 outputs must be within this of transformers' (absolute, at unpadded positions).
 const F32_TOLERANCE: f64 = 1e-4;
 
-/// Runs the padded reference batch through `name` split over `ranks` and returns the largest
+/// Runs the padded reference batch through `name` split as `opts` says and returns the largest
 /// difference from the reference; also checks greedy generation when the fixture has it.
-fn check_fixture(name: &str, ranks: usize, dtype: WeightDType) -> f64 {
+fn check_fixture(name: &str, opts: Options) -> f64 {
     let refs = reference(name);
-    let mut opts = options(ranks);
-    opts.dtype = dtype;
+    let (ranks, dtype) = (opts.ranks, opts.dtype);
     let mut model =
         parallelize(fixture(name), opts).unwrap_or_else(|e| panic!("{name} at {ranks} ranks: {e}"));
     let (_, expected, mask) = reference_output(&refs);
@@ -75,7 +74,7 @@ fn max_ranks(name: &str) -> usize {
 
 fn check_all_ranks(name: &str) {
     for ranks in 1..=max_ranks(name) {
-        let diff = check_fixture(name, ranks, WeightDType::F32);
+        let diff = check_fixture(name, options(ranks));
         assert!(
             diff < F32_TOLERANCE,
             "{name} at {ranks} ranks differs from transformers by {diff}"
@@ -264,6 +263,72 @@ fn qwen3_moe_with_a_dense_layer_matches_transformers_at_every_rank_count() {
     check_all_ranks("qwen3_moe");
 }
 
+/// The mixtures of experts' fixtures.
+const MOE_FIXTURES: [&str; 2] = ["mixtral", "qwen3_moe"];
+
+/// Options for `ranks` ranks holding whole experts.
+fn expert_parallel(ranks: usize) -> Options {
+    Options {
+        expert_split: Some(ExpertSplit::Expert),
+        ..options(ranks)
+    }
+}
+
+/// Expert parallelism: each rank holds whole experts (Mixtral's 6 over 4 ranks: 2, 2, 1, 1;
+/// Qwen3-MoE's 8 over 3: 3, 3, 2), runs the tokens routed to them, and the ranks' outputs are
+/// summed: the logits, greedy tokens and `min_new_tokens` continuation equal transformers'.
+#[test]
+fn mixtures_of_experts_split_by_expert_match_transformers_at_every_rank_count() {
+    for name in MOE_FIXTURES {
+        for ranks in 1..=max_ranks(name) {
+            let diff = check_fixture(name, expert_parallel(ranks));
+            assert!(
+                diff < F32_TOLERANCE,
+                "{name} split by expert at {ranks} ranks differs from transformers by {diff}"
+            );
+        }
+    }
+}
+
+/// Expert parallelism: each rank holds its experts whole and nothing of the others; the
+/// experts' bytes add up to the whole model's, and the load report says which experts.
+#[test]
+fn each_rank_holds_whole_experts_when_split_by_expert() {
+    let report = |opts: Options| {
+        let model = parallelize(fixture("mixtral"), opts).unwrap();
+        let report = model.load_report().to_vec();
+        model.deparallelize();
+        report
+    };
+    let tensor_parallel = report(options(2));
+    let alone = report(expert_parallel(1));
+    let split = report(expert_parallel(3));
+    // Mixtral's fixture: 6 experts of 3 projections of 64 × 40 f32s in each of 2 layers.
+    let expert_bytes = 6 * 3 * 64 * 40 * 4 * 2;
+    assert_eq!(alone[0].weights.experts, expert_bytes, "{alone:?}");
+    for (rank, memory) in split.iter().enumerate() {
+        assert_eq!(memory.weights.experts, expert_bytes / 3, "{split:?}");
+        let held = memory.experts.expect("the report says which experts");
+        assert_eq!((held.first, held.count, held.of), (2 * rank, 2, 6));
+    }
+    // Tensor-parallel experts are sliced, not whole, and the report names no experts.
+    assert!(tensor_parallel
+        .iter()
+        .all(|m| m.weights.experts == 0 && m.experts.is_none()));
+    let tp_sliced: u64 = tensor_parallel.iter().map(|m| m.weights.sliced).sum();
+    assert_eq!(tp_sliced, alone[0].weights.sliced + expert_bytes);
+}
+
+/// Asking a dense model for expert parallelism is refused before any rank starts.
+#[test]
+fn a_dense_model_cannot_be_split_by_expert() {
+    let err = parallelize(fixture("llama"), expert_parallel(2))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("no mixture of experts"), "{err}");
+}
+
 /// Tensor-parallel experts: each rank holds `1 / ranks` of every expert, not whole experts.
 #[test]
 fn each_rank_holds_a_share_of_every_expert() {
@@ -368,10 +433,71 @@ fn half_precision_stays_within_the_documented_bounds() {
         "granite",
         "qwen3",
     ] {
-        let f16 = check_fixture(name, 2, WeightDType::F16);
-        assert!(f16 < 2e-2, "{name} f16 differs by {f16}");
-        let bf16 = check_fixture(name, 2, WeightDType::Bf16);
-        assert!(bf16 < 2.5e-1, "{name} bf16 differs by {bf16}");
-        eprintln!("{name}: f16 {f16:.2e}, bf16 {bf16:.2e}");
+        check_half_precision(name, options(2));
+    }
+}
+
+/// `name` in f16 and bf16 with `opts`, within the documented bounds.
+fn check_half_precision(name: &str, opts: Options) {
+    let split = opts.expert_split;
+    let f16 = check_fixture(name, with_dtype(opts.clone(), WeightDType::F16));
+    assert!(f16 < 2e-2, "{name} ({split:?}) f16 differs by {f16}");
+    let bf16 = check_fixture(name, with_dtype(opts, WeightDType::Bf16));
+    assert!(bf16 < 2.5e-1, "{name} ({split:?}) bf16 differs by {bf16}");
+    eprintln!("{name} ({split:?}): f16 {f16:.2e}, bf16 {bf16:.2e}");
+}
+
+fn with_dtype(opts: Options, dtype: WeightDType) -> Options {
+    Options { dtype, ..opts }
+}
+
+/// The largest difference from the reference at each unpadded position of `name`'s reference
+/// batch, run as `opts` says.
+fn position_diffs(name: &str, opts: Options) -> Vec<f64> {
+    let refs = reference(name);
+    let mut model = parallelize(fixture(name), opts).unwrap();
+    let (_, expected, mask) = reference_output(&refs);
+    let out = model.forward(&reference_batch(&refs)).unwrap();
+    model.deparallelize();
+    let width = *out.shape.last().unwrap();
+    out.data
+        .chunks_exact(width)
+        .zip(expected.values.chunks_exact(width))
+        .zip(&mask.values)
+        .filter(|(_, &real)| real != 0.0)
+        .map(|((got, want), _)| {
+            got.iter()
+                .zip(want)
+                .map(|(&g, &w)| (g as f64 - w).abs())
+                .fold(0.0, f64::max)
+        })
+        .collect()
+}
+
+/// Mixtures of experts in half precision, both ways of splitting them. The fixtures' random
+/// routers are nearly uniform, so a position whose top experts are nearly tied may pick another
+/// expert once the weights are rounded (in transformers at that dtype too: a discrete choice):
+/// at most one position of each batch may do so; every other one stays within the dense
+/// models' bounds.
+#[test]
+fn mixtures_of_experts_in_half_precision_stay_within_the_documented_bounds() {
+    for name in MOE_FIXTURES {
+        for split in [options(2), expert_parallel(2)] {
+            for (dtype, bound) in [(WeightDType::F16, 2e-2), (WeightDType::Bf16, 2.5e-1)] {
+                let mut diffs = position_diffs(name, with_dtype(split.clone(), dtype));
+                diffs.sort_by(f64::total_cmp);
+                let (rest, worst) = diffs.split_at(diffs.len() - 1);
+                let rest = rest.last().copied().unwrap_or(0.0);
+                eprintln!(
+                    "{name} {dtype:?} ({:?}): {rest:.2e}, one position {:.2e}",
+                    split.expert_split, worst[0]
+                );
+                assert!(
+                    rest < bound,
+                    "{name} {dtype:?} ({:?}): positions differ by up to {rest} besides the worst",
+                    split.expert_split
+                );
+            }
+        }
     }
 }

@@ -98,6 +98,7 @@ fn write_ipc_seeds() {
     use parallelformers::checkpoint::source::WeightsLocation;
     use parallelformers::generation::session::{EndReason, SequenceRequest, SessionSummary};
     use parallelformers::parallel::engine::WeightBytes;
+    use parallelformers::parallel::memory::ExpertsHeld;
     use parallelformers::parallel::ipc::{
         write_frame, ForwardInput, GenerateRequest, GeneratedBatch, LoadSpec, Reply, Request,
         WireTensor,
@@ -128,10 +129,17 @@ fn write_ipc_seeds() {
         weights: WeightBytes {
             sliced: 1 << 20,
             replicated: 4096,
+            experts: 1 << 16,
+            routed: 1 << 17,
         },
         kv_cache_bytes: 65536,
         resident_bytes: 1 << 30,
         peak_bytes: 1 << 31,
+        experts: Some(ExpertsHeld {
+            first: 2,
+            count: 3,
+            of: 8,
+        }),
     };
     let requests = vec![
         (

@@ -11,7 +11,7 @@ mod common;
 use std::ops::ControlFlow;
 
 use common::{fixture, options};
-use parallelformers::{parallelize, GenerationConfig, ParallelModel};
+use parallelformers::{parallelize, ExpertSplit, GenerationConfig, Options, ParallelModel};
 use serde_json::Value;
 
 const FAMILIES: [&str; 5] = ["llama", "gpt2", "mistral", "qwen2", "smollm_like"];
@@ -71,6 +71,11 @@ fn run_batch(
 
 /// Every recorded case of `family` at 1 to `max_ranks` ranks (the fixture's `max_ranks` at most).
 fn check_recorded_cases(family: &str, max_ranks: usize) {
+    check_recorded_cases_split(family, max_ranks, None);
+}
+
+/// [`check_recorded_cases`] with a mixture of experts divided as `split` says.
+fn check_recorded_cases_split(family: &str, max_ranks: usize, split: Option<ExpertSplit>) {
     let reference = recorded(family);
     let allowed: usize = serde_json::from_str::<Value>(
         &std::fs::read_to_string(fixture(family).join("meta.json")).unwrap(),
@@ -79,7 +84,11 @@ fn check_recorded_cases(family: &str, max_ranks: usize) {
         .as_u64()
         .unwrap() as usize;
     for ranks in 1..=allowed.min(max_ranks) {
-        let mut model = parallelize(fixture(family), options(ranks)).unwrap();
+        let opts = Options {
+            expert_split: split,
+            ..options(ranks)
+        };
+        let mut model = parallelize(fixture(family), opts).unwrap();
         for (name, case) in reference["cases"].as_object().unwrap() {
             let config = case_config(case);
             let got = model
@@ -136,6 +145,14 @@ fn todays_families_generate_like_transformers_at_one_to_four_ranks() {
 fn mixtures_of_experts_generate_like_transformers_at_one_to_four_ranks() {
     for family in MOE_FAMILIES {
         check_recorded_cases(family, 4);
+    }
+}
+
+/// The same with expert parallelism: each rank holds whole experts.
+#[test]
+fn mixtures_of_experts_split_by_expert_generate_like_transformers_at_one_to_four_ranks() {
+    for family in MOE_FAMILIES {
+        check_recorded_cases_split(family, 4, Some(ExpertSplit::Expert));
     }
 }
 

@@ -11,15 +11,22 @@ use parallelformers::checkpoint::source::ResolvedModel;
 use parallelformers::parallel::engine::WeightBytes;
 use parallelformers::parallel::forecast::Forecast;
 use parallelformers::parallel::memory::weights_summary;
-use parallelformers::{parallelize, ModelSource, WeightDType};
+use parallelformers::{parallelize, ExpertSplit, ModelSource, WeightDType};
 
 /// A forecast may be this far (relative) from what a rank reports.
 const TOLERANCE: f64 = 0.03;
 
-/// Each rank's weights as `model` split over `ranks` in `dtype` reports them once loaded.
-fn loaded(model: &Path, ranks: usize, dtype: WeightDType) -> Vec<WeightBytes> {
+/// Each rank's weights as `model` split over `ranks` in `dtype` (its experts as `split` says)
+/// reports them once loaded.
+fn loaded(
+    model: &Path,
+    ranks: usize,
+    dtype: WeightDType,
+    split: Option<ExpertSplit>,
+) -> Vec<WeightBytes> {
     let mut opts = options(ranks);
     opts.dtype = dtype;
+    opts.expert_split = split;
     let model = parallelize(model, opts)
         .unwrap_or_else(|e| panic!("{} at {ranks} ranks: {e}", model.display()));
     let weights = model.load_report().iter().map(|m| m.weights).collect();
@@ -28,8 +35,15 @@ fn loaded(model: &Path, ranks: usize, dtype: WeightDType) -> Vec<WeightBytes> {
 }
 
 /// Each rank's weights as `inspect` forecasts them.
-fn forecast(model: &Path, ranks: usize, dtype: WeightDType) -> Vec<WeightBytes> {
-    let resolved = ResolvedModel::resolve(&ModelSource::from(model)).unwrap();
+fn forecast(
+    model: &Path,
+    ranks: usize,
+    dtype: WeightDType,
+    split: Option<ExpertSplit>,
+) -> Vec<WeightBytes> {
+    let resolved = ResolvedModel::resolve(&ModelSource::from(model))
+        .and_then(|m| m.with_expert_split(split))
+        .unwrap();
     Forecast::of(&resolved, ranks, dtype).unwrap().ranks
 }
 
@@ -42,6 +56,8 @@ fn deviation(forecast: &WeightBytes, loaded: &WeightBytes) -> f64 {
         forecast.total().abs_diff(loaded.total()),
         forecast.sliced.abs_diff(loaded.sliced),
         forecast.replicated.abs_diff(loaded.replicated),
+        forecast.experts.abs_diff(loaded.experts),
+        forecast.routed.abs_diff(loaded.routed),
     ]
     .into_iter()
     .max()
@@ -52,9 +68,20 @@ fn deviation(forecast: &WeightBytes, loaded: &WeightBytes) -> f64 {
 /// Checks the forecast of `model` in each of `dtypes` at each of `rank_counts` against what the
 /// ranks report, rank by rank, within [`TOLERANCE`].
 fn check(model: &Path, dtypes: &[WeightDType], rank_counts: &[usize]) {
+    check_split(model, dtypes, rank_counts, None);
+}
+
+/// [`check`] with a mixture of experts divided as `split` says.
+fn check_split(
+    model: &Path,
+    dtypes: &[WeightDType],
+    rank_counts: &[usize],
+    split: Option<ExpertSplit>,
+) {
     for &dtype in dtypes {
         for &ranks in rank_counts {
-            let (forecast, loaded) = (forecast(model, ranks, dtype), loaded(model, ranks, dtype));
+            let forecast = forecast(model, ranks, dtype, split);
+            let loaded = loaded(model, ranks, dtype, split);
             assert_eq!(forecast.len(), loaded.len());
             for (rank, (f, l)) in forecast.iter().zip(&loaded).enumerate() {
                 let case = format!(
@@ -111,6 +138,14 @@ fn every_safetensors_fixture_is_forecast_as_its_ranks_load_it_in_every_float_dty
     }
 }
 
+/// Expert parallelism: whole experts on their owners only, uneven over 3 and 4 ranks.
+#[test]
+fn whole_experts_are_forecast_as_their_owners_load_them() {
+    for name in ["mixtral", "qwen3_moe"] {
+        check_split(&fixture(name), &FLOATS, &[3, 4], Some(ExpertSplit::Expert));
+    }
+}
+
 #[test]
 fn quantized_safetensors_are_forecast_in_f32_as_they_load() {
     check(&fixture("llama"), &[WeightDType::Quantized], &[2]);
@@ -154,7 +189,10 @@ fn inspect_prints_what_a_quantized_rank_reports() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for (rank, weights) in loaded(&model, 2, WeightDType::Quantized).iter().enumerate() {
+    for (rank, weights) in loaded(&model, 2, WeightDType::Quantized, None)
+        .iter()
+        .enumerate()
+    {
         let line = format!("rank {rank}: {}", weights_summary(weights));
         assert!(
             text.lines().any(|l| l == line),

@@ -377,3 +377,138 @@ fn a_policy_file_brings_the_switches_of_a_todays_wiring() {
         "generate_min_output_ids",
     );
 }
+
+/// A Mixtral checkpoint under a `model_type` of its own, its experts held whole by the ranks
+/// (`split = "expert"`): expert parallelism chosen by the policy file.
+const MIXTRAL_POLICY: &str = r#"
+model_type = "mymoe"
+wiring = "mixtral"
+prefixes = ["decoder."]
+
+[[tensor]]
+name = "embed_tokens.weight"
+wiring_name = "embed_tokens.weight"
+split = "column"
+partition = "vocab"
+
+[[tensor]]
+name = "lm_head.weight"
+wiring_name = "lm_head.weight"
+split = "column"
+partition = "vocab"
+
+[[tensor]]
+name = "layers.*.self_attn.q_proj.weight"
+wiring_name = "layers.*.self_attn.q_proj.weight"
+split = "column"
+partition = "heads"
+
+[[tensor]]
+name = "layers.*.self_attn.o_proj.weight"
+wiring_name = "layers.*.self_attn.o_proj.weight"
+split = "row"
+partition = "heads"
+
+[[tensor]]
+name = "layers.*.self_attn.*_proj.weight"
+wiring_name = "layers.*.self_attn.*_proj.weight"
+split = "column"
+partition = "kv_heads"
+
+[[tensor]]
+name = "layers.*.block_sparse_moe.gate.weight"
+wiring_name = "layers.*.block_sparse_moe.gate.weight"
+split = "replicate"
+
+[[tensor]]
+name = "layers.*.block_sparse_moe.experts.*.weight"
+wiring_name = "layers.*.block_sparse_moe.experts.*.weight"
+split = "expert"
+
+[[tensor]]
+name = "layers.*.*_layernorm.weight"
+wiring_name = "layers.*.*_layernorm.weight"
+split = "replicate"
+
+[[tensor]]
+name = "norm.weight"
+wiring_name = "norm.weight"
+split = "replicate"
+"#;
+
+#[test]
+fn a_policy_file_can_hold_whole_experts_on_each_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mymoe");
+    std::fs::create_dir(&model).unwrap();
+    let source = fixture("mixtral");
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, TensorView)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name.replacen("model.", "decoder.", 1), view))
+        .collect();
+    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    config["model_type"] = "mymoe".into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let policy = dir.path().join("mymoe.toml");
+    std::fs::write(&policy, MIXTRAL_POLICY).unwrap();
+    let greedy = GenerationConfig {
+        max_new_tokens: 12,
+        ..GenerationConfig::default()
+    };
+    assert_runs_like_the_fixture(
+        &model,
+        &policy,
+        "mixtral",
+        &[1, 3],
+        &greedy,
+        "generate_output_ids",
+    );
+    // The ranks hold 2 of the 6 experts each; `inspect` shows which and their bytes.
+    let parallel = parallelize(&model, with_policy(3, &policy)).unwrap();
+    let held: Vec<_> = parallel
+        .load_report()
+        .iter()
+        .map(|m| m.experts.map(|e| (e.first, e.count)))
+        .collect();
+    parallel.deparallelize();
+    assert_eq!(held, [Some((0, 2)), Some((2, 2)), Some((4, 2))]);
+    let inspect = |extra: &[&str]| {
+        std::process::Command::new(binary())
+            .args(["inspect", "--ranks", "3", "--model"])
+            .arg(&model)
+            .arg("--policy")
+            .arg(&policy)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let plan = inspect(&[]);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    assert!(
+        text.contains(
+            "expert parallelism, whole experts 0-1 of 6 | experts 2-3 of 6 | experts 4-5 of 6"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("rank 2: weights"), "{text}");
+    assert!(
+        text.contains("whole experts 120.0 KiB), experts 4-5 of 6"),
+        "{text}"
+    );
+    // Asking such a policy for tensor-parallel experts is refused, naming the reason.
+    let refused = inspect(&["--expert-split", "tensor"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("holds whole experts"), "{err}");
+}

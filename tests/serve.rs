@@ -672,3 +672,49 @@ fn loadtest_scenarios_measure_a_long_prompt_beside_streams_and_each_turn_of_a_ch
     assert!(turns[1]["ttft_s"].as_f64().unwrap() > 0.0);
     assert!(server.stop().success());
 }
+
+/// Mixtures of experts in continuous batching, split either way: requests sent together (so
+/// that they share decode steps, each token routed to its own experts) get the answers each
+/// gets alone, and both splits answer alike.
+#[test]
+fn a_mixture_of_experts_serves_requests_together_as_alone_split_either_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixture("qwen3_moe");
+    for file in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
+    }
+    // A byte-level tokenizer whose vocabulary covers the model's 103 ids.
+    std::fs::copy(
+        fixture("gpt2").join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let model = dir.path().to_str().unwrap();
+    let prompts = [
+        vec![5, 17, 42, 8],
+        vec![60, 3, 99],
+        vec![1, 2, 3, 4, 5, 6, 7],
+        vec![77],
+    ];
+    let body = |prompt: &Vec<u32>| json!({"prompt": prompt, "max_tokens": 40, "temperature": 0});
+    let mut answers = Vec::new();
+    for split in ["tensor", "expert"] {
+        let server = Server::start(&["--model", model, "--ranks", "2", "--expert-split", split]);
+        let text = |answer: Value| answer["choices"][0]["text"].as_str().unwrap().to_string();
+        let alone: Vec<String> = prompts
+            .iter()
+            .map(|p| text(server.post("/v1/completions", &body(p)).unwrap()))
+            .collect();
+        let together: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = prompts
+                .iter()
+                .map(|p| scope.spawn(|| text(server.post("/v1/completions", &body(p)).unwrap())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(together, alone, "{split}");
+        assert!(alone.iter().all(|t| !t.is_empty()), "{alone:?}");
+        answers.push(alone);
+    }
+    assert_eq!(answers[0], answers[1]);
+}

@@ -47,6 +47,7 @@ def parallelize(
     num_gpus: Optional[int] = None,
     fp16: Optional[bool] = None,
     custom_policies: Any = None,
+    expert_split: Optional[str] = None,
 ) -> Any:
     """Splits a model over worker processes (ranks) and returns it ready to run.
 
@@ -61,7 +62,10 @@ def parallelize(
     ``"f16"``; default f32, as the command line's); ``verbose`` ``None``, ``"simple"``
     or ``"detail"`` prints each rank's memory; ``policy`` (the seed's ``custom_policies``) a
     policy file for a model type the engine does not know; ``backend`` ``"shm"`` (one host)
-    or ``"mpi"``; ``seed`` the sampler's seed; ``threads`` compute threads per rank.
+    or ``"mpi"``; ``seed`` the sampler's seed; ``threads`` compute threads per rank;
+    ``expert_split`` how a mixture of experts is divided: ``"tensor"`` (each rank a slice of
+    every expert) or ``"expert"`` (each rank whole experts; default: the policy file's choice,
+    else ``"tensor"``).
     """
     if num_gpus is not None and ranks is not None and num_gpus != ranks:
         raise ValueError(f"ranks={ranks} and num_gpus={num_gpus} disagree; give one")
@@ -78,11 +82,21 @@ def parallelize(
     policy = policy_path(custom_policies) if policy is None else os.fspath(policy)
     if is_transformers_model(source):
         return parallelize_in_place(
-            source, ranks, dtype or "f32", verbose, policy, backend, seed, threads
+            source, ranks, dtype or "f32", verbose, policy, backend, seed, threads, expert_split
         )
     if source is not None and not isinstance(source, (str, os.PathLike)):
         raise ValueError(
             "source must be a checkpoint directory, a .gguf file, a Hub id, None or a "
             f"transformers model, not {type(source).__name__}"
         )
-    return ParallelModel(source, ranks, dtype or "f32", verbose, policy, backend, seed, threads)
+    return ParallelModel(
+        source,
+        ranks,
+        dtype or "f32",
+        verbose,
+        policy,
+        backend,
+        seed,
+        threads,
+        expert_split=expert_split,
+    )

@@ -38,6 +38,7 @@ def parallelize_in_place(
     backend: str,
     seed: Optional[int],
     threads: Optional[int],
+    expert_split: Optional[str] = None,
 ) -> Any:
     """Splits ``model`` over ``ranks`` worker processes and makes it run there; returns it."""
     import torch
@@ -55,7 +56,16 @@ def parallelize_in_place(
     try:
         model.save_pretrained(directory, safe_serialization=True)
         parallel = ParallelModel(
-            directory, ranks, dtype, verbose, policy, backend, seed, threads, _cleanup=directory
+            directory,
+            ranks,
+            dtype,
+            verbose,
+            policy,
+            backend,
+            seed,
+            threads,
+            _cleanup=directory,
+            expert_split=expert_split,
         )
     except BaseException:
         import shutil

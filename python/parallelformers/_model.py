@@ -55,6 +55,8 @@ class ParallelModel:
         seed: Optional[int] = None,
         threads: Optional[int] = None,
         _cleanup: Optional[str] = None,
+        *,
+        expert_split: Optional[str] = None,
     ) -> None:
         if verbose not in VERBOSE:
             raise ValueError(f'verbose must be None, "simple" or "detail", not {verbose!r}')
@@ -70,6 +72,7 @@ class ParallelModel:
             seed,
             threads,
             worker_command(),
+            expert_split,
         )
         self.config: Dict[str, Any] = json.loads(self._native.config_json)
         """The resolved model configuration (family, sizes, output kind, ...)."""

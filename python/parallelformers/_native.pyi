@@ -49,6 +49,7 @@ class Model:
         seed: Optional[int],
         threads: Optional[int],
         worker_command: List[str],
+        expert_split_name: Optional[str] = None,
     ) -> None: ...
     @property
     def config_json(self) -> str: ...

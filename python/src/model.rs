@@ -11,8 +11,8 @@ use parallelformers::checkpoint::source::ResolvedModel;
 use parallelformers::text::TextSide;
 use parallelformers::tokenizer::{Message, TextStream};
 use parallelformers::{
-    Backend, ForwardInput, GenerationConfig, ModelSource, Options, RankMemory, Result, WeightDType,
-    WireTensor,
+    Backend, ExpertSplit, ForwardInput, GenerationConfig, ModelSource, Options, RankMemory, Result,
+    WeightDType, WireTensor,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -100,6 +100,17 @@ fn backend(name: &str) -> PyResult<Backend> {
     }
 }
 
+/// The way of splitting a mixture of experts called `name`.
+fn expert_split(name: &str) -> PyResult<ExpertSplit> {
+    match name {
+        "tensor" => Ok(ExpertSplit::Tensor),
+        "expert" => Ok(ExpertSplit::Expert),
+        other => Err(invalid(format!(
+            "expert_split must be \"tensor\", \"expert\" or None, not {other:?}"
+        ))),
+    }
+}
+
 /// Token ids of a 2-D array, checked to fit the engine's `u32`.
 fn ids(array: &PyReadonlyArray2<'_, i64>, what: &str) -> PyResult<(Vec<u32>, usize, usize)> {
     let view = array.as_array();
@@ -124,7 +135,7 @@ impl Model {
     /// default model) and splits it over `ranks` worker processes started as `worker_command`
     /// (a program and its arguments).
     #[new]
-    #[pyo3(signature = (source, ranks, dtype_name, policy, backend_name, seed, threads, worker_command))]
+    #[pyo3(signature = (source, ranks, dtype_name, policy, backend_name, seed, threads, worker_command, expert_split_name=None))]
     #[expect(
         clippy::too_many_arguments,
         reason = "the Python signature's keywords, one each"
@@ -139,6 +150,7 @@ impl Model {
         seed: Option<u64>,
         threads: Option<usize>,
         worker_command: Vec<String>,
+        expert_split_name: Option<&str>,
     ) -> PyResult<Self> {
         if ranks == 0 {
             return Err(invalid("ranks must be at least 1"));
@@ -158,6 +170,7 @@ impl Model {
             worker_program: Some(PathBuf::from(program)),
             worker_args: args.to_vec(),
             policy,
+            expert_split: expert_split_name.map(expert_split).transpose()?,
             ..Options::default()
         };
         let source = source.map_or(ModelSource::Default, ModelSource::from);

@@ -38,6 +38,17 @@ def test_forward_matches_transformers(name, ranks, no_leftover_ranks):
     np.testing.assert_allclose(output, expected, atol=1e-4, rtol=0)
 
 
+def test_a_mixture_of_experts_split_by_expert_matches_transformers(no_leftover_ranks):
+    reference = load_file(str(FIXTURES / "qwen3_moe" / "reference.safetensors"))
+    with pf.parallelize(fixture("qwen3_moe"), ranks=3, threads=1, expert_split="expert") as model:
+        no_leftover_ranks.extend(model.worker_pids)
+        output = model.forward(reference["input_ids"], attention_mask=reference["attention_mask"])
+        held = [(rank["experts"]["first"], rank["experts"]["count"]) for rank in model.memory_report()]
+    mask = reference["attention_mask"] == 1
+    np.testing.assert_allclose(output[mask], reference["logits"][mask], atol=1e-4, rtol=0)
+    assert held == [(0, 3), (3, 3), (6, 2)]
+
+
 def new_tokens(out: np.ndarray, width: int, expected: list, pad: int) -> list:
     """A generated row's new tokens, the padding after the expected ones checked."""
     row = out[width:].tolist()
@@ -122,6 +133,8 @@ def test_embeddings_match_sentence_transformers(no_leftover_ranks):
         (dict(ranks=2, num_gpus=3), "disagree"),
         (dict(custom_policies=[object]), "custom_policies must be the path"),
         (dict(ranks=64), "cannot split"),
+        (dict(expert_split="experts"), "expert_split must be"),
+        (dict(expert_split="expert"), "no mixture of experts"),
     ],
 )
 def test_bad_parallelize_arguments_raise_value_error(arguments, message):

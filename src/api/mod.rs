@@ -82,6 +82,7 @@ pub fn parallelize(source: impl Into<ModelSource>, options: Options) -> Result<P
 
 /// [`parallelize`] for a model already resolved (for callers that also need its tokenizer).
 pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<ParallelModel> {
+    let model = model.with_expert_split(options.expert_split)?;
     if options.prefill.chunk == PrefillChunk::Tokens(0) {
         return Err(Error::InvalidInput(
             "the prefill chunk must allow at least one token (PrefillChunk::Tokens(0))".into(),

@@ -334,6 +334,12 @@ impl ModelConfig {
         moe.map_or(self.intermediate_size, |m| m.intermediate_size)
     }
 
+    /// The number of experts of each sparse layer of a mixture of experts; 0 for dense models.
+    pub fn expert_count(&self) -> usize {
+        let moe = self.decoder.as_ref().and_then(|d| d.moe.as_ref());
+        moe.map_or(0, |m| m.experts)
+    }
+
     /// Whether the model generates text (has a causal LM head).
     pub fn is_causal(&self) -> bool {
         self.family != Family::Bert

@@ -10,6 +10,7 @@ use crate::checkpoint::gguf::GgufFile;
 use crate::checkpoint::gguf_model::{config_from_gguf, GgufWeights};
 use crate::checkpoint::{default_model, hub, ModelConfig, SafetensorsCheckpoint, WeightSource};
 use crate::error::{Error, Result};
+use crate::options::ExpertSplit;
 use crate::policy::file::PolicyFile;
 use crate::policy::Policy;
 use crate::progress::ProgressSink;
@@ -158,6 +159,27 @@ impl ResolvedModel {
             ModelSource::Hub(id) => Self::from_directory(&hub::snapshot(id, progress)?),
             ModelSource::Default => Self::from_gguf(&default_model::default_model_path(progress)?),
         }
+    }
+
+    /// This model with its mixture of experts divided as `split` says (`None`: as its policy
+    /// file says, else tensor-parallel experts); the policy it then carries is the one the
+    /// ranks, `inspect` and the memory forecast follow. Asking a dense model for expert
+    /// parallelism, or a policy file that holds experts whole for tensor-parallel experts, is
+    /// an error that says so.
+    pub fn with_expert_split(mut self, split: Option<ExpertSplit>) -> Result<Self> {
+        let Some(split) = split else {
+            return Ok(self);
+        };
+        let policy = self
+            .policy
+            .take()
+            .unwrap_or_else(|| Policy::for_config(&self.config));
+        self.policy = Some(
+            policy
+                .with_expert_split(split)
+                .map_err(Error::InvalidInput)?,
+        );
+        Ok(self)
     }
 
     fn from_directory(dir: &Path) -> Result<Self> {

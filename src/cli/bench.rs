@@ -2,6 +2,7 @@
 //! batch 1, and each rank's peak memory.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 
 use anyhow::Context;
 use clap::Args;
@@ -25,6 +26,10 @@ pub struct BenchArgs {
     /// New tokens to decode (end-of-sequence is suppressed).
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// Sequences decoded together (prompts of the same length, different tokens): the decode
+    /// figures are then steps of the whole batch and its tokens per second in all.
+    #[arg(long, default_value_t = 1, value_parser = super::at_least_one)]
+    batch: usize,
     /// Measured repetitions; the fastest is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -38,23 +43,33 @@ pub struct BenchArgs {
     sampling: bool,
 }
 
-/// A deterministic prompt of `len` ids spread over the vocabulary.
-fn prompt(len: usize, vocab: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 7919 + 13) % vocab) as u32).collect()
+/// `batch` deterministic prompts of `len` ids spread over the vocabulary, each its own.
+fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|row| {
+            (0..len)
+                .map(|i| ((i * 7919 + 13 + row * 104_729) % vocab) as u32)
+                .collect()
+        })
+        .collect()
 }
 
-/// Bytes of weights a decode step reads: everything the ranks hold, less an untied input
-/// embedding table (only one row of it is read per token).
+/// Bytes of weights a decode step of one sequence reads: the active parameters. That is
+/// everything the ranks hold, less an untied input embedding table (only one row of it is read
+/// per token), and, of a mixture of experts, only the `top_k` of each layer's experts that the
+/// token is routed to.
 fn weight_bytes_per_token(memory: &[RankMemory], config: &ModelConfig, dtype: WeightDType) -> u64 {
-    let held: u64 = memory
-        .iter()
-        .map(|m| m.weights.sliced + m.weights.replicated)
-        .sum();
+    let held: u64 = memory.iter().map(|m| m.weights.total()).sum();
+    let routed: u64 = memory.iter().map(|m| m.weights.routed).sum();
     let untied_embedding = match config.tie_word_embeddings {
         Some(false) => (config.vocab_size * config.hidden_size * dtype.size_in_bytes()) as u64,
         _ => 0,
     };
-    held.saturating_sub(untied_embedding)
+    let moe = config.decoder.as_ref().and_then(|d| d.moe.as_ref());
+    let unread_experts = moe.map_or(0, |m| {
+        routed - routed * m.top_k as u64 / m.experts.max(1) as u64
+    });
+    held.saturating_sub(untied_embedding + unread_experts)
 }
 
 /// The greedy (or, with `sampling`, sampled) options of a measured run: exactly `new_tokens`
@@ -95,9 +110,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.prompt_len
     );
     let resolved = args.model.resolve()?;
-    let ids = prompt(args.prompt_len, resolved.config.vocab_size);
+    let batch = prompts(args.batch, args.prompt_len, resolved.config.vocab_size);
     let params = decode_config(args.new_tokens, args.sampling);
-    check_generation(&resolved, std::slice::from_ref(&ids), &params).with_context(|| {
+    check_generation(&resolved, &batch, &params).with_context(|| {
         format!(
             "cannot bench --prompt-len {} --new-tokens {}",
             args.prompt_len, args.new_tokens
@@ -112,23 +127,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         (options.backend == Backend::Shm).then(|| measure_read_bandwidth(options.ranks.min(cores)));
     let mut model = parallelize_resolved(resolved, options)?;
     // Warm-up: page in code and weights, size the allocator.
-    model.generate(
-        &ids,
-        &GenerationConfig {
-            max_new_tokens: 2,
-            min_new_tokens: 2,
-            ..params.clone()
-        },
-    )?;
+    let warm_up = GenerationConfig {
+        max_new_tokens: 2,
+        min_new_tokens: 2,
+        ..params.clone()
+    };
+    model.generate_batch(&batch, &warm_up, |_, _| ControlFlow::Continue(()))?;
     let mut prefill = f64::INFINITY;
     let mut decode = f64::INFINITY;
     let mut overhead = 0.0;
     for _ in 0..args.repeats.max(1) {
-        let run = model.generate(&ids, &params)?;
+        let run = model.generate_batch(&batch, &params, |_, _| ControlFlow::Continue(()))?;
         prefill = prefill.min(run.prefill_seconds);
-        let per_token = run.decode_seconds / (run.ids.len() - 1) as f64;
-        if per_token < decode {
-            decode = per_token;
+        let per_step = run.decode_seconds / (args.new_tokens - 1) as f64;
+        if per_step < decode {
+            decode = per_step;
             overhead = run.overhead_seconds / run.decode_seconds;
         }
     }
@@ -140,7 +153,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let streamed = weight_bytes_per_token(&memory, &model_config, args.model.dtype);
     let limit = bandwidth.map(|b| b / streamed as f64);
     let prefill_ms = prefill * 1e3;
-    let decode_tokens_per_s = 1.0 / decode;
+    let decode_steps_per_s = 1.0 / decode;
+    let decode_tokens_per_s = args.batch as f64 * decode_steps_per_s;
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(
@@ -152,7 +166,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "dtype": format!("{:?}", args.model.dtype).to_lowercase(),
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
+                "batch": args.batch,
                 "prefill_ms": prefill_ms,
+                "decode_steps_per_s": decode_steps_per_s,
                 "decode_tokens_per_s": decode_tokens_per_s,
                 "peak_memory_bytes": peaks,
                 "read_bandwidth_bytes_per_s": bandwidth,
@@ -163,17 +179,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
         )?;
     } else {
+        let rows = match args.batch {
+            1 => String::new(),
+            n => format!(" × {n} sequences"),
+        };
         writeln!(
             out,
-            "prefill ({} tokens): {prefill_ms:.1} ms",
+            "prefill ({} tokens{rows}): {prefill_ms:.1} ms",
             args.prompt_len
         )?;
         let mode = if args.sampling { "sampled" } else { "greedy" };
-        writeln!(out, "{mode} decode: {decode_tokens_per_s:.1} tokens/s, {:.1} % of it outside the model (choosing, broadcasting, streaming)", 100.0 * overhead)?;
-        if let (Some(bandwidth), Some(limit)) = (bandwidth, limit) {
+        let steps = match args.batch {
+            1 => String::new(),
+            _ => format!(" in all, {decode_steps_per_s:.1} steps/s"),
+        };
+        writeln!(out, "{mode} decode: {decode_tokens_per_s:.1} tokens/s{steps}, {:.1} % of it outside the model (choosing, broadcasting, streaming)", 100.0 * overhead)?;
+        if let (Some(bandwidth), Some(limit), 1) = (bandwidth, limit, args.batch) {
             writeln!(
                 out,
-                "memory-bandwidth limit: {limit:.1} tokens/s ({:.1} GB/s read over {:.0} MB of weights per token); decode is at {:.0} %",
+                "memory-bandwidth limit: {limit:.1} tokens/s ({:.1} GB/s read over {:.0} MB of active weights per token); decode is at {:.0} %",
                 bandwidth / 1e9,
                 streamed as f64 / 1e6,
                 100.0 * decode_tokens_per_s / limit

@@ -5,8 +5,8 @@ use std::io::Write;
 
 use clap::Args;
 use parallelformers::parallel::forecast::Forecast;
-use parallelformers::parallel::memory::weights_summary;
-use parallelformers::WeightDType;
+use parallelformers::parallel::memory::{weights_summary, ExpertsHeld};
+use parallelformers::{ExpertSplit, WeightDType};
 
 /// Arguments of `inspect`.
 #[derive(Debug, Args)]
@@ -23,11 +23,17 @@ pub struct InspectArgs {
     /// Weight dtype the ranks would hold (`quantized`: a GGUF file's quantized blocks).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightDType,
+    /// How a mixture of experts would be divided: `tensor` (a slice of every expert on each
+    /// rank) or `expert` (whole experts on each rank). Default: the policy file's, else
+    /// `tensor`.
+    #[arg(long, value_enum, env = "PARALLELFORMERS_EXPERT_SPLIT")]
+    expert_split: Option<ExpertSplit>,
 }
 
 /// Runs `inspect`.
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let model = super::resolve_model(args.model.as_deref(), args.policy.as_deref())?;
+    let model = super::resolve_model(args.model.as_deref(), args.policy.as_deref())?
+        .with_expert_split(args.expert_split)?;
     let config = &model.config;
     let forecast = Forecast::of(&model, args.ranks, args.dtype)?;
     let (plan, policy) = (&forecast.plan, &forecast.policy);
@@ -50,12 +56,20 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         plan.intermediate.element_counts(),
         plan.vocab.counts()
     )?;
-    if config.decoder.as_ref().is_some_and(|d| d.moe.is_some()) {
-        writeln!(
+    let whole_experts = policy.expert_split() == ExpertSplit::Expert;
+    match (config.expert_count(), whole_experts) {
+        (0, _) => {}
+        (_, false) => writeln!(
             out,
-            "split: every expert's intermediate {:?}",
+            "split: tensor-parallel experts, every expert's intermediate {:?}",
             plan.expert_intermediate.element_counts()
-        )?;
+        )?,
+        (_, true) => {
+            let held: Vec<String> = (0..args.ranks)
+                .map(|rank| ExpertsHeld::of_rank(&plan.experts, rank).to_string())
+                .collect();
+            writeln!(out, "split: expert parallelism, whole {}", held.join(" | "))?;
+        }
     }
     for line in config.wiring_summary() {
         writeln!(out, "{line}")?;
@@ -65,7 +79,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         let shapes: Vec<String> = tensor
             .slices
             .iter()
-            .map(|(shape, _)| format!("{shape:?}"))
+            .map(|(shape, _)| match shape.as_slice() {
+                [0] => "-".to_string(),
+                _ => format!("{shape:?}"),
+            })
             .collect();
         writeln!(
             out,
@@ -78,7 +95,11 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     }
     writeln!(out)?;
     for (rank, bytes) in forecast.ranks.iter().enumerate() {
-        writeln!(out, "rank {rank}: {}", weights_summary(bytes))?;
+        let held = match whole_experts {
+            true => format!(", {}", ExpertsHeld::of_rank(&plan.experts, rank)),
+            false => String::new(),
+        };
+        writeln!(out, "rank {rank}: {}{held}", weights_summary(bytes))?;
     }
     if !forecast.unused.is_empty() {
         writeln!(out, "not loaded: {}", forecast.unused.join(", "))?;

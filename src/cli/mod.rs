@@ -15,7 +15,7 @@ mod serve;
 use clap::{Args, Parser, Subcommand};
 use parallelformers::checkpoint::source::{ModelSource, ResolvedModel};
 use parallelformers::policy::file::PolicyFile;
-use parallelformers::{Backend, Options, Verbosity, WeightDType};
+use parallelformers::{Backend, ExpertSplit, Options, Verbosity, WeightDType};
 
 /// Split a Hugging Face transformer over worker processes (tensor parallelism) and run it.
 #[derive(Debug, Parser)]
@@ -82,6 +82,11 @@ pub struct ModelArgs {
     /// "Policy files").
     #[arg(long, env = "PARALLELFORMERS_POLICY")]
     pub policy: Option<std::path::PathBuf>,
+    /// How a mixture of experts is divided among the ranks: `tensor` (each rank holds a slice
+    /// of every expert) or `expert` (each rank holds whole experts). Default: the policy
+    /// file's choice, else `tensor`.
+    #[arg(long, value_enum, env = "PARALLELFORMERS_EXPERT_SPLIT")]
+    pub expert_split: Option<ExpertSplit>,
 }
 
 impl ModelArgs {
@@ -100,6 +105,7 @@ impl ModelArgs {
             seed: self.seed,
             threads_per_rank: self.threads,
             comm_dir: self.comm_dir.clone(),
+            expert_split: self.expert_split,
             progress: progress::terminal(),
             ..Options::default()
         }

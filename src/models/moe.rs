@@ -5,6 +5,10 @@
 //! token was routed to (a decode step reads the top-k experts' slices and nothing else), and
 //! one all-reduce per layer sums the ranks' partial outputs.
 //!
+//! Split by *expert parallelism* instead, each rank holds whole experts (a contiguous range of
+//! their numbers, as even as the count allows) and runs only the tokens routed to them; the same
+//! all-reduce then sums the ranks' outputs, so a token's experts may sit on different ranks.
+//!
 //! Routing follows transformers' `MixtralTopKRouter` / `Qwen3MoeTopKRouter`: a softmax over the
 //! router logits in f32, the top k with `torch.topk`'s order (larger first, the lower expert
 //! first on ties), renormalised when the configuration says, applied in f32.
@@ -28,10 +32,12 @@ struct Expert {
     down: Linear,
 }
 
-/// A sparse MLP: a replicated router and this rank's slice of every expert.
+/// A sparse MLP: a replicated router and what this rank holds of the experts, by number: a
+/// slice of every expert (tensor-parallel experts), or whole experts, `None` for those another
+/// rank holds (expert parallelism).
 pub(crate) struct SparseMoe {
     router: Linear,
-    experts: Vec<Expert>,
+    experts: Vec<Option<Expert>>,
     top_k: usize,
     renormalize: bool,
 }
@@ -53,20 +59,25 @@ impl SparseMoe {
     ) -> Result<Self> {
         let (h, width) = (c.hidden_size, moe.intermediate_size);
         let router_name = format!("layers.{layer}.{}.weight", moe.names.router());
+        // In f32 whatever the dtype (the policy's `Role::Router`).
         let router = Linear::new(loader.load_linear(&router_name, &[moe.experts, h])?, None);
         let [gate, up, down] = moe.names.projections();
         let mut experts = Vec::with_capacity(moe.experts);
         for e in 0..moe.experts {
             let prefix = format!("layers.{layer}.{}.{e}", moe.names.experts());
+            if !loader.holds(&format!("{prefix}.{gate}.weight"))? {
+                experts.push(None);
+                continue;
+            }
             let mut proj = |name: &str, shape: [usize; 2]| -> Result<Linear> {
                 let weight = loader.load_linear(&format!("{prefix}.{name}.weight"), &shape)?;
                 Ok(Linear::new(weight, None))
             };
-            experts.push(Expert {
+            experts.push(Some(Expert {
                 gate: proj(gate, [width, h])?,
                 up: proj(up, [width, h])?,
                 down: proj(down, [h, width])?,
-            });
+            }));
         }
         Ok(SparseMoe {
             router,
@@ -96,9 +107,9 @@ impl SparseMoe {
         );
         let mut out = vec![0f32; tokens * hidden];
         for (expert, assigned) in self.experts.iter().zip(&routes) {
-            if assigned.tokens.is_empty() {
+            let Some(expert) = expert.as_ref().filter(|_| !assigned.tokens.is_empty()) else {
                 continue;
-            }
+            };
             let index = Tensor::from_slice(&assigned.tokens, assigned.tokens.len(), &Device::Cpu)?;
             let rows = flat.index_select(&index, 0)?;
             let inner = gated(

@@ -18,21 +18,31 @@ pub struct WeightBytes {
     pub sliced: u64,
     /// Bytes of tensors every rank holds whole.
     pub replicated: u64,
+    /// Bytes of the whole experts this rank holds (expert parallelism).
+    #[serde(default)]
+    pub experts: u64,
+    /// Of all the above, the bytes of routed experts (their slices or whole experts): a decode
+    /// step reads only the experts its tokens are routed to.
+    #[serde(default)]
+    pub routed: u64,
 }
 
 impl WeightBytes {
-    /// Adds `bytes` of a tensor with `role` to the sliced or the replicated total.
+    /// Adds `bytes` of a tensor with `role` to the sliced, the replicated or the experts' total.
     pub fn add(&mut self, role: &Role, bytes: u64) {
-        if role.is_sliced() {
-            self.sliced += bytes;
-        } else {
-            self.replicated += bytes;
+        if role.holds_routed_experts() {
+            self.routed += bytes;
+        }
+        match role {
+            Role::Replicate | Role::Router => self.replicated += bytes,
+            Role::Expert => self.experts += bytes,
+            _ => self.sliced += bytes,
         }
     }
 
-    /// Both totals together.
+    /// Every kind together.
     pub fn total(&self) -> u64 {
-        self.sliced + self.replicated
+        self.sliced + self.replicated + self.experts
     }
 }
 
@@ -103,9 +113,18 @@ pub fn plan_slice(
         rows: 0..rows,
         cols: 0..cols,
     };
+    if *role == Role::Expert && !plan.experts.units(rank).contains(&expert_of(name, plan)?) {
+        // Another rank's expert: nothing of it here.
+        return Ok(SlicePlan {
+            blocks: vec![],
+            concat_dim: 0,
+            transpose: false,
+            shape: vec![0],
+        });
+    }
     // For a 1-D tensor the split dimension is its only one: model it as a row vector.
     let (blocks, concat_dim, transpose) = match role {
-        Role::Replicate => (vec![whole], 0, false),
+        Role::Replicate | Role::Router | Role::Expert => (vec![whole], 0, false),
         Role::Column { parts, transposed } => {
             let split_dim = if *transposed || !two_d { 1 } else { 0 };
             let stored_len = if split_dim == 0 { rows } else { cols };
@@ -209,6 +228,21 @@ pub fn plan_slice(
         transpose,
         shape,
     })
+}
+
+/// The number of the expert tensor `name` ([`Role::Expert`]) belongs to, checked against the
+/// plan's experts.
+fn expert_of(name: &str, plan: &Plan) -> Result<usize> {
+    let experts = plan.experts.total_units();
+    match crate::policy::expert_number(name) {
+        Some(expert) if expert < experts => Ok(expert),
+        Some(expert) => Err(Error::InvalidInput(format!(
+            "tensor `{name}` belongs to expert {expert}, but the model has {experts} experts"
+        ))),
+        None => Err(Error::InvalidInput(format!(
+            "tensor `{name}` is held by expert, but its name has no expert number"
+        ))),
+    }
 }
 
 /// The stored element ranges of `rank`'s rows of a q/k/v projection fused by key/value group
@@ -403,7 +437,28 @@ impl<'a> ShardLoader<'a> {
             ))
         })?;
         let slice = plan_slice(&full, &role, &shape, self.plan, self.rank)?;
+        if slice.shape == [0] {
+            return Err(Error::InvalidInput(format!(
+                "rank {} does not hold `{full}`: it belongs to another rank's expert",
+                self.rank
+            )));
+        }
         Ok(Some((full, role, slice)))
+    }
+
+    /// Whether this rank holds (its slice of) tensor `name`: false only for a tensor of an
+    /// expert that another rank holds whole ([`Role::Expert`]), or one the source lacks.
+    pub fn holds(&self, name: &str) -> Result<bool> {
+        let Some((full, _)) = self.resolve(name) else {
+            return Ok(false);
+        };
+        match self.policy.role_of(&full) {
+            Some(Role::Expert) => {
+                let expert = expert_of(&full, self.plan)?;
+                Ok(self.plan.experts.units(self.rank).contains(&expert))
+            }
+            _ => Ok(true),
+        }
     }
 
     /// The one stored block of `slice` that a linear weight may keep in the source's quantized
@@ -420,9 +475,17 @@ impl<'a> ShardLoader<'a> {
         }
     }
 
-    /// Bytes of `elements` weights converted to the loader's dtype.
-    fn float_bytes(&self, elements: usize) -> u64 {
-        (elements * self.dtype.size_in_bytes()) as u64
+    /// The float dtype a tensor of `role` is held in: the loader's, f32 for a router.
+    fn dtype_of(&self, role: &Role) -> DType {
+        match role {
+            Role::Router => DType::F32,
+            _ => self.dtype,
+        }
+    }
+
+    /// Bytes of `elements` weights of `role` converted to their float dtype.
+    fn float_bytes(&self, role: &Role, elements: usize) -> u64 {
+        (elements * self.dtype_of(role).size_in_bytes()) as u64
     }
 
     /// This rank's slice of stored tensor `full` (of `shape`, with `role`) and the bytes it
@@ -438,8 +501,8 @@ impl<'a> ShardLoader<'a> {
             }
             _ => None,
         };
-        let bytes =
-            quantized.unwrap_or_else(|| self.float_bytes(slice.shape.iter().product::<usize>()));
+        let bytes = quantized
+            .unwrap_or_else(|| self.float_bytes(role, slice.shape.iter().product::<usize>()));
         Ok((slice, bytes))
     }
 
@@ -451,7 +514,8 @@ impl<'a> ShardLoader<'a> {
         Ok(Some(self.read_slice(&full, &role, &slice, stored_shape)?))
     }
 
-    /// Reads `slice` of stored tensor `full` (of `shape`) into the loader's dtype and counts it.
+    /// Reads `slice` of stored tensor `full` (of `shape`) into the dtype of `role` and counts
+    /// it.
     fn read_slice(
         &mut self,
         full: &str,
@@ -485,8 +549,9 @@ impl<'a> ShardLoader<'a> {
                 joined
             }
         };
-        let tensor = tensor.to_dtype(self.dtype)?;
-        self.bytes.add(role, self.float_bytes(tensor.elem_count()));
+        let tensor = tensor.to_dtype(self.dtype_of(role))?;
+        self.bytes
+            .add(role, self.float_bytes(role, tensor.elem_count()));
         self.read.insert(full.to_string(), tensor.clone());
         self.count_read(full, shape)?;
         Ok(tensor)
@@ -505,8 +570,32 @@ mod tests {
             kv_heads: crate::parallel::Split::from_counts(2, vec![2, 1]),
             intermediate: crate::parallel::Split::even(5, 1, 2),
             expert_intermediate: crate::parallel::Split::even(5, 1, 2),
+            experts: crate::parallel::Split::even(3, 1, 2),
             vocab: crate::parallel::Split::even(7, 1, 2),
         }
+    }
+
+    #[test]
+    fn a_whole_expert_is_held_by_its_owner_only() {
+        // Three experts over two ranks: 0 and 1 on rank 0, 2 on rank 1.
+        let name = |e: usize| format!("layers.1.mlp.experts.{e}.up_proj.weight");
+        let held = |e: usize, rank: usize| {
+            plan_slice(&name(e), &Role::Expert, &[4, 6], &plan(), rank)
+                .unwrap()
+                .shape
+        };
+        assert_eq!((held(1, 0), held(1, 1)), (vec![4, 6], vec![0]));
+        assert_eq!((held(2, 0), held(2, 1)), (vec![0], vec![4, 6]));
+        let beyond = plan_slice(&name(3), &Role::Expert, &[4, 6], &plan(), 0).unwrap_err();
+        assert!(
+            beyond.to_string().contains("the model has 3 experts"),
+            "{beyond}"
+        );
+        let unnumbered = plan_slice("mlp.up.weight", &Role::Expert, &[4, 6], &plan(), 0);
+        assert!(unnumbered
+            .unwrap_err()
+            .to_string()
+            .contains("no expert number"));
     }
 
     #[test]
@@ -556,6 +645,7 @@ mod tests {
             ),
             intermediate: crate::parallel::Split::even(5, 1, 3),
             expert_intermediate: crate::parallel::Split::even(5, 1, 3),
+            experts: crate::parallel::Split::even(0, 1, 3),
             vocab: crate::parallel::Split::even(7, 1, 3),
         };
         let s = plan_slice("qkv", &Role::Grouped, &[16, 4], &plan, 1).unwrap();

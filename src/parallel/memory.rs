@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::parallel::engine::WeightBytes;
+use crate::parallel::slicing::Split;
 
 /// One rank's memory use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,11 +19,60 @@ pub struct RankMemory {
     pub resident_bytes: u64,
     /// Peak resident set size (`VmHWM`).
     pub peak_bytes: u64,
+    /// The whole experts this rank holds, under expert parallelism.
+    #[serde(default)]
+    pub experts: Option<ExpertsHeld>,
+}
+
+/// The whole experts one rank holds of each sparse layer (expert parallelism): experts
+/// `first .. first + count` of `of`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpertsHeld {
+    /// The first expert's number.
+    pub first: usize,
+    /// How many consecutive experts.
+    pub count: usize,
+    /// Experts per sparse layer in the model.
+    pub of: usize,
+}
+
+impl ExpertsHeld {
+    /// What rank `rank` holds of a plan's whole-expert split.
+    pub fn of_rank(experts: &Split, rank: usize) -> Self {
+        let units = experts.units(rank);
+        ExpertsHeld {
+            first: units.start,
+            count: units.len(),
+            of: experts.total_units(),
+        }
+    }
+}
+
+impl std::fmt::Display for ExpertsHeld {
+    /// `experts 4-7 of 8`, `expert 3 of 8`, `no expert of 8`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.count {
+            0 => write!(f, "no expert of {}", self.of),
+            1 => write!(f, "expert {} of {}", self.first, self.of),
+            n => write!(
+                f,
+                "experts {}-{} of {}",
+                self.first,
+                self.first + n - 1,
+                self.of
+            ),
+        }
+    }
 }
 
 impl RankMemory {
     /// Measures this process now.
-    pub fn measure(rank: usize, weights: WeightBytes, kv_cache_bytes: u64) -> Self {
+    pub fn measure(
+        rank: usize,
+        weights: WeightBytes,
+        kv_cache_bytes: u64,
+        experts: Option<ExpertsHeld>,
+    ) -> Self {
         let (resident_bytes, peak_bytes) = process_memory();
         RankMemory {
             rank,
@@ -30,6 +80,7 @@ impl RankMemory {
             kv_cache_bytes,
             resident_bytes,
             peak_bytes,
+            experts,
         }
     }
 
@@ -45,8 +96,15 @@ impl RankMemory {
 
     /// A multi-line breakdown (`verbose=detail`).
     pub fn detail_lines(&self) -> String {
+        let experts = match self.experts {
+            Some(held) => format!(
+                "\n  weights of experts {:>12}  ({held})",
+                human(self.weights.experts)
+            ),
+            None => String::new(),
+        };
         format!(
-            "rank {}\n  weights sliced     {:>12}\n  weights replicated {:>12}\n  kv cache           {:>12}\n  resident           {:>12}\n  peak resident      {:>12}",
+            "rank {}\n  weights sliced     {:>12}\n  weights replicated {:>12}{experts}\n  kv cache           {:>12}\n  resident           {:>12}\n  peak resident      {:>12}",
             self.rank,
             human(self.weights.sliced),
             human(self.weights.replicated),
@@ -60,8 +118,12 @@ impl RankMemory {
 /// `weights X (sliced Y, replicated Z)`: a rank's weights as `--verbose simple` prints them
 /// after loading and `inspect` forecasts them.
 pub fn weights_summary(weights: &WeightBytes) -> String {
+    let experts = match weights.experts {
+        0 => String::new(),
+        bytes => format!(", whole experts {}", human(bytes)),
+    };
     format!(
-        "weights {} (sliced {}, replicated {})",
+        "weights {} (sliced {}, replicated {}{experts})",
         human(weights.total()),
         human(weights.sliced),
         human(weights.replicated)
@@ -109,8 +171,24 @@ mod tests {
 
     #[test]
     fn this_process_has_resident_memory() {
-        let m = RankMemory::measure(0, WeightBytes::default(), 0);
+        let m = RankMemory::measure(0, WeightBytes::default(), 0, None);
         assert!(m.resident_bytes > 0 && m.peak_bytes >= m.resident_bytes);
+    }
+
+    #[test]
+    fn held_experts_read_as_a_range() {
+        let split = Split::even(8, 1, 3);
+        let held: Vec<String> = (0..3)
+            .map(|r| ExpertsHeld::of_rank(&split, r).to_string())
+            .collect();
+        assert_eq!(
+            held,
+            ["experts 0-2 of 8", "experts 3-5 of 8", "experts 6-7 of 8"]
+        );
+        assert_eq!(
+            ExpertsHeld::of_rank(&Split::even(3, 1, 4), 3).to_string(),
+            "no expert of 3"
+        );
     }
 
     #[test]

@@ -17,13 +17,13 @@ use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::session::{self, Control, EndReason, SessionLink};
 use crate::generation::{self, Hooks};
 use crate::models::{self, Batch, ShardedModel};
-use crate::options::PrefillChunk;
+use crate::options::{ExpertSplit, PrefillChunk};
 use crate::parallel::engine::{ShardLoader, WeightBytes};
 use crate::parallel::ipc::{
     read_frame, write_frame, ForwardInput, LoadSpec, Reply, Request, WireTensor,
 };
 use crate::parallel::launcher::HEARTBEAT_INTERVAL;
-use crate::parallel::memory::RankMemory;
+use crate::parallel::memory::{ExpertsHeld, RankMemory};
 use crate::parallel::meter::{LoadMeter, LoadReport};
 use crate::parallel::slicing::Plan;
 use crate::policy::Policy;
@@ -134,6 +134,8 @@ struct Shard {
     model: Box<dyn ShardedModel>,
     comm: Box<dyn Communicator>,
     weights: WeightBytes,
+    /// The whole experts this rank holds (expert parallelism).
+    experts: Option<ExpertsHeld>,
     /// How many prompt tokens a session prefills between two decode steps.
     prefill_chunk: PrefillChunk,
     /// Keys and values of earlier sequences, kept between requests.
@@ -421,7 +423,8 @@ fn answer(rank: usize, result: Result<Reply>) -> Reply {
 }
 
 fn memory(rank: usize, shard: &mut Shard) -> RankMemory {
-    RankMemory::measure(rank, shard.weights, shard.model.kv_cache_bytes() as u64)
+    let kv_cache_bytes = shard.model.kv_cache_bytes() as u64;
+    RankMemory::measure(rank, shard.weights, kv_cache_bytes, shard.experts)
 }
 
 /// Loads rank `rank`'s shard as `spec` says, telling `report` how far it has got
@@ -444,6 +447,8 @@ fn load_shard(
     let model = models::load(&mut loader, &spec.config)?;
     loader.finish()?;
     let weights = loader.bytes();
+    let experts = (policy.expert_split() == ExpertSplit::Expert)
+        .then(|| ExpertsHeld::of_rank(&plan.experts, rank));
     tracing::debug!(rank, "shard loaded");
     comm.barrier()?;
     let prefix = PrefixCache::new(
@@ -454,6 +459,7 @@ fn load_shard(
         model,
         comm,
         weights,
+        experts,
         prefill_chunk: spec.prefill.chunk,
         prefix,
     })

@@ -120,6 +120,9 @@ pub struct Plan {
     pub intermediate: Split,
     /// Each expert's hidden width (a mixture of experts; else the MLP's).
     pub expert_intermediate: Split,
+    /// Whole experts, where a policy holds them whole ([`Role::Expert`](crate::policy::Role)):
+    /// rank `r` owns experts `experts.units(r)` (none for a dense model).
+    pub experts: Split,
     /// Vocabulary rows.
     pub vocab: Split,
 }
@@ -149,6 +152,7 @@ impl Plan {
             world_size,
             intermediate: even_intermediate(config.intermediate_size, world_size),
             expert_intermediate: even_intermediate(config.expert_width(), world_size),
+            experts: Split::even(config.expert_count(), 1, world_size),
             heads,
             kv_heads,
             vocab: Split::even(config.vocab_size, 1, world_size),

@@ -15,7 +15,7 @@
 //! [[tensor]]
 //! name = "blocks.*.attn.wq.weight"            # `*` matches any run of characters
 //! wiring_name = "layers.*.self_attn.q_proj.weight"
-//! split = "column"                            # column | row | per_head | replicate
+//! split = "column"                  # column | row | per_head | replicate | expert
 //! partition = "heads"      # heads | kv_heads | intermediate | expert_intermediate | vocab
 //! parts = 1                                   # fused parts, each split alike (q, k, v: 3)
 //! transposed = false                          # stored [in, out] (GPT-2's Conv1D)
@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 /// The block wirings a policy file may name: the built-in `model_type`s. A Llama-style wiring
 /// brings its family's switches (norms, q/k norms, multipliers, soft-caps, windows, rotary
 /// variants), read from the checkpoint's `config.json` as for that family.
-pub const WIRINGS: [&str; 16] = [
+pub const WIRINGS: [&str; 18] = [
     "gpt2",
     "llama",
     "mistral",
@@ -51,6 +51,8 @@ pub const WIRINGS: [&str; 16] = [
     "granite",
     "starcoder2",
     "cohere",
+    "mixtral",
+    "qwen3_moe",
     "bert",
 ];
 
@@ -105,6 +107,9 @@ pub enum Split {
     PerHead,
     /// Every rank holds the whole tensor.
     Replicate,
+    /// A tensor of one expert of a mixture of experts, held whole by the rank owning that
+    /// expert (expert parallelism); its number is the last number in the tensor's name.
+    Expert,
 }
 
 impl PolicyFile {
@@ -269,6 +274,9 @@ impl TensorRule {
                 })
             }
             (Split::Replicate, None) if self.partition.is_none() => Ok(Role::Replicate),
+            (Split::Expert, None) if self.partition.is_none() && !self.transposed => {
+                Ok(Role::Expert)
+            }
             (split, _) => Err(format!(
                 "a {} split takes no {}",
                 format!("{split:?}").to_lowercase(),

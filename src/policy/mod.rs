@@ -11,6 +11,7 @@ mod tables;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Family, ModelConfig};
+use crate::options::ExpertSplit;
 
 /// A dimension of the model that is divided among ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +66,14 @@ pub enum Role {
     Grouped,
     /// Every rank holds the whole tensor (norms, position tables, biases added after a reduce).
     Replicate,
+    /// A mixture of experts' router: every rank holds it whole, in f32 whatever the weights'
+    /// dtype (rounded to half precision it flips near-tied choices of experts; llama.cpp's
+    /// converter keeps it in f32 too).
+    Router,
+    /// A tensor of one expert of a mixture of experts, held whole by the rank that owns the
+    /// expert and by no other (expert parallelism). The expert's number is the last number among
+    /// the dot-separated parts of the tensor's name (`layers.3.mlp.experts.5.up_proj.weight`: 5).
+    Expert,
 }
 
 impl Role {
@@ -83,8 +92,29 @@ impl Role {
 
     /// Whether the tensor is divided among ranks (as opposed to replicated).
     pub fn is_sliced(&self) -> bool {
-        !matches!(self, Role::Replicate)
+        !matches!(self, Role::Replicate | Role::Router)
     }
+
+    /// Whether the tensors of this role belong to the routed experts of a mixture of experts
+    /// (split along their width, or held whole).
+    pub fn holds_routed_experts(&self) -> bool {
+        *self == Role::Expert || self.splits_expert_width()
+    }
+
+    /// Whether this splits an expert's width (tensor-parallel experts).
+    fn splits_expert_width(&self) -> bool {
+        match self {
+            Role::Column { parts, .. } => parts.contains(&Partition::ExpertIntermediate),
+            Role::Row { partition, .. } => *partition == Partition::ExpertIntermediate,
+            _ => false,
+        }
+    }
+}
+
+/// The number of the expert a tensor of [`Role::Expert`] belongs to: the last number among the
+/// dot-separated parts of its name.
+pub fn expert_number(name: &str) -> Option<usize> {
+    name.split('.').rev().find_map(|part| part.parse().ok())
 }
 
 /// One pattern and the role of the tensors it matches.
@@ -121,6 +151,45 @@ pub struct Rename {
 }
 
 impl Policy {
+    /// How this policy divides a mixture of experts: [`ExpertSplit::Expert`] when its experts'
+    /// tensors are held whole ([`Role::Expert`]).
+    pub fn expert_split(&self) -> ExpertSplit {
+        match self.rules.iter().any(|rule| rule.role == Role::Expert) {
+            true => ExpertSplit::Expert,
+            false => ExpertSplit::Tensor,
+        }
+    }
+
+    /// This policy with its mixture of experts divided as `split` says: for
+    /// [`ExpertSplit::Expert`], every tensor split along an expert's width is held whole by the
+    /// rank owning its expert instead. A policy that holds experts whole cannot be turned back
+    /// (it no longer says which way each tensor was split), nor can a policy without experts
+    /// be split by them; both are errors that say so.
+    pub fn with_expert_split(mut self, split: ExpertSplit) -> Result<Self, String> {
+        let splits_width = self.rules.iter().any(|r| r.role.splits_expert_width());
+        match (split, self.expert_split()) {
+            (ExpertSplit::Expert, ExpertSplit::Expert) => Ok(self),
+            (ExpertSplit::Tensor, ExpertSplit::Tensor) => Ok(self),
+            (ExpertSplit::Tensor, ExpertSplit::Expert) => Err(format!(
+                "policy `{}` holds whole experts on each rank (split = \"expert\"); \
+                 tensor-parallel experts need its rules to split them by column and row",
+                self.name
+            )),
+            (ExpertSplit::Expert, ExpertSplit::Tensor) if !splits_width => Err(format!(
+                "the model (policy `{}`) has no mixture of experts to split by expert",
+                self.name
+            )),
+            (ExpertSplit::Expert, ExpertSplit::Tensor) => {
+                for rule in &mut self.rules {
+                    if rule.role.splits_expert_width() {
+                        rule.role = Role::Expert;
+                    }
+                }
+                Ok(self)
+            }
+        }
+    }
+
     /// The built-in policy for a resolved configuration (what transformers calls `AutoPolicy`).
     pub fn for_config(config: &ModelConfig) -> Self {
         match config.family {
@@ -237,6 +306,8 @@ impl std::fmt::Display for Role {
             Role::PerHead { parts } => write!(f, "per_head({parts})"),
             Role::Grouped => write!(f, "grouped(q+k+v)"),
             Role::Replicate => write!(f, "replicate"),
+            Role::Router => write!(f, "replicate (f32)"),
+            Role::Expert => write!(f, "expert (whole)"),
         }
     }
 }
@@ -332,7 +403,7 @@ mod tests {
         let mixtral = tables::llama(&decoder_config("mixtral"));
         let m = "model.layers.1.block_sparse_moe";
         for (name, role) in [
-            ("gate.weight", Role::Replicate),
+            ("gate.weight", Role::Router),
             ("experts.7.w1.weight", expert(Partition::ExpertIntermediate)),
             ("experts.7.w3.weight", expert(Partition::ExpertIntermediate)),
             ("experts.7.w2.weight", down.clone()),
@@ -346,7 +417,7 @@ mod tests {
         let qwen = tables::llama(&decoder_config("qwen3_moe"));
         let q = "model.layers.0.mlp";
         for (name, role) in [
-            ("gate.weight", Role::Replicate),
+            ("gate.weight", Role::Router),
             (
                 "experts.3.gate_proj.weight",
                 expert(Partition::ExpertIntermediate),
@@ -357,6 +428,46 @@ mod tests {
         ] {
             assert_eq!(qwen.role_of(&format!("{q}.{name}")), Some(&role), "{name}");
         }
+    }
+
+    #[test]
+    fn splitting_by_expert_holds_every_expert_tensor_whole_and_nothing_else_changes() {
+        let tensor = tables::llama(&decoder_config("mixtral"));
+        assert_eq!(tensor.expert_split(), ExpertSplit::Tensor);
+        let whole = tensor
+            .clone()
+            .with_expert_split(ExpertSplit::Expert)
+            .unwrap();
+        assert_eq!(whole.expert_split(), ExpertSplit::Expert);
+        for (before, after) in tensor.rules.iter().zip(&whole.rules) {
+            match before.pattern.contains("experts") {
+                true => assert_eq!(after.role, Role::Expert, "{}", before.pattern),
+                false => assert_eq!(after, before),
+            }
+        }
+        // Asking again changes nothing; going back, or a dense model, is refused.
+        assert_eq!(
+            whole.clone().with_expert_split(ExpertSplit::Expert),
+            Ok(whole.clone())
+        );
+        let back = whole.with_expert_split(ExpertSplit::Tensor).unwrap_err();
+        assert!(back.contains("holds whole experts"), "{back}");
+        let dense = tables::llama(&decoder_config("llama"));
+        let err = dense.with_expert_split(ExpertSplit::Expert).unwrap_err();
+        assert!(err.contains("no mixture of experts"), "{err}");
+    }
+
+    #[test]
+    fn an_experts_number_is_the_last_number_in_its_name() {
+        assert_eq!(
+            expert_number("model.layers.3.mlp.experts.5.up_proj.weight"),
+            Some(5)
+        );
+        assert_eq!(
+            expert_number("layers.12.block_sparse_moe.experts.0.w1.weight"),
+            Some(0)
+        );
+        assert_eq!(expert_number("norm.weight"), None);
     }
 
     #[test]

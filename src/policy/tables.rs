@@ -467,14 +467,14 @@ pub fn llama(config: &ModelConfig) -> Policy {
             rule("layers.*.self_attn.v_proj.*", column(KvHeads)),
         ],
     });
-    // Every expert split like a dense MLP (tensor-parallel experts); the router replicated.
+    // Every expert split like a dense MLP (tensor-parallel experts); the router replicated in f32.
     if let Some(moe) = options.and_then(|o| o.moe.as_ref()) {
         let [gate, up, down] = moe.names.projections();
         let experts = format!("layers.*.{}.*", moe.names.experts());
         rules.extend([
             rule(
                 &format!("layers.*.{}.weight", moe.names.router()),
-                Role::Replicate,
+                Role::Router,
             ),
             rule(
                 &format!("{experts}.{gate}.weight"),

@@ -284,6 +284,7 @@ mod tests {
             kv_cache_bytes: 7,
             resident_bytes: 1,
             peak_bytes: 1,
+            experts: None,
         };
         metrics.set_ranks(vec![at_load], Vec::new());
         let text = metrics.render();
