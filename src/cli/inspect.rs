@@ -50,12 +50,19 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         plan.intermediate.element_counts(),
         plan.vocab.counts()
     )?;
-    if config.decoder.as_ref().is_some_and(|d| d.moe.is_some()) {
+    if let Some(moe) = config.decoder.as_ref().and_then(|d| d.moe.as_ref()) {
         writeln!(
             out,
             "split: every expert's intermediate {:?}",
             plan.expert_intermediate.element_counts()
         )?;
+        if moe.shared_expert.is_some() {
+            writeln!(
+                out,
+                "split: the shared expert's intermediate {:?}",
+                plan.shared_expert_intermediate.element_counts()
+            )?;
+        }
     }
     for line in config.wiring_summary() {
         writeln!(out, "{line}")?;

@@ -505,6 +505,7 @@ mod tests {
             kv_heads: crate::parallel::Split::from_counts(2, vec![2, 1]),
             intermediate: crate::parallel::Split::even(5, 1, 2),
             expert_intermediate: crate::parallel::Split::even(5, 1, 2),
+            shared_expert_intermediate: crate::parallel::Split::even(5, 1, 2),
             vocab: crate::parallel::Split::even(7, 1, 2),
         }
     }
@@ -556,6 +557,7 @@ mod tests {
             ),
             intermediate: crate::parallel::Split::even(5, 1, 3),
             expert_intermediate: crate::parallel::Split::even(5, 1, 3),
+            shared_expert_intermediate: crate::parallel::Split::even(5, 1, 3),
             vocab: crate::parallel::Split::even(7, 1, 3),
         };
         let s = plan_slice("qkv", &Role::Grouped, &[16, 4], &plan, 1).unwrap();

@@ -120,6 +120,8 @@ pub struct Plan {
     pub intermediate: Split,
     /// Each expert's hidden width (a mixture of experts; else the MLP's).
     pub expert_intermediate: Split,
+    /// The shared expert's hidden width (Qwen2-MoE; else the MLP's).
+    pub shared_expert_intermediate: Split,
     /// Vocabulary rows.
     pub vocab: Split,
 }
@@ -149,6 +151,7 @@ impl Plan {
             world_size,
             intermediate: even_intermediate(config.intermediate_size, world_size),
             expert_intermediate: even_intermediate(config.expert_width(), world_size),
+            shared_expert_intermediate: even_intermediate(config.shared_expert_width(), world_size),
             heads,
             kv_heads,
             vocab: Split::even(config.vocab_size, 1, world_size),
@@ -170,6 +173,7 @@ impl Plan {
             Partition::KvHeads => &self.kv_heads,
             Partition::Intermediate => &self.intermediate,
             Partition::ExpertIntermediate => &self.expert_intermediate,
+            Partition::SharedExpertIntermediate => &self.shared_expert_intermediate,
             Partition::Vocab => &self.vocab,
         }
     }

@@ -16,7 +16,8 @@
 //! name = "blocks.*.attn.wq.weight"            # `*` matches any run of characters
 //! wiring_name = "layers.*.self_attn.q_proj.weight"
 //! split = "column"                            # column | row | per_head | replicate
-//! partition = "heads"      # heads | kv_heads | intermediate | expert_intermediate | vocab
+//! partition = "heads"      # heads | kv_heads | intermediate | expert_intermediate
+//!                          # | shared_expert_intermediate | vocab
 //! parts = 1                                   # fused parts, each split alike (q, k, v: 3)
 //! transposed = false                          # stored [in, out] (GPT-2's Conv1D)
 //! ```
