@@ -93,6 +93,10 @@ from transformers import (  # noqa: E402
     MixtralForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
     StableLmConfig,
@@ -861,6 +865,31 @@ def qwen3_moe_spec(out: Path):
     return moe_spec(Qwen3MoeForCausalLM, cfg, True)
 
 
+def qwen2_moe_spec(out: Path):
+    # Qwen2's q/k/v biases, 8 experts of width 20, top 2 without renormalisation (norm_topk_prob
+    # false, the default), a shared expert of width 40 (neither the experts' nor the dense
+    # MLP's) behind its sigmoid gate; three layers of which the middle one is dense
+    # (mlp_only_layers, its MLP 96 wide); untied head.
+    cfg = Qwen2MoeConfig(**{**TODAY, "num_hidden_layers": 3}, vocab_size=99, num_experts=8,
+                         num_experts_per_tok=2, moe_intermediate_size=20,
+                         shared_expert_intermediate_size=40, norm_topk_prob=False,
+                         mlp_only_layers=[1], decoder_sparse_step=1, qkv_bias=True,
+                         tie_word_embeddings=False, rms_norm_eps=1e-6, use_sliding_window=False,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    return moe_spec(Qwen2MoeForCausalLM, cfg, False)
+
+
+def olmoe_spec(out: Path):
+    # OLMo 2's q/k RMSNorm over the whole projection (pre-norm blocks, though), q/k/v clipped
+    # to [-0.5, 0.5] after it (clip_qkv), 8 experts of width 28 (uneven at 3 ranks), top 2
+    # renormalised (norm_topk_prob true) on all three layers; untied head.
+    cfg = OlmoeConfig(**{**TODAY, "num_hidden_layers": 3, "intermediate_size": 28},
+                      vocab_size=105, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                      clip_qkv=0.5, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                      rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    return moe_spec(OlmoeForCausalLM, cfg, False)
+
+
 TODAY_FIXTURES = {
     "llama3": (llama3_spec, 30000),
     "qwen3": (qwen3_spec, 31000),
@@ -876,6 +905,8 @@ TODAY_FIXTURES = {
     "cohere": (cohere_spec, 41000),
     "mixtral": (mixtral_spec, 42000),
     "qwen3_moe": (qwen3_moe_spec, 43000),
+    "qwen2_moe": (qwen2_moe_spec, 44000),
+    "olmoe": (olmoe_spec, 45000),
 }
 FIXTURES.update(TODAY_FIXTURES)
 

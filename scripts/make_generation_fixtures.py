@@ -49,7 +49,7 @@ TODAY_MODELS = ["llama3", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "smollm3
 # Encoder-decoders: their processors see the decoder's tokens (start token and new tokens).
 SEQ2SEQ_MODELS = ["t5", "bart"]
 # Mixtures of experts (issue 20).
-MOE_MODELS = ["mixtral", "qwen3_moe"]
+MOE_MODELS = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
 PAD = 0
 
 

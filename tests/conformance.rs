@@ -264,7 +264,7 @@ fn qwen3_moe_with_a_dense_layer_matches_transformers_at_every_rank_count() {
 }
 
 /// The mixtures of experts' fixtures.
-const MOE_FIXTURES: [&str; 2] = ["mixtral", "qwen3_moe"];
+const MOE_FIXTURES: [&str; 4] = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"];
 
 /// Options for `ranks` ranks holding whole experts.
 fn expert_parallel(ranks: usize) -> Options {
@@ -327,6 +327,20 @@ fn a_dense_model_cannot_be_split_by_expert() {
         .expect("refused")
         .to_string();
     assert!(err.contains("no mixture of experts"), "{err}");
+}
+
+/// Qwen2-MoE: Qwen2's q/k/v biases, 8 experts routed top 2, a shared expert of its own width
+/// split like a dense MLP and scaled by its replicated sigmoid gate, and a dense middle layer.
+#[test]
+fn qwen2_moe_with_a_gated_shared_expert_matches_transformers_at_every_rank_count() {
+    check_all_ranks("qwen2_moe");
+}
+
+/// OLMoE: q/k RMSNorm over the whole projection (statistics summed across ranks), q/k/v
+/// clipped (`clip_qkv`), 8 experts routed top 2 with renormalised weights.
+#[test]
+fn olmoe_with_whole_projection_qk_norms_and_clipping_matches_transformers_at_every_rank_count() {
+    check_all_ranks("olmoe");
 }
 
 /// Tensor-parallel experts: each rank holds `1 / ranks` of every expert, not whole experts.

@@ -98,11 +98,11 @@ fn write_ipc_seeds() {
     use parallelformers::checkpoint::source::WeightsLocation;
     use parallelformers::generation::session::{EndReason, SequenceRequest, SessionSummary};
     use parallelformers::parallel::engine::WeightBytes;
-    use parallelformers::parallel::memory::ExpertsHeld;
     use parallelformers::parallel::ipc::{
         write_frame, ForwardInput, GenerateRequest, GeneratedBatch, LoadSpec, Reply, Request,
         WireTensor,
     };
+    use parallelformers::parallel::memory::ExpertsHeld;
     use parallelformers::{GenerationConfig, RankMemory, WeightDType};
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

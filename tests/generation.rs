@@ -33,7 +33,7 @@ const TODAYS_FAMILIES: [&str; 12] = [
 ];
 
 /// The mixtures of experts of issue 20 (tensor-parallel experts).
-const MOE_FAMILIES: [&str; 2] = ["mixtral", "qwen3_moe"];
+const MOE_FAMILIES: [&str; 4] = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"];
 
 fn recorded(name: &str) -> Value {
     let path = fixture("generation").join(format!("{name}.json"));
@@ -139,8 +139,8 @@ fn todays_families_generate_like_transformers_at_one_to_four_ranks() {
     }
 }
 
-/// Mixtral and Qwen3-MoE with tensor-parallel experts at 1 to 4 ranks: routing, and so every
-/// token, as transformers'.
+/// Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE with tensor-parallel experts at 1 to 4 ranks:
+/// routing, and so every token, as transformers'.
 #[test]
 fn mixtures_of_experts_generate_like_transformers_at_one_to_four_ranks() {
     for family in MOE_FAMILIES {

@@ -141,7 +141,7 @@ fn every_safetensors_fixture_is_forecast_as_its_ranks_load_it_in_every_float_dty
 /// Expert parallelism: whole experts on their owners only, uneven over 3 and 4 ranks.
 #[test]
 fn whole_experts_are_forecast_as_their_owners_load_them() {
-    for name in ["mixtral", "qwen3_moe"] {
+    for name in ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"] {
         check_split(&fixture(name), &FLOATS, &[3, 4], Some(ExpertSplit::Expert));
     }
 }

@@ -194,13 +194,16 @@ pub struct RawConfig {
     use_qk_norm: Option<bool>,
     use_bias: Option<bool>,
     use_qkv_bias: Option<bool>,
-    // Mixtures of experts (Mixtral, Qwen3-MoE); see `moe.rs`.
+    qkv_bias: Option<bool>,
+    clip_qkv: Option<f64>,
+    // Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); see `moe.rs`.
     num_local_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
     moe_intermediate_size: Option<usize>,
     norm_topk_prob: Option<bool>,
     decoder_sparse_step: Option<usize>,
     mlp_only_layers: Option<Vec<usize>>,
+    shared_expert_intermediate_size: Option<usize>,
     // Encoder–decoders (BART, T5); see `seq2seq.rs`.
     d_model: Option<usize>,
     d_kv: Option<usize>,
@@ -340,6 +343,14 @@ impl ModelConfig {
         moe.map_or(0, |m| m.experts)
     }
 
+    /// The hidden width of a mixture of experts' shared expert (Qwen2-MoE); the MLP's for
+    /// models without one.
+    pub fn shared_expert_width(&self) -> usize {
+        let moe = self.decoder.as_ref().and_then(|d| d.moe.as_ref());
+        moe.and_then(|m| m.shared_expert)
+            .unwrap_or(self.intermediate_size)
+    }
+
     /// Whether the model generates text (has a causal LM head).
     pub fn is_causal(&self) -> bool {
         self.family != Family::Bert
@@ -353,9 +364,9 @@ fn family_of(
 ) -> std::result::Result<(Family, OutputKind), String> {
     let family = match model_type {
         "gpt2" | "gpt_bigcode" | "opt" | "gpt_neo" => Family::Gpt2,
-        "llama" | "mistral" | "mixtral" | "qwen2" | "qwen3" | "qwen3_moe" | "gemma" | "gemma2"
-        | "gemma3_text" | "phi3" | "smollm3" | "olmo2" | "stablelm" | "granite" | "starcoder2"
-        | "cohere" => Family::Llama,
+        "llama" | "mistral" | "mixtral" | "qwen2" | "qwen2_moe" | "qwen3" | "qwen3_moe" | "gemma"
+        | "gemma2" | "gemma3_text" | "phi3" | "smollm3" | "olmo2" | "olmoe" | "stablelm"
+        | "granite" | "starcoder2" | "cohere" => Family::Llama,
         "gemma3" => {
             return Err("model_type `gemma3` is Gemma 3's image-and-text model; its text decoder alone (Gemma3ForCausalLM, model_type gemma3_text) is supported".into())
         }
@@ -365,7 +376,7 @@ fn family_of(
         "t5" => Family::T5,
         other => {
             return Err(format!(
-            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, stablelm, granite, starcoder2, cohere, phi, gptj, gpt_neox, bloom, falcon, bert, roberta, distilbert, electra, albert, bart, t5); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
+            "model_type `{other}` is not supported (supported: gpt2, gpt_bigcode, opt, gpt_neo, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, gemma, gemma2, gemma3_text, phi3, smollm3, olmo2, olmoe, stablelm, granite, starcoder2, cohere, phi, gptj, gpt_neox, bloom, falcon, bert, roberta, distilbert, electra, albert, bart, t5); a model whose blocks follow one of these can run with a policy file (--policy; see the README's \"Policy files\")"
         ))
         }
     };
@@ -412,7 +423,21 @@ impl RawConfig {
                 fields.insert(canonical.to_string(), v);
             }
         }
-        serde_json::from_value(value).map_err(|e| e.to_string())
+        RawConfig::deserialize(&value).map_err(|e| {
+            // serde_json's message does not say which field: find it by reading each alone.
+            let alone = |(name, v): (&String, &serde_json::Value)| {
+                let one =
+                    serde_json::Value::Object([(name.clone(), v.clone())].into_iter().collect());
+                RawConfig::deserialize(&one)
+                    .is_err()
+                    .then(|| format!("the field `{name}`: {e}"))
+            };
+            let fields = value.as_object().into_iter().flatten();
+            fields
+                .filter_map(alone)
+                .next()
+                .unwrap_or_else(|| e.to_string())
+        })
     }
 
     /// Resolves defaults and spellings into a [`ModelConfig`]; the error names the field.
@@ -577,6 +602,7 @@ impl RawConfig {
             "opt" => self.enable_bias.unwrap_or(true),
             "stablelm" => self.use_qkv_bias.unwrap_or(false),
             "starcoder2" => self.use_bias.unwrap_or(true),
+            "qwen2_moe" => self.qkv_bias.unwrap_or(true),
             _ => !matches!(family, Family::Llama | Family::T5) || is_qwen2 || attention_bias,
         };
         if let Some(groups) = [self.num_hidden_groups, self.inner_group_num]
@@ -870,7 +896,11 @@ mod tests {
             r#""num_key_value_heads":2"#,
             r#""num_key_value_heads":"two""#,
         );
-        assert!(resolve(&wrong_type).unwrap_err().contains("invalid type"));
+        let err = resolve(&wrong_type).unwrap_err();
+        assert!(
+            err.contains("invalid type") && err.contains("`num_key_value_heads`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1097,5 +1127,97 @@ mod tests {
         let moe = mixtral.decoder.unwrap().moe.unwrap();
         assert!(moe.renormalize && moe.sparse_layers == [true, true]);
         assert_eq!((moe.experts, moe.intermediate_size), (6, 40));
+    }
+
+    /// A three-layer mixture of experts of `model_type` with 4 experts, top 2, and `extra`
+    /// fields.
+    fn moe_config(model_type: &str, extra: &str) -> std::result::Result<ModelConfig, String> {
+        resolve(&format!(
+            r#"{{"model_type":"{model_type}","vocab_size":10,"hidden_size":8,"num_hidden_layers":3,
+            "num_attention_heads":2,"intermediate_size":16,"num_experts":4,
+            "num_experts_per_tok":2{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn qwen2_moe_has_qkv_biases_a_shared_expert_of_its_own_width_and_dense_layers() {
+        let extra = r#","moe_intermediate_size":6,"shared_expert_intermediate_size":12,
+            "mlp_only_layers":[1]"#;
+        let c = moe_config("qwen2_moe", extra).unwrap();
+        assert!(c.qkv_bias && !c.attn_out_bias);
+        let moe = c.decoder.as_ref().and_then(|d| d.moe.clone()).unwrap();
+        assert_eq!(moe.sparse_layers, [true, false, true]);
+        assert_eq!((moe.intermediate_size, moe.shared_expert), (6, Some(12)));
+        assert!(!moe.renormalize);
+        assert_eq!((c.expert_width(), c.shared_expert_width()), (6, 12));
+        assert_eq!(c.intermediate_size, 16);
+        // transformers' defaults: a shared expert of 5632, renormalisation off.
+        let defaults = moe_config("qwen2_moe", "").unwrap();
+        assert_eq!(defaults.shared_expert_width(), 5632);
+        assert!(
+            !moe_config("qwen2_moe", r#","qkv_bias":false"#)
+                .unwrap()
+                .qkv_bias
+        );
+        let renormalized = moe_config("qwen2_moe", r#","norm_topk_prob":true"#).unwrap();
+        assert!(renormalized.decoder.unwrap().moe.unwrap().renormalize);
+        // No experts: a dense decoder.
+        let dense = moe_config("qwen2_moe", r#","num_experts":0"#).unwrap();
+        assert_eq!(dense.decoder.unwrap().moe, None);
+        for (extra, field) in [
+            (
+                r#","shared_expert_intermediate_size":0"#,
+                "shared_expert_intermediate_size",
+            ),
+            (r#","moe_intermediate_size":0"#, "moe_intermediate_size"),
+            (r#","decoder_sparse_step":0"#, "decoder_sparse_step"),
+            (
+                r#","shared_expert_intermediate_size":-1"#,
+                "shared_expert_intermediate_size",
+            ),
+            (r#","qkv_bias":"yes""#, "qkv_bias"),
+        ] {
+            let err = moe_config("qwen2_moe", extra).unwrap_err();
+            assert!(err.contains(field), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn qwen2_moe_slides_on_odd_numbered_layers_below_max_window_layers() {
+        let windows = |extra: &str| moe_config("qwen2_moe", extra).unwrap().attention_windows;
+        let sliding = r#","use_sliding_window":true,"sliding_window":4,"max_window_layers":2"#;
+        assert_eq!(windows(sliding), [Some(4), None, None]);
+        // transformers 5 writes `sliding_window` 0 when `use_sliding_window` is off.
+        let off = r#","use_sliding_window":false,"sliding_window":0"#;
+        assert_eq!(windows(off), [None, None, None]);
+    }
+
+    #[test]
+    fn olmoe_splits_whole_projection_qk_norms_clips_qkv_and_routes_every_layer() {
+        let c = moe_config("olmoe", r#","clip_qkv":8.0,"norm_topk_prob":true"#).unwrap();
+        let d = c.decoder.as_ref().unwrap();
+        assert_eq!(d.qk_norm, Some(QkNorm::WholeProjection));
+        assert_eq!(d.placement, NormPlacement::Pre);
+        assert_eq!(d.clip_qkv, Some(8.0));
+        let moe = d.moe.as_ref().unwrap();
+        // The experts are `intermediate_size` wide; every layer is sparse; no shared expert.
+        assert_eq!((moe.experts, moe.intermediate_size), (4, 16));
+        assert!(moe.renormalize && moe.sparse_layers == [true, true, true]);
+        assert_eq!(moe.shared_expert, None);
+        assert!(!c.qkv_bias && !c.attn_out_bias);
+        assert_eq!(
+            moe_config("olmoe", "").unwrap().decoder.unwrap().clip_qkv,
+            None
+        );
+        for (extra, field) in [
+            (r#","clip_qkv":0.0"#, "clip_qkv"),
+            (r#","clip_qkv":-1.5"#, "clip_qkv"),
+            (r#","num_experts":0"#, "num_experts"),
+            (r#","num_experts_per_tok":0"#, "num_experts_per_tok"),
+            (r#","num_experts_per_tok":5"#, "num_experts_per_tok"),
+        ] {
+            let err = moe_config("olmoe", extra).unwrap_err();
+            assert!(err.contains(field), "{extra}: {err}");
+        }
     }
 }

@@ -57,18 +57,26 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         plan.vocab.counts()
     )?;
     let whole_experts = policy.expert_split() == ExpertSplit::Expert;
-    match (config.expert_count(), whole_experts) {
-        (0, _) => {}
-        (_, false) => writeln!(
-            out,
-            "split: tensor-parallel experts, every expert's intermediate {:?}",
-            plan.expert_intermediate.element_counts()
-        )?,
-        (_, true) => {
-            let held: Vec<String> = (0..args.ranks)
-                .map(|rank| ExpertsHeld::of_rank(&plan.experts, rank).to_string())
-                .collect();
-            writeln!(out, "split: expert parallelism, whole {}", held.join(" | "))?;
+    if let Some(moe) = config.decoder.as_ref().and_then(|d| d.moe.as_ref()) {
+        match whole_experts {
+            false => writeln!(
+                out,
+                "split: tensor-parallel experts, every expert's intermediate {:?}",
+                plan.expert_intermediate.element_counts()
+            )?,
+            true => {
+                let held: Vec<String> = (0..args.ranks)
+                    .map(|rank| ExpertsHeld::of_rank(&plan.experts, rank).to_string())
+                    .collect();
+                writeln!(out, "split: expert parallelism, whole {}", held.join(" | "))?;
+            }
+        }
+        if moe.shared_expert.is_some() {
+            writeln!(
+                out,
+                "split: the shared expert's intermediate {:?}",
+                plan.shared_expert_intermediate.element_counts()
+            )?;
         }
     }
     for line in config.wiring_summary() {

@@ -1,8 +1,9 @@
 //! The Llama-style decoders: Llama 2/3, Mistral, Qwen2/3, Gemma 1–3, Phi-3, SmolLM3, OLMo 2,
-//! StableLM, Granite, StarCoder2, Cohere, and the mixtures of experts Mixtral and Qwen3-MoE.
+//! StableLM, Granite, StarCoder2, Cohere, and the mixtures of experts Mixtral, Qwen2-MoE,
+//! Qwen3-MoE and OLMoE.
 //! One wiring — rotary positions, grouped-query attention with query heads split evenly, an MLP split by its hidden width — whose switches
-//! ([`DecoderOptions`]) come from the configuration: the norm kind and placement, q/k norms,
-//! fused projections, multipliers, soft-caps, per layer its window and rotary positions, and
+//! ([`DecoderOptions`]) come from the configuration: the norm kind and placement, q/k norms and
+//! clipping, fused projections, multipliers, soft-caps, per layer its window and rotary positions, and
 //! whether its MLP is a mixture of experts ([`crate::models::moe`]).
 
 use candle_core::Tensor;
@@ -44,7 +45,8 @@ enum Mlp {
     },
     /// `c_proj(act(c_fc(x)))`.
     Plain { fc: Linear, proj: RowParallelLinear },
-    /// A mixture of experts, each split like the gated MLP (Mixtral, Qwen3-MoE).
+    /// A mixture of experts, each split like the gated MLP (Mixtral, Qwen2-MoE, Qwen3-MoE,
+    /// OLMoE).
     Sparse(SparseMoe),
 }
 
@@ -304,6 +306,8 @@ struct AttentionInputs<'a> {
     angles: Option<&'a RotaryAngles>,
     mask: &'a Mask,
     scores: Scores,
+    /// Queries, keys and values are clamped to `[-c, c]` after the q/k norms (OLMoE).
+    clip_qkv: Option<f64>,
 }
 
 impl Layer {
@@ -326,6 +330,11 @@ impl Layer {
         if let (Some(q_norm), Some(k_norm)) = (&self.q_norm, &self.k_norm) {
             projected.q = q_norm.forward(&projected.q, comm)?;
             projected.k = k_norm.forward(&projected.k, comm)?;
+        }
+        if let Some(c) = inputs.clip_qkv {
+            for t in [&mut projected.q, &mut projected.k, &mut projected.v] {
+                *t = t.clamp(-c, c)?;
+            }
         }
         let attn = attend_with(
             projected,
@@ -386,6 +395,7 @@ impl ShardedModel for Llama {
                 angles: layer_angles,
                 mask,
                 scores: self.scores,
+                clip_qkv: self.options.clip_qkv,
             };
             let attn = layer.attention(&normed, inputs, cache, comm)?;
             x = match self.options.placement {

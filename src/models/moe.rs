@@ -1,9 +1,11 @@
-//! The sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE) split as *tensor-parallel experts*:
+//! The sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) split as
+//! *tensor-parallel experts*:
 //! every expert's gate and up projections split by rows and its down projection by columns,
 //! exactly like the dense MLP, so each rank holds `1 / ranks` of every expert. The router is
 //! replicated, so every rank routes every token alike; each rank runs only the experts some
 //! token was routed to (a decode step reads the top-k experts' slices and nothing else), and
-//! one all-reduce per layer sums the ranks' partial outputs.
+//! one all-reduce per layer sums the ranks' partial outputs. Qwen2-MoE's shared expert, which
+//! every token goes through, is split the same way and joins that one all-reduce.
 //!
 //! Split by *expert parallelism* instead, each rank holds whole experts (a contiguous range of
 //! their numbers, as even as the count allows) and runs only the tokens routed to them; the same
@@ -32,14 +34,89 @@ struct Expert {
     down: Linear,
 }
 
-/// A sparse MLP: a replicated router and what this rank holds of the experts, by number: a
-/// slice of every expert (tensor-parallel experts), or whole experts, `None` for those another
-/// rank holds (expert parallelism).
+impl Expert {
+    /// Loads `{prefix}.{gate,up,down}.weight` (the names in `projections`' order), `width`
+    /// hidden units wide over `hidden`.
+    fn load(
+        loader: &mut ShardLoader,
+        prefix: &str,
+        projections: [&str; 3],
+        width: usize,
+        hidden: usize,
+    ) -> Result<Self> {
+        let [gate, up, down] = projections;
+        let mut proj = |name: &str, shape: [usize; 2]| -> Result<Linear> {
+            let weight = loader.load_linear(&format!("{prefix}.{name}.weight"), &shape)?;
+            Ok(Linear::new(weight, None))
+        };
+        Ok(Expert {
+            gate: proj(gate, [width, hidden])?,
+            up: proj(up, [width, hidden])?,
+            down: proj(down, [hidden, width])?,
+        })
+    }
+}
+
+/// Qwen2-MoE's shared expert: this rank's slice of a gated MLP every token goes through, whose
+/// output is scaled per token by `sigmoid(gate(x))` (`shared_expert_gate`, `[1, hidden]`,
+/// replicated) and added to the routed experts' before the layer's all-reduce. The scale is
+/// the same on every rank, so scaling each rank's partial output scales their sum.
+struct SharedExpert {
+    expert: Expert,
+    gate: Linear,
+}
+
+impl SharedExpert {
+    /// Loads layer `layer`'s shared expert, `width` hidden units wide.
+    fn load(
+        loader: &mut ShardLoader,
+        c: &ModelConfig,
+        moe: &MoeConfig,
+        layer: usize,
+        width: usize,
+    ) -> Result<Self> {
+        let h = c.hidden_size;
+        let prefix = format!("layers.{layer}.mlp.shared_expert");
+        let expert = Expert::load(loader, &prefix, moe.names.projections(), width, h)?;
+        let gate_name = format!("layers.{layer}.mlp.shared_expert_gate.weight");
+        let gate = Linear::new(loader.load_linear(&gate_name, &[1, h])?, None);
+        Ok(SharedExpert { expert, gate })
+    }
+
+    /// Adds this rank's share of the shared expert's output for `flat` (`[tokens, hidden]`,
+    /// f32) to `out`, row by row.
+    fn add_to(&self, flat: &Tensor, activation: Activation, out: &mut [f32]) -> Result<()> {
+        let hidden = flat.dim(1)?;
+        let gate_logits: Vec<f32> = self.gate.forward(flat)?.flatten_all()?.to_vec1()?;
+        let expert = &self.expert;
+        let inner = gated(
+            activation,
+            &expert.gate.forward(flat)?,
+            &expert.up.forward(flat)?,
+        )?;
+        with_values(&expert.down.forward(&inner)?, |values| {
+            let rows = out
+                .chunks_exact_mut(hidden)
+                .zip(values.chunks_exact(hidden));
+            for ((target, row), &logit) in rows.zip(&gate_logits) {
+                let scale = 1.0 / (1.0 + (-logit).exp());
+                for (o, v) in target.iter_mut().zip(row) {
+                    *o += scale * v;
+                }
+            }
+        })
+    }
+}
+
+/// A sparse MLP: a replicated router; what this rank holds of the experts, by number: a slice of
+/// every expert (tensor-parallel experts), or whole experts, `None` for those another rank holds
+/// (expert parallelism); and its slice of the shared expert where the family has one.
 pub(crate) struct SparseMoe {
     router: Linear,
     experts: Vec<Option<Expert>>,
     top_k: usize,
     renormalize: bool,
+    shared: Option<SharedExpert>,
 }
 
 /// The tokens one expert serves and the weight each gives its output.
@@ -61,29 +138,32 @@ impl SparseMoe {
         let router_name = format!("layers.{layer}.{}.weight", moe.names.router());
         // In f32 whatever the dtype (the policy's `Role::Router`).
         let router = Linear::new(loader.load_linear(&router_name, &[moe.experts, h])?, None);
-        let [gate, up, down] = moe.names.projections();
         let mut experts = Vec::with_capacity(moe.experts);
         for e in 0..moe.experts {
             let prefix = format!("layers.{layer}.{}.{e}", moe.names.experts());
+            let [gate, ..] = moe.names.projections();
             if !loader.holds(&format!("{prefix}.{gate}.weight"))? {
                 experts.push(None);
                 continue;
             }
-            let mut proj = |name: &str, shape: [usize; 2]| -> Result<Linear> {
-                let weight = loader.load_linear(&format!("{prefix}.{name}.weight"), &shape)?;
-                Ok(Linear::new(weight, None))
-            };
-            experts.push(Some(Expert {
-                gate: proj(gate, [width, h])?,
-                up: proj(up, [width, h])?,
-                down: proj(down, [h, width])?,
-            }));
+            experts.push(Some(Expert::load(
+                loader,
+                &prefix,
+                moe.names.projections(),
+                width,
+                h,
+            )?));
         }
+        let shared = match moe.shared_expert {
+            Some(width) => Some(SharedExpert::load(loader, c, moe, layer, width)?),
+            None => None,
+        };
         Ok(SparseMoe {
             router,
             experts,
             top_k: moe.top_k,
             renormalize: moe.renormalize,
+            shared,
         })
     }
 
@@ -127,6 +207,9 @@ impl SparseMoe {
                     }
                 }
             })?;
+        }
+        if let Some(shared) = &self.shared {
+            shared.add_to(&flat, activation, &mut out)?;
         }
         let out = Tensor::from_vec(out, dims, &Device::Cpu)?;
         all_reduce(&out, comm)
@@ -177,6 +260,30 @@ mod tests {
         assert_eq!(routes[1].tokens, [1]);
         assert!((routes[1].weights[0] - e * e / (e * e + 1.0)).abs() < 1e-6);
         assert_eq!(routes[2].tokens, [0, 1]);
+    }
+
+    #[test]
+    fn the_shared_expert_adds_its_output_scaled_by_the_sigmoid_of_its_gate() {
+        let linear = |rows: usize, values: &[f32]| {
+            let weight = Tensor::from_slice(values, (rows, values.len() / rows), &Device::Cpu);
+            Linear::new(weight.unwrap(), None)
+        };
+        // Hidden width 2, one hidden unit: gate(x) = x0, up(x) = x1, down(u) = (u, 2u); the
+        // gate's logit is x0 - x1.
+        let shared = SharedExpert {
+            expert: Expert {
+                gate: linear(1, &[1.0, 0.0]),
+                up: linear(1, &[0.0, 1.0]),
+                down: linear(2, &[1.0, 2.0]),
+            },
+            gate: linear(1, &[1.0, -1.0]),
+        };
+        let x = Tensor::from_slice(&[0.0f32, 3.0, 2.0, 2.0], (2, 2), &Device::Cpu).unwrap();
+        let mut out = vec![1.0f32; 4];
+        shared.add_to(&x, Activation::Relu, &mut out).unwrap();
+        // Token 0: relu(0) * 3 = 0, nothing added. Token 1: relu(2) * 2 = 4, scaled by
+        // sigmoid(0) = 1/2.
+        assert_eq!(out, [1.0, 1.0, 3.0, 5.0]);
     }
 
     #[test]

@@ -571,6 +571,7 @@ mod tests {
             intermediate: crate::parallel::Split::even(5, 1, 2),
             expert_intermediate: crate::parallel::Split::even(5, 1, 2),
             experts: crate::parallel::Split::even(3, 1, 2),
+            shared_expert_intermediate: crate::parallel::Split::even(5, 1, 2),
             vocab: crate::parallel::Split::even(7, 1, 2),
         }
     }
@@ -646,6 +647,7 @@ mod tests {
             intermediate: crate::parallel::Split::even(5, 1, 3),
             expert_intermediate: crate::parallel::Split::even(5, 1, 3),
             experts: crate::parallel::Split::even(0, 1, 3),
+            shared_expert_intermediate: crate::parallel::Split::even(5, 1, 3),
             vocab: crate::parallel::Split::even(7, 1, 3),
         };
         let s = plan_slice("qkv", &Role::Grouped, &[16, 4], &plan, 1).unwrap();

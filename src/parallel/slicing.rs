@@ -123,6 +123,8 @@ pub struct Plan {
     /// Whole experts, where a policy holds them whole ([`Role::Expert`](crate::policy::Role)):
     /// rank `r` owns experts `experts.units(r)` (none for a dense model).
     pub experts: Split,
+    /// The shared expert's hidden width (Qwen2-MoE; else the MLP's).
+    pub shared_expert_intermediate: Split,
     /// Vocabulary rows.
     pub vocab: Split,
 }
@@ -153,6 +155,7 @@ impl Plan {
             intermediate: even_intermediate(config.intermediate_size, world_size),
             expert_intermediate: even_intermediate(config.expert_width(), world_size),
             experts: Split::even(config.expert_count(), 1, world_size),
+            shared_expert_intermediate: even_intermediate(config.shared_expert_width(), world_size),
             heads,
             kv_heads,
             vocab: Split::even(config.vocab_size, 1, world_size),
@@ -174,6 +177,7 @@ impl Plan {
             Partition::KvHeads => &self.kv_heads,
             Partition::Intermediate => &self.intermediate,
             Partition::ExpertIntermediate => &self.expert_intermediate,
+            Partition::SharedExpertIntermediate => &self.shared_expert_intermediate,
             Partition::Vocab => &self.vocab,
         }
     }

@@ -16,7 +16,8 @@
 //! name = "blocks.*.attn.wq.weight"            # `*` matches any run of characters
 //! wiring_name = "layers.*.self_attn.q_proj.weight"
 //! split = "column"                  # column | row | per_head | replicate | expert
-//! partition = "heads"      # heads | kv_heads | intermediate | expert_intermediate | vocab
+//! partition = "heads"      # heads | kv_heads | intermediate | expert_intermediate
+//!                          # | shared_expert_intermediate | vocab
 //! parts = 1                                   # fused parts, each split alike (q, k, v: 3)
 //! transposed = false                          # stored [in, out] (GPT-2's Conv1D)
 //! ```
@@ -35,7 +36,7 @@ use crate::error::{Error, Result};
 /// The block wirings a policy file may name: the built-in `model_type`s. A Llama-style wiring
 /// brings its family's switches (norms, q/k norms, multipliers, soft-caps, windows, rotary
 /// variants), read from the checkpoint's `config.json` as for that family.
-pub const WIRINGS: [&str; 18] = [
+pub const WIRINGS: [&str; 20] = [
     "gpt2",
     "llama",
     "mistral",
@@ -52,7 +53,9 @@ pub const WIRINGS: [&str; 18] = [
     "starcoder2",
     "cohere",
     "mixtral",
+    "qwen2_moe",
     "qwen3_moe",
+    "olmoe",
     "bert",
 ];
 

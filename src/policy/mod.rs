@@ -26,6 +26,9 @@ pub enum Partition {
     /// The hidden width of each expert of a mixture of experts: every rank holds a slice of
     /// every expert.
     ExpertIntermediate,
+    /// The hidden width of a mixture of experts' shared expert (Qwen2-MoE's
+    /// `shared_expert_intermediate_size`), split like a dense MLP.
+    SharedExpertIntermediate,
     /// Vocabulary rows.
     Vocab,
 }
@@ -468,6 +471,46 @@ mod tests {
             Some(0)
         );
         assert_eq!(expert_number("norm.weight"), None);
+    }
+
+    #[test]
+    fn qwen2_moe_splits_its_shared_expert_by_its_own_width_and_replicates_its_gate() {
+        let p = tables::llama(&decoder_config("qwen2_moe"));
+        let m = "model.layers.2.mlp";
+        let shared = Role::column(Partition::SharedExpertIntermediate);
+        for (name, role) in [
+            ("shared_expert.gate_proj.weight", shared.clone()),
+            ("shared_expert.up_proj.weight", shared),
+            (
+                "shared_expert.down_proj.weight",
+                Role::Row {
+                    partition: Partition::SharedExpertIntermediate,
+                    transposed: false,
+                },
+            ),
+            ("shared_expert_gate.weight", Role::Replicate),
+            ("gate.weight", Role::Router),
+            (
+                "experts.5.up_proj.weight",
+                Role::column(Partition::ExpertIntermediate),
+            ),
+            ("up_proj.weight", Role::column(Partition::Intermediate)),
+        ] {
+            assert_eq!(p.role_of(&format!("{m}.{name}")), Some(&role), "{name}");
+        }
+        // OLMoE: experts as Qwen's, q/k norms split with their heads as OLMo 2's.
+        let olmoe = tables::llama(&decoder_config("olmoe"));
+        assert_eq!(
+            olmoe.role_of("model.layers.0.self_attn.q_norm.weight"),
+            Some(&Role::column(Partition::Heads))
+        );
+        assert_eq!(
+            olmoe.role_of(&format!("{m}.experts.0.down_proj.weight")),
+            Some(&Role::Row {
+                partition: Partition::ExpertIntermediate,
+                transposed: false,
+            })
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 use super::{Partition, Policy, Rename, Role, Rule};
 use crate::checkpoint::config::{FusedQkv, MlpKind, QkNorm};
 use crate::checkpoint::ModelConfig;
-use Partition::{ExpertIntermediate, Heads, Intermediate, KvHeads, Vocab};
+use Partition::{
+    ExpertIntermediate, Heads, Intermediate, KvHeads, SharedExpertIntermediate, Vocab,
+};
 
 fn rule(pattern: &str, role: Role) -> Rule {
     Rule {
@@ -444,8 +446,9 @@ pub fn falcon(config: &ModelConfig) -> Policy {
 /// The Llama-style decoders: separate or fused (Phi-3's `qkv_proj`, `gate_up_proj`) q/k/v and
 /// gate/up projections, a gated or plain (StarCoder2's `c_fc`/`c_proj`) MLP, every block norm
 /// replicated, and q/k norms replicated unless they span the whole projection (OLMo 2's,
-/// split with their heads). Mixtures of experts (Mixtral, Qwen3-MoE) split each expert like the
-/// dense MLP and replicate the router.
+/// split with their heads). Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) split
+/// each expert like the dense MLP and replicate the router; Qwen2-MoE's shared expert is split
+/// like the dense MLP by its own width, its sigmoid gate replicated.
 pub fn llama(config: &ModelConfig) -> Policy {
     let options = config.decoder.as_ref();
     let fused_qkv = options.is_some_and(|o| o.fused_qkv);
@@ -486,6 +489,24 @@ pub fn llama(config: &ModelConfig) -> Policy {
             ),
             rule(&format!("{experts}.{down}.weight"), row(ExpertIntermediate)),
         ]);
+        if moe.shared_expert.is_some() {
+            let shared = "layers.*.mlp.shared_expert";
+            rules.extend([
+                rule(
+                    &format!("{shared}.{gate}.weight"),
+                    column(SharedExpertIntermediate),
+                ),
+                rule(
+                    &format!("{shared}.{up}.weight"),
+                    column(SharedExpertIntermediate),
+                ),
+                rule(
+                    &format!("{shared}.{down}.weight"),
+                    row(SharedExpertIntermediate),
+                ),
+                rule("layers.*.mlp.shared_expert_gate.weight", Role::Replicate),
+            ]);
+        }
     }
     rules.extend(match mlp {
         MlpKind::Gated => vec![

@@ -1,7 +1,7 @@
 //! The switches of the Llama-style decoder block that today's families turn (Llama 3, Qwen3,
-//! Gemma 1–3, Phi-3, SmolLM3, OLMo 2, StableLM, Granite, StarCoder2, Cohere): which norm and
-//! where, q/k norms, fused projections, multipliers, soft-caps, and what each layer attends
-//! with. Each family is a short list of choices here, read from its `config.json` the way
+//! Gemma 1–3, Phi-3, SmolLM3, OLMo 2, StableLM, Granite, StarCoder2, Cohere, and the mixtures
+//! of experts): which norm and where, q/k norms and clipping, fused projections, multipliers,
+//! soft-caps, and what each layer attends with. Each family is a short list of choices here, read from its `config.json` the way
 //! transformers reads it.
 
 use super::{MoeConfig, RawConfig};
@@ -45,7 +45,7 @@ pub enum QkNorm {
     /// Each head over its own width with a weight of its own: LayerNorm without bias
     /// (Cohere's `q_norm` of `[heads, head_dim]`, StableLM's `q_layernorm.norms.H`).
     OwnPerHead,
-    /// RMSNorm over the whole projection, every head together (OLMo 2): under tensor
+    /// RMSNorm over the whole projection, every head together (OLMo 2, OLMoE): under tensor
     /// parallelism its statistics need every rank's heads.
     WholeProjection,
 }
@@ -81,6 +81,9 @@ pub struct DecoderOptions {
     pub placement: NormPlacement,
     /// How queries and keys are normalised, if at all.
     pub qk_norm: Option<QkNorm>,
+    /// Queries, keys and values are clamped to `[-c, c]` after the q/k norms (OLMoE's
+    /// `clip_qkv`).
+    pub clip_qkv: Option<f64>,
     /// q, k and v fused into `qkv_proj` (Phi-3).
     pub fused_qkv: bool,
     /// The MLP's layout.
@@ -101,8 +104,8 @@ pub struct DecoderOptions {
     pub final_softcap: Option<f64>,
     /// Per layer, the rotary positions it applies.
     pub layer_rope: Vec<LayerRope>,
-    /// The mixture of experts of the sparse layers (Mixtral, Qwen3-MoE); `None`: every MLP is
-    /// dense.
+    /// The mixture of experts of the sparse layers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE);
+    /// `None`: every MLP is dense.
     pub moe: Option<MoeConfig>,
 }
 
@@ -142,6 +145,13 @@ fn sliding_layers(raw: &RawConfig, model_type: &str, layers: usize) -> Result<Ve
             "mistral" | "mixtral" | "starcoder2" | "phi3" => true,
             // Qwen3-MoE slides on every layer when `use_sliding_window`.
             "qwen3_moe" => raw.use_sliding_window == Some(true),
+            // Qwen2-MoE's config class: the odd-numbered layers (from 1) below
+            // `max_window_layers`.
+            "qwen2_moe" => {
+                raw.use_sliding_window == Some(true)
+                    && i % 2 == 0
+                    && i < raw.max_window_layers.unwrap_or(28)
+            }
             "qwen2" | "qwen3" => {
                 raw.use_sliding_window == Some(true) && i >= raw.max_window_layers.unwrap_or(0)
             }
@@ -170,9 +180,10 @@ impl RawConfig {
         model_type: &str,
         layers: usize,
     ) -> Result<Vec<Option<usize>>, String> {
-        // Qwen2, Qwen3(-MoE) and SmolLM3 ignore `sliding_window` unless `use_sliding_window`.
+        // Qwen2(-MoE), Qwen3(-MoE) and SmolLM3 ignore `sliding_window` unless
+        // `use_sliding_window`.
         let window = match model_type {
-            "qwen2" | "qwen3" | "qwen3_moe" | "smollm3"
+            "qwen2" | "qwen2_moe" | "qwen3" | "qwen3_moe" | "smollm3"
                 if self.use_sliding_window != Some(true) =>
             {
                 None
@@ -218,7 +229,7 @@ impl RawConfig {
         };
         let qk_norm = match model_type {
             "qwen3" | "qwen3_moe" | "gemma3_text" => Some(QkNorm::SharedPerHead),
-            "olmo2" => Some(QkNorm::WholeProjection),
+            "olmo2" | "olmoe" => Some(QkNorm::WholeProjection),
             "cohere" if self.use_qk_norm == Some(true) => Some(QkNorm::OwnPerHead),
             "stablelm" if self.qk_layernorm == Some(true) => Some(QkNorm::OwnPerHead),
             _ => None,
@@ -262,6 +273,10 @@ impl RawConfig {
             norm,
             placement,
             qk_norm,
+            clip_qkv: match model_type {
+                "olmoe" => positive(self.clip_qkv, "clip_qkv")?,
+                _ => None,
+            },
             fused_qkv: model_type == "phi3",
             mlp: match model_type {
                 "phi3" => MlpKind::FusedGated,
@@ -296,6 +311,7 @@ impl super::ModelConfig {
         };
         let mut block = vec![format!("{:?} norms, {:?} placement", d.norm, d.placement)];
         block.extend(d.qk_norm.map(|q| format!("q/k norm {q:?}")));
+        block.extend(d.clip_qkv.map(|c| format!("q/k/v clipped to [-{c}, {c}]")));
         block.extend(d.fused_qkv.then(|| "fused qkv_proj".to_string()));
         block.push(format!("{:?} MLP ({:?})", d.mlp, self.activation));
         if let Some(moe) = &d.moe {
@@ -308,6 +324,9 @@ impl super::ModelConfig {
                 if moe.renormalize { " renormalised" } else { "" },
                 moe.sparse_layers.len()
             ));
+            block.extend(moe.shared_expert.map(|width| {
+                format!("a shared expert of width {width} gated by sigmoid(shared_expert_gate)")
+            }));
         }
         let mut scales = Vec::new();
         let named = [

@@ -1,7 +1,8 @@
-//! The mixture-of-experts switches of the Llama-style decoders (Mixtral, Qwen3-MoE): how many
-//! experts, how many each token reads, their width, whether the router's top-k weights are
-//! renormalised, which layers are sparse, and how the checkpoint names the experts' tensors.
-//! Read from `config.json` as transformers' config classes read it.
+//! The mixture-of-experts switches of the Llama-style decoders (Mixtral, Qwen2-MoE, Qwen3-MoE,
+//! OLMoE): how many experts, how many each token reads, their width, whether the router's top-k
+//! weights are renormalised, which layers are sparse, Qwen2-MoE's shared expert, and how the
+//! checkpoint names the experts' tensors. Read from `config.json` as transformers' config
+//! classes read it.
 
 use super::RawConfig;
 
@@ -11,7 +12,8 @@ pub enum ExpertNames {
     /// Mixtral: `block_sparse_moe.gate` routes, `block_sparse_moe.experts.E.{w1,w3,w2}` are
     /// each expert's gate, up and down projections.
     Mixtral,
-    /// Qwen3-MoE: `mlp.gate` routes, `mlp.experts.E.{gate_proj,up_proj,down_proj}`.
+    /// Qwen2-MoE, Qwen3-MoE, OLMoE: `mlp.gate` routes,
+    /// `mlp.experts.E.{gate_proj,up_proj,down_proj}`.
     Qwen,
 }
 
@@ -48,15 +50,19 @@ pub struct MoeConfig {
     pub experts: usize,
     /// Experts each token is routed to (`num_experts_per_tok`).
     pub top_k: usize,
-    /// Hidden width of one expert (Qwen's `moe_intermediate_size`, Mixtral's
+    /// Hidden width of one expert (Qwen's `moe_intermediate_size`, Mixtral's and OLMoE's
     /// `intermediate_size`).
     pub intermediate_size: usize,
-    /// The top-k routing weights are divided by their sum (Mixtral always; Qwen3-MoE with
-    /// `norm_topk_prob`).
+    /// The top-k routing weights are divided by their sum (Mixtral always; Qwen2-MoE,
+    /// Qwen3-MoE and OLMoE with `norm_topk_prob`).
     pub renormalize: bool,
-    /// Per layer, whether its MLP is the sparse one (Qwen3-MoE's `mlp_only_layers` and
+    /// Per layer, whether its MLP is the sparse one (Qwen's `mlp_only_layers` and
     /// `decoder_sparse_step` make some dense).
     pub sparse_layers: Vec<bool>,
+    /// Hidden width of the shared expert every token goes through besides its routed ones,
+    /// scaled per token by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE's
+    /// `shared_expert_intermediate_size`); `None` without one.
+    pub shared_expert: Option<usize>,
     /// How the checkpoint names the experts.
     pub names: ExpertNames,
 }
@@ -70,6 +76,7 @@ impl RawConfig {
         intermediate_size: usize,
         layers: usize,
     ) -> Result<Option<MoeConfig>, String> {
+        // The defaults of transformers' config classes.
         let (names, experts, top_k, width, renormalize) = match model_type {
             "mixtral" => (
                 ExpertNames::Mixtral,
@@ -78,27 +85,59 @@ impl RawConfig {
                 intermediate_size,
                 true,
             ),
-            "qwen3_moe" => (
+            "qwen2_moe" | "qwen3_moe" => {
+                let (experts, top_k, width) = match model_type {
+                    "qwen2_moe" => (60, 4, 1408),
+                    _ => (128, 8, 768),
+                };
+                (
+                    ExpertNames::Qwen,
+                    self.num_local_experts.unwrap_or(experts),
+                    self.num_experts_per_tok.unwrap_or(top_k),
+                    self.moe_intermediate_size.unwrap_or(width),
+                    self.norm_topk_prob.unwrap_or(false),
+                )
+            }
+            "olmoe" => (
                 ExpertNames::Qwen,
-                self.num_local_experts.unwrap_or(128),
+                self.num_local_experts.unwrap_or(64),
                 self.num_experts_per_tok.unwrap_or(8),
-                self.moe_intermediate_size.unwrap_or(768),
+                intermediate_size,
                 self.norm_topk_prob.unwrap_or(false),
             ),
             _ => return Ok(None),
         };
+        // Only the Qwen families have dense layers (and are dense without experts).
+        let qwen = matches!(model_type, "qwen2_moe" | "qwen3_moe");
         if experts == 0 {
-            // Qwen3-MoE without experts is a dense decoder; Mixtral has no dense form.
-            return match model_type {
-                "mixtral" => Err("the field `num_local_experts` must be positive, got 0".into()),
-                _ => Ok(None),
+            let field = match model_type {
+                "mixtral" => "num_local_experts",
+                _ => "num_experts",
+            };
+            return match qwen {
+                true => Ok(None),
+                false => Err(format!("the field `{field}` must be positive, got 0")),
             };
         }
+        let shared_expert = match model_type {
+            "qwen2_moe" => Some(self.shared_expert_intermediate_size.unwrap_or(5632)),
+            _ => None,
+        };
         let step = self.decoder_sparse_step.unwrap_or(1);
         for (field, value) in [
             ("num_experts_per_tok", top_k),
-            ("moe_intermediate_size", width),
+            (
+                match qwen {
+                    true => "moe_intermediate_size",
+                    false => "intermediate_size",
+                },
+                width,
+            ),
             ("decoder_sparse_step", step),
+            (
+                "shared_expert_intermediate_size",
+                shared_expert.unwrap_or(1),
+            ),
         ] {
             if value == 0 {
                 return Err(format!("the field `{field}` must be positive, got 0"));
@@ -110,10 +149,11 @@ impl RawConfig {
             ));
         }
         let dense = self.mlp_only_layers.clone().unwrap_or_default();
-        // transformers' Qwen3MoeDecoderLayer: sparse unless listed in `mlp_only_layers`, when
-        // the layer's number (from 1) is a multiple of the step; Mixtral's are all sparse.
+        // transformers' Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer: sparse unless listed in
+        // `mlp_only_layers`, when the layer's number (from 1) is a multiple of the step;
+        // Mixtral's and OLMoE's are all sparse.
         let sparse_layers = (0..layers)
-            .map(|i| model_type == "mixtral" || (!dense.contains(&i) && (i + 1) % step == 0))
+            .map(|i| !qwen || (!dense.contains(&i) && (i + 1) % step == 0))
             .collect();
         Ok(Some(MoeConfig {
             experts,
@@ -121,6 +161,7 @@ impl RawConfig {
             intermediate_size: width,
             renormalize,
             sparse_layers,
+            shared_expert,
             names,
         }))
     }
