@@ -37,9 +37,10 @@
 //! refused.
 //!
 //! Tensor names are [`TensorNames`]'s, and each expert's projection is a run of rows of the
-//! layer's stacked expert tensor (`blk.N.ffn_gate_exps.weight` ..., see `gguf_experts.rs`). The transformations undone when a tensor is read: the q/k
-//! row permutation of `llama`, `mistral` and `granite` (weights and biases,
-//! [`unpermute_rotary_rows`]) and the `1 + w` of every Gemma 2/3 norm weight.
+//! layer's stacked expert tensor (`blk.N.ffn_gate_exps.weight` ..., see `gguf_experts.rs`).
+//! The transformations undone when a tensor is read: the q/k row permutation of `llama`,
+//! `mistral` and `granite` (weights and biases, [`unpermute_rotary_rows`]) and the `1 + w` of
+//! every Gemma 2/3 norm weight.
 
 use std::ops::Range;
 use std::path::Path;
