@@ -12,9 +12,10 @@ own `convert_hf_to_gguf.py --outtype q8_0` (Q8_0 where a row is whole 32-element
 where it is not, F32 for vectors and routers), so that every transformation the converter
 applies (llama's q/k row permutation, Gemma's `1 + w` norms, Llama 3's `rope_freqs`, Phi-3's
 fused tensors, each layer's experts stacked into one 3-D tensor per projection, renamed norms
-...) is the converter's and not a re-implementation of it. The one thing patched is `get_vocab_base_pre`, which recognises a
-byte-level BPE tokenizer by hashing its output on a test text: a tiny tokenizer matches no
-known hash, so each family is given the `tokenizer.ggml.pre` its real models carry.
+...) is the converter's and not a re-implementation of it. The one thing patched is
+`get_vocab_base_pre`, which recognises a byte-level BPE tokenizer by hashing its output on a
+test text: a tiny tokenizer matches no known hash, so each family is given the
+`tokenizer.ggml.pre` its real models carry.
 
 The converter is llama.cpp at the commit vendored by the `llama-cpp-python` sdist named in
 LLAMA_CPP_PYTHON (its `convert_hf_to_gguf.py`, `conversion/` and `gguf-py/`). Without
@@ -419,7 +420,8 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # A mixture of experts' parameters in transformers 5 (router and stacked experts).
-MOE_PARAM = re.compile(r"model\.layers\.(?P<layer>\d+)\.mlp\.(?P<param>gate\.weight|experts\.gate_up_proj|experts\.down_proj)")
+MOE_PARAM = re.compile(
+    r"model\.layers\.(?P<layer>\d+)\.mlp\.(?P<param>gate\.weight|experts\.gate_up_proj|experts\.down_proj)")
 
 # Archs whose q/k rows llama.cpp's converter permutes (LlamaModel.permute) for its rotary layout.
 PERMUTED = {"llama", "granite"}
