@@ -3,17 +3,19 @@
 
 Run by hand:
 
-    /root/.cache/pf-venv/bin/python scripts/make_gguf_fixtures.py [--only ARCH ...] [--llama-cpp DIR]
+    /work/pyenv-hf/bin/python scripts/make_gguf_fixtures.py [--only NAME ...] [--llama-cpp DIR]
 
-For each GGUF `general.architecture` below, a tiny random Hugging Face checkpoint (64 wide,
-vocabulary of a few hundred, a small tokenizer and chat template) is written to a temporary
-directory and converted by llama.cpp's own `convert_hf_to_gguf.py --outtype q8_0` (Q8_0 where
-a row is whole 32-element blocks, F16 where it is not, F32 for vectors), so that every
-transformation the converter applies (llama's q/k row permutation, Gemma's `1 + w` norms,
-Llama 3's `rope_freqs`, Phi-3's fused tensors, renamed norms ...) is the converter's and not a
-re-implementation of it. The one thing patched is `get_vocab_base_pre`, which recognises a
-byte-level BPE tokenizer by hashing its output on a test text: a tiny tokenizer matches no
-known hash, so each family is given the `tokenizer.ggml.pre` its real models carry.
+For each GGUF `general.architecture` below (and Mixtral, a `llama` file with experts, named
+`mixtral`), a tiny random Hugging Face checkpoint (64 wide, vocabulary of a few hundred, a small
+tokenizer and chat template) is written to a temporary directory and converted by llama.cpp's
+own `convert_hf_to_gguf.py --outtype q8_0` (Q8_0 where a row is whole 32-element blocks, F16
+where it is not, F32 for vectors and routers), so that every transformation the converter
+applies (llama's q/k row permutation, Gemma's `1 + w` norms, Llama 3's `rope_freqs`, Phi-3's
+fused tensors, each layer's experts stacked into one 3-D tensor per projection, renamed norms
+...) is the converter's and not a re-implementation of it. The one thing patched is
+`get_vocab_base_pre`, which recognises a byte-level BPE tokenizer by hashing its output on a
+test text: a tiny tokenizer matches no known hash, so each family is given the
+`tokenizer.ggml.pre` its real models carry.
 
 The converter is llama.cpp at the commit vendored by the `llama-cpp-python` sdist named in
 LLAMA_CPP_PYTHON (its `convert_hf_to_gguf.py`, `conversion/` and `gguf-py/`). Without
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -69,6 +72,8 @@ from transformers import (  # noqa: E402
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Phi3Config,
@@ -76,6 +81,8 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     Starcoder2Config,
     Starcoder2ForCausalLM,
 )
@@ -195,9 +202,34 @@ def olmo2_cfg(vocab, bos, eos):
                        rope_parameters=dict(rope_type="default", rope_theta=500000.0))
 
 
+# Mixtures of experts: each layer's experts are stacked by the converter into one 3-D tensor
+# per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps; router ffn_gate_inp in F32). Expert
+# widths of whole Q8_0 blocks, so every stacked tensor is Q8_0; routers drawn wider than the
+# other weights (make_fixtures.ROUTER_STD) so that each token's top-k experts stand clear of the
+# rest.
+def mixtral_cfg(vocab, bos, eos):
+    # A `llama` file with experts: 4 experts of width 64, top 2, untied head; q/k permuted.
+    return MixtralConfig(**{**BASE, "intermediate_size": 64}, vocab_size=vocab, num_local_experts=4,
+                         num_experts_per_tok=2, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                         bos_token_id=bos, eos_token_id=eos, pad_token_id=mf.PAD_ID,
+                         rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+
+
+def qwen3moe_cfg(vocab, bos, eos):
+    # Qwen3's q/k norms, 8 experts of width 32, top 2, every layer sparse (llama.cpp builds no
+    # dense qwen3moe layer); norm_topk_prob true, which is what llama.cpp computes whatever the
+    # checkpoint says (it writes no key for it).
+    return Qwen3MoeConfig(**BASE, vocab_size=vocab, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                          moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[],
+                          decoder_sparse_step=1, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                          bos_token_id=bos, eos_token_id=eos, pad_token_id=mf.PAD_ID,
+                          rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+
+
 # name: HF config builder, class, tokenizer ("bpe:<tokenizer.ggml.pre>" or a SentencePiece
 # kind), chat template, seed, and why transformers' own GGUF loading is not the reference
-# (None: it is).
+# (None: it is); optionally the GGUF architecture where it is not the name (`arch`) and whether
+# the model is a mixture of experts (`moe`).
 FAMILIES = {
     "llama": dict(cfg=llama_cfg, cls=LlamaForCausalLM, tok="bpe:llama-bpe", template=CHATML, seed=50000,
                   twin_because="transformers' GGUF loader ignores rope_freqs.weight (Llama 3 rotary scaling)"),
@@ -217,6 +249,14 @@ FAMILIES = {
                        seed=56000, twin_because=None),
     "olmo2": dict(cfg=olmo2_cfg, cls=Olmo2ForCausalLM, tok="bpe:dbrx", template=CHATML, seed=57000,
                   twin_because="transformers cannot load olmo2 GGUF files"),
+    "mixtral": dict(cfg=mixtral_cfg, cls=MixtralForCausalLM, tok="bpe:llama-bpe", template=CHATML, seed=58000,
+                    arch="llama", moe=True,
+                    twin_because="transformers' GGUF loader reads a llama file with experts as a dense "
+                                 "Llama (its llama mapping has no expert_count)"),
+    "qwen3moe": dict(cfg=qwen3moe_cfg, cls=Qwen3MoeForCausalLM, tok="bpe:qwen2", template=CHATML, seed=59000,
+                     moe=True, overrides=dict(moe_intermediate_size=32),
+                     twin_because="transformers' GGUF loader does not read qwen3moe.expert_feed_forward_length "
+                                  "(moe_intermediate_size keeps its default of 768)"),
 }
 
 
@@ -379,6 +419,10 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
+# A mixture of experts' parameters in transformers 5 (router and stacked experts).
+MOE_PARAM = re.compile(
+    r"model\.layers\.(?P<layer>\d+)\.mlp\.(?P<param>gate\.weight|experts\.gate_up_proj|experts\.down_proj)")
+
 # Archs whose q/k rows llama.cpp's converter permutes (LlamaModel.permute) for its rotary layout.
 PERMUTED = {"llama", "granite"}
 # Archs whose RMSNorm weights the converter stores as `1 + w`.
@@ -395,6 +439,25 @@ def expected_state_dict(arch: str, model, tensors: dict, gguf) -> dict[str, torc
     used = set()
     for hf_name, p in model.state_dict().items():
         stem, suffix = hf_name.rsplit(".", 1)
+        if (moe := MOE_PARAM.fullmatch(hf_name)) is not None:
+            # transformers 5 holds each layer's experts as gate_up_proj [experts, 2 * width,
+            # hidden] (gate rows, then up rows) and down_proj, the router as mlp.gate.
+            blk = f"blk.{moe['layer']}"
+            if moe["param"] == "gate.weight":
+                parts = [f"{blk}.ffn_gate_inp.weight"]
+            elif moe["param"] == "experts.gate_up_proj":
+                parts = [f"{blk}.ffn_gate_exps.weight", f"{blk}.ffn_up_exps.weight"]
+            else:
+                parts = [f"{blk}.ffn_down_exps.weight"]
+            missing = [g for g in parts if g not in tensors]
+            if missing:
+                raise RuntimeError(f"{arch}: {missing} ({hf_name}) not in the GGUF")
+            used.update(parts)
+            w = np.concatenate([tensors[g][1] for g in parts], axis=1 if len(parts) == 2 else 0)
+            if tuple(w.shape) != tuple(p.shape):
+                raise RuntimeError(f"{arch}: {parts} give shape {w.shape}, {hf_name} {tuple(p.shape)}")
+            out[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
+            continue
         if hf_name == "lm_head.weight" and "output.weight" not in tensors:
             gname = "token_embd.weight"  # tied: llama.cpp writes no output.weight
         elif (gname := name_map.get_name(stem)) is None:
@@ -504,8 +567,26 @@ def summary_metadata(meta: dict) -> dict:
 
 
 @torch.no_grad()
+def loaded_vs_twin(loaded, expected: dict, tied: bool, ids, mask, twin_logits) -> float:
+    """Checks that transformers' GGUF model holds the twin's tensors; its logits' largest
+    difference from the twin's."""
+    sd = loaded.state_dict()
+    for hf_name, exp in expected.items():
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        if not torch.equal(sd[hf_name].float(), exp):
+            raise RuntimeError(f"{hf_name}: transformers loaded other values than the dequantized GGUF "
+                               f"(max diff {float((sd[hf_name] - exp).abs().max())})")
+    logits = loaded(input_ids=ids, attention_mask=mask).logits.float()
+    m = mask.bool()[..., None].expand_as(logits)
+    return float((logits - twin_logits).abs().masked_select(m).max())
+
+
+@torch.no_grad()
 def make_family(arch: str, llama_cpp: Path, gguf) -> list[Path]:
+    """The fixture `arch` (a family name, the GGUF architecture unless its spec names one)."""
     spec = FAMILIES[arch]
+    gguf_arch = spec.get("arch", arch)
     print(f"[{arch}] {spec['cls'].__name__}")
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{arch}.gguf"
@@ -522,12 +603,17 @@ def make_family(arch: str, llama_cpp: Path, gguf) -> list[Path]:
             seed = spec["seed"] + 10 * attempt
             cfg = spec["cfg"](vocab, bos, eos)
             tied = bool(cfg.tie_word_embeddings)
-            model = mf.build_model(dict(cls=spec["cls"], cfg=cfg, tied=tied,
-                                        tie_pairs=[("lm_head.weight", "model.embed_tokens.weight")]), seed)
+            build = dict(cls=spec["cls"], cfg=cfg, tied=tied,
+                         tie_pairs=[("lm_head.weight", "model.embed_tokens.weight")])
+            if spec.get("moe"):
+                build["router_std"] = mf.ROUTER_STD
+            model = mf.build_model(build, seed)
             model.save_pretrained(hf)
             convert(llama_cpp, hf, path, pre)
             meta, tensors = read_gguf(path)
-            expected = expected_state_dict(arch, model, tensors, gguf)
+            if meta["general.architecture"] != gguf_arch:
+                raise RuntimeError(f"{arch}: the converter wrote {meta['general.architecture']}")
+            expected = expected_state_dict(gguf_arch, model, tensors, gguf)
             twin = twin_model(spec, spec["cfg"](vocab, bos, eos), expected)
 
             gen = torch.Generator().manual_seed(seed + 2)
@@ -558,25 +644,32 @@ def make_family(arch: str, llama_cpp: Path, gguf) -> list[Path]:
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             str(OUT), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
-    except (ValueError, NotImplementedError, KeyError) as e:
+    except (ValueError, NotImplementedError, KeyError, RuntimeError) as e:
+        # RuntimeError: a tensor of another shape than the configuration transformers read.
         why = str(e).splitlines()[0]
-        print(f"  transformers cannot load it: {why}")
+        print(f"  transformers cannot load it: {why[:200]}")
         if spec["twin_because"] is None:
             raise
+    if loaded is not None and type(loaded) is not spec["cls"]:
+        print(f"  transformers loads it as {type(loaded).__name__}, not {spec['cls'].__name__}")
+        if spec["twin_because"] is None:
+            raise RuntimeError(f"{arch}: transformers loads a {type(loaded).__name__}")
+        loaded = None
     gguf_vs_twin = None
     if loaded is not None:
-        assert type(loaded) is spec["cls"], type(loaded)
-        sd = loaded.state_dict()
-        for hf_name, exp in expected.items():
-            if hf_name == "lm_head.weight" and tied:
-                continue
-            if not torch.equal(sd[hf_name].float(), exp):
-                raise RuntimeError(f"{hf_name}: transformers loaded other values than the dequantized GGUF "
-                                   f"(max diff {float((sd[hf_name] - exp).abs().max())})")
-        loaded_logits = loaded(input_ids=ids, attention_mask=mask).logits.float()
-        m = mask.bool()[..., None].expand_as(loaded_logits)
-        gguf_vs_twin = float((loaded_logits - twin_logits).abs().masked_select(m).max())
+        gguf_vs_twin = loaded_vs_twin(loaded, expected, tied, ids, mask, twin_logits)
         print(f"  transformers-GGUF vs twin: max |diff| {gguf_vs_twin:.3g}")
+    # Where transformers misses a key, the same load with that key given checks the twin's
+    # tensors (experts included) and logits against transformers' own GGUF reading.
+    overridden_vs_twin = None
+    if spec.get("overrides"):
+        again = AutoModelForCausalLM.from_pretrained(
+            str(OUT), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager",
+            **spec["overrides"]).eval()
+        overridden_vs_twin = loaded_vs_twin(again, expected, tied, ids, mask, twin_logits)
+        print(f"  transformers-GGUF with {spec['overrides']} vs twin: max |diff| {overridden_vs_twin:.3g}")
+        if overridden_vs_twin > 1e-5:
+            raise RuntimeError(f"{arch}: transformers' GGUF model with {spec['overrides']} differs from the twin")
     if spec["twin_because"] is None:
         if gguf_vs_twin is None or gguf_vs_twin > 1e-5:
             raise RuntimeError(f"{arch}: transformers' GGUF model differs from the twin by {gguf_vs_twin}")
@@ -620,6 +713,8 @@ def make_family(arch: str, llama_cpp: Path, gguf) -> list[Path]:
         "reference": source,
         "twin_because": spec["twin_because"],
         "max_abs_logit_diff_transformers_gguf_vs_twin": gguf_vs_twin,
+        "transformers_gguf_overrides": spec.get("overrides"),
+        "max_abs_logit_diff_transformers_gguf_with_overrides_vs_twin": overridden_vs_twin,
         "max_abs_logit_diff_vs_unquantized": round(quant_vs_unquantized, 6),
         "seed": seed,
         "hf_config": json.loads(spec["cfg"](vocab, bos, eos).to_json_string()),

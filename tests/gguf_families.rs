@@ -1,6 +1,8 @@
 //! GGUF files of today's families as llama.cpp's `convert_hf_to_gguf.py` writes them (`llama`
 //! with Llama 3's rotary scaling, `qwen3`, `gemma2`, `gemma3`, `phi3`, `granite`, `starcoder2`,
-//! `olmo2`; Q8_0, F16 and F32 tensors), against references from transformers: transformers
+//! `olmo2`, and the mixtures of experts `qwen3moe` and Mixtral (a `llama` file with experts),
+//! whose experts are stacked in one 3-D tensor per projection; Q8_0, F16 and F32 tensors),
+//! against references from transformers: transformers
 //! loading the same GGUF where it reads everything llama.cpp wrote, else transformers on the
 //! dequantized tensors with the configuration llama.cpp reads (`scripts/make_gguf_fixtures.py`,
 //! `tests/fixtures/gguf/families/<arch>_meta.json` says which). Each family: logits of a padded
@@ -22,9 +24,10 @@ use parallelformers::checkpoint::config::RawConfig;
 use parallelformers::checkpoint::gguf::GgufFile;
 use parallelformers::checkpoint::gguf_model::config_from_gguf;
 use parallelformers::checkpoint::source::ResolvedModel;
+use parallelformers::parallel::forecast::Forecast;
 use parallelformers::text::TextSide;
 use parallelformers::tokenizer::Message;
-use parallelformers::{parallelize, GenerationConfig, ModelSource, WeightDType};
+use parallelformers::{parallelize, ExpertSplit, GenerationConfig, ModelSource, WeightDType};
 
 fn gguf(arch: &str) -> PathBuf {
     fixture("gguf/families").join(format!("{arch}.gguf"))
@@ -43,12 +46,18 @@ fn meta(arch: &str) -> serde_json::Value {
 /// Largest difference from the reference logits at each of 1–3 ranks with weights in `dtype`;
 /// also checks the greedy continuation token for token.
 fn check_family(arch: &str, dtype: WeightDType, tolerance: f64) {
+    check_family_split(arch, dtype, tolerance, None);
+}
+
+/// [`check_family`] with a mixture of experts divided as `split` says.
+fn check_family_split(arch: &str, dtype: WeightDType, tolerance: f64, split: Option<ExpertSplit>) {
     let refs = references(arch);
     let mask = &refs["attention_mask"];
-    let mut worst = 0f64;
+    let mut diffs = Vec::new();
     for ranks in 1..=3 {
         let mut opts = options(ranks);
         opts.dtype = dtype;
+        opts.expert_split = split;
         let mut model = parallelize(gguf(arch), opts).unwrap();
         let out = model.forward(&reference_batch(&refs)).unwrap();
         let diff = masked_max_diff(&out.data, &refs["logits"], mask);
@@ -56,14 +65,17 @@ fn check_family(arch: &str, dtype: WeightDType, tolerance: f64) {
             diff < tolerance,
             "{arch}: {ranks} ranks in {dtype:?} differ from the reference by {diff}"
         );
-        worst = worst.max(diff);
+        diffs.push(format!("{diff:.3e}"));
         assert_greedy_continuation(
             &mut model,
             &refs,
             &format!("{arch}: {ranks} ranks in {dtype:?}"),
         );
     }
-    eprintln!("{arch} in {dtype:?}: max |logit - reference| = {worst:.3e}");
+    eprintln!(
+        "{arch} in {dtype:?} ({split:?}): max |logit - reference| at 1, 2, 3 ranks = {}",
+        diffs.join(", ")
+    );
 }
 
 /// The tokenizer, chat template and end-of-sequence ids the file gives, against transformers'
@@ -173,8 +185,10 @@ family!(phi3);
 family!(granite);
 family!(starcoder2);
 family!(olmo2);
+family!(mixtral);
+family!(qwen3moe);
 
-const FAMILIES: [&str; 8] = [
+const FAMILIES: [&str; 10] = [
     "llama",
     "qwen3",
     "gemma2",
@@ -183,7 +197,83 @@ const FAMILIES: [&str; 8] = [
     "granite",
     "starcoder2",
     "olmo2",
+    "mixtral",
+    "qwen3moe",
 ];
+
+/// Q8_0 stores 32 weights in 34 bytes.
+const Q8_0_BLOCK: (usize, u64) = (32, 34);
+
+/// Kept quantized, a rank holds its slice of every expert in the Q8_0 blocks of the layer's
+/// stacked tensor: the gate and up projections' rows at every rank count, the down
+/// projection's columns where the rank's share of the expert's width is whole blocks (else that
+/// slice is dequantized to f32).
+#[test]
+fn each_rank_keeps_its_slice_of_every_expert_in_the_stacked_q8_0_blocks() {
+    for (arch, experts, width) in [("mixtral", 4, 64), ("qwen3moe", 8, 32)] {
+        let resolved = ResolvedModel::resolve(&ModelSource::Path(gguf(arch))).unwrap();
+        let layers = resolved.config.num_layers;
+        let mut quantized_down_slices = 0;
+        for ranks in 1..=3 {
+            let forecast = Forecast::of(&resolved, ranks, WeightDType::Quantized).unwrap();
+            let stacked: Vec<_> = forecast
+                .tensors
+                .iter()
+                .filter(|t| t.name.contains(".experts."))
+                .collect();
+            assert_eq!(stacked.len(), layers * experts * 3, "{arch}");
+            for t in stacked {
+                let down = t.shape == [64, width];
+                assert!(down || t.shape == [width, 64], "{arch}: {t:?}");
+                for (shape, bytes) in &t.slices {
+                    let elements = shape.iter().product::<usize>();
+                    let whole_blocks = shape[1].is_multiple_of(Q8_0_BLOCK.0);
+                    let expected = match whole_blocks {
+                        true => (elements / Q8_0_BLOCK.0) as u64 * Q8_0_BLOCK.1,
+                        false => elements as u64 * 4,
+                    };
+                    assert_eq!(
+                        *bytes, expected,
+                        "{arch}: {} at {ranks} ranks, slice {shape:?}",
+                        t.name
+                    );
+                    assert!(whole_blocks || (down && ranks > 1), "{arch}: {t:?}");
+                    quantized_down_slices += usize::from(down && whole_blocks && ranks > 1);
+                }
+            }
+        }
+        // Mixtral's experts are 64 wide: two ranks hold 32 columns each, whole blocks.
+        assert_eq!(quantized_down_slices > 0, arch == "mixtral", "{arch}");
+    }
+}
+
+/// Expert parallelism on GGUF files: each rank holds whole experts (Mixtral's 4 over 3 ranks:
+/// 2, 1, 1), read as whole rows of the stacked tensors and kept in their Q8_0 blocks; logits
+/// and greedy tokens match the reference at 1–3 ranks, dequantized or not.
+#[test]
+fn whole_experts_from_the_stacked_tensors_match_the_reference_kept_quantized_or_not() {
+    for arch in ["mixtral", "qwen3moe"] {
+        for dtype in [WeightDType::F32, WeightDType::Quantized] {
+            check_family_split(arch, dtype, 1e-4, Some(ExpertSplit::Expert));
+        }
+        let resolved = ResolvedModel::resolve(&ModelSource::Path(gguf(arch)))
+            .and_then(|m| m.with_expert_split(Some(ExpertSplit::Expert)))
+            .unwrap();
+        let forecast = Forecast::of(&resolved, 3, WeightDType::Quantized).unwrap();
+        for t in forecast
+            .tensors
+            .iter()
+            .filter(|t| t.name.contains(".experts."))
+        {
+            let elements = t.shape.iter().product::<usize>();
+            let whole = (elements / Q8_0_BLOCK.0) as u64 * Q8_0_BLOCK.1;
+            let held: Vec<u64> = t.slices.iter().map(|(_, bytes)| *bytes).collect();
+            // One rank holds it whole, in its blocks; the others nothing.
+            assert_eq!(held.iter().filter(|&&b| b == whole).count(), 1, "{t:?}");
+            assert_eq!(held.iter().filter(|&&b| b == 0).count(), 2, "{t:?}");
+        }
+    }
+}
 
 /// The configuration read from each file's metadata is the one of the checkpoint it was
 /// converted from (as resolved from that checkpoint's `config.json`), but for the form of

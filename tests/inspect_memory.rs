@@ -155,7 +155,8 @@ fn quantized_safetensors_are_forecast_in_f32_as_they_load() {
 fn gguf_forecasts_count_quantized_blocks_as_the_ranks_hold_them() {
     check(&fixture("gguf/tiny_llama_q8_0.gguf"), &EVERY_DTYPE, &[2]);
     // Fused q/k/v and gate/up (kept quantized only where whole), `1 + w` norms, the q/k rotary
-    // permutation, LayerNorm biases, q/k norms over the whole projection.
+    // permutation, LayerNorm biases, q/k norms over the whole projection, experts stacked in
+    // 3-D tensors.
     for arch in [
         "llama",
         "phi3",
@@ -165,6 +166,8 @@ fn gguf_forecasts_count_quantized_blocks_as_the_ranks_hold_them() {
         "olmo2",
         "qwen3",
         "starcoder2",
+        "mixtral",
+        "qwen3moe",
     ] {
         check(&gguf_family(arch), &EVERY_DTYPE, &[2]);
     }

@@ -1763,6 +1763,12 @@ const PLAIN_MLP: [LayerName; 2] = [
     ("ffn_down", "mlp.c_proj", LINEAR),
 ];
 
+/// Qwen3-MoE's router (its experts are stacked, see [`crate::checkpoint::gguf_model`]).
+const QWEN_MOE_ROUTER: [LayerName; 1] = [("ffn_gate_inp", "mlp.gate", LINEAR)];
+
+/// Mixtral's router, in a `llama` file with experts.
+const MIXTRAL_ROUTER: [LayerName; 1] = [("ffn_gate_inp", "block_sparse_moe.gate", LINEAR)];
+
 /// Whole-model tensors: GGUF name, Hugging Face name, whether a `.bias` may sit beside the
 /// `.weight` (the final norm of architectures with LayerNorm biases, see [`TensorNames`]).
 const GLOBAL_NAMES: [(&str, &str, bool); 3] = [
@@ -1787,8 +1793,15 @@ impl TensorNames {
     /// tensors map one to one onto a Hugging Face checkpoint's; `None` for any other.
     pub fn of(arch: &str) -> Option<Self> {
         let layers: &'static [&'static [LayerName]] = match arch {
-            "llama" | "mistral" | "qwen2" | "granite" => &[&ATTENTION, &GATED_MLP, &PRE_NORMS],
+            "llama" | "mistral" | "qwen2" | "granite" => TensorNames::LLAMA.layers,
             "qwen3" => &[&ATTENTION, &GATED_MLP, &PRE_NORMS, &QK_NORMS],
+            "qwen3moe" => &[
+                &ATTENTION,
+                &GATED_MLP,
+                &PRE_NORMS,
+                &QK_NORMS,
+                &QWEN_MOE_ROUTER,
+            ],
             "gemma2" => &[&ATTENTION, &GATED_MLP, &SANDWICH_NORMS],
             "gemma3" => &[&ATTENTION, &GATED_MLP, &SANDWICH_NORMS, &QK_NORMS],
             "phi3" => &[&PHI3_FUSED, &PRE_NORMS],
@@ -1803,9 +1816,11 @@ impl TensorNames {
         })
     }
 
-    /// The llama family's names (`llama`, `mistral`, `qwen2`, `granite`).
+    /// The llama family's names (`llama`, `mistral`, `qwen2`, `granite`; Mixtral's router in a
+    /// `llama` file with experts, whose stacked experts [`crate::checkpoint::gguf_model`]
+    /// names).
     pub const LLAMA: TensorNames = TensorNames {
-        layers: &[&ATTENTION, &GATED_MLP, &PRE_NORMS],
+        layers: &[&ATTENTION, &GATED_MLP, &PRE_NORMS, &MIXTRAL_ROUTER],
         linear_bias: true,
         norm_bias: false,
     };
@@ -1884,6 +1899,7 @@ fn split_suffix(name: &str) -> Option<(&str, bool)> {
 /// | `blk.N.ffn_gate/ffn_up/ffn_down.{weight,bias}` | `model.layers.N.mlp.{gate,up,down}_proj.{weight,bias}` |
 /// | `blk.N.attn_norm.weight` | `model.layers.N.input_layernorm.weight` |
 /// | `blk.N.ffn_norm.weight` | `model.layers.N.post_attention_layernorm.weight` |
+/// | `blk.N.ffn_gate_inp.weight` (Mixtral's router) | `model.layers.N.block_sparse_moe.gate.weight` |
 ///
 /// `None` for anything else (`rope_freqs.weight`, other architectures' tensors). The other
 /// architectures' names: [`TensorNames::of`].

@@ -23,17 +23,24 @@
 //! | `attention.sliding_window`, `attention.sliding_window_pattern` (Gemma 2 default 2, Gemma 3 default 6: layer `i` slides when `i % n < n - 1`) | `sliding_window`, `layer_types` |
 //! | `attn_logit_softcapping`, `final_logit_softcapping` (Gemma 2 defaults 50 and 30) | the same |
 //! | `attention.scale`, `embedding_scale`, `residual_scale`, `logit_scale` (granite) | `attention_multiplier`, `embedding_multiplier`, `residual_multiplier`, `logits_scaling` |
+//! | `expert_count`, `expert_used_count`, `expert_feed_forward_length` (qwen3moe; Mixtral's experts are `feed_forward_length` wide) | `num_experts` (Mixtral's `num_local_experts`), `num_experts_per_tok`, `moe_intermediate_size`, and `norm_topk_prob` true |
 //! | `tokenizer.ggml.eos_token_id`, `eot_token_id`, `eom_token_id`, and the control tokens llama.cpp ends a turn on (`<end_of_turn>`, `<\|im_end\|>`, `<\|eot_id\|>`, `<\|end\|>`, `<\|eom_id\|>`) | `eos_token_id` |
 //!
 //! Gemma 2 and 3 scale queries by `head_dim^-0.5` (`query_pre_attn_scalar = head_dim`; the
 //! hidden width over the heads for their 27B models), as llama.cpp does: no key says otherwise.
 //! Phi-3's sliding window is ignored, as llama.cpp and transformers' GGUF loader ignore it;
 //! StarCoder2's is transformers' default of 4096 (llama.cpp writes none), its biases are there
-//! when `blk.0.attn_q.bias` is.
+//! when `blk.0.attn_q.bias` is. A `llama` file with experts (`expert_count` above 0) is
+//! Mixtral. llama.cpp renormalises the routing weights of both mixtures of experts and builds
+//! every layer sparse, so Qwen3-MoE's `norm_topk_prob` is true (as transformers' GGUF loader
+//! defaults it) and it has no dense layers; shared experts and routers other than softmax are
+//! refused.
 //!
-//! Tensor names are [`TensorNames`]'s. The transformations undone when a tensor is read: the q/k
-//! row permutation of `llama`, `mistral` and `granite` (weights and biases,
-//! [`unpermute_rotary_rows`]) and the `1 + w` of every Gemma 2/3 norm weight.
+//! Tensor names are [`TensorNames`]'s, and each expert's projection is a run of rows of the
+//! layer's stacked expert tensor (`blk.N.ffn_gate_exps.weight` ..., see `gguf_experts.rs`).
+//! The transformations undone when a tensor is read: the q/k row permutation of `llama`,
+//! `mistral` and `granite` (weights and biases, [`unpermute_rotary_rows`]) and the `1 + w` of
+//! every Gemma 2/3 norm weight.
 
 use std::ops::Range;
 use std::path::Path;
@@ -43,16 +50,18 @@ use serde_json::{json, Map, Value};
 
 use crate::checkpoint::config::RawConfig;
 use crate::checkpoint::gguf::{unpermute_rotary_rows, BlockSpan, GgufFile, GgufValue, TensorNames};
+use crate::checkpoint::gguf_experts::{ExpertTensors, SizeKeys};
 use crate::checkpoint::{ModelConfig, WeightSource};
 use crate::error::{Error, Result};
 use crate::models::quantized::QuantizedMatrix;
 
 /// The GGUF `general.architecture` values read, with transformers' `model_type` and class.
-const ARCHITECTURES: [(&str, &str, &str); 10] = [
+const ARCHITECTURES: [(&str, &str, &str); 11] = [
     ("llama", "llama", "LlamaForCausalLM"),
     ("mistral", "mistral", "MistralForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
+    ("qwen3moe", "qwen3_moe", "Qwen3MoeForCausalLM"),
     ("gemma2", "gemma2", "Gemma2ForCausalLM"),
     ("gemma3", "gemma3_text", "Gemma3ForCausalLM"),
     ("phi3", "phi3", "Phi3ForCausalLM"),
@@ -66,12 +75,25 @@ pub fn supported_architectures() -> String {
     ARCHITECTURES.map(|(arch, _, _)| arch).join(", ")
 }
 
-/// The transformers class and `model_type` of a GGUF `general.architecture`.
-fn architecture(arch: &str) -> Option<(&'static str, &'static str)> {
-    ARCHITECTURES
+/// The transformers `model_type` and class of a GGUF `general.architecture`: a `llama` file
+/// with experts is Mixtral (llama.cpp has no architecture of its own for it).
+fn architecture(meta: &Meta) -> Result<Option<(&'static str, &'static str)>> {
+    if meta.arch == "llama" && meta.opt_count("expert_count")?.is_some_and(|n| n > 0) {
+        return Ok(Some(("mixtral", "MixtralForCausalLM")));
+    }
+    Ok(ARCHITECTURES
         .iter()
-        .find(|(name, _, _)| *name == arch)
-        .map(|&(_, model_type, class)| (model_type, class))
+        .find(|(name, _, _)| *name == meta.arch)
+        .map(|&(_, model_type, class)| (model_type, class)))
+}
+
+/// The metadata key of one expert's width: Qwen3-MoE's experts have a width of their own,
+/// Mixtral's are the MLP's.
+fn expert_width_key(arch: &str) -> &'static str {
+    match arch {
+        "qwen3moe" => "expert_feed_forward_length",
+        _ => "feed_forward_length",
+    }
 }
 
 /// Whether llama.cpp's converter permutes the q/k rows of `arch` (`LlamaModel.permute`).
@@ -174,14 +196,15 @@ impl Meta<'_> {
 /// Reads the model configuration from a GGUF file's metadata.
 pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     let arch = file.str_key("general.architecture")?;
-    let (model_type, class) = architecture(arch).ok_or_else(|| {
+    let meta = Meta { file, arch };
+    let (model_type, class) = architecture(&meta)?.ok_or_else(|| {
         Error::UnsupportedModel(format!(
             "{}: general.architecture `{arch}` is not supported (supported: {})",
             file.path().display(),
             supported_architectures()
         ))
     })?;
-    let raw = Value::Object(raw_config(&Meta { file, arch }, model_type, class)?);
+    let raw = Value::Object(raw_config(&meta, model_type, class)?);
     RawConfig::from_value(raw)
         .and_then(RawConfig::resolve)
         .map_err(|message| Error::config(file.path(), message))
@@ -336,7 +359,46 @@ fn raw_config(meta: &Meta, model_type: &str, class: &str) -> Result<Map<String, 
         }
         _ => {}
     }
+    if matches!(model_type, "mixtral" | "qwen3_moe") {
+        experts(meta, &mut c, model_type)?;
+    }
     Ok(c)
+}
+
+/// A mixture of experts' switches: how many experts, how many each token reads, their width,
+/// and the renormalisation of the routing weights, which llama.cpp applies to both Mixtral and
+/// Qwen3-MoE whatever the checkpoint's `norm_topk_prob` was (transformers' GGUF loader defaults
+/// Qwen3-MoE's to true for this reason). Every layer is sparse, as llama.cpp builds them.
+fn experts(meta: &Meta, c: &mut Map<String, Value>, model_type: &str) -> Result<()> {
+    if let Some(n) = meta.opt_count("expert_shared_count")?.filter(|&n| n > 0) {
+        return Err(meta.invalid(
+            "expert_shared_count",
+            format!("is {n}: shared experts are not supported"),
+        ));
+    }
+    // llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX.
+    if let Some(f) = meta.opt_count("expert_gating_func")?.filter(|&f| f != 1) {
+        return Err(meta.invalid(
+            "expert_gating_func",
+            format!("is {f}: only the softmax router (1) is supported"),
+        ));
+    }
+    let count = meta.count("expert_count")?;
+    let used = meta.count("expert_used_count")?;
+    if model_type == "qwen3_moe" {
+        c.insert("num_experts".into(), json!(count));
+        c.insert(
+            "moe_intermediate_size".into(),
+            json!(meta.count(expert_width_key(meta.arch))?),
+        );
+        c.insert("norm_topk_prob".into(), json!(true));
+        c.insert("decoder_sparse_step".into(), json!(1));
+        c.insert("mlp_only_layers".into(), json!([]));
+    } else {
+        c.insert("num_local_experts".into(), json!(count));
+    }
+    c.insert("num_experts_per_tok".into(), json!(used));
+    Ok(())
 }
 
 /// The end-of-sequence ids: `eos_token_id`, the end-of-turn and end-of-message ids, and the
@@ -615,6 +677,8 @@ fn sliding_pattern(meta: &Meta, layers: usize, default: u64) -> Result<Vec<bool>
 pub struct GgufWeights {
     file: GgufFile,
     names: TensorNames,
+    /// The stacked experts of a mixture of experts, named per expert.
+    experts: Option<ExpertTensors>,
     /// Head width for undoing llama.cpp's q/k row permutation (`llama`, `mistral`, `granite`).
     rotary_head_dim: Option<usize>,
     /// Norm weights are stored as `1 + w` (Gemma 2 and 3).
@@ -633,11 +697,44 @@ impl GgufWeights {
                 supported_architectures()
             ))
         })?;
+        let moe = config.decoder.as_ref().and_then(|d| d.moe.as_ref());
+        let experts = match moe {
+            Some(moe) => {
+                let key = |name: &str| format!("{arch}.{name}");
+                let keys = SizeKeys {
+                    experts: &key("expert_count"),
+                    width: &key(expert_width_key(&arch)),
+                    hidden: &key("embedding_length"),
+                };
+                Some(ExpertTensors::open(&file, moe, config.hidden_size, keys)?)
+            }
+            None => None,
+        };
         Ok(GgufWeights {
             file,
             names,
+            experts,
             rotary_head_dim: permutes_rotary_rows(&arch).then_some(config.head_dim),
             norms_plus_one: norms_plus_one(&arch),
+        })
+    }
+
+    /// Where Hugging Face tensor `name` lies in the file: a whole GGUF tensor, or an expert's
+    /// run of rows of a stacked one.
+    fn locate(&self, name: &str) -> Option<Located> {
+        if let Some(slice) = self.experts.as_ref().and_then(|e| e.locate(name)) {
+            return Some(Located {
+                gguf_name: slice.gguf_name,
+                first_row: slice.first_row,
+                shape: slice.shape.to_vec(),
+            });
+        }
+        let gguf_name = self.names.gguf_name(name)?;
+        let shape = self.file.tensor(&gguf_name)?.shape();
+        Some(Located {
+            gguf_name,
+            first_row: 0,
+            shape,
         })
     }
 
@@ -663,10 +760,10 @@ impl GgufWeights {
         rows: &Range<usize>,
         cols: &Range<usize>,
     ) -> Result<Option<(BlockSpan, Option<usize>)>> {
-        let Some(gguf_name) = self.names.gguf_name(name) else {
+        let Some(at) = self.locate(name) else {
             return Ok(None);
         };
-        if self.is_plus_one(&gguf_name) || name.ends_with(".bias") {
+        if self.is_plus_one(&at.gguf_name) || name.ends_with(".bias") {
             return Ok(None);
         }
         let permuted = self.is_permuted(name);
@@ -675,7 +772,7 @@ impl GgufWeights {
         }) {
             return Ok(None);
         }
-        let span = self.file.block_span(&gguf_name, rows, cols)?;
+        let span = self.file.block_span(&at.gguf_name, &at.rows(rows)?, cols)?;
         Ok(span.map(|span| (span, permuted)))
     }
 
@@ -688,22 +785,48 @@ impl GgufWeights {
     }
 }
 
+/// Where a Hugging Face tensor lies in a GGUF file (see [`GgufWeights::locate`]).
+struct Located {
+    /// The GGUF tensor.
+    gguf_name: String,
+    /// The row of the GGUF tensor (read as a matrix) where the Hugging Face tensor's rows start.
+    first_row: usize,
+    /// The Hugging Face tensor's shape.
+    shape: Vec<usize>,
+}
+
+impl Located {
+    /// Rows `rows` of the Hugging Face tensor as rows of the GGUF tensor, which must not leave
+    /// the Hugging Face tensor's (an expert's rows end where the next expert's start).
+    fn rows(&self, rows: &Range<usize>) -> Result<Range<usize>> {
+        if self.shape.len() == 2 && rows.end > self.shape[0] {
+            return Err(Error::InvalidInput(format!(
+                "rows {rows:?} of a tensor of shape {:?} stored in `{}` requested",
+                self.shape, self.gguf_name
+            )));
+        }
+        Ok(self.first_row + rows.start..self.first_row + rows.end)
+    }
+}
+
 impl WeightSource for GgufWeights {
     fn location(&self) -> &Path {
         self.file.path()
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.file
-            .tensor(&self.names.gguf_name(name)?)
-            .map(|t| t.shape())
+        self.locate(name).map(|at| at.shape)
     }
 
     fn names(&self) -> Vec<String> {
-        self.file
-            .tensors()
-            .filter_map(|t| self.names.hf_name(&t.name))
-            .collect()
+        let mut names = Vec::new();
+        for t in self.file.tensors() {
+            match self.experts.as_ref().and_then(|e| e.hf_names(&t.name)) {
+                Some(experts) => names.extend(experts),
+                None => names.extend(self.names.hf_name(&t.name)),
+            }
+        }
+        names
     }
 
     fn read_quantized(
@@ -747,8 +870,8 @@ impl WeightSource for GgufWeights {
             name: name.to_string(),
             dir: self.file.path().to_path_buf(),
         };
-        let gguf_name = self.names.gguf_name(name).ok_or_else(missing)?;
-        let shape = self.file.tensor(&gguf_name).ok_or_else(missing)?.shape();
+        let at = self.locate(name).ok_or_else(missing)?;
+        let (gguf_name, shape) = (&at.gguf_name, &at.shape);
         let (rows, cols) = match (block, shape.as_slice()) {
             (Some(block), _) => block,
             (None, [n]) => (0..1, 0..*n),
@@ -760,7 +883,9 @@ impl WeightSource for GgufWeights {
                 ))
             }
         };
-        let mut data = self.file.read_f32(&gguf_name, rows.clone(), cols.clone())?;
+        let mut data = self
+            .file
+            .read_f32(gguf_name, at.rows(&rows)?, cols.clone())?;
         if let Some(head_dim) = self.is_permuted(name) {
             // A weight's heads are runs of rows; a bias's (one value per row) runs of its values.
             let (run, width) = match shape.len() {
@@ -774,7 +899,7 @@ impl WeightSource for GgufWeights {
             }
             unpermute_rotary_rows(&mut data, head_dim, width)?;
         }
-        if self.is_plus_one(&gguf_name) {
+        if self.is_plus_one(gguf_name) {
             for v in &mut data {
                 *v -= 1.0;
             }
@@ -792,86 +917,8 @@ impl WeightSource for GgufWeights {
 mod tests {
     use super::*;
     use crate::checkpoint::config::rope::RopeScaling;
-    use std::io::Write;
-
-    /// A metadata value of a hand-made file.
-    enum V<'a> {
-        U32(u32),
-        F32(f32),
-        Str(&'a str),
-        Bools(&'a [bool]),
-        Strs(&'a [&'a str]),
-        I32s(&'a [i32]),
-    }
-
-    fn put_str(buf: &mut Vec<u8>, s: &str) {
-        buf.extend((s.len() as u64).to_le_bytes());
-        buf.extend(s.as_bytes());
-    }
-
-    /// A GGUF file with `kv` and 1-D F32 tensors `tensors`, opened.
-    fn file(kv: &[(&str, V)], tensors: &[(&str, &[f32])]) -> (tempfile::NamedTempFile, GgufFile) {
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend((tensors.len() as u64).to_le_bytes());
-        out.extend((kv.len() as u64).to_le_bytes());
-        for (key, value) in kv {
-            put_str(&mut out, key);
-            match value {
-                V::U32(v) => {
-                    out.extend(4u32.to_le_bytes());
-                    out.extend(v.to_le_bytes());
-                }
-                V::F32(v) => {
-                    out.extend(6u32.to_le_bytes());
-                    out.extend(v.to_le_bytes());
-                }
-                V::Str(s) => {
-                    out.extend(8u32.to_le_bytes());
-                    put_str(&mut out, s);
-                }
-                V::Bools(flags) => {
-                    out.extend(9u32.to_le_bytes());
-                    out.extend(7u32.to_le_bytes());
-                    out.extend((flags.len() as u64).to_le_bytes());
-                    out.extend(flags.iter().map(|&f| f as u8));
-                }
-                V::Strs(strings) => {
-                    out.extend(9u32.to_le_bytes());
-                    out.extend(8u32.to_le_bytes());
-                    out.extend((strings.len() as u64).to_le_bytes());
-                    for s in *strings {
-                        put_str(&mut out, s);
-                    }
-                }
-                V::I32s(values) => {
-                    out.extend(9u32.to_le_bytes());
-                    out.extend(5u32.to_le_bytes());
-                    out.extend((values.len() as u64).to_le_bytes());
-                    for v in *values {
-                        out.extend(v.to_le_bytes());
-                    }
-                }
-            }
-        }
-        let mut data = Vec::new();
-        for (name, values) in tensors {
-            put_str(&mut out, name);
-            out.extend(1u32.to_le_bytes());
-            out.extend((values.len() as u64).to_le_bytes());
-            out.extend(0u32.to_le_bytes());
-            data.resize(data.len().div_ceil(32) * 32, 0);
-            out.extend((data.len() as u64).to_le_bytes());
-            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        }
-        out.resize(out.len().div_ceil(32) * 32, 0);
-        out.extend(data);
-        let mut tmp = tempfile::NamedTempFile::new().unwrap();
-        tmp.write_all(&out).unwrap();
-        tmp.flush().unwrap();
-        let opened = GgufFile::open(tmp.path()).unwrap();
-        (tmp, opened)
-    }
+    use crate::checkpoint::config::ExpertNames;
+    use crate::checkpoint::gguf_test_file::{gguf_file, Tensor, V};
 
     /// The shape keys of a small `arch` model: 64 wide, 4 heads over 2, 3 layers.
     fn shape(arch: &'static str) -> Vec<(String, V<'static>)> {
@@ -890,20 +937,13 @@ mod tests {
     }
 
     fn config(kv: Vec<(String, V)>, tensors: &[(&str, &[f32])]) -> Result<ModelConfig> {
-        let kv: Vec<(&str, V)> = kv.iter().map(|(k, v)| (k.as_str(), clone(v))).collect();
-        let (_tmp, f) = file(&kv, tensors);
+        let kv: Vec<(&str, V)> = kv.iter().map(|(k, v)| (k.as_str(), v.copy())).collect();
+        let tensors: Vec<Tensor> = tensors
+            .iter()
+            .map(|(name, values)| Tensor::vector(name, values))
+            .collect();
+        let (_tmp, f) = gguf_file(&kv, &tensors);
         config_from_gguf(&f)
-    }
-
-    fn clone<'a>(v: &V<'a>) -> V<'a> {
-        match v {
-            V::U32(x) => V::U32(*x),
-            V::F32(x) => V::F32(*x),
-            V::Str(s) => V::Str(s),
-            V::Bools(b) => V::Bools(b),
-            V::Strs(s) => V::Strs(s),
-            V::I32s(s) => V::I32s(s),
-        }
     }
 
     fn with(
@@ -1168,6 +1208,71 @@ mod tests {
         assert_eq!(d.logit_scale, Some(1.0 / 8.0));
         // `<|im_end|>` is not a control token here, so it does not end a turn.
         assert_eq!(granite.eos_token_ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn expert_counts_and_widths_make_mixtral_of_llama_and_qwen3_moe_of_qwen3moe() {
+        let mixtral = config(
+            with(
+                shape("llama"),
+                vec![
+                    ("llama.expert_count", V::U32(4)),
+                    ("llama.expert_used_count", V::U32(2)),
+                ],
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(mixtral.model_type, "mixtral");
+        let moe = mixtral.decoder.unwrap().moe.unwrap();
+        assert_eq!(moe.names, ExpertNames::Mixtral);
+        assert_eq!(
+            (
+                moe.experts,
+                moe.top_k,
+                moe.intermediate_size,
+                moe.renormalize
+            ),
+            (4, 2, 96, true)
+        );
+        // A Qwen3-MoE file with `extra` keys and without key `without`.
+        let qwen = |extra: Vec<(&'static str, V<'static>)>, without: &str| {
+            let mut kv: Vec<(&str, V)> = [
+                ("qwen3moe.expert_count", V::U32(8)),
+                ("qwen3moe.expert_used_count", V::U32(2)),
+                ("qwen3moe.expert_feed_forward_length", V::U32(32)),
+            ]
+            .into_iter()
+            .filter(|(key, _)| *key != without)
+            .collect();
+            kv.extend(extra);
+            config(with(shape("qwen3moe"), kv), &[])
+        };
+        let qwen3_moe = qwen(vec![], "").unwrap();
+        assert_eq!(qwen3_moe.model_type, "qwen3_moe");
+        let moe = qwen3_moe.decoder.unwrap().moe.unwrap();
+        assert_eq!(moe.names, ExpertNames::Qwen);
+        assert_eq!(
+            (
+                moe.experts,
+                moe.top_k,
+                moe.intermediate_size,
+                moe.renormalize
+            ),
+            (8, 2, 32, true),
+            "llama.cpp renormalises Qwen3-MoE's routing weights"
+        );
+        assert_eq!(moe.sparse_layers, vec![true; 3]);
+        let refused = [
+            (vec![("qwen3moe.expert_shared_count", V::U32(1))], ""),
+            (vec![("qwen3moe.expert_gating_func", V::U32(2))], ""),
+            (vec![], "qwen3moe.expert_feed_forward_length"),
+        ];
+        for (extra, without) in refused {
+            let key = extra.first().map_or(without, |(key, _)| *key);
+            let err = qwen(extra, without).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

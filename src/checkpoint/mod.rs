@@ -4,7 +4,10 @@
 pub mod config;
 pub mod default_model;
 pub mod gguf;
+mod gguf_experts;
 pub mod gguf_model;
+#[cfg(test)]
+mod gguf_test_file;
 pub mod hub;
 pub mod safetensors;
 pub mod source;
