@@ -239,7 +239,7 @@ fn a_renamed_checkpoint_runs_like_the_original_with_only_a_policy_file() {
 fn mistakes_in_a_policy_are_named_before_any_rank_starts() {
     /// What each case changes in the policy, and what the error must say.
     type Case = (&'static str, fn(&str) -> String, &'static str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 7] = [
         (
             "unknown split",
             |p| p.replacen("split = \"row\"", "split = \"diagonal\"", 1),
@@ -269,6 +269,22 @@ fn mistakes_in_a_policy_are_named_before_any_rank_starts() {
                 )
             },
             "a replicate split takes no partition",
+        ),
+        (
+            "an expert split with a partition",
+            |p| p.replacen("split = \"row\"", "split = \"expert\"", 1),
+            "an expert split takes no partition",
+        ),
+        (
+            "whole experts of a model without experts",
+            |p| {
+                p.replacen(
+                    "split = \"row\"\npartition = \"intermediate\"",
+                    "split = \"expert\"",
+                    1,
+                )
+            },
+            "has no mixture of experts",
         ),
     ];
     for (case, edit, needle) in cases {

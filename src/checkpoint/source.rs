@@ -211,7 +211,15 @@ impl ResolvedModel {
             .map_err(|message| {
                 Error::InvalidInput(format!("policy for {}: {message}", dir.display()))
             })?;
-        Ok(Self::directory(dir, config, Some(policy.policy())))
+        let rules = policy.policy();
+        if rules.expert_split() == ExpertSplit::Expert && config.expert_count() == 0 {
+            return Err(Error::InvalidInput(format!(
+                "policy for {}: split = \"expert\" holds whole experts, but the model (wiring `{}`) has no mixture of experts",
+                dir.display(),
+                policy.wiring
+            )));
+        }
+        Ok(Self::directory(dir, config, Some(rules)))
     }
 
     fn directory(dir: &Path, config: ModelConfig, policy: Option<Policy>) -> Self {

@@ -281,8 +281,11 @@ impl TensorRule {
                 Ok(Role::Expert)
             }
             (split, _) => Err(format!(
-                "a {} split takes no {}",
-                format!("{split:?}").to_lowercase(),
+                "{} split takes no {}",
+                match split {
+                    Split::Expert => "an expert".to_string(),
+                    other => format!("a {other:?}").to_lowercase(),
+                },
                 if self.parts.is_some() {
                     "parts"
                 } else {
