@@ -73,11 +73,18 @@ fn max_ranks(name: &str) -> usize {
 }
 
 fn check_all_ranks(name: &str) {
+    check_all_ranks_with(name, options);
+}
+
+/// Checks `name` at every rank count it allows, each with the options `options_for` gives.
+fn check_all_ranks_with(name: &str, options_for: fn(usize) -> Options) {
     for ranks in 1..=max_ranks(name) {
-        let diff = check_fixture(name, options(ranks));
+        let opts = options_for(ranks);
+        let split = opts.expert_split;
+        let diff = check_fixture(name, opts);
         assert!(
             diff < F32_TOLERANCE,
-            "{name} at {ranks} ranks differs from transformers by {diff}"
+            "{name} at {ranks} ranks (experts split: {split:?}) differs from transformers by {diff}"
         );
     }
 }
@@ -280,13 +287,7 @@ fn expert_parallel(ranks: usize) -> Options {
 #[test]
 fn mixtures_of_experts_split_by_expert_match_transformers_at_every_rank_count() {
     for name in MOE_FIXTURES {
-        for ranks in 1..=max_ranks(name) {
-            let diff = check_fixture(name, expert_parallel(ranks));
-            assert!(
-                diff < F32_TOLERANCE,
-                "{name} split by expert at {ranks} ranks differs from transformers by {diff}"
-            );
-        }
+        check_all_ranks_with(name, expert_parallel);
     }
 }
 

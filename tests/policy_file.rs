@@ -303,13 +303,39 @@ fn mistakes_in_a_policy_are_named_before_any_rank_starts() {
     assert!(error.contains("tinyllm"), "{error}");
 }
 
-/// A Gemma 2 checkpoint under a `model_type` of its own: its sandwich norms, soft-capping and
-/// alternating windows come with `wiring = "gemma2"`, read from its `config.json`.
-const GEMMA2_POLICY: &str = r#"
-model_type = "mygemma"
-wiring = "gemma2"
-prefixes = ["decoder."]
+/// The fixture `name` in a fresh directory under `model_type`, its tensors' `model.` prefix
+/// spelled `decoder.`, with a policy file beside it: `policy` followed by [`DECODER_TENSORS`];
+/// the directory, the checkpoint and the policy's paths.
+fn under_a_model_type_of_its_own(
+    name: &str,
+    model_type: &str,
+    policy: &str,
+) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join(model_type);
+    std::fs::create_dir(&model).unwrap();
+    let source = fixture(name);
+    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, TensorView)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name.replacen("model.", "decoder.", 1), view))
+        .collect();
+    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    config["model_type"] = model_type.into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let policy_path = dir.path().join(format!("{model_type}.toml"));
+    std::fs::write(&policy_path, format!("{policy}{DECODER_TENSORS}")).unwrap();
+    (dir, model, policy_path)
+}
 
+/// The attention, embedding and norm entries of a Llama-style decoder whose tensors are the
+/// wiring's own names behind `decoder.`: what the Gemma 2 and Mixtral policies below share.
+const DECODER_TENSORS: &str = r#"
 [[tensor]]
 name = "embed_tokens.weight"
 wiring_name = "embed_tokens.weight"
@@ -335,18 +361,6 @@ split = "column"
 partition = "kv_heads"
 
 [[tensor]]
-name = "layers.*.mlp.down_proj.weight"
-wiring_name = "layers.*.mlp.down_proj.weight"
-split = "row"
-partition = "intermediate"
-
-[[tensor]]
-name = "layers.*.mlp.*_proj.weight"
-wiring_name = "layers.*.mlp.*_proj.weight"
-split = "column"
-partition = "intermediate"
-
-[[tensor]]
 name = "layers.*.*_layernorm.weight"
 wiring_name = "layers.*.*_layernorm.weight"
 split = "replicate"
@@ -357,27 +371,29 @@ wiring_name = "norm.weight"
 split = "replicate"
 "#;
 
+/// A Gemma 2 checkpoint under a `model_type` of its own: its sandwich norms, soft-capping and
+/// alternating windows come with `wiring = "gemma2"`, read from its `config.json`.
+const GEMMA2_POLICY: &str = r#"
+model_type = "mygemma"
+wiring = "gemma2"
+prefixes = ["decoder."]
+
+[[tensor]]
+name = "layers.*.mlp.down_proj.weight"
+wiring_name = "layers.*.mlp.down_proj.weight"
+split = "row"
+partition = "intermediate"
+
+[[tensor]]
+name = "layers.*.mlp.*_proj.weight"
+wiring_name = "layers.*.mlp.*_proj.weight"
+split = "column"
+partition = "intermediate"
+"#;
+
 #[test]
 fn a_policy_file_brings_the_switches_of_a_todays_wiring() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("mygemma");
-    std::fs::create_dir(&model).unwrap();
-    let source = fixture("gemma2");
-    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
-    let file = SafeTensors::deserialize(&bytes).unwrap();
-    let views: Vec<(String, TensorView)> = file
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name.replacen("model.", "decoder.", 1), view))
-        .collect();
-    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
-            .unwrap();
-    config["model_type"] = "mygemma".into();
-    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
-    let policy = dir.path().join("mygemma.toml");
-    std::fs::write(&policy, GEMMA2_POLICY).unwrap();
+    let (_dir, model, policy) = under_a_model_type_of_its_own("gemma2", "mygemma", GEMMA2_POLICY);
     let greedy = GenerationConfig {
         max_new_tokens: 12,
         eos_token_id: None,
@@ -402,34 +418,10 @@ wiring = "mixtral"
 prefixes = ["decoder."]
 
 [[tensor]]
-name = "embed_tokens.weight"
-wiring_name = "embed_tokens.weight"
-split = "column"
-partition = "vocab"
-
-[[tensor]]
 name = "lm_head.weight"
 wiring_name = "lm_head.weight"
 split = "column"
 partition = "vocab"
-
-[[tensor]]
-name = "layers.*.self_attn.q_proj.weight"
-wiring_name = "layers.*.self_attn.q_proj.weight"
-split = "column"
-partition = "heads"
-
-[[tensor]]
-name = "layers.*.self_attn.o_proj.weight"
-wiring_name = "layers.*.self_attn.o_proj.weight"
-split = "row"
-partition = "heads"
-
-[[tensor]]
-name = "layers.*.self_attn.*_proj.weight"
-wiring_name = "layers.*.self_attn.*_proj.weight"
-split = "column"
-partition = "kv_heads"
 
 [[tensor]]
 name = "layers.*.block_sparse_moe.gate.weight"
@@ -440,39 +432,11 @@ split = "replicate"
 name = "layers.*.block_sparse_moe.experts.*.weight"
 wiring_name = "layers.*.block_sparse_moe.experts.*.weight"
 split = "expert"
-
-[[tensor]]
-name = "layers.*.*_layernorm.weight"
-wiring_name = "layers.*.*_layernorm.weight"
-split = "replicate"
-
-[[tensor]]
-name = "norm.weight"
-wiring_name = "norm.weight"
-split = "replicate"
 "#;
 
 #[test]
 fn a_policy_file_can_hold_whole_experts_on_each_rank() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("mymoe");
-    std::fs::create_dir(&model).unwrap();
-    let source = fixture("mixtral");
-    let bytes = std::fs::read(source.join("model.safetensors")).unwrap();
-    let file = SafeTensors::deserialize(&bytes).unwrap();
-    let views: Vec<(String, TensorView)> = file
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name.replacen("model.", "decoder.", 1), view))
-        .collect();
-    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
-            .unwrap();
-    config["model_type"] = "mymoe".into();
-    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
-    let policy = dir.path().join("mymoe.toml");
-    std::fs::write(&policy, MIXTRAL_POLICY).unwrap();
+    let (_dir, model, policy) = under_a_model_type_of_its_own("mixtral", "mymoe", MIXTRAL_POLICY);
     let greedy = GenerationConfig {
         max_new_tokens: 12,
         ..GenerationConfig::default()
