@@ -28,9 +28,22 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig  # noqa: E402
 from transformers.generation.logits_process import (  # noqa: E402
+    EncoderNoRepeatNGramLogitsProcessor,
+    EncoderRepetitionPenaltyLogitsProcessor,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    ExponentialDecayLengthPenalty,
+    ForcedBOSTokenLogitsProcessor,
+    ForcedEOSTokenLogitsProcessor,
+    LogitNormalization,
     MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -50,6 +63,8 @@ TODAY_MODELS = ["llama3", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "smollm3
 SEQ2SEQ_MODELS = ["t5", "bart"]
 # Mixtures of experts (issue 20).
 MOE_MODELS = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
+# The logits processors of issue 21 in generate, written to logits_processors.json.
+PROCESSOR_MODELS = ["llama", "gpt2", "bart"]
 PAD = 0
 
 
@@ -136,12 +151,96 @@ def model_cases(name: str) -> dict:
     }
 
 
+def processor_model_cases(name: str) -> dict:
+    """Cases of forced BOS/EOS tokens, suppressed tokens, min-p, epsilon cutoff, sequence biases,
+    bad words, the exponential decay length penalty, renormalised beam scores, the encoder
+    processors and max_time for one model; the suppressed tokens are those greedy decoding would choose, so that suppressing
+    them changes the output."""
+    kind = AutoModelForSeq2SeqLM if name in SEQ2SEQ_MODELS else AutoModelForCausalLM
+    model = kind.from_pretrained(FIXTURES / name, dtype=torch.float32)
+    model.eval()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(21)
+    prompt = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()  # noqa: E402,E731
+    one = [prompt(6)]
+    eos = model.generation_config.eos_token_id
+    greedy = run(model, one)["sequences"][0]
+    echo = [one[0][:3] + greedy[:3]]
+    cases = {
+        "suppress_tokens": run(model, one, suppress_tokens=greedy[:2]),
+        "begin_suppress_tokens": run(model, one, begin_suppress_tokens=greedy[:1]),
+        "forced_eos_two_ids": run(model, one, forced_eos_token_id=[9, 5]),
+        # Sampling that keeps only the most likely token: transformers' draw is then certain.
+        "sampled_min_p_1": run(model, one, do_sample=True, min_p=1.0, top_k=0),
+        "batched_suppressions_and_forced_eos": run(
+            model, [prompt(3), prompt(6)], suppress_tokens=greedy[1:2], begin_suppress_tokens=greedy[:1],
+            forced_eos_token_id=7),
+        "renormalized_beams": run(model, one, num_beams=3, repetition_penalty=1.3, renormalize_logits=True,
+                                  num_return_sequences=2, max_new_tokens=8),
+        "suppressed_beams": run(model, one, num_beams=2, suppress_tokens=greedy[:1],
+                                begin_suppress_tokens=greedy[1:2], max_new_tokens=8),
+        "sequence_bias": run(model, one, sequence_bias=[[greedy[:1], -4.0], [greedy[2:4], -30.0], [[5], 2.0]]),
+        # The lone end-of-sequence ban is dropped.
+        "bad_words_ids": run(model, one, bad_words_ids=[greedy[1:2], greedy[2:4], [eos]]),
+        "exponential_decay_length_penalty": run(model, one, exponential_decay_length_penalty=(2, 4.0)),
+        "sampled_epsilon_0.5": run(model, one, do_sample=True, epsilon_cutoff=0.5, top_k=0),
+        "biased_beams": run(model, one, num_beams=3, bad_words_ids=[greedy[1:2]],
+                            sequence_bias=[[greedy[:1], 1.5], [greedy[2:4], -2.0]], num_return_sequences=2,
+                            max_new_tokens=8),
+        # The encoder processors read the prompt (a decoder-only model's input_ids, as padded), here
+        # one with greedy decoding's first tokens in it, so that they change the output.
+        "encoder_repetition_penalty": run(model, echo, encoder_repetition_penalty=1.5),
+        "encoder_repetition_penalty_below_one": run(model, echo, encoder_repetition_penalty=0.5),
+        "encoder_no_repeat_ngram_1": run(model, echo, encoder_no_repeat_ngram_size=1),
+        "encoder_no_repeat_ngram_2": run(model, echo, encoder_no_repeat_ngram_size=2),
+        "batched_encoder_processors": run(model, [greedy[:3], echo[0]], encoder_repetition_penalty=0.5,
+                                          encoder_no_repeat_ngram_size=2),
+        "encoder_processors_beams": run(model, echo, num_beams=3, encoder_repetition_penalty=0.5,
+                                        encoder_no_repeat_ngram_size=2, num_return_sequences=2, max_new_tokens=8),
+        # Past its limit after the first token: one token.
+        "max_time": run(model, one, max_time=1e-6),
+    }
+    if model.config.is_encoder_decoder:
+        # A BART summariser's generation_config.json (facebook/bart-large-cnn's keys).
+        summariser = dict(forced_bos_token_id=0, forced_eos_token_id=eos)
+        cases["summariser"] = run(model, one, **summariser)
+        cases["summariser_beams"] = run(model, one, num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3,
+                                        early_stopping=True, num_return_sequences=2, max_new_tokens=8,
+                                        **summariser)
+        forced_first = cases["summariser"]["sequences"][0]
+        cases["begin_suppress_after_forced_bos"] = run(model, one, begin_suppress_tokens=forced_first[1:2],
+                                                       **summariser)
+    else:
+        # A one-token prompt is where a decoder-only model's forced BOS applies.
+        cases["forced_bos_one_token_prompt"] = run(model, [prompt(1)], forced_bos_token_id=5)
+        cases["forced_eos_beams"] = run(model, one, num_beams=3, forced_eos_token_id=eos, max_new_tokens=8)
+    return {"model": name, "eos_token_id": eos, "pad_token_id": PAD, "cases": cases}
+
+
+def processor_generate_cases() -> dict:
+    return {
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "families": {name: processor_model_cases(name) for name in PROCESSOR_MODELS},
+    }
+
+
 def processor_cases() -> dict:
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(3, 40, generator=gen) * 3.0
     logits[2, 5] = logits[2, 6] = logits[2].max() + 1.0  # a tie at the top
     input_ids = torch.randint(0, 40, (3, 9), generator=gen)
     input_ids[:, -3:] = input_ids[:, 2:5]  # repeated n-grams
+    last = input_ids[:, -2:].tolist()
+    # Biases of one token, and of sequences whose beginning ends a row (so they apply there).
+    specs = {
+        "sequence_bias": [[[3], 2.5], [[7], -1.0], [[last[0][1], 12], 4.0], [[*last[1], 20], -3.0],
+                          [[last[0][1], 3], 1.5]],
+        "bad_words_ids": [[5], [last[0][1], 12], [30, 31], [*last[2], 17]],
+        # The encoder processors' input: the first ids of each row.
+        "encoder_len": 7,
+    }
+    encoder_ids = input_ids[:, :specs["encoder_len"]]
     processors = {
         "repetition_penalty_1.3": RepetitionPenaltyLogitsProcessor(1.3),
         "repetition_penalty_0.8": RepetitionPenaltyLogitsProcessor(0.8),
@@ -156,8 +255,30 @@ def processor_cases() -> dict:
         "top_p_0.3": TopPLogitsWarper(0.3),
         "typical_p_0.9": TypicalLogitsWarper(0.9),
         "typical_p_0.4": TypicalLogitsWarper(0.4),
+        "min_p_0.1": MinPLogitsWarper(0.1),
+        "min_p_0.6": MinPLogitsWarper(0.6),
+        "suppress_tokens_3_7_11": SuppressTokensLogitsProcessor([3, 7, 11]),
+        # Both apply at this length of input_ids (9).
+        "begin_suppress_tokens_4_5": SuppressTokensAtBeginLogitsProcessor([4, 5], 9),
+        "forced_eos_2_8": ForcedEOSTokenLogitsProcessor(10, [2, 8]),
+        "renormalize": LogitNormalization(),
+        "sequence_bias": SequenceBiasLogitsProcessor(specs["sequence_bias"]),
+        # End-of-sequence id 5: its lone ban is dropped.
+        "bad_words_ids": NoBadWordsLogitsProcessor(specs["bad_words_ids"], eos_token_id=[5]),
+        # The input's 9 ids are 3 past the start (2 after an input of 4).
+        "exponential_decay_2_1.5_step_3": ExponentialDecayLengthPenalty((2, 1.5), [2, 9], 4),
+        "epsilon_0.02": EpsilonLogitsWarper(0.02),
+        "epsilon_0.1": EpsilonLogitsWarper(0.1),
+        "eta_0.02": EtaLogitsWarper(0.02),
+        "eta_0.5": EtaLogitsWarper(0.5),
+        "encoder_repetition_penalty_1.5": EncoderRepetitionPenaltyLogitsProcessor(1.5, encoder_ids),
+        "encoder_repetition_penalty_0.5": EncoderRepetitionPenaltyLogitsProcessor(0.5, encoder_ids),
+        "encoder_no_repeat_ngram_1": EncoderNoRepeatNGramLogitsProcessor(1, encoder_ids),
+        "encoder_no_repeat_ngram_2": EncoderNoRepeatNGramLogitsProcessor(2, encoder_ids),
+        "encoder_no_repeat_ngram_3": EncoderNoRepeatNGramLogitsProcessor(3, encoder_ids),
     }
     cases = {name: listed(p(input_ids, logits.clone())) for name, p in processors.items()}
+    cases["forced_bos_6"] = listed(ForcedBOSTokenLogitsProcessor(6)(input_ids[:, :1], logits.clone()))
     # The whole sampling pipeline in transformers' order.
     chain = [RepetitionPenaltyLogitsProcessor(1.2), NoRepeatNGramLogitsProcessor(2), TemperatureLogitsWarper(0.8),
              TopKLogitsWarper(12), TopPLogitsWarper(0.9), TypicalLogitsWarper(0.95)]
@@ -165,11 +286,20 @@ def processor_cases() -> dict:
     for p in chain:
         scores = p(input_ids, scores)
     cases["pipeline"] = listed(scores)
+    # The processors of issue 21 in transformers' order with the sampling warpers.
+    chain = [RepetitionPenaltyLogitsProcessor(1.2), SuppressTokensLogitsProcessor([3, 7]),
+             SuppressTokensAtBeginLogitsProcessor([4], 9), TemperatureLogitsWarper(0.8), TopKLogitsWarper(12),
+             MinPLogitsWarper(0.1), LogitNormalization()]
+    scores = logits.clone()
+    for p in chain:
+        scores = p(input_ids, scores)
+    cases["pipeline_suppress_min_p_renormalize"] = listed(scores)
     return {
         "transformers_version": transformers.__version__,
         "logits": logits.tolist(),
         "input_ids": input_ids.tolist(),
         "prompt_len": 5,
+        "specs": specs,
         "outputs": cases,
     }
 
@@ -220,12 +350,18 @@ def embedding_fixture() -> None:
 
 
 def main() -> None:
-    """All fixtures, or with model names as arguments only those models' cases."""
+    """All fixtures, or with model names as arguments only those models' cases
+    (`logits_processors` for logits_processors.json)."""
     OUT.mkdir(parents=True, exist_ok=True)
     names = sys.argv[1:]
+    if names == ["logits_processors"]:
+        (OUT / "logits_processors.json").write_text(json.dumps(processor_generate_cases(), indent=1) + "\n")
+        (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
+        return
     if not names:
         embedding_fixture()
         (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
+        (OUT / "logits_processors.json").write_text(json.dumps(processor_generate_cases(), indent=1) + "\n")
     for name in names or MODELS + TODAY_MODELS + SEQ2SEQ_MODELS + MOE_MODELS:
         (OUT / f"{name}.json").write_text(json.dumps(model_cases(name), indent=1) + "\n")
         print(f"wrote {OUT / name}.json")

@@ -2,7 +2,8 @@
 //! scripts/make_generation_fixtures.py) at several rank counts: greedy decoding with
 //! `repetition_penalty`, `no_repeat_ngram_size` and `min_new_tokens`, left-padded batches of
 //! prompts of different lengths, and beam search (2 to 5 beams, length penalties, early
-//! stopping, several returned sequences with their scores) must give identical tokens. Also: sampling is reproducible and
+//! stopping, several returned sequences with their scores), forced BOS/EOS tokens, suppressed
+//! tokens, min-p and renormalised logits must give identical tokens. Also: sampling is reproducible and
 //! agreed on by every rank, a stream can be cancelled, stop strings end a sequence, and bad
 //! options are refused before any rank works.
 
@@ -76,7 +77,12 @@ fn check_recorded_cases(family: &str, max_ranks: usize) {
 
 /// [`check_recorded_cases`] with a mixture of experts divided as `split` says.
 fn check_recorded_cases_split(family: &str, max_ranks: usize, split: Option<ExpertSplit>) {
-    let reference = recorded(family);
+    check_cases(family, &recorded(family), max_ranks, split);
+}
+
+/// Every case of `reference` (a family's recorded cases) at 1 to `max_ranks` ranks (the
+/// fixture's `max_ranks` at most).
+fn check_cases(family: &str, reference: &Value, max_ranks: usize, split: Option<ExpertSplit>) {
     let allowed: usize = serde_json::from_str::<Value>(
         &std::fs::read_to_string(fixture(family).join("meta.json")).unwrap(),
     )
@@ -127,6 +133,20 @@ fn greedy_penalties_batches_and_beams_match_transformers_at_several_rank_counts(
 fn encoder_decoders_generate_like_transformers_at_several_rank_counts() {
     for family in ["t5", "bart"] {
         check_recorded_cases(family, 3);
+    }
+}
+
+/// The logits processors of issue 21 as transformers 5.25 generates with them
+/// (logits_processors.json): forced BOS and EOS tokens (a BART summariser's
+/// `generation_config.json`), suppressed tokens and first tokens, sequence biases, bad words,
+/// the exponential decay length penalty, the encoder repetition penalty and no-repeat n-grams,
+/// `max_time`, min-p and epsilon sampling that keep one token, and beams, with renormalised
+/// logits among them, with their scores.
+#[test]
+fn the_remaining_logits_processors_match_transformers_at_one_to_three_ranks() {
+    let reference = recorded("logits_processors");
+    for (family, cases) in reference["families"].as_object().unwrap() {
+        check_cases(family, cases, 3, None);
     }
 }
 

@@ -23,14 +23,28 @@ pub const OPTION_NAMES: &[&str] = &[
     "top_k",
     "top_p",
     "typical_p",
+    "min_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
     "repetition_penalty",
     "no_repeat_ngram_size",
+    "encoder_repetition_penalty",
+    "encoder_no_repeat_ngram_size",
+    "max_time",
+    "bad_words_ids",
+    "sequence_bias",
+    "exponential_decay_length_penalty",
     "num_beams",
     "length_penalty",
     "early_stopping",
     "num_return_sequences",
     "eos_token_id",
     "pad_token_id",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "renormalize_logits",
     "stop_strings",
     "seed",
 ];
@@ -59,6 +73,25 @@ pub fn config_from(
             "top_k" => config.top_k = value.extract().map_err(wrong)?,
             "top_p" => config.top_p = value.extract().map_err(wrong)?,
             "typical_p" => config.typical_p = value.extract().map_err(wrong)?,
+            "min_p" => config.min_p = Some(value.extract().map_err(wrong)?),
+            "encoder_repetition_penalty" => {
+                config.encoder_repetition_penalty = value.extract().map_err(wrong)?
+            }
+            "encoder_no_repeat_ngram_size" => {
+                config.encoder_no_repeat_ngram_size = value.extract().map_err(wrong)?
+            }
+            "max_time" => config.max_time = Some(value.extract().map_err(wrong)?),
+            "epsilon_cutoff" => config.epsilon_cutoff = value.extract().map_err(wrong)?,
+            "eta_cutoff" => config.eta_cutoff = value.extract().map_err(wrong)?,
+            "bad_words_ids" => config.bad_words_ids = value.extract().map_err(wrong)?,
+            "sequence_bias" => config.sequence_bias = sequence_bias(&value).map_err(wrong)?,
+            "exponential_decay_length_penalty" => {
+                let (start, factor) = pair(&value).map_err(wrong)?;
+                config.exponential_decay_length_penalty = Some((
+                    start.extract().map_err(wrong)?,
+                    factor.extract().map_err(wrong)?,
+                ));
+            }
             "repetition_penalty" => config.repetition_penalty = value.extract().map_err(wrong)?,
             "no_repeat_ngram_size" => {
                 config.no_repeat_ngram_size = value.extract().map_err(wrong)?
@@ -71,6 +104,17 @@ pub fn config_from(
             }
             "eos_token_id" => config.eos_token_id = Some(one_or_many(&value).map_err(wrong)?),
             "pad_token_id" => config.pad_token_id = Some(value.extract().map_err(wrong)?),
+            "forced_bos_token_id" => {
+                config.forced_bos_token_id = Some(value.extract().map_err(wrong)?)
+            }
+            "forced_eos_token_id" => {
+                config.forced_eos_token_id = Some(one_or_many(&value).map_err(wrong)?)
+            }
+            "suppress_tokens" => config.suppress_tokens = value.extract().map_err(wrong)?,
+            "begin_suppress_tokens" => {
+                config.begin_suppress_tokens = value.extract().map_err(wrong)?
+            }
+            "renormalize_logits" => config.renormalize_logits = value.extract().map_err(wrong)?,
             "stop_strings" => config.stop = one_or_many(&value).map_err(wrong)?,
             "seed" => config.seed = Some(value.extract().map_err(wrong)?),
             other => {
@@ -94,6 +138,34 @@ fn early_stopping(value: &Bound<'_, PyAny>) -> PyResult<EarlyStopping> {
     }
     let word: String = value.extract()?;
     word.parse().map_err(invalid)
+}
+
+/// `sequence_bias`: a list of `[token ids, bias]` pairs, or a dict from tuples of token ids
+/// to biases (transformers takes both).
+fn sequence_bias(value: &Bound<'_, PyAny>) -> PyResult<Vec<(Vec<u32>, f32)>> {
+    if let Ok(dict) = value.cast::<PyDict>() {
+        return dict
+            .iter()
+            .map(|(ids, bias)| Ok((ids.extract()?, bias.extract()?)))
+            .collect();
+    }
+    let pairs: Vec<Bound<'_, PyAny>> = value.extract()?;
+    pairs
+        .iter()
+        .map(|p| {
+            let (ids, bias) = pair(p)?;
+            Ok((ids.extract()?, bias.extract()?))
+        })
+        .collect()
+}
+
+/// The two items of a list or tuple of two.
+fn pair<'py>(value: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let items: Vec<Bound<'py, PyAny>> = value.extract()?;
+    match <[_; 2]>::try_from(items) {
+        Ok([a, b]) => Ok((a, b)),
+        Err(items) => Err(invalid(format!("expected two items, got {}", items.len()))),
+    }
 }
 
 /// One value or a list of them.

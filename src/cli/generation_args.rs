@@ -5,6 +5,13 @@
 use clap::Args;
 use parallelformers::{EarlyStopping, GenerationConfig};
 
+/// Sequences of token ids, one flag value (an alias, so that clap does not take each sequence
+/// for a value of its own).
+type TokenSequences = Vec<Vec<u32>>;
+
+/// `(sequence, bias)` pairs, one flag value.
+type SequenceBiases = Vec<(Vec<u32>, f32)>;
+
 /// Flags shared by the commands that generate.
 #[derive(Debug, Clone, Default, Args)]
 pub struct GenerationArgs {
@@ -29,12 +36,39 @@ pub struct GenerationArgs {
     /// Locally typical sampling mass, in (0, 1].
     #[arg(long)]
     typical_p: Option<f32>,
+    /// When sampling, drop the tokens less likely than p times the most likely one, in [0, 1].
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// When sampling, drop the tokens less likely than this, in [0, 1) (0 = off).
+    #[arg(long)]
+    epsilon_cutoff: Option<f32>,
+    /// When sampling, eta sampling's cutoff, in [0, 1) (0 = off).
+    #[arg(long)]
+    eta_cutoff: Option<f32>,
     /// Penalty on tokens already in the sequence (1 = off).
     #[arg(long)]
     repetition_penalty: Option<f32>,
     /// Never repeat an n-gram of this size (0 = off).
     #[arg(long)]
     no_repeat_ngram_size: Option<usize>,
+    /// Raises the prompt's tokens (an encoder–decoder's encoder prompt) above 1 (1 = off).
+    #[arg(long)]
+    encoder_repetition_penalty: Option<f32>,
+    /// Never generate an n-gram of this size found in the (encoder's) prompt (0 = off).
+    #[arg(long)]
+    encoder_no_repeat_ngram_size: Option<usize>,
+    /// Stop once this many seconds have passed since the generation began.
+    #[arg(long)]
+    max_time: Option<f64>,
+    /// Token sequences never completed, as JSON: '[[4], [5, 6]]'.
+    #[arg(long, value_parser = json::<TokenSequences>)]
+    bad_words_ids: Option<TokenSequences>,
+    /// Biases of the last token of sequences, as JSON: '[[[7], 1.5], [[8, 9], -2.0]]'.
+    #[arg(long, value_parser = json::<SequenceBiases>)]
+    sequence_bias: Option<SequenceBiases>,
+    /// START,FACTOR: from START new tokens on, end-of-sequence scores grow by FACTOR per token.
+    #[arg(long, value_parser = start_and_factor)]
+    exponential_decay_length_penalty: Option<(usize, f32)>,
     /// Beams of beam search (1 = none).
     #[arg(long)]
     num_beams: Option<usize>,
@@ -50,6 +84,21 @@ pub struct GenerationArgs {
     /// End-of-sequence ids, comma-separated [default: the model's].
     #[arg(long, value_delimiter = ',')]
     eos_token_id: Option<Vec<u32>>,
+    /// The token forced after a one-token start (an encoder–decoder's first new token).
+    #[arg(long)]
+    forced_bos_token_id: Option<u32>,
+    /// The token(s) forced as the last new token that max-new-tokens allows, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    forced_eos_token_id: Option<Vec<u32>>,
+    /// Token ids never generated, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    suppress_tokens: Option<Vec<u32>>,
+    /// Token ids not generated as the first new token, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    begin_suppress_tokens: Option<Vec<u32>>,
+    /// Log-softmax the scores again after the processors (true or false).
+    #[arg(long)]
+    renormalize_logits: Option<bool>,
     /// Stop a sequence once its text contains this string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
@@ -74,19 +123,113 @@ impl GenerationArgs {
             top_k,
             top_p,
             typical_p,
+            epsilon_cutoff,
+            eta_cutoff,
             repetition_penalty,
             no_repeat_ngram_size,
+            encoder_repetition_penalty,
+            encoder_no_repeat_ngram_size,
             num_beams,
             length_penalty,
             early_stopping,
-            num_return_sequences
+            num_return_sequences,
+            suppress_tokens,
+            begin_suppress_tokens,
+            renormalize_logits,
+            bad_words_ids,
+            sequence_bias
         );
         if self.eos_token_id.is_some() {
             c.eos_token_id = self.eos_token_id.clone();
         }
+        if self.forced_eos_token_id.is_some() {
+            c.forced_eos_token_id = self.forced_eos_token_id.clone();
+        }
+        c.min_p = self.min_p.or(c.min_p);
+        c.max_time = self.max_time.or(c.max_time);
+        c.exponential_decay_length_penalty = self
+            .exponential_decay_length_penalty
+            .or(c.exponential_decay_length_penalty);
+        c.forced_bos_token_id = self.forced_bos_token_id.or(c.forced_bos_token_id);
         if !self.stop.is_empty() {
             c.stop = self.stop.clone();
         }
         c
+    }
+}
+
+/// A flag's value in JSON (transformers' `generation_config.json` form).
+fn json<T: serde::de::DeserializeOwned>(value: &str) -> Result<T, String> {
+    serde_json::from_str(value).map_err(|e| e.to_string())
+}
+
+/// `START,FACTOR` of `--exponential-decay-length-penalty`.
+fn start_and_factor(value: &str) -> Result<(usize, f32), String> {
+    let (start, factor) = value
+        .split_once(',')
+        .ok_or("expected START,FACTOR, such as 5,1.2")?;
+    let start = start.trim().parse().map_err(|e| format!("START: {e}"))?;
+    let factor = factor.trim().parse().map_err(|e| format!("FACTOR: {e}"))?;
+    Ok((start, factor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        generation: GenerationArgs,
+    }
+
+    #[test]
+    fn the_processor_flags_take_transformers_values() {
+        let args = Command::try_parse_from([
+            "generate",
+            "--min-p",
+            "0.1",
+            "--forced-bos-token-id",
+            "0",
+            "--forced-eos-token-id",
+            "2,3",
+            "--suppress-tokens",
+            "4,5",
+            "--begin-suppress-tokens",
+            "6",
+            "--renormalize-logits",
+            "true",
+            "--bad-words-ids",
+            "[[4], [5, 6]]",
+            "--sequence-bias",
+            "[[[7], 1.5], [[8, 9], -2.0]]",
+            "--exponential-decay-length-penalty",
+            "5,1.2",
+            "--epsilon-cutoff",
+            "0.01",
+            "--encoder-no-repeat-ngram-size",
+            "3",
+            "--max-time",
+            "2.5",
+        ])
+        .unwrap();
+        let c = args.generation.apply(&GenerationConfig::default());
+        assert_eq!(c.min_p, Some(0.1));
+        assert_eq!(c.forced_bos_token_id, Some(0));
+        assert_eq!(c.forced_eos_token_id, Some(vec![2, 3]));
+        assert_eq!(
+            (c.suppress_tokens, c.begin_suppress_tokens),
+            (vec![4, 5], vec![6])
+        );
+        assert!(c.renormalize_logits);
+        assert_eq!(c.bad_words_ids, [vec![4], vec![5, 6]]);
+        assert_eq!(c.sequence_bias, [(vec![7], 1.5), (vec![8, 9], -2.0)]);
+        assert_eq!(c.exponential_decay_length_penalty, Some((5, 1.2)));
+        assert_eq!(c.epsilon_cutoff, 0.01);
+        assert_eq!(c.encoder_no_repeat_ngram_size, 3);
+        assert_eq!(c.max_time, Some(2.5));
+        let bad = Command::try_parse_from(["generate", "--exponential-decay-length-penalty", "5"]);
+        assert!(bad.is_err());
     }
 }

@@ -37,7 +37,9 @@ pub(super) fn beam_search(
         overhead.start();
         let mut words = vec![0u32; 1 + 2 * n];
         if let Some(search) = search.as_mut() {
-            let cancelled = !finish_requested()?.is_empty();
+            // `max_time` ends the search as a cancellation does, with the beams of this step.
+            let cancelled =
+                !finish_requested()?.is_empty() || super::out_of_time(&req.config, start);
             words = search.step(&logits, &rows, cancelled)?;
         }
         let words = broadcast_words(comm, words)?;
@@ -220,10 +222,12 @@ impl Search {
             let row = p * self.beams + beam;
             let mut scores = log_softmax(&values[row * vocab..(row + 1) * vocab]);
             let (ids, padding) = rows.processed_ids(row, self.length);
+            let prompt = rows.encoder_input(row, self.length);
             self.pipeline.apply(
                 &mut scores,
                 History {
                     ids: &ids,
+                    prompt: &prompt,
                     padding,
                     new_tokens: self.length,
                 },

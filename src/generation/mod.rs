@@ -129,6 +129,10 @@ pub fn generate(
                 abort[0] = ABORT;
                 abort
             });
+            // transformers' `MaxTimeCriteria`: the tokens just chosen are the last.
+            if decision[0] != ABORT && out_of_time(&req.config, start) {
+                decision[0] = 0;
+            }
         }
         let decision = broadcast_words(comm, decision)?;
         if decision[0] == ABORT {
@@ -159,6 +163,13 @@ pub fn generate(
     );
     generated.cached_prompt_tokens = cached;
     Ok(generated)
+}
+
+/// Whether `config.max_time` has passed since `start`.
+fn out_of_time(config: &GenerationConfig, start: Instant) -> bool {
+    config
+        .max_time
+        .is_some_and(|limit| start.elapsed().as_secs_f64() > limit)
 }
 
 /// The caches of a model that decodes incrementally.
@@ -273,6 +284,21 @@ impl Rows {
                 (Cow::Owned([&[start], new].concat()), 0)
             }
             None => (Cow::Borrowed(ids.as_slice()), self.padding[row]),
+        }
+    }
+
+    /// What transformers' encoder processors see of `row` after `new_tokens` new tokens: a
+    /// decoder-only model's prompt as padded (on the left), an encoder–decoder's encoder prompt
+    /// padded on the right, as their tokenizers pad.
+    fn encoder_input(&self, row: usize, new_tokens: usize) -> Cow<'_, [u32]> {
+        let ids = &self.ids[row];
+        let prompt = &ids[..ids.len() - new_tokens];
+        match self.decoder_start {
+            Some(_) if self.padding[row] > 0 => {
+                let pad = self.padding[row];
+                Cow::Owned([&prompt[pad..], &vec![self.pad; pad][..]].concat())
+            }
+            _ => Cow::Borrowed(prompt),
         }
     }
 
@@ -496,8 +522,10 @@ impl Chooser {
                 continue;
             }
             let (ids, padding) = rows.processed_ids(row, rows.new[row].len());
+            let prompt = rows.encoder_input(row, rows.new[row].len());
             let history = History {
                 ids: &ids,
+                prompt: &prompt,
                 padding,
                 new_tokens: rows.new[row].len(),
             };

@@ -7,16 +7,30 @@ use crate::generation::config::GenerationConfig;
 /// A score no token can be chosen with.
 const FILTERED: f32 = f32::NEG_INFINITY;
 
-/// The processors a configuration asks for, in transformers' order: repetition penalty,
-/// no-repeat n-grams, minimum new tokens; then, when sampling, temperature, top-k, top-p and
-/// typical-p.
+/// The processors a configuration asks for, in transformers' order: sequence biases, the
+/// encoder repetition penalty, repetition penalty, no-repeat n-grams, encoder no-repeat
+/// n-grams, bad words, minimum new tokens, forced BOS and EOS
+/// tokens, the exponential decay length penalty, suppressed tokens, tokens suppressed at the
+/// first step; then, when sampling, temperature, top-k, top-p, min-p, typical-p, epsilon and
+/// eta cutoffs; last, renormalisation.
 #[derive(Debug, Clone)]
 pub struct LogitsPipeline {
+    sequence_bias: Vec<(Vec<u32>, f32)>,
+    encoder_repetition_penalty: f32,
     repetition_penalty: f32,
     no_repeat_ngram_size: usize,
+    encoder_no_repeat_ngram_size: usize,
+    bad_words: Vec<(Vec<u32>, f32)>,
     min_new_tokens: usize,
     eos: Vec<u32>,
+    forced_bos: Option<u32>,
+    forced_eos: Option<Vec<u32>>,
+    max_new_tokens: usize,
+    length_decay: Option<(usize, f32)>,
+    suppress_tokens: Vec<u32>,
+    begin_suppress_tokens: Vec<u32>,
     sampling: Option<Warpers>,
+    renormalize: bool,
 }
 
 /// The warpers of a sampling configuration.
@@ -25,7 +39,10 @@ struct Warpers {
     temperature: f32,
     top_k: usize,
     top_p: f32,
+    min_p: Option<f32>,
     typical_p: f32,
+    epsilon_cutoff: f32,
+    eta_cutoff: f32,
 }
 
 /// What the processors read about one sequence.
@@ -33,6 +50,10 @@ struct Warpers {
 pub struct History<'a> {
     /// Every id of the row as the model sees it (padding included), for n-grams.
     pub ids: &'a [u32],
+    /// What transformers' encoder processors read: a decoder-only model's prompt as padded
+    /// (the start of `ids`), an encoder–decoder's encoder prompt (padded on the right, as
+    /// their tokenizers pad).
+    pub prompt: &'a [u32],
     /// Leading padding positions of `ids`, which the repetition penalty ignores.
     pub padding: usize,
     /// Tokens generated so far.
@@ -42,22 +63,48 @@ pub struct History<'a> {
 impl LogitsPipeline {
     /// The pipeline of `config` with end-of-sequence ids `eos`.
     pub fn new(config: &GenerationConfig, eos: &[u32]) -> Self {
+        // transformers' `NoBadWordsLogitsProcessor`: a ban of a lone end-of-sequence id is
+        // dropped; the others are biases of -inf.
+        let bad_words = config
+            .bad_words_ids
+            .iter()
+            .filter(|words| !(words.len() == 1 && eos.contains(&words[0])))
+            .map(|words| (words.clone(), FILTERED))
+            .collect();
         LogitsPipeline {
+            sequence_bias: config.sequence_bias.clone(),
+            encoder_repetition_penalty: config.encoder_repetition_penalty,
             repetition_penalty: config.repetition_penalty,
             no_repeat_ngram_size: config.no_repeat_ngram_size,
+            encoder_no_repeat_ngram_size: config.encoder_no_repeat_ngram_size,
+            bad_words,
             min_new_tokens: config.min_new_tokens,
             eos: eos.to_vec(),
+            forced_bos: config.forced_bos_token_id,
+            forced_eos: config.forced_eos_token_id.clone(),
+            max_new_tokens: config.max_new_tokens,
+            length_decay: config.exponential_decay_length_penalty,
+            suppress_tokens: config.suppress_tokens.clone(),
+            begin_suppress_tokens: config.begin_suppress_tokens.clone(),
             sampling: config.do_sample.then_some(Warpers {
                 temperature: config.temperature,
                 top_k: config.top_k,
                 top_p: config.top_p,
+                min_p: config.min_p,
                 typical_p: config.typical_p,
+                epsilon_cutoff: config.epsilon_cutoff,
+                eta_cutoff: config.eta_cutoff,
             }),
+            renormalize: config.renormalize_logits,
         }
     }
 
     /// Applies every processor to `scores` (one row of logits) for a sequence with `history`.
     pub fn apply(&self, scores: &mut [f32], history: History) {
+        sequence_bias(scores, history.ids, &self.sequence_bias);
+        if self.encoder_repetition_penalty != 1.0 {
+            encoder_repetition_penalty(scores, history.prompt, self.encoder_repetition_penalty);
+        }
         if self.repetition_penalty != 1.0 {
             repetition_penalty(
                 scores,
@@ -68,8 +115,43 @@ impl LogitsPipeline {
         if self.no_repeat_ngram_size > 0 {
             no_repeat_ngram(scores, history.ids, self.no_repeat_ngram_size);
         }
+        if self.encoder_no_repeat_ngram_size > 0 {
+            ban_ngrams_of(
+                scores,
+                history.prompt,
+                history.ids,
+                self.encoder_no_repeat_ngram_size,
+            );
+        }
+        sequence_bias(scores, history.ids, &self.bad_words);
         if history.new_tokens < self.min_new_tokens {
             suppress(scores, &self.eos);
+        }
+        // transformers counts the sequence's length (`input_ids.shape[-1]`): its prompt as
+        // padded, or an encoder–decoder's start token, and the new tokens.
+        let start_len = history.ids.len().saturating_sub(history.new_tokens);
+        if let Some(bos) = self.forced_bos {
+            if history.ids.len() == 1 {
+                force(scores, &[bos]);
+            }
+        }
+        if let Some(eos) = &self.forced_eos {
+            // transformers' `max_length - 1`: the step that chooses the last token.
+            if history.new_tokens + 1 == self.max_new_tokens {
+                force(scores, eos);
+            }
+        }
+        if let Some((start, factor)) = self.length_decay {
+            // transformers counts from the prompt's end (`start` + the input's length).
+            if history.new_tokens > start {
+                length_decay(scores, &self.eos, factor, history.new_tokens - start);
+            }
+        }
+        suppress(scores, &self.suppress_tokens);
+        // The first step, or the second when it follows a forced BOS of a one-token start.
+        let begin = usize::from(start_len == 1 && self.forced_bos.is_some());
+        if history.new_tokens == begin {
+            suppress(scores, &self.begin_suppress_tokens);
         }
         if let Some(w) = self.sampling {
             if w.temperature != 1.0 {
@@ -81,9 +163,22 @@ impl LogitsPipeline {
             if w.top_p < 1.0 {
                 top_p(scores, w.top_p, 1);
             }
+            if let Some(p) = w.min_p {
+                min_p(scores, p, 1);
+            }
             if w.typical_p < 1.0 {
                 typical_p(scores, w.typical_p, 1);
             }
+            if w.epsilon_cutoff > 0.0 && w.epsilon_cutoff < 1.0 {
+                epsilon_cutoff(scores, w.epsilon_cutoff);
+            }
+            if w.eta_cutoff > 0.0 && w.eta_cutoff < 1.0 {
+                eta_cutoff(scores, w.eta_cutoff);
+            }
+        }
+        if self.renormalize {
+            let normalized = log_softmax(scores);
+            scores.copy_from_slice(&normalized);
         }
     }
 }
@@ -103,14 +198,53 @@ pub fn repetition_penalty(scores: &mut [f32], ids: &[u32], penalty: f32) {
     }
 }
 
+/// transformers' `EncoderRepetitionPenaltyLogitsProcessor`: the score of every token of the
+/// prompt is multiplied by `penalty` when positive and divided by it when negative (once per
+/// token), which makes the prompt's tokens likelier for a penalty above 1.
+pub fn encoder_repetition_penalty(scores: &mut [f32], prompt: &[u32], penalty: f32) {
+    // transformers keeps `1 / penalty` (in double precision) and divides and multiplies by it.
+    repetition_penalty(scores, prompt, (1.0 / f64::from(penalty)) as f32);
+}
+
+/// transformers' `SequenceBiasLogitsProcessor`: adds each bias to the score of its sequence's
+/// last token when `ids` end with the rest of the sequence (always, for a one-token sequence).
+/// A token's biases are summed before they are added, as transformers adds one bias vector.
+pub fn sequence_bias(scores: &mut [f32], ids: &[u32], biases: &[(Vec<u32>, f32)]) {
+    if biases.is_empty() {
+        return;
+    }
+    let mut total: std::collections::BTreeMap<u32, f32> = std::collections::BTreeMap::new();
+    // The one-token biases first (they are set, not added), then the longer ones that match.
+    for (sequence, bias) in biases.iter().filter(|(s, _)| s.len() == 1) {
+        total.insert(sequence[0], *bias);
+    }
+    for (sequence, bias) in biases.iter().filter(|(s, _)| s.len() > 1) {
+        let (last, prefix) = sequence.split_last().expect("a sequence is not empty");
+        if ids.ends_with(prefix) {
+            *total.entry(*last).or_insert(0.0) += bias;
+        }
+    }
+    for (token, bias) in total {
+        if let Some(s) = scores.get_mut(token as usize) {
+            *s += bias;
+        }
+    }
+}
+
 /// transformers' `NoRepeatNGramLogitsProcessor`: bans every token that would complete an
 /// n-gram of size `n` already present in `ids`.
 pub fn no_repeat_ngram(scores: &mut [f32], ids: &[u32], n: usize) {
+    ban_ngrams_of(scores, ids, ids, n);
+}
+
+/// Bans every token that would make the last `n - 1` of `ids` an n-gram of `source`
+/// (transformers' `EncoderNoRepeatNGramLogitsProcessor` with the encoder's prompt as `source`).
+pub fn ban_ngrams_of(scores: &mut [f32], source: &[u32], ids: &[u32], n: usize) {
     if ids.len() + 1 < n {
         return;
     }
     let prefix = &ids[ids.len() + 1 - n..];
-    for window in ids.windows(n) {
+    for window in source.windows(n) {
         if &window[..n - 1] == prefix {
             if let Some(s) = scores.get_mut(window[n - 1] as usize) {
                 *s = FILTERED;
@@ -126,6 +260,33 @@ pub fn suppress(scores: &mut [f32], ids: &[u32]) {
         if let Some(s) = scores.get_mut(id as usize) {
             *s = FILTERED;
         }
+    }
+}
+
+/// transformers' `ForcedBOSTokenLogitsProcessor` and `ForcedEOSTokenLogitsProcessor` at their
+/// step: every score becomes `-inf` but those of `ids`, which become 0.
+pub fn force(scores: &mut [f32], ids: &[u32]) {
+    scores.fill(FILTERED);
+    for &id in ids {
+        if let Some(s) = scores.get_mut(id as usize) {
+            *s = 0.0;
+        }
+    }
+}
+
+/// transformers' `ExponentialDecayLengthPenalty`, `steps` tokens after its start: the score of
+/// every end-of-sequence id grows by its absolute value times `factor ^ steps - 1` (finite
+/// scores only).
+pub fn length_decay(scores: &mut [f32], eos: &[u32], factor: f32, steps: usize) {
+    let growth = ((factor as f64).powi(steps as i32) - 1.0) as f32;
+    let raised: Vec<(usize, f32)> = eos
+        .iter()
+        .map(|&id| id as usize)
+        .filter(|&id| id < scores.len() && scores[id].is_finite())
+        .map(|id| (id, scores[id] + scores[id].abs() * growth))
+        .collect();
+    for (id, score) in raised {
+        scores[id] = score;
     }
 }
 
@@ -172,6 +333,59 @@ pub fn top_p(scores: &mut [f32], top_p: f32, min_keep: usize) {
         }
     }
     removed.into_iter().for_each(|i| scores[i] = FILTERED);
+}
+
+/// transformers' `MinPLogitsWarper`: removes the tokens whose probability is below `min_p`
+/// times the most likely token's, keeping at least the `min_keep` most likely.
+pub fn min_p(scores: &mut [f32], min_p: f32, min_keep: usize) {
+    let probs = softmax(scores);
+    let threshold = min_p * probs.iter().copied().fold(0.0, f32::max);
+    // The `min_keep` most likely are kept whatever their probability (the lower id first on
+    // ties, as `torch.topk` on CPU).
+    let keep = min_keep.min(scores.len());
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    if keep > 0 {
+        order.select_nth_unstable_by(keep - 1, |&a, &b| {
+            probs[b].total_cmp(&probs[a]).then(a.cmp(&b))
+        });
+    }
+    let kept = &order[..keep];
+    for (i, s) in scores.iter_mut().enumerate() {
+        if probs[i] < threshold && !kept.contains(&i) {
+            *s = FILTERED;
+        }
+    }
+}
+
+/// transformers' `EpsilonLogitsWarper`: removes the tokens less likely than `epsilon`, except
+/// the most likely.
+pub fn epsilon_cutoff(scores: &mut [f32], epsilon: f32) {
+    cut_below(scores, &softmax(scores), epsilon);
+}
+
+/// transformers' `EtaLogitsWarper`: removes the tokens less likely than
+/// `min(epsilon, sqrt(epsilon) * exp(-entropy))`, except the most likely.
+pub fn eta_cutoff(scores: &mut [f32], epsilon: f32) {
+    let probs = softmax(scores);
+    let entropy: f32 = -log_softmax(scores)
+        .iter()
+        .zip(&probs)
+        .filter(|(_, &p)| p > 0.0)
+        .map(|(&l, &p)| l * p)
+        .sum::<f32>();
+    let eta = epsilon.min(epsilon.sqrt() * (-entropy).exp());
+    cut_below(scores, &probs, eta);
+}
+
+/// Filters the tokens whose probability is below `threshold`, except those with the largest
+/// score.
+fn cut_below(scores: &mut [f32], probs: &[f32], threshold: f32) {
+    let top = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for (s, &p) in scores.iter_mut().zip(probs) {
+        if p < threshold && *s < top {
+            *s = FILTERED;
+        }
+    }
 }
 
 /// transformers' `TypicalLogitsWarper`: keeps the tokens whose surprise `-log p` is closest to
@@ -235,6 +449,8 @@ mod tests {
         logits: Vec<Vec<f32>>,
         input_ids: Vec<Vec<u32>>,
         outputs: serde_json::Map<String, serde_json::Value>,
+        /// The arguments of the cases that take more than a number.
+        specs: serde_json::Value,
     }
 
     fn recorded() -> Recorded {
@@ -248,6 +464,7 @@ mod tests {
             logits: serde_json::from_value(v["logits"].clone()).unwrap(),
             input_ids: serde_json::from_value(v["input_ids"].clone()).unwrap(),
             outputs: v["outputs"].as_object().unwrap().clone(),
+            specs: v["specs"].clone(),
         }
     }
 
@@ -294,6 +511,143 @@ mod tests {
         check("top_p_0.3", |s, _| top_p(s, 0.3, 1));
         check("typical_p_0.9", |s, _| typical_p(s, 0.9, 1));
         check("typical_p_0.4", |s, _| typical_p(s, 0.4, 1));
+        check("min_p_0.1", |s, _| min_p(s, 0.1, 1));
+        check("min_p_0.6", |s, _| min_p(s, 0.6, 1));
+        check("suppress_tokens_3_7_11", |s, _| suppress(s, &[3, 7, 11]));
+        check("begin_suppress_tokens_4_5", |s, _| suppress(s, &[4, 5]));
+        check("forced_eos_2_8", |s, _| force(s, &[2, 8]));
+        check("forced_bos_6", |s, _| force(s, &[6]));
+        check("exponential_decay_2_1.5_step_3", |s, _| {
+            length_decay(s, &[2, 9], 1.5, 3)
+        });
+        check("epsilon_0.02", |s, _| epsilon_cutoff(s, 0.02));
+        check("epsilon_0.1", |s, _| epsilon_cutoff(s, 0.1));
+        check("eta_0.02", |s, _| eta_cutoff(s, 0.02));
+        check("eta_0.5", |s, _| eta_cutoff(s, 0.5));
+        check("encoder_repetition_penalty_1.5", |s, ids| {
+            encoder_repetition_penalty(s, &ids[..ENCODER_LEN], 1.5)
+        });
+        check("encoder_repetition_penalty_0.5", |s, ids| {
+            encoder_repetition_penalty(s, &ids[..ENCODER_LEN], 0.5)
+        });
+        for n in 1..=3 {
+            check(&format!("encoder_no_repeat_ngram_{n}"), |s, ids| {
+                ban_ngrams_of(s, &ids[..ENCODER_LEN], ids, n)
+            });
+        }
+        check("renormalize", |s, _| {
+            let normalized = log_softmax(s);
+            s.copy_from_slice(&normalized)
+        });
+    }
+
+    /// The encoder processors' input in processors.json: the first ids of each row.
+    const ENCODER_LEN: usize = 7;
+
+    /// A pipeline of `config` (end-of-sequence id 5, which only bad words read here) at the
+    /// first step on the recorded rows.
+    fn check_pipeline(name: &str, config: GenerationConfig) {
+        let pipeline = LogitsPipeline::new(&config, &[5]);
+        check(name, |s, ids| {
+            pipeline.apply(
+                s,
+                History {
+                    ids,
+                    prompt: &[],
+                    padding: 0,
+                    new_tokens: 0,
+                },
+            )
+        });
+    }
+
+    #[test]
+    fn sequence_biases_and_bad_words_match_transformers() {
+        let specs = &recorded().specs;
+        check_pipeline(
+            "sequence_bias",
+            GenerationConfig {
+                sequence_bias: serde_json::from_value(specs["sequence_bias"].clone()).unwrap(),
+                ..GenerationConfig::default()
+            },
+        );
+        // The ban of the lone end-of-sequence id 5 is dropped, as transformers drops it.
+        check_pipeline(
+            "bad_words_ids",
+            GenerationConfig {
+                bad_words_ids: serde_json::from_value(specs["bad_words_ids"].clone()).unwrap(),
+                ..GenerationConfig::default()
+            },
+        );
+    }
+
+    #[test]
+    fn suppressions_min_p_and_renormalisation_follow_transformers_order() {
+        let config = GenerationConfig {
+            do_sample: true,
+            repetition_penalty: 1.2,
+            suppress_tokens: vec![3, 7],
+            begin_suppress_tokens: vec![4],
+            temperature: 0.8,
+            top_k: 12,
+            min_p: Some(0.1),
+            renormalize_logits: true,
+            ..GenerationConfig::default()
+        };
+        check_pipeline("pipeline_suppress_min_p_renormalize", config);
+    }
+
+    /// The scores of a pipeline of `config` at a step with `ids` of which `new_tokens` are new.
+    fn processed(config: &GenerationConfig, ids: &[u32], new_tokens: usize) -> Vec<f32> {
+        let mut scores = vec![1.0, 2.0, 3.0, 4.0];
+        LogitsPipeline::new(config, &[]).apply(
+            &mut scores,
+            History {
+                ids,
+                prompt: &ids[..ids.len() - new_tokens],
+                padding: 0,
+                new_tokens,
+            },
+        );
+        scores
+    }
+
+    const NO: f32 = f32::NEG_INFINITY;
+
+    #[test]
+    fn a_forced_bos_applies_at_length_one_and_then_begin_suppression_moves_to_the_next_step() {
+        let config = GenerationConfig {
+            forced_bos_token_id: Some(2),
+            begin_suppress_tokens: vec![3],
+            ..GenerationConfig::default()
+        };
+        assert_eq!(processed(&config, &[0], 0), [NO, NO, 0.0, NO]);
+        assert_eq!(processed(&config, &[0, 2], 1), [1.0, 2.0, 3.0, NO]);
+        assert_eq!(processed(&config, &[0, 2, 1], 2), [1.0, 2.0, 3.0, 4.0]);
+        // A longer start: no forced token, and the first step is the one suppressed.
+        assert_eq!(processed(&config, &[0, 1], 0), [1.0, 2.0, 3.0, NO]);
+    }
+
+    #[test]
+    fn a_forced_eos_applies_only_at_the_last_step_max_new_tokens_allows() {
+        let config = GenerationConfig {
+            max_new_tokens: 3,
+            forced_eos_token_id: Some(vec![1, 3]),
+            ..GenerationConfig::default()
+        };
+        assert_eq!(processed(&config, &[0, 1, 2], 1), [1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(processed(&config, &[0, 1, 2, 3], 2), [NO, 0.0, NO, 0.0]);
+    }
+
+    #[test]
+    fn min_p_keeps_the_tokens_at_least_that_share_of_the_most_likely() {
+        // Probabilities proportional to 1, e, e^2, e^3: e^-2 = 0.135 of the top for token 1.
+        let mut scores = vec![1.0, 2.0, 3.0, 4.0];
+        min_p(&mut scores, 0.13, 1);
+        assert_eq!(scores, [NO, 2.0, 3.0, 4.0]);
+        let mut ties = vec![5.0, 5.0, 1.0];
+        min_p(&mut ties, 1.0, 1);
+        assert_eq!(ties, [5.0, 5.0, NO]);
     }
 
     #[test]
@@ -308,17 +662,7 @@ mod tests {
             typical_p: 0.95,
             ..GenerationConfig::default()
         };
-        let pipeline = LogitsPipeline::new(&config, &[]);
-        check("pipeline", |s, ids| {
-            pipeline.apply(
-                s,
-                History {
-                    ids,
-                    padding: 0,
-                    new_tokens: 0,
-                },
-            )
-        });
+        check_pipeline("pipeline", config);
     }
 
     #[test]
@@ -333,6 +677,7 @@ mod tests {
             &mut early,
             History {
                 ids: &[2],
+                prompt: &[],
                 padding: 0,
                 new_tokens: 1,
             },
@@ -343,6 +688,7 @@ mod tests {
             &mut late,
             History {
                 ids: &[2],
+                prompt: &[],
                 padding: 0,
                 new_tokens: 2,
             },
@@ -362,6 +708,7 @@ mod tests {
             &mut scores,
             History {
                 ids: &[0, 0, 2],
+                prompt: &[],
                 padding: 2,
                 new_tokens: 0,
             },

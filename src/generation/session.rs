@@ -381,6 +381,7 @@ impl RunningBatch {
             }
             let history = History {
                 ids: &row.ids,
+                prompt: &row.ids[..row.prompt_len],
                 padding: 0,
                 new_tokens: row.ids.len() - row.prompt_len,
             };

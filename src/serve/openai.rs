@@ -28,7 +28,7 @@ impl OneOrMany {
     }
 }
 
-/// The sampling fields both routes share (OpenAI's names, plus `top_k` and
+/// The sampling fields both routes share (OpenAI's names, plus `top_k`, `min_p` and
 /// `repetition_penalty` as vLLM accepts them). Unknown fields are ignored; known fields of the
 /// wrong type are refused.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -45,6 +45,8 @@ pub struct Sampling {
     pub top_p: Option<f32>,
     /// Keep the k most likely tokens (0 = all).
     pub top_k: Option<usize>,
+    /// Remove the tokens less likely than `min_p` times the most likely one, in [0, 1].
+    pub min_p: Option<f32>,
     /// transformers' repetition penalty.
     pub repetition_penalty: Option<f32>,
     /// Sequences per prompt.
@@ -60,7 +62,8 @@ pub struct Sampling {
 
 impl Sampling {
     /// Refuses values out of OpenAI's ranges, naming the field and the value: `temperature` in
-    /// [0, 2], `top_p` in (0, 1], `repetition_penalty` positive, `n` at least 1.
+    /// [0, 2], `top_p` in (0, 1], `min_p` in [0, 1], `repetition_penalty` positive, `n` at
+    /// least 1.
     pub fn check(&self) -> Result<(), ApiError> {
         let out = |field: &str, range: &str, value: &dyn std::fmt::Display| {
             Err(ApiError::invalid(
@@ -73,6 +76,9 @@ impl Sampling {
         }
         if let Some(p) = self.top_p.filter(|&p| !(p > 0.0 && p <= 1.0)) {
             return out("top_p", "in (0, 1]", &p);
+        }
+        if let Some(p) = self.min_p.filter(|p| !(0.0..=1.0).contains(p)) {
+            return out("min_p", "in [0, 1]", &p);
         }
         if let Some(r) = self
             .repetition_penalty
@@ -116,6 +122,7 @@ impl Sampling {
         }
         config.top_p = self.top_p.unwrap_or(config.top_p);
         config.top_k = self.top_k.unwrap_or(config.top_k);
+        config.min_p = self.min_p.or(config.min_p);
         config.repetition_penalty = self.repetition_penalty.unwrap_or(config.repetition_penalty);
         config
     }
@@ -472,6 +479,7 @@ mod tests {
         );
         assert_eq!(refusal(json!({"top_p": 0})).0.as_deref(), Some("top_p"));
         assert_eq!(refusal(json!({"top_p": 1.01})).0.as_deref(), Some("top_p"));
+        assert_eq!(refusal(json!({"min_p": 1.5})).0.as_deref(), Some("min_p"));
         let (param, message) = refusal(json!({"repetition_penalty": -1}));
         assert_eq!(param.as_deref(), Some("repetition_penalty"));
         assert!(message.contains("-1"), "{message}");
