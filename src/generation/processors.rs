@@ -219,7 +219,9 @@ pub fn sequence_bias(scores: &mut [f32], ids: &[u32], biases: &[(Vec<u32>, f32)]
         total.insert(sequence[0], *bias);
     }
     for (sequence, bias) in biases.iter().filter(|(s, _)| s.len() > 1) {
-        let (last, prefix) = sequence.split_last().expect("a sequence is not empty");
+        let Some((last, prefix)) = sequence.split_last() else {
+            continue;
+        };
         if ids.ends_with(prefix) {
             *total.entry(*last).or_insert(0.0) += bias;
         }

@@ -537,12 +537,12 @@ async fn respond(
     let prompt_tokens = prompt.len();
     let choices = config.num_return_sequences;
     let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-    let job = Job::Generate(GenerateJob {
+    let job = Job::Generate(Box::new(GenerateJob {
         prompt,
         config,
         events,
         arrived: Instant::now(),
-    });
+    }));
     if let Err(e) = enqueue(state, job) {
         metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
         return Err(e);

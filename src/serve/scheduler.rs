@@ -47,8 +47,8 @@ const RETRY_AFTER_RESTART: u64 = 5;
 
 /// One request waiting for the model.
 pub enum Job {
-    /// Generate text.
-    Generate(GenerateJob),
+    /// Generate text (boxed: its options are most of its size).
+    Generate(Box<GenerateJob>),
     /// Embed texts with an encoder.
     Embed(EmbedJob),
 }
@@ -234,7 +234,7 @@ pub fn run(
                     jobs: &jobs,
                     pending: &mut pending,
                 };
-                run_session(&mut model, &text, job, queue, &shared, &limits)
+                run_session(&mut model, &text, *job, queue, &shared, &limits)
             }
             None => {}
         }
@@ -295,7 +295,7 @@ fn run_session(
     shared: &Shared,
     limits: &BatchLimits,
 ) {
-    queue.pending.push_front(Job::Generate(first));
+    queue.pending.push_front(Job::Generate(Box::new(first)));
     let mut driver = Session {
         text,
         queue,
@@ -319,7 +319,7 @@ fn run_session(
             // first job hears why, so that it is not run again.
             if untouched {
                 if let Some(Job::Generate(job)) = driver.queue.pending.pop_front() {
-                    broken.push(Rc::new(JobState::new(job)));
+                    broken.push(Rc::new(JobState::new(*job)));
                 }
             }
             let error = api_error(model, shared, &e);
@@ -412,7 +412,7 @@ impl SessionDriver for Session<'_> {
             }
             (rows, longest) = (rows + choices, longest.max(positions));
             let (prompt, job_config) = (job.prompt.clone(), job.config.clone());
-            let state = Rc::new(JobState::new(job));
+            let state = Rc::new(JobState::new(*job));
             for index in 0..choices {
                 let mut config = job_config.clone();
                 config.num_return_sequences = 1;
