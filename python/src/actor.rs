@@ -45,7 +45,8 @@ pub enum Job {
     /// A generation, streamed as events; it stops early once `cancel` is set.
     Generate {
         prompts: Vec<Vec<u32>>,
-        config: GenerationConfig,
+        /// Boxed: the options are most of a job's size.
+        config: Box<GenerationConfig>,
         events: Sender<Event>,
         cancel: Arc<AtomicBool>,
     },

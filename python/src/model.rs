@@ -302,7 +302,7 @@ impl Model {
         let cancel = Arc::new(AtomicBool::new(false));
         let job = Job::Generate {
             prompts,
-            config,
+            config: Box::new(config),
             events,
             cancel: cancel.clone(),
         };
