@@ -35,6 +35,16 @@ struct Expert {
 }
 
 impl Expert {
+    /// This rank's share of the expert's output for `rows` (`[tokens, hidden]`, f32).
+    fn forward(&self, rows: &Tensor, activation: Activation) -> Result<Tensor> {
+        let inner = gated(
+            activation,
+            &self.gate.forward(rows)?,
+            &self.up.forward(rows)?,
+        )?;
+        self.down.forward(&inner)
+    }
+
     /// Loads `{prefix}.{gate,up,down}.weight` (the names in `projections`' order), `width`
     /// hidden units wide over `hidden`.
     fn load(
@@ -86,25 +96,12 @@ impl SharedExpert {
     /// Adds this rank's share of the shared expert's output for `flat` (`[tokens, hidden]`,
     /// f32) to `out`, row by row.
     fn add_to(&self, flat: &Tensor, activation: Activation, out: &mut [f32]) -> Result<()> {
-        let hidden = flat.dim(1)?;
         let gate_logits: Vec<f32> = self.gate.forward(flat)?.flatten_all()?.to_vec1()?;
-        let expert = &self.expert;
-        let inner = gated(
-            activation,
-            &expert.gate.forward(flat)?,
-            &expert.up.forward(flat)?,
-        )?;
-        with_values(&expert.down.forward(&inner)?, |values| {
-            let rows = out
-                .chunks_exact_mut(hidden)
-                .zip(values.chunks_exact(hidden));
-            for ((target, row), &logit) in rows.zip(&gate_logits) {
-                let scale = 1.0 / (1.0 + (-logit).exp());
-                for (o, v) in target.iter_mut().zip(row) {
-                    *o += scale * v;
-                }
-            }
-        })
+        let scales = gate_logits
+            .iter()
+            .map(|&logit| 1.0 / (1.0 + (-logit).exp()));
+        let partial = self.expert.forward(flat, activation)?;
+        add_weighted_rows(out, &partial, scales.enumerate())
     }
 }
 
@@ -191,22 +188,13 @@ impl SparseMoe {
                 continue;
             };
             let index = Tensor::from_slice(&assigned.tokens, assigned.tokens.len(), &Device::Cpu)?;
-            let rows = flat.index_select(&index, 0)?;
-            let inner = gated(
-                activation,
-                &expert.gate.forward(&rows)?,
-                &expert.up.forward(&rows)?,
+            let partial = expert.forward(&flat.index_select(&index, 0)?, activation)?;
+            let targets = assigned.tokens.iter().map(|&token| token as usize);
+            add_weighted_rows(
+                &mut out,
+                &partial,
+                targets.zip(assigned.weights.iter().copied()),
             )?;
-            let partial = expert.down.forward(&inner)?;
-            with_values(&partial, |values| {
-                let rows = values.chunks_exact(hidden);
-                for ((row, &token), &weight) in rows.zip(&assigned.tokens).zip(&assigned.weights) {
-                    let target = &mut out[token as usize * hidden..][..hidden];
-                    for (o, v) in target.iter_mut().zip(row) {
-                        *o += v * weight;
-                    }
-                }
-            })?;
         }
         if let Some(shared) = &self.shared {
             shared.add_to(&flat, activation, &mut out)?;
@@ -214,6 +202,24 @@ impl SparseMoe {
         let out = Tensor::from_vec(out, dims, &Device::Cpu)?;
         all_reduce(&out, comm)
     }
+}
+
+/// Adds row `i` of `partial` (`[rows, hidden]`), times its weight, to row `token` of `out`
+/// (`[tokens, hidden]`), for each `(token, weight)` of `targets` in row order.
+fn add_weighted_rows(
+    out: &mut [f32],
+    partial: &Tensor,
+    targets: impl Iterator<Item = (usize, f32)>,
+) -> Result<()> {
+    let hidden = partial.dim(1)?;
+    with_values(partial, |values| {
+        for (row, (token, weight)) in values.chunks_exact(hidden).zip(targets) {
+            let target = &mut out[token * hidden..][..hidden];
+            for (o, v) in target.iter_mut().zip(row) {
+                *o += v * weight;
+            }
+        }
+    })
 }
 
 /// Routes each token (a row of `logits`, `[tokens, experts]`, softmaxed in place) to its

@@ -113,7 +113,7 @@ pub fn plan_slice(
         rows: 0..rows,
         cols: 0..cols,
     };
-    if *role == Role::Expert && !plan.experts.units(rank).contains(&expert_of(name, plan)?) {
+    if *role == Role::Expert && !holds_expert_of(name, plan, rank)? {
         // Another rank's expert: nothing of it here.
         return Ok(SlicePlan {
             blocks: vec![],
@@ -230,12 +230,12 @@ pub fn plan_slice(
     })
 }
 
-/// The number of the expert tensor `name` ([`Role::Expert`]) belongs to, checked against the
-/// plan's experts.
-fn expert_of(name: &str, plan: &Plan) -> Result<usize> {
+/// Whether `rank` owns the expert tensor `name` ([`Role::Expert`]) belongs to; an error when
+/// its number names no expert of the plan.
+fn holds_expert_of(name: &str, plan: &Plan, rank: usize) -> Result<bool> {
     let experts = plan.experts.total_units();
     match crate::policy::expert_number(name) {
-        Some(expert) if expert < experts => Ok(expert),
+        Some(expert) if expert < experts => Ok(plan.experts.units(rank).contains(&expert)),
         Some(expert) => Err(Error::InvalidInput(format!(
             "tensor `{name}` belongs to expert {expert}, but the model has {experts} experts"
         ))),
@@ -453,10 +453,7 @@ impl<'a> ShardLoader<'a> {
             return Ok(false);
         };
         match self.policy.role_of(&full) {
-            Some(Role::Expert) => {
-                let expert = expert_of(&full, self.plan)?;
-                Ok(self.plan.experts.units(self.rank).contains(&expert))
-            }
+            Some(Role::Expert) => holds_expert_of(&full, self.plan, self.rank),
             _ => Ok(true),
         }
     }
