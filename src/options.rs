@@ -80,23 +80,27 @@ pub enum ExpertSplit {
     Expert,
 }
 
-/// Most prompt tokens a paced session prefills between two decode steps: also what it
-/// prefills at a time while no sequence is running, as [`generate`](crate::generation::generate)
-/// does.
+/// Most prompt tokens a paced session prefills with one decode step: also what it prefills at
+/// a time while no sequence is running, as [`generate`](crate::generation::generate) does.
 pub const MOST_PACED_PREFILL_TOKENS: usize = crate::generation::PREFILL_CHUNK;
 
-/// Fewest prompt tokens a paced session prefills between two decode steps, however slow.
-pub const FEWEST_PACED_PREFILL_TOKENS: usize = 16;
+/// Fewest prompt tokens a paced session prefills with one decode step, however slow.
+pub const FEWEST_PACED_PREFILL_TOKENS: usize = 8;
 
-/// How many prompt tokens a continuous-batching session prefills between two decode steps, so
+/// How much longer than a decode step alone a paced step that also prefills may take, as a
+/// share of the decode step: the running sequences' tokens then come about 1.5 times as far
+/// apart while a prompt joins, leaving room under 3 times for the slowest steps.
+pub const PACED_PREFILL_SHARE: f64 = 0.5;
+
+/// How many prompt tokens a continuous-batching session prefills with each decode step, so
 /// that the running sequences keep streaming while a long prompt joins.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PrefillChunk {
-    /// As many as take about as long as one decode step of the running batch, as rank 0
-    /// measures them (between [`FEWEST_PACED_PREFILL_TOKENS`] and
-    /// [`MOST_PACED_PREFILL_TOKENS`]; the most while no sequence is running). The running
-    /// sequences' steps then take at most about twice as long while a prompt joins, whatever
-    /// the model, the machine and the batch.
+    /// As many as add about [`PACED_PREFILL_SHARE`] of a decode step of the running batch
+    /// to the step they share a pass with, as rank 0 measures them (between
+    /// [`FEWEST_PACED_PREFILL_TOKENS`] and [`MOST_PACED_PREFILL_TOKENS`]; the most while no
+    /// sequence is running). The running sequences' steps then take about 1.5 times as long
+    /// while a prompt joins, whatever the model, the machine and the batch.
     #[default]
     Paced,
     /// This many (at least 1), padding included.
@@ -127,7 +131,7 @@ pub const DEFAULT_PREFIX_CACHE_MIB: u64 = 512;
 /// How the ranks prefill prompts, fixed for the life of the ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrefillOptions {
-    /// How many prompt tokens a continuous-batching session prefills between two decode steps.
+    /// How many prompt tokens a continuous-batching session prefills with each decode step.
     pub chunk: PrefillChunk,
     /// Bytes of the prefix cache on each rank (0: no prefix cache): keys and values of earlier
     /// prompts and replies, by blocks of tokens, for later prompts that start with the same

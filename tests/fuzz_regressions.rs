@@ -229,7 +229,8 @@ fn write_ipc_seeds() {
             Reply::SessionEnded(SessionSummary {
                 sequences: vec![(3, vec![9, 9]), (4, vec![])],
                 steps: 5,
-                prefill_passes: 3,
+                prefill_chunks: 3,
+                passes_beside_decode: 2,
                 cached_prompt_tokens: 32,
                 prefill_seconds: 0.1,
                 decode_seconds: 0.5,

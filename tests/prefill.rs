@@ -152,7 +152,10 @@ fn chunked_and_cached_sessions_decode_what_a_model_without_either_decodes() {
         let hits: u64 = driver.reports.iter().map(|r| r.hit_tokens).sum();
         assert_eq!(hits, 2 * BLOCK_TOKENS as u64, "{family}");
         // 40, 7 and 50 prompt tokens take 5, 1 and 7 chunks of 8.
-        assert_eq!(stats.prefill_passes, 1 + 5 + 1 + 7, "{family}");
+        assert_eq!(stats.prefill_chunks, 1 + 5 + 1 + 7, "{family}");
+        // The anchor decodes while at least the first prompt's 5 chunks are prefilled (it may
+        // end before the last prompt's, with a short position table): they share its passes.
+        assert!(stats.passes_beside_decode >= 5, "{family}: {stats:?}");
         model.deparallelize();
     }
 }
@@ -281,9 +284,9 @@ fn a_driver_finishes_a_sequence_whose_long_prompt_is_being_prefilled() {
     assert_eq!(driver.end, Some(SequenceEnd::Stopped));
     assert_eq!(driver.tokens, 0);
     assert!(
-        stats.prefill_passes < 2000 / 16,
+        stats.prefill_chunks < 2000 / 16,
         "{} passes",
-        stats.prefill_passes
+        stats.prefill_chunks
     );
     model.deparallelize();
 }

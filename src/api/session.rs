@@ -73,9 +73,12 @@ pub struct SessionStats {
     pub tokens: usize,
     /// Decode steps (each extends every running sequence by one token).
     pub steps: usize,
-    /// Forward passes that prefilled joining sequences (a long prompt joining a running batch
-    /// takes several, in chunks between decode steps).
-    pub prefill_passes: usize,
+    /// Chunks of joining prompts prefilled: the columns of a group of joining sequences that
+    /// one step prefills (a long prompt joining a running batch takes several).
+    pub prefill_chunks: usize,
+    /// Steps that prefilled chunks beside a decode step of the running batch (in one pass of
+    /// the model, for the Llama-style decoders).
+    pub passes_beside_decode: usize,
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub cached_prompt_tokens: usize,
     /// Time of the joining sequences' forward passes, in seconds.
@@ -151,7 +154,8 @@ impl ParallelModel {
             sequences: first.sequences.len(),
             tokens: first.sequences.iter().map(|(_, t)| t.len()).sum(),
             steps: first.steps,
-            prefill_passes: first.prefill_passes,
+            prefill_chunks: first.prefill_chunks,
+            passes_beside_decode: first.passes_beside_decode,
             cached_prompt_tokens: first.cached_prompt_tokens,
             prefill_seconds: first.prefill_seconds,
             decode_seconds: first.decode_seconds,

@@ -48,9 +48,10 @@ pub struct ServeArgs {
     /// [default: a quarter of the memory available at start, shared by the ranks].
     #[arg(long)]
     batch_memory_mib: Option<u64>,
-    /// Prompt tokens prefilled between two decode steps, so that a long prompt joins the
-    /// running batch in chunks while the others keep streaming: `auto` takes as many as last
-    /// about one decode step (16 to 512; 512 while nothing else runs), a number that many.
+    /// Prompt tokens prefilled with each decode step (in the same pass), so that a long
+    /// prompt joins the running batch in chunks while the others keep streaming: `auto` takes
+    /// as many as add about half a decode step (8 to 512; 512 while nothing else runs), a
+    /// number that many.
     #[arg(long, default_value = "auto")]
     prefill_chunk_tokens: PrefillChunk,
     /// Memory of the prefix cache on each rank, in MiB (0: none): keys and values of earlier

@@ -453,32 +453,58 @@ fn prefill(
     padding: &[usize],
     columns: Range<usize>,
 ) -> Result<Tensor> {
-    // Position ids count real tokens only (the padding's positions are never attended).
-    let positions: Vec<u32> = padding
-        .iter()
-        .flat_map(|&pad| columns.clone().map(move |i| i.saturating_sub(pad) as u32))
-        .collect();
-    let mask: Vec<u32> = padding
-        .iter()
-        .flat_map(|&pad| (0..columns.end).map(move |i| u32::from(i >= pad)))
-        .collect();
-    let flat: Vec<u32> = ids
-        .iter()
-        .flat_map(|row| row[columns.clone()].iter().copied())
-        .collect();
-    model.forward(
-        &Batch {
-            ids: &flat,
-            batch: ids.len(),
-            seq_len: columns.len(),
-            attention_mask: padding.iter().any(|&p| p > 0).then_some(mask.as_slice()),
+    model.forward(&PrefillInput::new(ids, padding, columns).batch(), comm)
+}
+
+/// The model input of a [`prefill`] pass.
+struct PrefillInput {
+    ids: Vec<u32>,
+    rows: usize,
+    columns: usize,
+    positions: Vec<u32>,
+    /// `None` when no row is padded.
+    mask: Option<Vec<u32>>,
+}
+
+impl PrefillInput {
+    /// Columns `columns` of the prompts `ids`, each with `padding` pad ids in front.
+    fn new(ids: &[Vec<u32>], padding: &[usize], columns: Range<usize>) -> Self {
+        // Position ids count real tokens only (the padding's positions are never attended).
+        let positions = padding
+            .iter()
+            .flat_map(|&pad| columns.clone().map(move |i| i.saturating_sub(pad) as u32))
+            .collect();
+        let mask = padding.iter().any(|&p| p > 0).then(|| {
+            padding
+                .iter()
+                .flat_map(|&pad| (0..columns.end).map(move |i| u32::from(i >= pad)))
+                .collect()
+        });
+        PrefillInput {
+            ids: ids
+                .iter()
+                .flat_map(|row| row[columns.clone()].iter().copied())
+                .collect(),
+            rows: ids.len(),
+            columns: columns.len(),
+            positions,
+            mask,
+        }
+    }
+
+    /// The batch the model runs (extending the caches, logits of the last column only).
+    fn batch(&self) -> Batch<'_> {
+        Batch {
+            ids: &self.ids,
+            batch: self.rows,
+            seq_len: self.columns,
+            attention_mask: self.mask.as_deref(),
             use_cache: true,
             last_only: true,
-            positions: Some(&positions),
+            positions: Some(&self.positions),
             decoder_ids: None,
-        },
-        comm,
-    )
+        }
+    }
 }
 
 /// Rank 0's side: processes each row's logits and chooses its next token.

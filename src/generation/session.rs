@@ -6,8 +6,8 @@
 //! options and seeded generator, and broadcasts the tokens together with the joining sequences,
 //! so that every rank changes its batch in the same way.
 //!
-//! Joining sequences are prefilled in caches of their own while the running batch's are set
-//! aside (`joining`: a long prompt is prefilled in chunks, one between each two decode steps,
+//! Joining sequences are prefilled in caches of their own (`joining`: a long prompt is
+//! prefilled in chunks, each in the same forward pass as a decode step of the running batch,
 //! sized by `pacing`; a prompt that starts with blocks of the prefix cache is seeded with them).
 //! Once prefilled, their rows are appended to the running caches, every row aligned to the end
 //! (the rows shorter than the batch get left padding that the attention mask hides, and
@@ -69,9 +69,13 @@ pub struct SessionSummary {
     pub sequences: Vec<(u32, Vec<u32>)>,
     /// Decode steps run (each extends every running sequence by one token).
     pub steps: usize,
-    /// Forward passes that prefilled joining sequences (a long prompt joining a running batch
-    /// takes several, one between each two decode steps).
-    pub prefill_passes: usize,
+    /// Chunks of joining prompts prefilled: the columns of a group of joining sequences that
+    /// one step prefills (a long prompt joining a running batch takes several). A step's
+    /// chunks share one pass of the model, with the running batch's decode step.
+    pub prefill_chunks: usize,
+    /// Steps whose pass prefilled chunks beside the running batch's decode step (in one pass
+    /// of the model where it can, see [`ShardedModel::forward_segments`]).
+    pub passes_beside_decode: usize,
     /// Prompt tokens whose keys and values came from the prefix cache instead of the model.
     pub cached_prompt_tokens: usize,
     /// Time of the joining sequences' forward passes, in seconds.
@@ -119,7 +123,7 @@ const FAILED: u32 = u32::MAX - 1;
 
 /// Runs a continuous-batching session that starts with `initial`. Every rank runs it; rank 0
 /// passes its `link` to the main process, the others `None`. `chunk` says how many prompt
-/// tokens are prefilled between two decode steps; prompts start from what `prefix` holds of
+/// tokens are prefilled with each decode step; prompts start from what `prefix` holds of
 /// them, and leave their blocks there.
 pub fn run(
     model: &mut dyn ShardedModel,
@@ -139,7 +143,6 @@ pub fn run(
         joining: initial,
         cancelled: Vec::new(),
     };
-    let mut logits: Option<Tensor> = None;
     loop {
         let started = Instant::now();
         summary.cached_prompt_tokens += joining.add(&news.joining, prefix, link.is_some())?;
@@ -149,11 +152,27 @@ pub fn run(
             }
             summary.sequences.push(row.output());
         }
+        let decode = (!batch.rows.is_empty()).then(|| batch.decode_input());
+        let mut logits = None;
         if !joining.is_empty() {
-            let prefill_start = Instant::now();
-            let advanced = joining.advance(model, comm, pacer.budget())?;
-            pacer.prefilled(advanced.tokens, prefill_start.elapsed().as_secs_f64());
-            summary.prefill_passes += advanced.passes;
+            let beside = decode.as_ref().map(DecodeInput::batch);
+            let advanced = joining.advance(model, comm, pacer.budget(), beside.as_ref())?;
+            let seconds = started.elapsed().as_secs_f64();
+            summary.prefill_chunks += advanced.chunks;
+            match advanced.decoded {
+                Some(decoded) => {
+                    logits = Some(batch.stepped(decoded)?);
+                    let prefill = pacer.prefilled_beside_decode(advanced.tokens, seconds);
+                    summary.prefill_seconds += prefill;
+                    summary.decode_seconds += seconds - prefill;
+                    summary.steps += 1;
+                    summary.passes_beside_decode += 1;
+                }
+                None => {
+                    pacer.prefilled(advanced.tokens, seconds);
+                    summary.prefill_seconds += seconds;
+                }
+            }
             for (group, joined) in advanced.complete {
                 batch.admit(model, group, prefix)?;
                 logits = Some(match logits.take() {
@@ -161,7 +180,13 @@ pub fn run(
                     None => joined,
                 });
             }
-            summary.prefill_seconds += started.elapsed().as_secs_f64();
+        } else if let Some(decode) = &decode {
+            let logits_of_step = model.forward(&decode.batch(), comm)?;
+            logits = Some(batch.stepped(logits_of_step)?);
+            let seconds = started.elapsed().as_secs_f64();
+            pacer.decoded(seconds);
+            summary.decode_seconds += seconds;
+            summary.steps += 1;
         }
         let step_start = Instant::now();
         let mut words = vec![0u32; HEADER_WORDS + batch.rows.len()];
@@ -219,15 +244,6 @@ pub fn run(
         let overhead = step_start.elapsed().as_secs_f64();
         summary.overhead_seconds += overhead;
         summary.decode_seconds += overhead;
-        logits = None;
-        if !batch.rows.is_empty() {
-            let started = Instant::now();
-            logits = Some(batch.step(model, comm)?);
-            let seconds = started.elapsed().as_secs_f64();
-            pacer.decoded(seconds);
-            summary.decode_seconds += seconds;
-            summary.steps += 1;
-        }
     }
     model.clear_cache();
     Ok(summary)
@@ -451,37 +467,57 @@ impl RunningBatch {
         caches_of(model)?.retain(&kept, self.width)
     }
 
-    /// One decode step: feeds each row its last token; returns the logits `[rows, vocab]`.
-    fn step(&mut self, model: &mut dyn ShardedModel, comm: &dyn Communicator) -> Result<Tensor> {
-        let tokens: Vec<u32> = self.rows.iter().map(|r| r.ids[r.ids.len() - 1]).collect();
-        let positions: Vec<u32> = self.rows.iter().map(|r| r.cached as u32).collect();
+    /// The input of a decode step: each row's last token.
+    fn decode_input(&self) -> DecodeInput {
         let width = self.width + 1;
         let padded = self.rows.iter().any(|r| r.cached < self.width);
-        let mask: Vec<u32> = self
-            .rows
-            .iter()
-            .flat_map(|r| {
-                let padding = self.width - r.cached;
-                (0..width).map(move |column| u32::from(column >= padding))
-            })
-            .collect();
-        let logits = model.forward(
-            &Batch {
-                ids: &tokens,
-                batch: self.rows.len(),
-                seq_len: 1,
-                attention_mask: padded.then_some(mask.as_slice()),
-                use_cache: true,
-                last_only: true,
-                positions: Some(&positions),
-                decoder_ids: None,
-            },
-            comm,
-        )?;
-        self.width = width;
+        DecodeInput {
+            tokens: self.rows.iter().map(|r| r.ids[r.ids.len() - 1]).collect(),
+            positions: self.rows.iter().map(|r| r.cached as u32).collect(),
+            mask: padded.then(|| {
+                self.rows
+                    .iter()
+                    .flat_map(|r| {
+                        let padding = self.width - r.cached;
+                        (0..width).map(move |column| u32::from(column >= padding))
+                    })
+                    .collect()
+            }),
+        }
+    }
+
+    /// Records that the decode step of [`RunningBatch::decode_input`] ran, with `logits`
+    /// `[rows, 1, vocab]`: every row has one more position cached. Returns the logits
+    /// `[rows, vocab]`.
+    fn stepped(&mut self, logits: Tensor) -> Result<Tensor> {
+        self.width += 1;
         self.rows.iter_mut().for_each(|r| r.cached += 1);
         let vocab = logits.dim(2)?;
         Ok(logits.reshape((self.rows.len(), vocab))?)
+    }
+}
+
+/// The model input of a decode step of the running batch.
+struct DecodeInput {
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    /// `None` when no row is padded.
+    mask: Option<Vec<u32>>,
+}
+
+impl DecodeInput {
+    /// The batch the model runs: one position per row, extending the caches.
+    fn batch(&self) -> Batch<'_> {
+        Batch {
+            ids: &self.tokens,
+            batch: self.tokens.len(),
+            seq_len: 1,
+            attention_mask: self.mask.as_deref(),
+            use_cache: true,
+            last_only: true,
+            positions: Some(&self.positions),
+            decoder_ids: None,
+        }
     }
 }
 

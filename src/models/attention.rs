@@ -375,6 +375,11 @@ impl LayerCaches {
             .try_for_each(|(c, o)| c.append_rows(o))
     }
 
+    /// Layers these caches are for.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Takes the cached positions out, leaving empty caches with as many layers.
     pub fn take(&mut self) -> LayerCaches {
         std::mem::replace(self, LayerCaches::new(self.layers.len()))

@@ -22,8 +22,9 @@ use crate::models::layers::{
 };
 use crate::models::moe::SparseMoe;
 use crate::models::norm::{HeadNorm, HeadNormSpec, HeadsOf, Norm};
+use crate::models::packing::{apply_head_to_each, Packing};
 use crate::models::rope::{Rotary, RotaryAngles};
-use crate::models::{apply_head, weight_and_bias, Batch, ShardedModel};
+use crate::models::{weight_and_bias, Batch, ShardedModel};
 use crate::parallel::engine::ShardLoader;
 
 /// The query, key and value projections of this rank's heads.
@@ -300,23 +301,31 @@ fn load_layer(
     })
 }
 
-/// What a layer's attention reads besides its input: the heads, positions and mask.
-struct AttentionInputs<'a> {
+/// What every batch's attention in a layer shares: the heads and how scores are made.
+struct AttentionShape {
     layout: HeadLayout,
-    angles: Option<&'a RotaryAngles>,
-    mask: &'a Mask,
     scores: Scores,
     /// Queries, keys and values are clamped to `[-c, c]` after the q/k norms (OLMoE).
     clip_qkv: Option<f64>,
 }
 
+/// What one batch's attention in a layer reads besides its tokens: its rotary angles, its mask
+/// and the cache it extends.
+struct SegmentAttention<'a> {
+    angles: Option<&'a RotaryAngles>,
+    mask: &'a Mask,
+    cache: Option<&'a mut KvCache>,
+}
+
 impl Layer {
-    /// Attention of this rank's heads, output projection and all-reduce included.
+    /// Attention of this rank's heads over the packed tokens `x`, each batch of `packing` over
+    /// its own segment's cache, output projection and all-reduce included (once for all).
     fn attention(
         &self,
         x: &Tensor,
-        inputs: AttentionInputs,
-        cache: Option<&mut KvCache>,
+        shape: &AttentionShape,
+        segments: Vec<SegmentAttention>,
+        packing: &Packing,
         comm: &dyn Communicator,
     ) -> Result<Tensor> {
         let mut projected = match &self.qkv {
@@ -325,38 +334,76 @@ impl Layer {
                 k: k.forward(x)?,
                 v: v.forward(x)?,
             },
-            QkvProjection::Fused(qkv) => Projected::split_fused(&qkv.forward(x)?, &inputs.layout)?,
+            QkvProjection::Fused(qkv) => Projected::split_fused(&qkv.forward(x)?, &shape.layout)?,
         };
         if let (Some(q_norm), Some(k_norm)) = (&self.q_norm, &self.k_norm) {
             projected.q = q_norm.forward(&projected.q, comm)?;
             projected.k = k_norm.forward(&projected.k, comm)?;
         }
-        if let Some(c) = inputs.clip_qkv {
+        if let Some(c) = shape.clip_qkv {
             for t in [&mut projected.q, &mut projected.k, &mut projected.v] {
                 *t = t.clamp(-c, c)?;
             }
         }
-        let attn = attend_with(
-            projected,
-            inputs.layout,
-            inputs.angles,
-            cache,
-            inputs.mask,
-            inputs.scores,
-        )?;
-        self.o.forward(&attn, comm)
+        let (qs, ks, vs) = (
+            packing.unpack(&projected.q)?,
+            packing.unpack(&projected.k)?,
+            packing.unpack(&projected.v)?,
+        );
+        let outputs = segments
+            .into_iter()
+            .zip(qs.into_iter().zip(ks).zip(vs))
+            .map(|(segment, ((q, k), v))| {
+                attend_with(
+                    Projected { q, k, v },
+                    shape.layout,
+                    segment.angles,
+                    segment.cache,
+                    segment.mask,
+                    shape.scores,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.o.forward(&packing.pack(outputs)?, comm)
     }
 }
 
-impl ShardedModel for Llama {
-    fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
-        let past = input.past_len(self.caches.len());
-        let mut x = self
-            .embed
-            .forward(input.ids, &[input.batch, input.seq_len], comm)?;
-        if let Some(scale) = self.options.embedding_scale {
-            x = (x * scale)?;
+/// One batch of a pass: its rotary angles and one mask per distinct window of the layers.
+struct Segment {
+    angles: RotaryAngles,
+    /// Gemma 3's sliding layers' own angles.
+    sliding_angles: Option<RotaryAngles>,
+    masks: Vec<(Option<usize>, Mask)>,
+    use_cache: bool,
+    last_only: bool,
+}
+
+impl Segment {
+    /// What `layer`'s attention reads of this batch, extending `cache`.
+    fn attention<'a>(&'a self, layer: &Layer, cache: &'a mut KvCache) -> SegmentAttention<'a> {
+        let angles = match layer.rope {
+            LayerRope::Full => Some(&self.angles),
+            LayerRope::Sliding => self.sliding_angles.as_ref().or(Some(&self.angles)),
+            LayerRope::None => None,
+        };
+        let mask = self
+            .masks
+            .iter()
+            .find(|(window, _)| *window == layer.window)
+            .map(|(_, mask)| mask)
+            .unwrap_or(&self.masks[0].1);
+        SegmentAttention {
+            angles,
+            mask,
+            cache: self.use_cache.then_some(cache),
         }
+    }
+}
+
+impl Llama {
+    /// The angles and masks of batch `input` after `cached` positions.
+    fn segment(&mut self, input: &Batch, cached: usize) -> Result<Segment> {
+        let past = input.past_len(cached);
         let positions = input.position_ids(past);
         let angles = self.rotary.angles(&positions, input.batch, input.seq_len)?;
         let sliding_angles = match &mut self.sliding_rotary {
@@ -365,6 +412,58 @@ impl ShardedModel for Llama {
         };
         // One mask per distinct window (most models have one or two).
         let mut masks: Vec<(Option<usize>, Mask)> = Vec::new();
+        for layer in &self.layers {
+            if !masks.iter().any(|(window, _)| *window == layer.window) {
+                masks.push((layer.window, input.mask(past, true, layer.window)?));
+            }
+        }
+        if masks.is_empty() {
+            masks.push((None, input.mask(past, true, None)?));
+        }
+        Ok(Segment {
+            angles,
+            sliding_angles,
+            masks,
+            use_cache: input.use_cache,
+            last_only: input.last_only,
+        })
+    }
+
+    /// Runs `inputs` in one pass (see [`crate::models::packing`]), batch `i` over `caches[i]`
+    /// or, where that is `None`, over the model's own caches. Returns each batch's logits.
+    fn run(
+        &mut self,
+        inputs: &[Batch],
+        caches: Vec<Option<&mut LayerCaches>>,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<Tensor>> {
+        if caches.len() != inputs.len() || caches.iter().filter(|c| c.is_none()).count() > 1 {
+            return Err(Error::InvalidInput(format!(
+                "{} batches need as many caches, the model's own at most once",
+                inputs.len()
+            )));
+        }
+        let segments = inputs
+            .iter()
+            .zip(&caches)
+            .map(|(input, cache)| {
+                let cached = cache.as_ref().map_or(self.caches.len(), |c| c.len());
+                self.segment(input, cached)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let own = &mut self.caches;
+        let mut own = Some(own);
+        let mut caches: Vec<&mut LayerCaches> = caches
+            .into_iter()
+            .map(|cache| cache.or_else(|| own.take()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::InvalidInput("the model's caches were given twice".into()))?;
+        let packing = Packing::new(inputs.iter().map(|b| (b.batch, b.seq_len)).collect());
+        let ids: Vec<u32> = inputs.iter().flat_map(|b| b.ids.iter().copied()).collect();
+        let mut x = self.embed.forward(&ids, &packing.ids_shape(), comm)?;
+        if let Some(scale) = self.options.embedding_scale {
+            x = (x * scale)?;
+        }
         let residual_scale = self.options.residual_scale;
         let scaled = |t: Tensor| -> Result<Tensor> {
             Ok(match residual_scale {
@@ -372,32 +471,20 @@ impl ShardedModel for Llama {
                 None => t,
             })
         };
+        let shape = AttentionShape {
+            layout: self.layout,
+            scores: self.scores,
+            clip_qkv: self.options.clip_qkv,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let known = masks.iter().position(|(w, _)| *w == layer.window);
-            let index = match known {
-                Some(index) => index,
-                None => {
-                    masks.push((layer.window, input.mask(past, true, layer.window)?));
-                    masks.len() - 1
-                }
-            };
-            let mask = &masks[index].1;
-            let layer_angles = match layer.rope {
-                LayerRope::Full => Some(&angles),
-                LayerRope::Sliding => sliding_angles.as_ref().or(Some(&angles)),
-                LayerRope::None => None,
-            };
-            let cache = input.use_cache.then(|| self.caches.layer(i));
+            let attending = segments
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(segment, cache)| segment.attention(layer, cache.layer(i)))
+                .collect();
             let norms = &layer.norms;
             let normed = maybe(&norms.input, &x)?;
-            let inputs = AttentionInputs {
-                layout: self.layout,
-                angles: layer_angles,
-                mask,
-                scores: self.scores,
-                clip_qkv: self.options.clip_qkv,
-            };
-            let attn = layer.attention(&normed, inputs, cache, comm)?;
+            let attn = layer.attention(&normed, &shape, attending, &packing, comm)?;
             x = match self.options.placement {
                 NormPlacement::Parallel => {
                     let mlp = layer.mlp.forward(&normed, self.activation, comm)?;
@@ -424,14 +511,41 @@ impl ShardedModel for Llama {
             };
         }
         let x = self.norm.forward(&x)?;
-        let mut logits = apply_head(&self.head, &x, input.last_only, comm)?;
-        if let Some(scale) = self.options.logit_scale {
-            logits = (logits * scale)?;
-        }
-        if let Some(cap) = self.options.final_softcap {
-            logits = ((logits / cap)?.tanh()? * cap)?;
-        }
-        Ok(logits)
+        let hidden: Vec<(Tensor, bool)> = packing
+            .unpack(&x)?
+            .into_iter()
+            .zip(&segments)
+            .map(|(h, segment)| (h, segment.last_only))
+            .collect();
+        apply_head_to_each(&self.head, &hidden, comm)?
+            .into_iter()
+            .map(|mut logits| {
+                if let Some(scale) = self.options.logit_scale {
+                    logits = (logits * scale)?;
+                }
+                if let Some(cap) = self.options.final_softcap {
+                    logits = ((logits / cap)?.tanh()? * cap)?;
+                }
+                Ok(logits)
+            })
+            .collect()
+    }
+}
+
+impl ShardedModel for Llama {
+    fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor> {
+        self.run(&[*input], vec![None], comm)?
+            .pop()
+            .ok_or_else(|| Error::InvalidInput("the model returned no logits".into()))
+    }
+
+    fn forward_segments(
+        &mut self,
+        batches: &[Batch],
+        caches: Vec<Option<&mut LayerCaches>>,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<Tensor>> {
+        self.run(batches, caches, comm)
     }
 
     fn caches(&mut self) -> Option<&mut LayerCaches> {

@@ -29,6 +29,10 @@ const WIDE_ROWS: usize = 6;
 const NARROW_TOKENS: usize = 16;
 /// Weight rows per tile of the narrow tiling.
 const NARROW_ROWS: usize = 12;
+/// Weight rows per tile of 2 and of 3 vectors of tokens (17 to 48 tokens: a decode step
+/// beside a chunk of a prompt), so that such a pass does not pay for 64.
+const TWO_VECTOR_ROWS: usize = 12;
+const THREE_VECTOR_ROWS: usize = 8;
 /// Most tokens a tile holds (the wide tiling's).
 const MAX_TILE_TOKENS: usize = WIDE_VECTORS * 16;
 /// Weight rows per task (a multiple of both tilings' rows); a 16-bit or quantized task widens
@@ -136,7 +140,11 @@ impl Shape {
             m,
             k,
             n: w_len / k,
-            vectors: if m <= NARROW_TOKENS { 1 } else { WIDE_VECTORS },
+            vectors: if m <= NARROW_TOKENS {
+                1
+            } else {
+                m.div_ceil(16).min(WIDE_VECTORS)
+            },
         }
     }
 
@@ -188,7 +196,7 @@ mod avx512 {
 
     use super::{
         column_passes, Output, Shape, Weight, BLOCK_GROUPS, MAX_TILE_TOKENS, NARROW_ROWS,
-        WIDE_ROWS, WIDE_VECTORS,
+        THREE_VECTOR_ROWS, TWO_VECTOR_ROWS, WIDE_ROWS, WIDE_VECTORS,
     };
 
     /// Replaces `out` with `w` widened to f32.
@@ -275,6 +283,8 @@ mod avx512 {
             WIDE_VECTORS => {
                 tiles::<WIDE_VECTORS, WIDE_ROWS>(tokens_packed, w, shape, out, first_column)
             }
+            3 => tiles::<3, THREE_VECTOR_ROWS>(tokens_packed, w, shape, out, first_column),
+            2 => tiles::<2, TWO_VECTOR_ROWS>(tokens_packed, w, shape, out, first_column),
             _ => tiles::<1, NARROW_ROWS>(tokens_packed, w, shape, out, first_column),
         }
     }
@@ -431,14 +441,17 @@ mod tests {
         }
     }
 
-    /// Shapes covering partial tiles, partial 16-column steps, several column passes and
-    /// several token blocks.
-    const SHAPES: [(usize, usize, usize); 7] = [
+    /// Shapes `(m, k, n)` covering every tiling (1 to 4 vectors of tokens), partial tiles,
+    /// partial 16-column steps, several column passes and several token blocks.
+    const SHAPES: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (2, 17, 5),
         (4, 64, 6),
         (7, 100, 13),
         (9, 576, 50),
+        (24, 100, 50),
+        (33, 17, 13),
+        (40, 576, 31),
         (130, 33, 7),
         (5, 2100, 49),
     ];

@@ -13,6 +13,7 @@ pub mod llama;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
+pub mod packing;
 pub mod phi;
 pub mod quantized;
 pub mod rope;
@@ -92,6 +93,34 @@ pub trait ShardedModel: Send {
     fn forward(&mut self, input: &Batch, comm: &dyn Communicator) -> Result<Tensor>;
     /// The key/value caches, for models that decode incrementally.
     fn caches(&mut self) -> Option<&mut attention::LayerCaches>;
+    /// Runs several batches that extend caches, in one pass where the model can (reading each
+    /// weight once for all: a decode step beside chunks of joining prompts), one after the
+    /// other otherwise. Batch `i` extends `caches[i]`, or the model's own caches where that is
+    /// `None` (at most one). Returns each batch's output.
+    fn forward_segments(
+        &mut self,
+        batches: &[Batch],
+        caches: Vec<Option<&mut attention::LayerCaches>>,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<Tensor>> {
+        let mut outputs = Vec::with_capacity(batches.len());
+        for (batch, cache) in batches.iter().zip(caches) {
+            let Some(cache) = cache else {
+                outputs.push(self.forward(batch, comm)?);
+                continue;
+            };
+            let own = self
+                .caches()
+                .ok_or_else(|| Error::InvalidInput("this model keeps no key/value cache".into()))?;
+            std::mem::swap(own, cache);
+            let output = self.forward(batch, comm);
+            if let Some(own) = self.caches() {
+                std::mem::swap(own, cache);
+            }
+            outputs.push(output?);
+        }
+        Ok(outputs)
+    }
     /// Forgets every cached key and value.
     fn clear_cache(&mut self) {
         if let Some(caches) = self.caches() {
@@ -155,15 +184,10 @@ pub(crate) fn apply_head(
     last_only: bool,
     comm: &dyn Communicator,
 ) -> Result<Tensor> {
-    let hidden = if last_only {
-        last_position(hidden)?
-    } else {
-        hidden.clone()
-    };
-    let (b, l, h) = hidden.dims3()?;
-    let logits = head.forward(&hidden.reshape((b * l, h))?, comm)?;
-    let v = logits.dim(1)?;
-    Ok(logits.reshape((b, l, v))?)
+    let mut logits = packing::apply_head_to_each(head, &[(hidden.clone(), last_only)], comm)?;
+    logits
+        .pop()
+        .ok_or_else(|| Error::InvalidInput("the head returned no logits".into()))
 }
 
 /// Loads `name.weight` (stored `[out, in]`) and, when `bias`, `name.bias` (`[out]`).

@@ -136,7 +136,7 @@ struct Shard {
     weights: WeightBytes,
     /// The whole experts this rank holds (expert parallelism).
     experts: Option<ExpertsHeld>,
-    /// How many prompt tokens a session prefills between two decode steps.
+    /// How many prompt tokens a session prefills with each decode step.
     prefill_chunk: PrefillChunk,
     /// Keys and values of earlier sequences, kept between requests.
     prefix: PrefixCache,

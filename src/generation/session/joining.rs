@@ -2,9 +2,10 @@
 //! are prefilled as one group with caches of its own (their prompts padded on the left to one
 //! width); a sequence whose prompt starts with blocks the prefix cache holds gets a group of its
 //! own, seeded with them. Each step prefills at most a budget of prompt tokens (the groups with
-//! the least left first), so that a long prompt is prefilled in chunks between decode steps
-//! and the running sequences keep streaming; a group joins the running batch once its whole
-//! prompt is in its caches. (The budget comes from [`pacing`](super::pacing).)
+//! the least left first), all in one forward pass together with the running batch's decode
+//! step, so that a long prompt is prefilled in chunks and the running sequences keep
+//! streaming; a group joins the running batch once its whole prompt is in its caches. (The
+//! budget comes from [`pacing`](super::pacing).)
 
 use candle_core::Tensor;
 
@@ -12,9 +13,9 @@ use super::{Row, SequenceRequest};
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::generation::prefix_cache::PrefixCache;
-use crate::generation::{caches_of, prefill};
+use crate::generation::{caches_of, PrefillInput};
 use crate::models::attention::LayerCaches;
-use crate::models::ShardedModel;
+use crate::models::{Batch, ShardedModel};
 
 /// Sequences prefilled together.
 pub(super) struct Group {
@@ -25,7 +26,7 @@ pub(super) struct Group {
     padding: Vec<usize>,
     /// Columns already in the caches.
     done: usize,
-    /// The caches of the columns done (set aside while the running batch decodes).
+    /// The caches of the columns done.
     pub caches: LayerCaches,
 }
 
@@ -73,26 +74,20 @@ impl Group {
         self.rows.len() * (self.width() - self.done)
     }
 
-    /// Prefills the next `columns` columns in the group's own caches, the running batch's set
-    /// aside meanwhile; once the last column is done, returns every row's logits `[rows, vocab]`.
-    fn advance(
-        &mut self,
-        model: &mut dyn ShardedModel,
-        comm: &dyn Communicator,
-        columns: usize,
-    ) -> Result<Option<Tensor>> {
-        let end = self.done + columns;
-        let caches = caches_of(model)?;
-        let running = match self.done {
-            // Empty caches with the model's layers.
-            0 => caches.take(),
-            _ => std::mem::replace(caches, std::mem::take(&mut self.caches)),
-        };
-        let logits = prefill(model, comm, &self.ids, &self.padding, self.done..end);
-        self.caches = std::mem::replace(caches_of(model)?, running);
-        let logits = logits?;
-        self.done = end;
-        if end < self.width() {
+    /// The input of a pass that prefills the next `columns` columns in the group's own
+    /// caches (empty caches of the model's `layers` for a group that starts).
+    fn next_input(&mut self, columns: usize, layers: usize) -> PrefillInput {
+        if self.done == 0 {
+            self.caches = LayerCaches::new(layers);
+        }
+        PrefillInput::new(&self.ids, &self.padding, self.done..self.done + columns)
+    }
+
+    /// Records that a pass put the next `columns` columns in the caches and gave `logits`;
+    /// once the last column is done, returns every row's logits `[rows, vocab]`.
+    fn advanced(&mut self, columns: usize, logits: Tensor) -> Result<Option<Tensor>> {
+        self.done += columns;
+        if self.done < self.width() {
             return Ok(None);
         }
         let vocab = logits.dim(2)?;
@@ -198,38 +193,76 @@ impl Joining {
     }
 
     /// Prefills up to `budget` prompt tokens (padding included), the groups with the least
-    /// left first, each by at least one column.
+    /// left first, each by at least one column, in one pass of the model together with the
+    /// running batch's decode step `decode` when given.
     pub fn advance(
         &mut self,
         model: &mut dyn ShardedModel,
         comm: &dyn Communicator,
         budget: usize,
+        decode: Option<&Batch>,
     ) -> Result<Advanced> {
         self.groups.sort_by_key(Group::left);
-        let mut advanced = Advanced::default();
-        let mut index = 0;
-        while index < self.groups.len() && advanced.tokens < budget {
-            let group = &mut self.groups[index];
+        let mut plan = Vec::new();
+        let mut tokens = 0;
+        for group in &self.groups {
+            if tokens >= budget {
+                break;
+            }
             let (rows, columns_left) = (group.rows.len(), group.width() - group.done);
-            let columns = ((budget - advanced.tokens) / rows).clamp(1, columns_left);
-            advanced.tokens += rows * columns;
-            advanced.passes += 1;
-            match group.advance(model, comm, columns)? {
-                Some(logits) => advanced.complete.push((self.groups.remove(index), logits)),
+            let columns = ((budget - tokens) / rows).clamp(1, columns_left);
+            tokens += rows * columns;
+            plan.push(columns);
+        }
+        let layers = caches_of(model)?.layer_count();
+        let planned = self.groups.iter_mut().zip(&plan);
+        let inputs: Vec<PrefillInput> = planned.map(|(g, &c)| g.next_input(c, layers)).collect();
+        let batches: Vec<Batch> = decode
+            .copied()
+            .into_iter()
+            .chain(inputs.iter().map(PrefillInput::batch))
+            .collect();
+        let caches = decode
+            .map(|_| None)
+            .into_iter()
+            .chain(
+                self.groups
+                    .iter_mut()
+                    .take(plan.len())
+                    .map(|g| Some(&mut g.caches)),
+            )
+            .collect();
+        let mut outputs = model.forward_segments(&batches, caches, comm)?.into_iter();
+        let decoded = match decode {
+            Some(_) => outputs.next(),
+            None => None,
+        };
+        let mut complete = Vec::new();
+        let mut index = 0;
+        for (&columns, logits) in plan.iter().zip(outputs) {
+            match self.groups[index].advanced(columns, logits)? {
+                Some(logits) => complete.push((self.groups.remove(index), logits)),
                 None => index += 1,
             }
         }
-        Ok(advanced)
+        Ok(Advanced {
+            chunks: plan.len(),
+            tokens,
+            complete,
+            decoded,
+        })
     }
 }
 
 /// What one [`Joining::advance`] did.
 #[derive(Default)]
 pub(super) struct Advanced {
-    /// Forward passes run.
-    pub passes: usize,
+    /// Chunks of groups prefilled (all in one pass of the model).
+    pub chunks: usize,
     /// Prompt tokens prefilled, padding included.
     pub tokens: usize,
     /// The groups now complete, with their rows' logits `[rows, vocab]`.
     pub complete: Vec<(Group, Tensor)>,
+    /// The logits of the decode step that shared the first pass, if one did.
+    pub decoded: Option<Tensor>,
 }

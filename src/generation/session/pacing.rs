@@ -1,15 +1,22 @@
-//! How many prompt tokens a session prefills between two decode steps. With
-//! [`PrefillChunk::Paced`] rank 0 sizes each step's prefill to take about as long as one decode
-//! step of the running batch: it measures both, keeps a moving average of the decode steps, and
-//! scales the last prefill's token count by how much faster or slower than that it was (growing
-//! at most twofold from one step to the next, so that one fast measurement does not make the
-//! running sequences wait; shrinking at once). Rank 0's choice travels with the step's broadcast, so every rank prefills the same
-//! columns.
+//! How many prompt tokens a session prefills with each decode step. With
+//! [`PrefillChunk::Paced`] rank 0 sizes each step's prefill to add about
+//! [`PACED_PREFILL_SHARE`] of a decode step of the running batch to the pass they share: it
+//! measures decode steps alone (a moving average) and the passes that also prefill, reckons
+//! the prefill's part as the difference, and scales the last prefill's token count by how far
+//! from its goal that part was (growing at most twofold from one step to the next, so that one
+//! fast measurement does not make the running sequences wait; shrinking at once). Rank 0's
+//! choice travels with the step's broadcast, so every rank prefills the same columns.
 
-use crate::options::{PrefillChunk, FEWEST_PACED_PREFILL_TOKENS, MOST_PACED_PREFILL_TOKENS};
+use crate::options::{
+    PrefillChunk, FEWEST_PACED_PREFILL_TOKENS, MOST_PACED_PREFILL_TOKENS, PACED_PREFILL_SHARE,
+};
 
 /// Weight of the newest decode step in the moving average of their times.
 const DECODE_STEP_WEIGHT: f64 = 0.25;
+
+/// The least share of a pass shared with a decode step that is reckoned as prefill (the
+/// decode step's average may exceed the pass's time on a noisy machine).
+const MIN_PREFILL_SHARE: f64 = 0.05;
 
 /// The paced budget while sequences run and no decode step has been measured yet.
 const FIRST_PACED_TOKENS: usize = 64;
@@ -59,6 +66,15 @@ impl Pacer {
         self.prefilled = (tokens > 0).then_some((tokens, seconds));
     }
 
+    /// Records that a pass prefilled `tokens` beside a decode step in `seconds`; returns the
+    /// part of them the prefill is reckoned to have taken (beyond an average decode step).
+    pub fn prefilled_beside_decode(&mut self, tokens: usize, seconds: f64) -> f64 {
+        let prefill =
+            (seconds - self.decode_seconds.unwrap_or(0.0)).max(seconds * MIN_PREFILL_SHARE);
+        self.prefilled(tokens, prefill);
+        prefill
+    }
+
     /// Records that a decode step took `seconds`.
     pub fn decoded(&mut self, seconds: f64) {
         self.decode_seconds = Some(match self.decode_seconds {
@@ -79,8 +95,8 @@ impl Pacer {
         u32::try_from(budget).unwrap_or(u32::MAX)
     }
 
-    /// The paced budget while sequences run: the last prefill's tokens scaled to last one
-    /// average decode step.
+    /// The paced budget while sequences run: the last prefill's tokens scaled to last
+    /// [`PACED_PREFILL_SHARE`] of an average decode step.
     fn paced(&self) -> usize {
         let (fewest, most) = (FEWEST_PACED_PREFILL_TOKENS, MOST_PACED_PREFILL_TOKENS);
         let Some(decode) = self.decode_seconds else {
@@ -89,7 +105,7 @@ impl Pacer {
         let Some((tokens, seconds)) = self.prefilled else {
             return self.budget.clamp(fewest, most);
         };
-        let scaled = tokens as f64 * decode / seconds.max(1e-6);
+        let scaled = tokens as f64 * PACED_PREFILL_SHARE * decode / seconds.max(1e-6);
         (scaled.min(self.budget as f64 * 2.0) as usize).clamp(fewest, most)
     }
 }
@@ -109,7 +125,7 @@ mod tests {
     }
 
     #[test]
-    fn paced_chunks_take_about_one_decode_step() {
+    fn paced_chunks_add_about_half_a_decode_step() {
         let mut pacer = Pacer::new(PrefillChunk::Paced);
         assert_eq!(pacer.budget(), MOST_PACED_PREFILL_TOKENS);
         // Sequences run, but no decode step has been measured: a first guess.
@@ -117,19 +133,25 @@ mod tests {
         assert_eq!(pacer.next(true), FIRST_PACED_TOKENS as u32);
         pacer.set_budget(64);
         pacer.decoded(0.040);
-        // 64 tokens took 0.160 s, four decode steps: 16.
+        // 64 tokens took 0.160 s, eight times the goal of 0.020 s: 8.
         pacer.prefilled(64, 0.160);
+        assert_eq!(pacer.next(true), 8);
+        pacer.set_budget(8);
+        // Beside a decode step, the pass took 0.045 s: 0.005 s of prefill, a quarter of the
+        // goal, but the budget at most doubles: 16.
+        let prefill = pacer.prefilled_beside_decode(8, 0.045);
+        assert!((prefill - 0.005).abs() < 1e-12);
         assert_eq!(pacer.next(true), 16);
         pacer.set_budget(16);
-        // 16 tokens took 0.020 s: 16 × 0.040 / 0.020 = 32.
-        pacer.prefilled(16, 0.020);
-        assert_eq!(pacer.next(true), 32);
-        pacer.set_budget(32);
+        // 16 tokens beside the step took 0.060 s: 0.020 s of prefill, the goal.
+        pacer.prefilled_beside_decode(16, 0.060);
+        assert_eq!(pacer.next(true), 16);
         // A step that prefilled nothing keeps the budget.
+        assert_eq!(pacer.next(true), 16);
+        // A pass faster than the decode average still counts a little prefill.
+        let prefill = pacer.prefilled_beside_decode(16, 0.030);
+        assert!((prefill - 0.030 * MIN_PREFILL_SHARE).abs() < 1e-12);
         assert_eq!(pacer.next(true), 32);
-        // Very fast prefill at most doubles it.
-        pacer.prefilled(32, 0.001);
-        assert_eq!(pacer.next(true), 64);
         // Nobody running: the most.
         assert_eq!(pacer.next(false), MOST_PACED_PREFILL_TOKENS as u32);
     }

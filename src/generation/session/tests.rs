@@ -199,18 +199,23 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_decodes_as_if_p
     let mut model = tiny_model();
     let (chunked, heard) = anchor_and_long_prompt(model.as_mut(), 8);
     // The anchor's prefill, then 100 tokens in 13 chunks of at most 8.
-    assert_eq!(chunked.prefill_passes, 1 + 13);
+    assert_eq!(chunked.prefill_chunks, 1 + 13);
     let long_first = heard
         .iter()
         .position(|h| matches!(h, Heard::Token(1, _)))
         .unwrap();
     let anchor_before = tokens_of(&heard[..long_first], 0).len();
-    // The join was handed over after the anchor's second token; every chunk shared its step
+    // The join was handed over after the anchor's second token; every chunk shared its pass
     // with a decode step of the anchor.
     assert!(anchor_before >= 2 + 13, "{anchor_before} anchor tokens");
+    assert_eq!(chunked.passes_beside_decode, 13);
 
     let (whole, whole_heard) = anchor_and_long_prompt(model.as_mut(), usize::MAX);
-    assert_eq!(whole.prefill_passes, 2, "one pass per joining prompt");
+    assert_eq!(whole.prefill_chunks, 2, "one pass per joining prompt");
+    assert_eq!(
+        whole.passes_beside_decode, 1,
+        "the long prompt's, beside the anchor"
+    );
     assert_eq!(tokens_of(&heard, 1), tokens_of(&whole_heard, 1));
     assert_eq!(tokens_of(&heard, 1).len(), 5);
     let anchored = tokens_of(&heard, 0);
@@ -220,16 +225,64 @@ fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_decodes_as_if_p
 }
 
 #[test]
+fn prompts_joining_at_different_steps_are_prefilled_in_one_pass_with_the_decode_step() {
+    let mut model = tiny_model();
+    // The long prompt joins after the anchor's second token, a 10-token prompt after its
+    // fourth: while both are being prefilled, each step's 16 tokens go to the short one first.
+    let mut joined = 0;
+    let script = move |heard: &[Heard], idle: bool| {
+        if idle {
+            return vec![Control::End];
+        }
+        let anchor = tokens_of(heard, 0).len();
+        let join = match (joined, anchor) {
+            (0, 2..) => greedy(1, long_prompt(), 4),
+            (1, 4..) => greedy(2, long_prompt()[50..60].to_vec(), 4),
+            (2, _) if ended(heard, 1) && ended(heard, 2) => {
+                joined = 3;
+                return vec![Control::Finish(vec![0])];
+            }
+            _ => return Vec::new(),
+        };
+        joined += 1;
+        vec![Control::Join(vec![join])]
+    };
+    let anchor = vec![greedy(0, vec![1, 2, 3], 60)];
+    let (summary, link) = run_scripted(model.as_mut(), 16, &mut no_prefix_cache(), script, anchor);
+    // Both prompts' chunks came in fewer passes than chunks, every pass beside the anchor.
+    let chunks = summary.prefill_chunks - 1;
+    assert!(
+        summary.passes_beside_decode < chunks,
+        "{} passes for {chunks} chunks",
+        summary.passes_beside_decode
+    );
+    for (id, prompt) in [(1, long_prompt()), (2, long_prompt()[50..60].to_vec())] {
+        let end_when_idle = |_: &[Heard], idle: bool| match idle {
+            true => vec![Control::End],
+            false => Vec::new(),
+        };
+        let (_, alone) = run_scripted(
+            model.as_mut(),
+            usize::MAX,
+            &mut no_prefix_cache(),
+            end_when_idle,
+            vec![greedy(id, prompt, 4)],
+        );
+        assert_eq!(link.tokens(id), alone.tokens(id), "sequence {id}");
+    }
+}
+
+#[test]
 fn paced_chunks_interleave_with_decode_steps_and_decode_as_if_prefilled_at_once() {
     let mut model = tiny_model();
     let (paced, heard) = anchor_and_long_prompt(model.as_mut(), 0);
     // The first paced chunk beside a running sequence is at most 64 tokens, and later ones at
-    // most double: the 100-token prompt takes at least two passes, and at most seven of at
-    // least 16 tokens.
-    let passes = paced.prefill_passes - 1;
-    assert!((2..=7).contains(&passes), "{passes} passes");
+    // most double: the 100-token prompt takes at least two passes, and at most thirteen of at
+    // least 8 tokens.
+    let passes = paced.prefill_chunks - 1;
+    assert!((2..=13).contains(&passes), "{passes} passes");
     let (whole, whole_heard) = anchor_and_long_prompt(model.as_mut(), usize::MAX);
-    assert_eq!(whole.prefill_passes, 2);
+    assert_eq!(whole.prefill_chunks, 2);
     assert_eq!(tokens_of(&heard, 1), tokens_of(&whole_heard, 1));
 }
 
@@ -247,9 +300,9 @@ fn a_sequence_finished_while_its_prompt_is_prefilled_ends_at_once_and_the_batch_
     assert!(link.heard.contains(&Heard::Ended(1, EndReason::Finished)));
     // Cut well before its 25 chunks.
     assert!(
-        summary.prefill_passes < 1 + 25,
+        summary.prefill_chunks < 1 + 25,
         "{}",
-        summary.prefill_passes
+        summary.prefill_chunks
     );
     assert!(summary.sequences.contains(&(1, Vec::new())));
     // The anchor streamed past the cancellation and ended when finished.
@@ -278,7 +331,7 @@ fn a_sequence_finished_while_its_prompt_is_prefilled_ends_at_once_and_the_batch_
         script,
         vec![greedy(0, vec![1, 2, 3], 10)],
     );
-    assert_eq!(summary.prefill_passes, 1, "only the anchor was prefilled");
+    assert_eq!(summary.prefill_chunks, 1, "only the anchor was prefilled");
     assert!(link.heard.contains(&Heard::Ended(1, EndReason::Finished)));
     assert_eq!(link.tokens(0).len(), 10);
 }
@@ -339,8 +392,8 @@ fn prompts_prefilled_in_chunks_give_the_logits_of_one_pass_within_rounding() {
             .unwrap();
         let mut passes = 0;
         loop {
-            let mut advanced = joining.advance(model, &SingleRank, budget).unwrap();
-            passes += advanced.passes;
+            let mut advanced = joining.advance(model, &SingleRank, budget, None).unwrap();
+            passes += advanced.chunks;
             if let Some((_, logits)) = advanced.complete.pop() {
                 let values: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
                 return (passes, values);
