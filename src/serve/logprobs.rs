@@ -6,9 +6,12 @@
 //! The numbers are the model's distribution at each step (the log-softmax of the raw logits,
 //! before temperature, penalties and `logit_bias`), as rank 0 computes them
 //! ([`logprobs`](crate::generation::logprobs)); a token's text is its own decoding, so a token
-//! that holds part of a character shows a replacement character.
+//! that holds part of a character shows a replacement character, while its `bytes` are its own
+//! (a byte-level BPE token's, GPT-2's byte-to-character map undone, or a byte-fallback token's),
+//! so that a client can join them into the text.
 
 use serde_json::{json, Map, Value};
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::Tokenizer;
 
 use crate::generation::TokenLogprobs;
@@ -23,27 +26,68 @@ pub const MAX_COMPLETION_LOGPROBS: usize = 5;
 /// `-inf`; OpenAI and vLLM report this value).
 const LEAST_LOGPROB: f32 = -9999.0;
 
-/// A token as an answer names it: its text and its log-probability.
+/// A token as an answer names it: its text, its bytes and its log-probability.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoredText {
     /// The token's text.
     pub text: String,
+    /// The bytes it stands for.
+    pub bytes: Vec<u8>,
     /// Its log-probability.
     pub logprob: f32,
 }
 
 impl ScoredText {
     fn new(tokenizer: &Tokenizer, token: u32, logprob: f32) -> Self {
+        let text = tokenizer.decode(&[token], false).unwrap_or_default();
         ScoredText {
-            text: tokenizer.decode(&[token], false).unwrap_or_default(),
+            bytes: token_bytes(tokenizer, token).unwrap_or_else(|| text.as_bytes().to_vec()),
+            text,
             logprob: logprob.max(LEAST_LOGPROB),
         }
     }
 
     /// Chat's `{"token", "logprob", "bytes"}`.
     fn chat_json(&self) -> Value {
-        json!({"token": self.text, "logprob": self.logprob, "bytes": self.text.as_bytes()})
+        json!({"token": self.text, "logprob": self.logprob, "bytes": self.bytes})
     }
+}
+
+/// The bytes of `token` when its vocabulary entry spells them: a byte-fallback token
+/// (`<0xE2>`), or any token of a byte-level BPE (GPT-2's map from bytes to characters undone).
+fn token_bytes(tokenizer: &Tokenizer, token: u32) -> Option<Vec<u8>> {
+    let piece = tokenizer.id_to_token(token)?;
+    if let Some(byte) = byte_fallback(&piece) {
+        return Some(vec![byte]);
+    }
+    match tokenizer.get_decoder() {
+        Some(DecoderWrapper::ByteLevel(_)) => piece.chars().map(byte_of_char).collect(),
+        _ => None,
+    }
+}
+
+/// The byte of a byte-fallback token such as `<0xE2>`.
+fn byte_fallback(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    match hex.len() {
+        2 => u8::from_str_radix(hex, 16).ok(),
+        _ => None,
+    }
+}
+
+/// The byte GPT-2's byte-level map writes as `c`: the printable bytes as themselves, the
+/// others, in order, as U+0100 onwards (`None` for a character outside the map).
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+    let code = u32::from(c);
+    if printable(code) {
+        return u8::try_from(code).ok();
+    }
+    let rank = code.checked_sub(0x100)?;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(rank as usize)
+        .and_then(|b| u8::try_from(b).ok())
 }
 
 /// One generated token's scores, ready for either shape.
@@ -116,8 +160,21 @@ mod tests {
     fn scored(text: &str, logprob: f32) -> ScoredText {
         ScoredText {
             text: text.into(),
+            bytes: text.as_bytes().to_vec(),
             logprob,
         }
+    }
+
+    #[test]
+    fn byte_level_and_byte_fallback_tokens_give_their_own_bytes() {
+        // GPT-2's map: "Ġ" is a space, "Ċ" a newline, "é" and "â" the bytes 0xE9 and 0xE2.
+        let bytes: Option<Vec<u8>> = "ĠhéĊâ".chars().map(byte_of_char).collect();
+        assert_eq!(bytes, Some(vec![0x20, b'h', 0xE9, b'\n', 0xE2]));
+        assert_eq!(byte_of_char(' '), None, "outside the map");
+        assert_eq!(byte_of_char('€'), None);
+        assert_eq!(byte_fallback("<0xE2>"), Some(0xE2));
+        assert_eq!(byte_fallback("<0xE2"), None);
+        assert_eq!(byte_fallback("<0x123>"), None);
     }
 
     fn two_tokens() -> Vec<TokenScore> {
