@@ -151,6 +151,17 @@ impl Sampling {
             .flatten()
             .map(|(key, &bias)| bias_of(key, bias, vocab_size))
             .collect::<Result<Vec<_>, ApiError>>()?;
+        if let Some(&(token, _)) = biases
+            .iter()
+            .enumerate()
+            .find(|(i, (token, _))| biases[..*i].iter().any(|(t, _)| t == token))
+            .map(|(_, bias)| bias)
+        {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias names token {token} twice"),
+            ));
+        }
         let biased =
             |sequence: &[u32]| matches!(sequence, [id] if biases.iter().any(|&(t, _)| t == *id));
         config
@@ -670,6 +681,9 @@ mod tests {
             refused(json!({"logit_bias": {"-1": 1}})).0.as_deref(),
             Some("logit_bias")
         );
+        let (param, message) = refused(json!({"logit_bias": {"7": 1, "07": 2}}));
+        assert_eq!(param.as_deref(), Some("logit_bias"));
+        assert!(message.contains("token 7 twice"), "{message}");
         let (param, message) = refused(json!({"logit_bias": {"5": 100.5}}));
         assert_eq!(param.as_deref(), Some("logit_bias"));
         assert!(message.contains("100.5"), "{message}");
