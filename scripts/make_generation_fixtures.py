@@ -10,7 +10,8 @@ It loads the committed tiny checkpoints of every family that generates and recor
 `no_repeat_ngram_size`, beam search (2 to 5 beams, several length penalties, with each returned
 sequence's score) and a left-padded batch of prompts of different lengths. It also records the
 output of transformers' logits processors and warpers on fixed logits (processors.json), which
-the sampling unit tests compare against. `null` in a recorded score stands for -inf.
+the sampling unit tests compare against, and the log-probabilities of each returned token and of
+the most likely tokens of each step (scores.json). `null` in a recorded score stands for -inf.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ SEQ2SEQ_MODELS = ["t5", "bart"]
 MOE_MODELS = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
 # The logits processors of issue 21 in generate, written to logits_processors.json.
 PROCESSOR_MODELS = ["llama", "gpt2", "bart"]
+# Log-probabilities of the chosen tokens and the most likely ones (issue 21), written to scores.json.
+SCORE_MODELS = ["llama", "gpt2", "bart"]
 PAD = 0
 
 
@@ -115,6 +118,82 @@ def run(model, prompts: list[list[int]], **options):
     if config.num_beams > 1:
         case["sequence_scores"] = out.sequences_scores.tolist()
     return case
+
+
+@torch.no_grad()
+def run_with_logprobs(model, prompts: list[list[int]], top: int, **options):
+    """`run`, plus each returned sequence's log-probabilities under the model's distribution
+    (the log-softmax of the raw logits, before any processor): transformers'
+    `compute_transition_scores(sequences, outputs.logits, beam_indices, normalize_logits=True)`
+    for the chosen tokens, and the `top` most likely tokens of the same step and row, as
+    `[id, log-probability]` pairs, most likely first."""
+    config = base_config(model, **options)
+    width = max(len(p) for p in prompts)
+    if model.config.is_encoder_decoder:
+        ids = torch.tensor([p + [PAD] * (width - len(p)) for p in prompts])
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    else:
+        ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    model.generation_config = config
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                         return_dict_in_generate=True, output_scores=True, output_logits=True)
+    beam_indices = out.beam_indices if config.num_beams > 1 else None
+    chosen = model.compute_transition_scores(out.sequences, out.logits, beam_indices, normalize_logits=True)
+    steps = len(out.logits)
+    logprobs = torch.stack([torch.log_softmax(step, dim=-1) for step in out.logits])  # [steps, rows, vocab]
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    new = out.sequences[:, out.sequences.shape[1] - steps:]
+    case = {"prompts": prompts, "options": options, "top_logprobs": top, "sequences": [], "logprobs": []}
+    for row, tokens in enumerate(new.tolist()):
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+        entries = []
+        for step in range(cut):
+            source = row if beam_indices is None else int(beam_indices[row, step])
+            values, indices = torch.topk(logprobs[step, source], top)
+            entries.append({
+                "token": tokens[step],
+                "logprob": float(chosen[row, step]),
+                "top_logprobs": [[int(i), float(v)] for v, i in zip(values, indices)],
+            })
+        case["sequences"].append(tokens[:cut])
+        case["logprobs"].append(entries)
+    if config.num_beams > 1:
+        case["sequence_scores"] = out.sequences_scores.tolist()
+    return case
+
+
+def score_model_cases(name: str) -> dict:
+    """Log-probabilities with greedy decoding (alone, with a repetition penalty, which changes the
+    choice but not the model's distribution, and a left-padded batch), sampling whose draw is certain
+    (top-k 1 at temperature 0.7, seeded), and beams."""
+    kind = AutoModelForSeq2SeqLM if name in SEQ2SEQ_MODELS else AutoModelForCausalLM
+    model = kind.from_pretrained(FIXTURES / name, dtype=torch.float32)
+    model.eval()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(33)
+    prompt = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    one = [prompt(6)]
+    cases = {
+        "greedy": run_with_logprobs(model, one, 5),
+        "greedy_repetition_penalty": run_with_logprobs(model, one, 3, repetition_penalty=1.5),
+        "batched_greedy": run_with_logprobs(model, [prompt(3), prompt(7)], 2),
+        "sampled_top_k_1": run_with_logprobs(model, one, 4, do_sample=True, temperature=0.7, top_k=1),
+        "beams": run_with_logprobs(model, one, 3, num_beams=3, num_return_sequences=2, max_new_tokens=8),
+        "beams_batched_length_penalty": run_with_logprobs(
+            model, [prompt(4), prompt(5)], 1, num_beams=2, length_penalty=0.5, max_new_tokens=6),
+    }
+    return {"model": name, "eos_token_id": model.generation_config.eos_token_id, "pad_token_id": PAD,
+            "cases": cases}
+
+
+def score_cases() -> dict:
+    return {
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "families": {name: score_model_cases(name) for name in SCORE_MODELS},
+    }
 
 
 def model_cases(name: str) -> dict:
@@ -351,9 +430,12 @@ def embedding_fixture() -> None:
 
 def main() -> None:
     """All fixtures, or with model names as arguments only those models' cases
-    (`logits_processors` for logits_processors.json)."""
+    (`logits_processors` for logits_processors.json, `scores` for scores.json)."""
     OUT.mkdir(parents=True, exist_ok=True)
     names = sys.argv[1:]
+    if names == ["scores"]:
+        (OUT / "scores.json").write_text(json.dumps(score_cases(), indent=1) + "\n")
+        return
     if names == ["logits_processors"]:
         (OUT / "logits_processors.json").write_text(json.dumps(processor_generate_cases(), indent=1) + "\n")
         (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
@@ -362,6 +444,7 @@ def main() -> None:
         embedding_fixture()
         (OUT / "processors.json").write_text(json.dumps(processor_cases()) + "\n")
         (OUT / "logits_processors.json").write_text(json.dumps(processor_generate_cases(), indent=1) + "\n")
+        (OUT / "scores.json").write_text(json.dumps(score_cases(), indent=1) + "\n")
     for name in names or MODELS + TODAY_MODELS + SEQ2SEQ_MODELS + MOE_MODELS:
         (OUT / f"{name}.json").write_text(json.dumps(model_cases(name), indent=1) + "\n")
         print(f"wrote {OUT / name}.json")

@@ -38,7 +38,7 @@ pub mod tokenizer;
 pub use api::{parallelize, Generated, ParallelModel};
 pub use checkpoint::source::ModelSource;
 pub use error::{Error, Result};
-pub use generation::{EarlyStopping, GeneratedBatch, GenerationConfig};
+pub use generation::{EarlyStopping, GeneratedBatch, GenerationConfig, TokenLogprobs};
 pub use options::{
     Backend, ExpertSplit, Options, PrefillChunk, PrefillOptions, Verbosity, WeightDType,
 };

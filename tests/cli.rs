@@ -168,6 +168,86 @@ fn generation_flags_follow_transformers_names_and_bad_values_are_refused() {
     }
 }
 
+/// `generate --json --logprobs --top-logprobs N` reports transformers' log-probabilities
+/// (scores.json's Llama greedy case, within 1e-4); out-of-range score flags are refused before
+/// any rank starts, naming the flag.
+#[test]
+fn generate_json_reports_log_probabilities_and_refuses_bad_score_flags() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("generation").join("scores.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &reference["families"]["llama"]["cases"]["greedy"];
+    let prompt: Vec<String> = case["prompts"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.to_string())
+        .collect();
+    let model = fixture("llama");
+    let args = |extra: &[&str]| {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--ranks".into(),
+            "2".into(),
+            "--input-ids".into(),
+            prompt.join(","),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let out = run(&args(&[
+        "--max-new-tokens",
+        "10",
+        "--json",
+        "--logprobs",
+        "--top-logprobs",
+        "5",
+    ]));
+    assert_success(&out);
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(json["generated_ids"], case["sequences"][0]);
+    let got: Vec<parallelformers::TokenLogprobs> = json["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| parallelformers::TokenLogprobs {
+            token: entry["token"].as_u64().unwrap() as u32,
+            logprob: entry["logprob"].as_f64().unwrap() as f32,
+            top_logprobs: entry["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    (
+                        t["token"].as_u64().unwrap() as u32,
+                        t["logprob"].as_f64().unwrap() as f32,
+                    )
+                })
+                .collect(),
+        })
+        .collect();
+    let difference = common::logprob_difference(&got, &case["logprobs"][0], "generate --json");
+    assert!(difference < 1e-4, "{difference}");
+    for (extra, needle) in [
+        (
+            &["--json", "--logprobs", "--top-logprobs", "21"][..],
+            "top_logprobs (--top-logprobs) must be at most 20, got 21",
+        ),
+        (
+            &["--json", "--top-logprobs", "2"][..],
+            "top_logprobs (--top-logprobs) 2 needs logprobs (--logprobs)",
+        ),
+        (&["--logprobs"][..], "--json"),
+    ] {
+        let out = run(&args(extra));
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(stderr(&out).contains(needle), "{extra:?}: {}", stderr(&out));
+    }
+}
+
 #[test]
 fn generate_from_a_text_prompt_returns_text_from_the_tokenizer() {
     let model = fixture("gpt2");

@@ -103,7 +103,7 @@ fn write_ipc_seeds() {
         WireTensor,
     };
     use parallelformers::parallel::memory::ExpertsHeld;
-    use parallelformers::{GenerationConfig, RankMemory, WeightDType};
+    use parallelformers::{GenerationConfig, RankMemory, TokenLogprobs, WeightDType};
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = root.join("fuzz/corpus/ipc_frames");
@@ -210,6 +210,7 @@ fn write_ipc_seeds() {
             Reply::Generated(GeneratedBatch {
                 sequences: vec![vec![4, 5], vec![6]],
                 scores: Some(vec![-0.25, -1.5]),
+                logprobs: None,
                 prefill_seconds: 0.01,
                 decode_seconds: 0.2,
                 overhead_seconds: 0.003,
@@ -240,6 +241,17 @@ fn write_ipc_seeds() {
         ("memory_reply", Reply::Memory(memory)),
         ("done", Reply::Done),
         ("error", Reply::Error("rank 1: out of memory".into())),
+        (
+            "logprobs",
+            Reply::Logprobs {
+                row: 2,
+                logprobs: TokenLogprobs {
+                    token: 7,
+                    logprob: -0.5,
+                    top_logprobs: vec![(7, -0.5), (3, -1.25)],
+                },
+            },
+        ),
     ];
     let mut all = Vec::new();
     for (i, (name, request)) in requests.iter().enumerate() {

@@ -3,7 +3,8 @@
 //! `repetition_penalty`, `no_repeat_ngram_size` and `min_new_tokens`, left-padded batches of
 //! prompts of different lengths, and beam search (2 to 5 beams, length penalties, early
 //! stopping, several returned sequences with their scores), forced BOS/EOS tokens, suppressed
-//! tokens, min-p and renormalised logits must give identical tokens. Also: sampling is reproducible and
+//! tokens, min-p and renormalised logits must give identical tokens, and log-probabilities
+//! must match transformers' `compute_transition_scores` within 1e-4. Also: sampling is reproducible and
 //! agreed on by every rank, a stream can be cancelled, stop strings end a sequence, and bad
 //! options are refused before any rank works.
 
@@ -174,6 +175,47 @@ fn mixtures_of_experts_split_by_expert_generate_like_transformers_at_one_to_four
     for family in MOE_FAMILIES {
         check_recorded_cases_split(family, 4, Some(ExpertSplit::Expert));
     }
+}
+
+/// Log-probabilities of the chosen tokens and the most likely ones at each step (scores.json)
+/// against transformers 5.25's `compute_transition_scores(sequences, outputs.logits,
+/// beam_indices, normalize_logits=True)` and the log-softmax of its `output_logits`: greedy
+/// decoding (alone, with a repetition penalty, which changes the tokens but not the model's
+/// distribution, and a left-padded batch), seeded sampling whose draw is certain, and beams,
+/// for a decoder-only model, GPT-2 and BART, at 1 to 3 ranks, within 1e-4.
+#[test]
+fn log_probabilities_match_transformers_transition_scores_at_one_to_three_ranks() {
+    let reference = recorded("scores");
+    let mut largest = 0f64;
+    for (family, cases) in reference["families"].as_object().unwrap() {
+        for ranks in 1..=3 {
+            let mut model = parallelize(fixture(family), options(ranks)).unwrap();
+            for (name, case) in cases["cases"].as_object().unwrap() {
+                let config = GenerationConfig {
+                    logprobs: true,
+                    top_logprobs: case["top_logprobs"].as_u64().unwrap() as usize,
+                    seed: Some(5),
+                    ..case_config(case)
+                };
+                let got = model
+                    .generate_batch(&prompts(case), &config, |_, _| ControlFlow::Continue(()))
+                    .unwrap();
+                let what = format!("{family}, {name}, {ranks} ranks");
+                assert_eq!(got.sequences, sequences(case), "{what}");
+                let logprobs = got.logprobs.expect("logprobs were asked for");
+                let want = case["logprobs"].as_array().unwrap();
+                assert_eq!(logprobs.len(), want.len(), "{what}");
+                for (row, (got, want)) in logprobs.iter().zip(want).enumerate() {
+                    let difference =
+                        common::logprob_difference(got, want, &format!("{what}, row {row}"));
+                    assert!(difference < 1e-4, "{what}, row {row}: {difference}");
+                    largest = largest.max(difference);
+                }
+            }
+            model.deparallelize();
+        }
+    }
+    eprintln!("largest difference from transformers' log-probabilities: {largest:e}");
 }
 
 #[test]

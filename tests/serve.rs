@@ -1,6 +1,7 @@
 //! `parallelformers serve` driven over loopback with an HTTP client: OpenAI-shaped completions
 //! and chat (whole and streamed as server-sent events), the model list, health and metrics,
-//! OpenAI-style errors with the right status, the queue limit, and a clean stop on SIGTERM
+//! OpenAI-style errors with the right status, the queue limit, log-probabilities, `logit_bias` and
+//! `stop_token_ids`, and a clean stop on SIGTERM
 //! (no rank process and no shared-memory segment left).
 
 mod common;
@@ -717,4 +718,226 @@ fn a_mixture_of_experts_serves_requests_together_as_alone_split_either_way() {
         answers.push(alone);
     }
     assert_eq!(answers[0], answers[1]);
+}
+
+/// The tokens a completions answer's legacy `logprobs` lists, and their log-probabilities.
+fn completion_scores(choice: &Value) -> (Vec<String>, Vec<f64>) {
+    let logprobs = &choice["logprobs"];
+    let tokens = logprobs["tokens"].as_array().unwrap();
+    let values = logprobs["token_logprobs"].as_array().unwrap();
+    (
+        tokens.iter().map(|t| t.as_str().unwrap().into()).collect(),
+        values.iter().map(|v| v.as_f64().unwrap()).collect(),
+    )
+}
+
+/// Log-probabilities (chat's and completions' shapes, whole and streamed), `logit_bias` and
+/// `stop_token_ids` on GPT-2 at two ranks, with each sequence of the running batch its own
+/// biases; bad values get a 400 naming the field, and the server keeps serving.
+#[test]
+fn logprobs_logit_bias_and_stop_token_ids_in_both_routes() {
+    let model = common::copy_fixture("gpt2");
+    std::fs::write(
+        model.path().join("chat_template.jinja"),
+        "{% for message in messages %}{{ message['content'] }}{% endfor %}",
+    )
+    .unwrap();
+    let server = Server::start(&["--model", model.path().to_str().unwrap(), "--ranks", "2"]);
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(fixture("gpt2").join("tokenizer.json")).unwrap();
+    let text_of = |id: u32| tokenizer.decode(&[id], false).unwrap();
+
+    // Completions: `logprobs: 2` lists every token, its offset, and up to 3 alternatives
+    // (the 2 most likely and the chosen one).
+    let request = json!({"prompt": "the model", "max_tokens": 6, "temperature": 0, "logprobs": 2});
+    let whole = server.post("/v1/completions", &request).unwrap();
+    let choice = &whole["choices"][0];
+    let (tokens, values) = completion_scores(choice);
+    assert_eq!(tokens.len(), 6);
+    assert!(values.iter().all(|&v| v < 0.0), "{values:?}");
+    let offsets: Vec<usize> =
+        serde_json::from_value(choice["logprobs"]["text_offset"].clone()).unwrap();
+    let lengths: Vec<usize> = tokens.iter().map(|t| t.chars().count()).collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets
+        .windows(2)
+        .zip(&lengths)
+        .all(|(w, l)| w[1] == w[0] + l));
+    for (top, (token, value)) in choice["logprobs"]["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(tokens.iter().zip(&values))
+    {
+        // Keyed by text: tokens that hold part of a character all read "\u{fffd}" and share
+        // one key, so there may be fewer entries.
+        let top = top.as_object().unwrap();
+        assert!((1..=3).contains(&top.len()), "{top:?}");
+        assert!(
+            top.contains_key(token.as_str()),
+            "{top:?} lacks the chosen {token:?}"
+        );
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(best, *value, "greedy: the chosen is the most likely");
+    }
+    // The same numbers stream, chunk by chunk.
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let events = server.stream("/v1/completions", &streamed);
+    let (mut streamed_tokens, mut streamed_values) = (Vec::new(), Vec::new());
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        if !chunk["choices"][0]["logprobs"].is_null() {
+            let (tokens, values) = completion_scores(&chunk["choices"][0]);
+            streamed_tokens.extend(tokens);
+            streamed_values.extend(values);
+        }
+    }
+    assert_eq!(
+        (streamed_tokens, streamed_values),
+        (tokens.clone(), values.clone())
+    );
+
+    // Chat: `logprobs: true, top_logprobs: 3`, whole and streamed, the same numbers.
+    let chat = json!({"messages": [{"role": "user", "content": "the model"}], "max_tokens": 6,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let answer = server.post("/v1/chat/completions", &chat).unwrap();
+    let content = answer["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(content.len(), 6);
+    for entry in &content {
+        assert!(entry["logprob"].as_f64().unwrap() < 0.0, "{entry}");
+        assert_eq!(entry["top_logprobs"].as_array().unwrap().len(), 3);
+        assert_eq!(entry["top_logprobs"][0]["token"], entry["token"], "greedy");
+        assert_eq!(entry["top_logprobs"][0]["logprob"], entry["logprob"]);
+    }
+    // The tokens' bytes join into the answer's text (a token may hold part of a character).
+    let bytes: Vec<u8> = content
+        .iter()
+        .flat_map(|e| serde_json::from_value::<Vec<u8>>(e["bytes"].clone()).unwrap())
+        .collect();
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(String::from_utf8_lossy(&bytes), text);
+    let mut streamed_chat = chat.clone();
+    streamed_chat["stream"] = json!(true);
+    let events = server.stream("/v1/chat/completions", &streamed_chat);
+    let streamed_content: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed_content, content);
+    let plain = server
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 2}),
+        )
+        .unwrap();
+    assert!(plain["choices"][0]["logprobs"].is_null());
+
+    // logit_bias: +100 makes a token every token, -100 bans the greedy first token; two
+    // requests running together keep their own biases.
+    let biased = |token: u32| {
+        let url = server.url("/v1/completions");
+        std::thread::spawn(move || {
+            let body = json!({"prompt": "the model", "max_tokens": 8, "temperature": 0,
+                              "logit_bias": {token.to_string(): 100}});
+            ureq::post(&url)
+                .send_json(body)
+                .unwrap()
+                .into_json::<Value>()
+                .unwrap()
+        })
+    };
+    let (fifty, sixty) = (biased(50), biased(60));
+    for (answer, token) in [(fifty.join().unwrap(), 50), (sixty.join().unwrap(), 60)] {
+        assert_eq!(
+            answer["choices"][0]["text"],
+            text_of(token).repeat(8),
+            "bias of {token}"
+        );
+    }
+    let first = &tokens[0];
+    let first_id = (0..300).find(|&id| &text_of(id) == first).unwrap();
+    let banned = json!({"prompt": "the model", "max_tokens": 6, "temperature": 0, "logprobs": 0,
+                        "logit_bias": {first_id.to_string(): -100}});
+    let without_first = server.post("/v1/completions", &banned).unwrap();
+    assert_ne!(&completion_scores(&without_first["choices"][0]).0[0], first);
+
+    // stop_token_ids: the biased token ends the sequence at once, as an end-of-sequence id;
+    // stop strings still work beside it.
+    let stopping = json!({"prompt": "the model", "max_tokens": 8, "temperature": 0,
+                          "logit_bias": {"50": 100}, "stop_token_ids": [50]});
+    let stopped = server.post("/v1/completions", &stopping).unwrap();
+    assert_eq!(stopped["usage"]["completion_tokens"], 1);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    let mut by_string = stopping.clone();
+    by_string.as_object_mut().unwrap().remove("stop_token_ids");
+    by_string["stop"] = json!(text_of(50).repeat(3));
+    let cut = server.post("/v1/completions", &by_string).unwrap();
+    assert_eq!(cut["choices"][0]["text"], "");
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+
+    // Bad values: 400 naming the field, for both routes.
+    let message = json!([{"role": "user", "content": "a"}]);
+    for (path, body, field) in [
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "logit_bias": {"x1": 5}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "logit_bias": {"300": 5}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": message, "logit_bias": {"5": -101}}),
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "logprobs": 6}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": message, "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": message, "top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "stop_token_ids": [300]}),
+            "stop_token_ids",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": message, "stop_token_ids": [1, 999]}),
+            "stop_token_ids",
+        ),
+    ] {
+        let (code, error) = server.post(path, &body).unwrap_err();
+        assert_eq!(
+            (code, error["error"]["param"].as_str()),
+            (400, Some(field)),
+            "{body}: {error}"
+        );
+        assert_eq!(error["error"]["type"], "invalid_request_error");
+    }
+    let ok = server
+        .post("/v1/completions", &json!({"prompt": "a", "max_tokens": 2}))
+        .unwrap();
+    assert_eq!(ok["usage"]["completion_tokens"], 2);
 }

@@ -12,7 +12,7 @@ use std::ops::ControlFlow;
 
 use common::{fixture, options};
 use parallelformers::api::{SequenceEnd, SessionDriver, SessionSequence};
-use parallelformers::{parallelize, GenerationConfig, ParallelModel};
+use parallelformers::{parallelize, GenerationConfig, ParallelModel, TokenLogprobs};
 use serde_json::Value;
 
 /// A driver that lets one more sequence join every `every` streamed tokens (or at once when
@@ -28,6 +28,7 @@ struct Staggered {
     /// A sequence to finish once it is the only one left and no other waits.
     anchor: Option<u32>,
     tokens: HashMap<u32, Vec<u32>>,
+    logprobs: HashMap<u32, Vec<TokenLogprobs>>,
     ends: HashMap<u32, Result<SequenceEnd, String>>,
     /// How many sequences were running when each joined.
     joined_beside: Vec<usize>,
@@ -44,6 +45,7 @@ impl Staggered {
             cancel_after: HashMap::new(),
             anchor: None,
             tokens: HashMap::new(),
+            logprobs: HashMap::new(),
             ends: HashMap::new(),
             joined_beside: Vec::new(),
         }
@@ -74,6 +76,10 @@ impl SessionDriver for Staggered {
             _ if alone => ControlFlow::Break(()),
             _ => ControlFlow::Continue(()),
         }
+    }
+
+    fn logprobs(&mut self, id: u32, logprobs: &TokenLogprobs) {
+        self.logprobs.entry(id).or_default().push(logprobs.clone());
     }
 
     fn ended(&mut self, id: u32, end: parallelformers::Result<SequenceEnd>) {
@@ -299,4 +305,46 @@ fn cancelled_refused_and_stopped_sequences_end_alone_and_the_rest_go_on() {
     // The model answers normally afterwards.
     assert_eq!(model.generate(&[10, 20, 30], &config).unwrap().ids, full);
     model.deparallelize();
+}
+
+/// Log-probabilities stream with each token of the sequences that ask for them, from a running
+/// batch that sequences join at different steps: scores.json's Llama cases without beams
+/// (greedy, a repetition penalty, a batch's prompts, sampling whose draw is certain) report
+/// transformers' numbers within 1e-4; a sequence that does not ask streams none.
+#[test]
+fn log_probabilities_stream_per_sequence_from_a_running_batch_like_transformers() {
+    let reference = recorded("scores");
+    let mut sequences = Vec::new();
+    let mut expected = Vec::new();
+    for (name, case) in reference["families"]["llama"]["cases"].as_object().unwrap() {
+        if case["options"].get("num_beams").is_some() {
+            continue;
+        }
+        let config = GenerationConfig {
+            logprobs: true,
+            top_logprobs: case["top_logprobs"].as_u64().unwrap() as usize,
+            seed: Some(5),
+            ..case_config(case)
+        };
+        let prompts: Vec<Vec<u32>> = serde_json::from_value(case["prompts"].clone()).unwrap();
+        for (row, prompt) in prompts.iter().enumerate() {
+            sequences.push(sequence(sequences.len() as u32, prompt, &config));
+            let want = (&case["sequences"][row], &case["logprobs"][row]);
+            expected.push((format!("{name}, row {row}"), want));
+        }
+    }
+    let silent = sequences.len() as u32;
+    sequences.push(sequence(silent, &[5, 17, 42], &GenerationConfig::default()));
+    let mut model = parallelize(fixture("llama"), options(2)).unwrap();
+    let mut driver = Staggered::new(sequences, 3);
+    model.generate_session(&mut driver).unwrap();
+    model.deparallelize();
+    for (id, (what, (tokens, logprobs))) in expected.iter().enumerate() {
+        let id = id as u32;
+        assert_eq!(&serde_json::json!(driver.tokens[&id]), *tokens, "{what}");
+        let difference = common::logprob_difference(&driver.logprobs[&id], logprobs, what);
+        assert!(difference < 1e-4, "{what}: {difference}");
+    }
+    assert!(driver.tokens.contains_key(&silent));
+    assert!(!driver.logprobs.contains_key(&silent), "asked for none");
 }

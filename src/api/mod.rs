@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::checkpoint::source::{ModelSource, ResolvedModel, WeightsLocation};
 use crate::checkpoint::ModelConfig;
 use crate::error::{Error, Result};
-use crate::generation::{GenerateRequest, GeneratedBatch, GenerationConfig};
+use crate::generation::{GenerateRequest, GeneratedBatch, GenerationConfig, TokenLogprobs};
 use crate::options::{Backend, Options, PrefillChunk, Verbosity};
 use crate::parallel::ipc::{ForwardInput, LoadSpec, Reply, Request, WireTensor};
 use crate::parallel::launcher::{default_threads, LaunchSpec, WorkerGroup};
@@ -35,6 +35,10 @@ pub struct Generated {
     pub ids: Vec<u32>,
     /// New token ids of every returned sequence (`num_return_sequences`).
     pub sequences: Vec<Vec<u32>>,
+    /// With `logprobs`, each returned sequence's tokens with their log-probabilities under the
+    /// model's distribution and the most likely tokens of each step (see
+    /// [`logprobs`](crate::generation::logprobs)).
+    pub logprobs: Option<Vec<Vec<TokenLogprobs>>>,
     /// Time of the prompt's forward pass, in seconds.
     pub prefill_seconds: f64,
     /// Time of all later forward passes and token choices, in seconds.
@@ -335,6 +339,7 @@ impl ParallelModel {
         Ok(Generated {
             ids: batch.sequences.first().cloned().unwrap_or_default(),
             sequences: batch.sequences,
+            logprobs: batch.logprobs,
             prefill_seconds: batch.prefill_seconds,
             decode_seconds: batch.decode_seconds,
             overhead_seconds: batch.overhead_seconds,
@@ -345,7 +350,8 @@ impl ParallelModel {
     /// Generates for several prompts of any lengths in one batch (padded on the left, each
     /// stopping on its own); results are in prompt order, `num_return_sequences` per prompt.
     /// `on_token(row, token)` sees each token of each row as soon as it is chosen; returning
-    /// [`ControlFlow::Break`] finishes that row (the others go on).
+    /// [`ControlFlow::Break`] finishes that row (the others go on). With `logprobs`, the result
+    /// holds every returned token's log-probabilities.
     pub fn generate_batch(
         &mut self,
         prompts: &[Vec<u32>],
@@ -431,9 +437,12 @@ impl ParallelModel {
                 rank + 1
             )));
         }
-        for (sequence, end) in first.sequences.iter_mut().zip(&ended) {
-            if let Some(end) = end {
-                sequence.truncate(*end);
+        for (row, end) in ended.iter().enumerate() {
+            if let Some(end) = *end {
+                first.sequences[row].truncate(end);
+                if let Some(scores) = first.logprobs.as_mut().and_then(|l| l.get_mut(row)) {
+                    scores.truncate(end);
+                }
             }
         }
         Ok(first)

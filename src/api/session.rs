@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::generation::prefix_cache::PrefixCacheReport;
 use crate::generation::session::{EndReason, SequenceRequest, SessionSummary};
 use crate::generation::GenerationConfig;
+use crate::generation::TokenLogprobs;
 use crate::parallel::ipc::{Reply, Request};
 use crate::parallel::launcher::Listener;
 use crate::text::TextSide;
@@ -47,6 +48,12 @@ pub trait SessionDriver {
     fn join(&mut self) -> Vec<SessionSequence>;
     /// A new token of sequence `id`; [`ControlFlow::Break`] finishes the sequence.
     fn token(&mut self, id: u32, token: u32) -> ControlFlow<()>;
+    /// The log-probabilities of the token of sequence `id` that [`SessionDriver::token`] hears
+    /// next, for sequences whose options ask for `logprobs` (see
+    /// [`logprobs`](crate::generation::logprobs) for what is reported). Ignored by default.
+    fn logprobs(&mut self, id: u32, logprobs: &TokenLogprobs) {
+        let _ = (id, logprobs);
+    }
     /// Sequence `id` ended after its last token, or was refused or failed (`Err`, naming why).
     fn ended(&mut self, id: u32, end: Result<SequenceEnd>);
     /// Sequences to finish now without waiting for their next token (one whose long prompt is
@@ -339,6 +346,12 @@ impl Listener for SessionListener<'_> {
     fn partial(&mut self, reply: &Reply) -> Vec<Request> {
         match reply {
             &Reply::Token { row, token } => self.token(row, token).into_iter().collect(),
+            Reply::Logprobs { row, logprobs } => {
+                if self.live.get(row).is_some_and(|live| !live.finishing) {
+                    self.driver.logprobs(*row, logprobs);
+                }
+                Vec::new()
+            }
             Reply::Ended { id, reason } => {
                 self.ended(*id, reason);
                 Vec::new()

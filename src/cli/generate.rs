@@ -8,9 +8,9 @@ use anyhow::{bail, ensure, Context};
 use clap::Args;
 use parallelformers::api::{check_generation, generation_defaults, parallelize_resolved};
 use parallelformers::text::TextSide;
-use parallelformers::Generated;
+use parallelformers::{Generated, TokenLogprobs};
 
-use super::generation_args::GenerationArgs;
+use super::generation_args::{GenerationArgs, ScoreArgs};
 use super::printer::TokenPrinter;
 use super::ModelArgs;
 
@@ -21,10 +21,13 @@ pub struct GenerateArgs {
     model: ModelArgs,
     #[command(flatten)]
     generation: GenerationArgs,
+    #[command(flatten)]
+    scores: ScoreArgs,
     /// Prompt as comma-separated token ids instead of text.
     #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
     input_ids: Option<Vec<u32>>,
-    /// Print one JSON object `{"generated_ids": [...], "text": "..."}`.
+    /// Print one JSON object `{"generated_ids": [...], "text": "..."}` (with --logprobs, also
+    /// `"logprobs"`: each new token's `{"token", "text", "logprob", "top_logprobs"}`).
     #[arg(long)]
     json: bool,
     /// The prompt text (needs the model's tokenizer).
@@ -45,7 +48,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (None, Some(_), None) => bail!("{}: pass the prompt as --input-ids", no_tokenizer()),
         (None, None, _) => bail!("give a PROMPT or --input-ids"),
     };
-    let config = args.generation.apply(&generation_defaults(&resolved)?);
+    let config = args
+        .scores
+        .apply(args.generation.apply(&generation_defaults(&resolved)?));
     if text.is_none() && !config.stop.is_empty() {
         bail!("{}: --stop needs one", no_tokenizer());
     }
@@ -88,6 +93,16 @@ fn print_result(generated: &Generated, text: Option<&TextSide>, json: bool) -> a
                 object["texts"] = serde_json::json!(decoded);
             }
         }
+        if let Some(logprobs) = &generated.logprobs {
+            let lists = logprobs
+                .iter()
+                .map(|tokens| logprobs_json(tokens, text))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            object["logprobs"] = lists.first().cloned().unwrap_or_default();
+            if lists.len() > 1 {
+                object["sequences_logprobs"] = serde_json::Value::Array(lists);
+            }
+        }
         writeln!(out, "{object}")?;
         return Ok(());
     }
@@ -102,4 +117,33 @@ fn print_result(generated: &Generated, text: Option<&TextSide>, json: bool) -> a
         writeln!(out, "{line}")?;
     }
     Ok(())
+}
+
+/// One sequence's log-probabilities in `generate --json`: per token `{"token": id, "text",
+/// "logprob", "top_logprobs": [{"token", "text", "logprob"}]}` (`text` with a tokenizer).
+fn logprobs_json(
+    tokens: &[TokenLogprobs],
+    text: Option<&TextSide>,
+) -> anyhow::Result<serde_json::Value> {
+    let entry = |token: u32, logprob: f32| -> anyhow::Result<serde_json::Value> {
+        let mut entry = serde_json::json!({"token": token, "logprob": logprob});
+        if let Some(text) = text {
+            entry["text"] = text.decode(&[token])?.into();
+        }
+        Ok(entry)
+    };
+    let list = tokens
+        .iter()
+        .map(|t| {
+            let mut scored = entry(t.token, t.logprob)?;
+            let top = t
+                .top_logprobs
+                .iter()
+                .map(|&(id, logprob)| entry(id, logprob))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            scored["top_logprobs"] = top.into();
+            Ok(scored)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(list.into())
 }

@@ -158,6 +158,30 @@ impl GenerationArgs {
     }
 }
 
+/// The flags of `generate --json` that report scores: each new token's log-probability under
+/// the model's distribution (the log-softmax of the raw logits, before any processor), and the
+/// most likely tokens of each step.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ScoreArgs {
+    /// Report each new token's log-probability (with --json: a "logprobs" list).
+    #[arg(long, requires = "json")]
+    logprobs: bool,
+    /// With --logprobs, also report the N most likely tokens of each step (at most 20).
+    #[arg(long, value_name = "N")]
+    top_logprobs: Option<usize>,
+}
+
+impl ScoreArgs {
+    /// `config` with the score flags applied (checked by
+    /// [`GenerationConfig::validate`]: `--top-logprobs` at most 20, and only with
+    /// `--logprobs`).
+    pub fn apply(&self, mut config: GenerationConfig) -> GenerationConfig {
+        config.logprobs |= self.logprobs;
+        config.top_logprobs = self.top_logprobs.unwrap_or(config.top_logprobs);
+        config
+    }
+}
+
 /// A flag's value in JSON (transformers' `generation_config.json` form).
 fn json<T: serde::de::DeserializeOwned>(value: &str) -> Result<T, String> {
     serde_json::from_str(value).map_err(|e| e.to_string())
@@ -231,5 +255,42 @@ mod tests {
         assert_eq!(c.max_time, Some(2.5));
         let bad = Command::try_parse_from(["generate", "--exponential-decay-length-penalty", "5"]);
         assert!(bad.is_err());
+    }
+
+    #[derive(Parser)]
+    struct Scored {
+        #[command(flatten)]
+        scores: ScoreArgs,
+        #[arg(long)]
+        json: bool,
+    }
+
+    #[test]
+    fn the_score_flags_ask_for_log_probabilities_and_need_json() {
+        let args =
+            Scored::try_parse_from(["generate", "--json", "--logprobs", "--top-logprobs", "3"])
+                .unwrap();
+        let c = args.scores.apply(GenerationConfig::default());
+        assert!(c.logprobs);
+        assert_eq!(c.top_logprobs, 3);
+        assert!(Scored::try_parse_from(["generate", "--logprobs"]).is_err());
+        // Out of range, or without --logprobs: refused by the configuration's check, by name.
+        let over =
+            Scored::try_parse_from(["generate", "--json", "--logprobs", "--top-logprobs", "21"])
+                .unwrap();
+        let error = over
+            .scores
+            .apply(GenerationConfig::default())
+            .validate(100, 64, 1);
+        assert!(error.unwrap_err().to_string().contains("--top-logprobs"));
+        let alone = Scored::try_parse_from(["generate", "--top-logprobs", "2"]).unwrap();
+        let error = alone
+            .scores
+            .apply(GenerationConfig::default())
+            .validate(100, 64, 1);
+        assert!(error
+            .unwrap_err()
+            .to_string()
+            .contains("needs logprobs (--logprobs)"));
     }
 }

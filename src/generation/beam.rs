@@ -8,7 +8,8 @@ use candle_core::Tensor;
 use crate::comm::Communicator;
 use crate::error::Result;
 use crate::generation::config::EarlyStopping;
-use crate::generation::processors::{History, LogitsPipeline};
+use crate::generation::logprobs::{StepDistribution, TokenLogprobs};
+use crate::generation::processors::{log_softmax, History, LogitsPipeline};
 use crate::generation::{broadcast_words, GenerateRequest, GeneratedBatch, Rows};
 use crate::models::ShardedModel;
 
@@ -55,11 +56,15 @@ pub(super) fn beam_search(
         logits = rows.forward_step(model, comm, tokens)?;
     }
     model.clear_cache();
-    let result = search.map(|s| s.result(req.config.num_return_sequences));
+    let (result, logprobs) = match search.map(|s| s.result(req.config.num_return_sequences)) {
+        Some((sequences, scores, logprobs)) => (Some((sequences, scores)), logprobs),
+        None => (None, None),
+    };
     let (sequences, scores) = share_result(comm, result)?;
     Ok(GeneratedBatch {
         sequences,
         scores: Some(scores),
+        logprobs,
         prefill_seconds,
         decode_seconds: decode_start.elapsed().as_secs_f64(),
         overhead_seconds: overhead.seconds,
@@ -94,10 +99,11 @@ fn share_result(
     Ok((sequences, scores))
 }
 
-/// A hypothesis: its new tokens and its score.
+/// A hypothesis: its new tokens, their log-probabilities (with `logprobs`) and its score.
 #[derive(Debug, Clone)]
 struct Hypothesis {
     tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprobs>,
     score: f32,
     finished: bool,
 }
@@ -125,6 +131,8 @@ struct Search {
     prompts: Vec<Prompt>,
     /// New tokens so far (the same for every beam).
     length: usize,
+    /// With `logprobs`, how many of the most likely tokens each step reports.
+    top_logprobs: Option<usize>,
 }
 
 impl Search {
@@ -132,6 +140,7 @@ impl Search {
         let beams = req.config.num_beams;
         let empty = |score| Hypothesis {
             tokens: Vec::new(),
+            logprobs: Vec::new(),
             score,
             finished: false,
         };
@@ -154,6 +163,7 @@ impl Search {
                 req.prompts.len()
             ],
             length: 0,
+            top_logprobs: req.config.logprobs.then_some(req.config.top_logprobs),
         }
     }
 
@@ -164,7 +174,7 @@ impl Search {
         let (mut sources, mut tokens) = (Vec::new(), Vec::new());
         let mut all_hit = true;
         for p in 0..self.prompts.len() {
-            let candidates = self.candidates(p, &values, vocab, rows);
+            let (candidates, steps) = self.candidates(p, &values, vocab, rows);
             let hits: Vec<bool> = candidates
                 .iter()
                 .map(|c| {
@@ -172,7 +182,7 @@ impl Search {
                 })
                 .collect();
             all_hit &= hits.iter().all(|&h| h);
-            self.update_finished(p, &candidates, &hits);
+            self.update_finished(p, &candidates, &hits, &steps);
             // The best continuations that did not stop become the next beams.
             let mut order: Vec<usize> = (0..candidates.len()).collect();
             let running_score =
@@ -186,12 +196,9 @@ impl Search {
             let old = std::mem::take(&mut prompt.running);
             for &i in order.iter().take(self.beams) {
                 let c = &candidates[i];
-                let mut tokens_so_far = old[c.beam].tokens.clone();
-                tokens_so_far.push(c.token);
                 prompt.running.push(Hypothesis {
-                    tokens: tokens_so_far,
                     score: running_score(i),
-                    finished: false,
+                    ..old[c.beam].extended(c.token, steps.get(c.beam))
                 });
                 sources.push((p * self.beams + c.beam) as u32);
                 tokens.push(c.token);
@@ -215,12 +222,23 @@ impl Search {
     }
 
     /// The `keep` best continuations of prompt `p`'s beams: log-softmax, the processors, plus
-    /// each beam's score; best first, ties to the lower (beam, token).
-    fn candidates(&self, p: usize, values: &[f32], vocab: usize, rows: &Rows) -> Vec<Candidate> {
+    /// each beam's score; best first, ties to the lower (beam, token). With `logprobs`, also
+    /// each beam's distribution before the processors (else none).
+    fn candidates(
+        &self,
+        p: usize,
+        values: &[f32],
+        vocab: usize,
+        rows: &Rows,
+    ) -> (Vec<Candidate>, Vec<StepDistribution>) {
         let mut all = Vec::with_capacity(self.beams * vocab);
+        let mut steps = Vec::new();
         for beam in 0..self.beams {
             let row = p * self.beams + beam;
             let mut scores = log_softmax(&values[row * vocab..(row + 1) * vocab]);
+            if let Some(top) = self.top_logprobs {
+                steps.push(StepDistribution::from_log_probs(scores.clone(), top));
+            }
             let (ids, padding) = rows.processed_ids(row, self.length);
             let prompt = rows.encoder_input(row, self.length);
             self.pipeline.apply(
@@ -248,12 +266,18 @@ impl Search {
         all.select_nth_unstable_by(keep - 1, better);
         all.truncate(keep);
         all.sort_by(better);
-        all
+        (all, steps)
     }
 
     /// Adds the candidates among the best `beams` that stopped to the finished hypotheses,
     /// keeping the best `beams` (transformers' `_update_finished_beams`).
-    fn update_finished(&mut self, p: usize, candidates: &[Candidate], hits: &[bool]) {
+    fn update_finished(
+        &mut self,
+        p: usize,
+        candidates: &[Candidate],
+        hits: &[bool],
+        steps: &[StepDistribution],
+    ) {
         let prompt = &self.prompts[p];
         let full = self.early_stopping == EarlyStopping::Done
             && prompt.finished.iter().all(|h| h.finished);
@@ -265,12 +289,10 @@ impl Search {
             score += if full { IMPOSSIBLE } else { 0.0 };
             score += if prompt.improvable { 0.0 } else { IMPOSSIBLE };
             score += if finished { 0.0 } else { IMPOSSIBLE };
-            let mut tokens = prompt.running[c.beam].tokens.clone();
-            tokens.push(c.token);
             merged.push(Hypothesis {
-                tokens,
                 score,
                 finished,
+                ..prompt.running[c.beam].extended(c.token, steps.get(c.beam))
             });
         }
         let mut order: Vec<usize> = (0..merged.len()).collect();
@@ -301,13 +323,35 @@ impl Search {
             .any(|h| best > if h.finished { worst } else { IMPOSSIBLE });
     }
 
-    /// The best `count` finished hypotheses of every prompt, with their scores.
-    fn result(self, count: usize) -> (Vec<Vec<u32>>, Vec<f32>) {
-        self.prompts
+    /// The best `count` finished hypotheses of every prompt, with their scores, and with
+    /// `logprobs` their tokens' log-probabilities.
+    fn result(self, count: usize) -> BeamResult {
+        let best: Vec<Hypothesis> = self
+            .prompts
             .into_iter()
             .flat_map(|p| p.finished.into_iter().take(count))
-            .map(|h| (h.tokens, h.score))
-            .unzip()
+            .collect();
+        let logprobs = self
+            .top_logprobs
+            .map(|_| best.iter().map(|h| h.logprobs.clone()).collect());
+        let (sequences, scores) = best.into_iter().map(|h| (h.tokens, h.score)).unzip();
+        (sequences, scores, logprobs)
+    }
+}
+
+/// The returned sequences, their scores and, with `logprobs`, their tokens' log-probabilities.
+type BeamResult = (Vec<Vec<u32>>, Vec<f32>, Option<Vec<Vec<TokenLogprobs>>>);
+
+impl Hypothesis {
+    /// This hypothesis continued by `token` (the caller sets its score and whether it is
+    /// finished), scored with `step`, its beam's distribution (`None` without `logprobs`).
+    fn extended(&self, token: u32, step: Option<&StepDistribution>) -> Hypothesis {
+        let mut next = self.clone();
+        next.tokens.push(token);
+        if let Some(step) = step {
+            next.logprobs.push(step.score(token));
+        }
+        next
     }
 }
 
@@ -317,11 +361,4 @@ struct Candidate {
     beam: usize,
     token: u32,
     score: f32,
-}
-
-/// Log-softmax of one row of logits, in f32.
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_total = logits.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
-    logits.iter().map(|&v| v - max - log_total).collect()
 }

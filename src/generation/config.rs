@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
+use crate::generation::logprobs::MAX_TOP_LOGPROBS;
 
 /// When beam search stops (transformers' `early_stopping`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +138,14 @@ pub struct GenerationConfig {
     /// Seed of the sampler; `None` = the model's ([`Options::seed`](crate::Options::seed)),
     /// else a fresh one for every request.
     pub seed: Option<u64>,
+    /// Report each new token's log-probability under the model's distribution (the
+    /// log-softmax of the raw logits, before any processor; see
+    /// [`logprobs`](crate::generation::logprobs)). OpenAI's name; transformers'
+    /// `compute_transition_scores(..., normalize_logits=True)` over `output_logits`.
+    pub logprobs: bool,
+    /// With `logprobs`, also report the `top_logprobs` most likely tokens of each step, at most
+    /// [`MAX_TOP_LOGPROBS`].
+    pub top_logprobs: usize,
 }
 
 impl Default for GenerationConfig {
@@ -173,6 +182,8 @@ impl Default for GenerationConfig {
             renormalize_logits: false,
             stop: Vec::new(),
             seed: None,
+            logprobs: false,
+            top_logprobs: 0,
         }
     }
 }
@@ -429,6 +440,18 @@ impl GenerationConfig {
         if self.stop.iter().any(String::is_empty) {
             return fail("a stop string is empty".into());
         }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return fail(format!(
+                "top_logprobs (--top-logprobs) must be at most {MAX_TOP_LOGPROBS}, got {}",
+                self.top_logprobs
+            ));
+        }
+        if self.top_logprobs > 0 && !self.logprobs {
+            return fail(format!(
+                "top_logprobs (--top-logprobs) {} needs logprobs (--logprobs)",
+                self.top_logprobs
+            ));
+        }
         if longest_prompt.saturating_add(self.max_new_tokens) > context {
             return fail(format!(
                 "a prompt of {longest_prompt} tokens plus max_new_tokens {} exceeds the model's context of {context} positions",
@@ -676,6 +699,21 @@ mod tests {
                 ..d()
             },
             "stop string",
+        );
+        check(
+            GenerationConfig {
+                logprobs: true,
+                top_logprobs: 21,
+                ..d()
+            },
+            "top_logprobs (--top-logprobs) must be at most 20, got 21",
+        );
+        check(
+            GenerationConfig {
+                top_logprobs: 3,
+                ..d()
+            },
+            "top_logprobs (--top-logprobs) 3 needs logprobs (--logprobs)",
         );
         assert!(GenerationConfig {
             do_sample: true,

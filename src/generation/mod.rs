@@ -9,6 +9,7 @@
 
 mod beam;
 pub mod config;
+pub mod logprobs;
 pub mod prefix_cache;
 pub mod processors;
 pub mod session;
@@ -27,6 +28,8 @@ use crate::error::{Error, Result};
 use crate::models::attention::LayerCaches;
 use crate::models::{Batch, ShardedModel};
 pub use config::{EarlyStopping, GenerationConfig};
+use logprobs::StepDistribution;
+pub use logprobs::TokenLogprobs;
 use prefix_cache::PrefixCache;
 use processors::{History, LogitsPipeline};
 
@@ -57,6 +60,10 @@ pub struct GeneratedBatch {
     /// With beam search, each sequence's score: its summed log-probabilities divided by
     /// `length ^ length_penalty` (transformers' `sequences_scores`).
     pub scores: Option<Vec<f32>>,
+    /// With `logprobs` (rank 0's answer; the other ranks' hold `None`), each returned
+    /// sequence's tokens with their log-probabilities under the model's distribution, one
+    /// entry per new token (see [`logprobs`]).
+    pub logprobs: Option<Vec<Vec<TokenLogprobs>>>,
     /// Time of the prompts' forward pass, in seconds.
     pub prefill_seconds: f64,
     /// Time of all later forward passes and token choices, in seconds.
@@ -114,21 +121,27 @@ pub fn generate(
     let mut chooser =
         (comm.rank() == 0).then(|| Chooser::new(&req.config, &req.eos_token_ids, req.seed));
     let mut overhead = Overhead::default();
+    // Rank 0's log-probabilities of each row's tokens, when asked for.
+    let mut logprobs =
+        (comm.rank() == 0 && req.config.logprobs).then(|| vec![Vec::new(); rows.count()]);
     loop {
         overhead.start();
         let mut decision = vec![0u32; rows.count() + 1];
+        let mut scored = Vec::new();
         let mut failure = None;
         if let Some(chooser) = chooser.as_mut() {
             for row in (hooks.finish_requested)()? {
                 rows.finish_row(row);
             }
             // A failed choice still reaches every rank, so that all of them stop together.
-            decision = chooser.decide(&logits, &rows).unwrap_or_else(|e| {
-                failure = Some(e);
-                let mut abort = vec![0u32; rows.count() + 1];
-                abort[0] = ABORT;
-                abort
-            });
+            decision = chooser
+                .decide(&logits, &rows, &mut scored)
+                .unwrap_or_else(|e| {
+                    failure = Some(e);
+                    let mut abort = vec![0u32; rows.count() + 1];
+                    abort[0] = ABORT;
+                    abort
+                });
             // transformers' `MaxTimeCriteria`: the tokens just chosen are the last.
             if decision[0] != ABORT && out_of_time(&req.config, start) {
                 decision[0] = 0;
@@ -143,6 +156,10 @@ pub fn generate(
         for (row, token) in rows.record(&decision[1..]) {
             if comm.rank() == 0 {
                 (hooks.on_token)(row, token)?;
+            }
+            let score = scored.get_mut(row).and_then(Option::take);
+            if let (Some(logprobs), Some(score)) = (logprobs.as_mut(), score) {
+                logprobs[row].push(score);
             }
         }
         overhead.stop();
@@ -162,6 +179,7 @@ pub fn generate(
         overhead.seconds,
     );
     generated.cached_prompt_tokens = cached;
+    generated.logprobs = logprobs;
     Ok(generated)
 }
 
@@ -429,6 +447,7 @@ impl Rows {
         GeneratedBatch {
             sequences: self.new,
             scores: None,
+            logprobs: None,
             prefill_seconds,
             decode_seconds,
             overhead_seconds,
@@ -512,6 +531,8 @@ struct Chooser {
     pipeline: LogitsPipeline,
     sample: bool,
     rng: StdRng,
+    /// With `logprobs`, how many of the most likely tokens each step reports.
+    top_logprobs: Option<usize>,
 }
 
 impl Chooser {
@@ -521,7 +542,14 @@ impl Chooser {
             pipeline: LogitsPipeline::new(config, eos),
             sample: config.do_sample,
             rng: StdRng::seed_from_u64(seed),
+            top_logprobs: config.logprobs.then_some(config.top_logprobs),
         }
+    }
+
+    /// With `logprobs`, the log-probabilities of `token` chosen from the raw `logits`.
+    fn score(&self, logits: &[f32], token: u32) -> Option<TokenLogprobs> {
+        self.top_logprobs
+            .map(|top| StepDistribution::from_logits(logits, top).score(token))
     }
 
     /// The next token of a sequence with `history`, given its `scores`.
@@ -535,8 +563,14 @@ impl Chooser {
     }
 
     /// `[more, token of row 0, token of row 1, ...]`: `more` is 0 once every row will be done
-    /// after these tokens; finished rows get [`FINISHED`].
-    fn decide(&mut self, logits: &Tensor, rows: &Rows) -> Result<Vec<u32>> {
+    /// after these tokens; finished rows get [`FINISHED`]. With `logprobs`, `scored` gets each
+    /// row's scores of its token (`None` for finished rows).
+    fn decide(
+        &mut self,
+        logits: &Tensor,
+        rows: &Rows,
+        scored: &mut Vec<Option<TokenLogprobs>>,
+    ) -> Result<Vec<u32>> {
         let values: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let vocab = values.len() / rows.count();
         let mut decision = Vec::with_capacity(rows.count() + 1);
@@ -545,6 +579,7 @@ impl Chooser {
         for (row, scores) in values.chunks_exact(vocab).enumerate() {
             if rows.done[row] {
                 decision.push(FINISHED);
+                scored.push(None);
                 continue;
             }
             let (ids, padding) = rows.processed_ids(row, rows.new[row].len());
@@ -556,6 +591,7 @@ impl Chooser {
                 new_tokens: rows.new[row].len(),
             };
             let token = self.choose(scores, history)?;
+            scored.push(self.score(scores, token));
             decision.push(token);
             more |= !rows.ends(row, token);
         }

@@ -435,7 +435,7 @@ pub fn softmax(scores: &[f32]) -> Vec<f32> {
 }
 
 /// Log-softmax of `scores` in f32 (`-inf` stays `-inf`).
-fn log_softmax(scores: &[f32]) -> Vec<f32> {
+pub fn log_softmax(scores: &[f32]) -> Vec<f32> {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_total = scores.iter().map(|&s| (s - max).exp()).sum::<f32>().ln();
     scores.iter().map(|&s| s - max - log_total).collect()

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::generation::logprobs::TokenLogprobs;
 use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::processors::History;
 use crate::generation::{broadcast_words, caches_of, Chooser, GenerationConfig};
@@ -101,6 +102,12 @@ pub enum Control {
 pub trait SessionLink {
     /// Streams a token of sequence `id`.
     fn token(&mut self, id: u32, token: u32) -> Result<()>;
+    /// Streams the log-probabilities of the token of sequence `id` that [`SessionLink::token`]
+    /// streams next (sequences with `logprobs` only). Ignored by default.
+    fn logprobs(&mut self, id: u32, logprobs: &TokenLogprobs) -> Result<()> {
+        let _ = (id, logprobs);
+        Ok(())
+    }
     /// Says that sequence `id` ended (after its last token).
     fn ended(&mut self, id: u32, reason: &EndReason) -> Result<()>;
     /// Says that the batch is empty and rank 0 waits for a control message.
@@ -224,7 +231,10 @@ pub fn run(
         pacer.set_budget(words[2]);
         let ended = batch.record(&words[HEADER_WORDS..]);
         if let Some(link) = link.as_deref_mut() {
-            for (row, &word) in batch.rows.iter().zip(&words[HEADER_WORDS..]) {
+            for (row, &word) in batch.rows.iter_mut().zip(&words[HEADER_WORDS..]) {
+                if let Some(logprobs) = row.logprobs.take().filter(|_| word < FAILED) {
+                    link.logprobs(row.id, &logprobs)?;
+                }
                 if word < FAILED {
                     link.token(row.id, word)?;
                 }
@@ -316,6 +326,8 @@ struct Row {
     eos: Vec<u32>,
     /// Rank 0's processors and generator for this sequence.
     chooser: Option<Chooser>,
+    /// With `logprobs`, rank 0's scores of the token it chose this step, until streamed.
+    logprobs: Option<TokenLogprobs>,
 }
 
 impl Row {
@@ -329,6 +341,7 @@ impl Row {
             eos: sequence.eos_token_ids.clone(),
             chooser: chooses
                 .then(|| Chooser::new(&sequence.config, &sequence.eos_token_ids, sequence.seed)),
+            logprobs: None,
         }
     }
 
@@ -402,7 +415,9 @@ impl RunningBatch {
                 new_tokens: row.ids.len() - row.prompt_len,
             };
             let chosen = match row.chooser.as_mut() {
-                Some(chooser) => chooser.choose(scores, history),
+                Some(chooser) => chooser.choose(scores, history).inspect(|&token| {
+                    row.logprobs = chooser.score(scores, token);
+                }),
                 None => Err(Error::Launch("only rank 0 chooses tokens".into())),
             };
             words.push(chosen.unwrap_or_else(|e| {

@@ -140,6 +140,14 @@ pub enum Reply {
     Done,
     /// The request failed on this rank.
     Error(String),
+    /// The log-probabilities of the token of a session's sequence that the next
+    /// [`Reply::Token`] streams (rank 0, during a session, for sequences with `logprobs`).
+    Logprobs {
+        /// The sequence's id.
+        row: u32,
+        /// The token's scores.
+        logprobs: crate::generation::TokenLogprobs,
+    },
 }
 
 impl Reply {
@@ -148,6 +156,7 @@ impl Reply {
         matches!(
             self,
             Reply::Token { .. }
+                | Reply::Logprobs { .. }
                 | Reply::Ended { .. }
                 | Reply::Idle
                 | Reply::PrefixCache(_)

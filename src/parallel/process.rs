@@ -15,7 +15,7 @@ use crate::comm::{Communicator, Heartbeat, ShmCommunicator, SingleRank};
 use crate::error::{Error, Result};
 use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::session::{self, Control, EndReason, SessionLink};
-use crate::generation::{self, Hooks};
+use crate::generation::{self, Hooks, TokenLogprobs};
 use crate::models::{self, Batch, ShardedModel};
 use crate::options::{ExpertSplit, PrefillChunk};
 use crate::parallel::engine::{ShardLoader, WeightBytes};
@@ -370,6 +370,14 @@ struct RankZeroLink<'a> {
 impl SessionLink for RankZeroLink<'_> {
     fn token(&mut self, id: u32, token: u32) -> Result<()> {
         let reply = Reply::Token { row: id, token };
+        write_frame(self.stream, &reply).map_err(lost_launcher)
+    }
+
+    fn logprobs(&mut self, id: u32, logprobs: &TokenLogprobs) -> Result<()> {
+        let reply = Reply::Logprobs {
+            row: id,
+            logprobs: logprobs.clone(),
+        };
         write_frame(self.stream, &reply).map_err(lost_launcher)
     }
 

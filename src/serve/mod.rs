@@ -14,6 +14,7 @@ pub mod admission;
 pub mod connections;
 pub mod guards;
 pub mod input;
+pub mod logprobs;
 pub mod metrics;
 pub mod openai;
 pub mod pooling;
@@ -46,6 +47,7 @@ use crate::text::TextSide;
 use admission::BatchLimits;
 use connections::ConnectionLimits;
 use input::Prompt;
+use logprobs::TokenScore;
 use openai::{ApiError, ChatRequest, CompletionRequest, FinishReason, Route, Sampling};
 use pooling::Pooling;
 use scheduler::{EmbedJob, Event, GenerateJob, Job, Shared};
@@ -97,6 +99,11 @@ struct AppState {
     limits: BatchLimits,
     /// The sampling of a request that names none, as `/v1/models` states it.
     sampling: Value,
+    /// The model's vocabulary (its logits' width), which bounds `logit_bias` and
+    /// `stop_token_ids`.
+    vocab_size: usize,
+    /// The model's end-of-sequence ids, which `stop_token_ids` join.
+    eos_token_ids: Vec<u32>,
 }
 
 /// Serves `model` until SIGINT or SIGTERM; `on_ready` is called with the bound address.
@@ -155,6 +162,8 @@ pub fn serve(
         pooling,
         limits: limits.clone(),
         sampling,
+        vocab_size: model.config().vocab_size,
+        eos_token_ids: model.model().eos_token_ids.clone(),
     });
     let model_thread = std::thread::Builder::new()
         .name("model".into())
@@ -307,9 +316,12 @@ async fn completions(
     body: std::result::Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Response {
     let result = match body {
-        Ok(Json(request)) => match completion_prompt(&state, &request) {
-            Ok(ids) => respond(&state, Route::Completions, ids, &request.sampling, 16).await,
-            Err(e) => Err(e),
+        Ok(Json(request)) => match (completion_prompt(&state, &request), request.logprobs()) {
+            (Ok(ids), Ok(logprobs)) => {
+                let sampling = &request.sampling;
+                respond(&state, Route::Completions, ids, sampling, logprobs, 16).await
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
         },
         Err(rejection) => Err(rejected(rejection)),
     };
@@ -321,12 +333,12 @@ async fn chat(
     body: std::result::Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
     let result = match body {
-        Ok(Json(request)) => match chat_prompt(&state, &request) {
-            Ok(ids) => {
-                let default_max = state.config.max_tokens_limit;
-                respond(&state, Route::Chat, ids, &request.sampling, default_max).await
+        Ok(Json(request)) => match (chat_prompt(&state, &request), request.logprobs()) {
+            (Ok(ids), Ok(logprobs)) => {
+                let (sampling, default_max) = (&request.sampling, state.config.max_tokens_limit);
+                respond(&state, Route::Chat, ids, sampling, logprobs, default_max).await
             }
-            Err(e) => Err(e),
+            (Err(e), _) | (_, Err(e)) => Err(e),
         },
         Err(rejection) => Err(rejected(rejection)),
     };
@@ -489,22 +501,27 @@ fn encode(text: &TextSide, prompt: &str) -> std::result::Result<Vec<u32>, ApiErr
     }
 }
 
-/// Checks the request, queues its job, and answers (a whole answer, or a stream).
+/// Checks the request, queues its job, and answers (a whole answer, or a stream). With
+/// `logprobs` (the number of alternatives per token), the answer carries log-probabilities.
 async fn respond(
     state: &Arc<AppState>,
     route: Route,
     prompt: Vec<u32>,
     sampling: &Sampling,
+    logprobs: Option<usize>,
     default_max: usize,
 ) -> std::result::Result<Response, ApiError> {
     check_model(state, sampling.model.as_deref())?;
     if !state.shared.healthy.load(Ordering::Relaxed) {
         return Err(scheduler::outage());
     }
-    let config = sampling.config(
+    let mut config = sampling.config(
         &state.defaults,
         default_max.min(state.config.max_tokens_limit),
     );
+    config.logprobs = logprobs.is_some();
+    config.top_logprobs = logprobs.unwrap_or(0);
+    sampling.apply_token_options(&mut config, state.vocab_size, &state.eos_token_ids)?;
     if config.max_new_tokens > state.config.max_tokens_limit || config.max_new_tokens == 0 {
         return Err(ApiError::invalid(
             "max_tokens",
@@ -605,12 +622,22 @@ async fn whole(
     _in_flight: InFlight,
 ) -> std::result::Result<Response, ApiError> {
     let mut texts = vec![String::new(); choices];
+    let mut scores: Vec<Option<Vec<TokenScore>>> = vec![None; choices];
     let mut finishes = vec![FinishReason::Stop; choices];
     let mut completion_tokens = 0;
     let mut ended = 0;
     while ended < choices {
         match events.recv().await {
-            Some(Event::Text { index, piece }) => texts[index].push_str(&piece),
+            Some(Event::Text {
+                index,
+                piece,
+                logprobs,
+            }) => {
+                texts[index].push_str(&piece);
+                if let Some(logprobs) = logprobs {
+                    scores[index].get_or_insert_with(Vec::new).extend(logprobs);
+                }
+            }
             Some(Event::End {
                 index,
                 finish,
@@ -627,8 +654,9 @@ async fn whole(
     let answers = texts
         .iter()
         .zip(&finishes)
+        .zip(&scores)
         .enumerate()
-        .map(|(i, (text, &finish))| route.choice(i, text, finish))
+        .map(|(i, ((text, &finish), scores))| route.choice(i, text, finish, scores.as_deref()))
         .collect();
     Ok(Json(route.answer(id, model, answers, prompt_tokens, completion_tokens)).into_response())
 }
@@ -659,7 +687,14 @@ fn stream(
     let chunks = events.map(move |event| {
         let _hold = &in_flight;
         let data = match event {
-            Event::Text { index, piece } => route.chunk(&id, &model, index, Some(&piece), None),
+            Event::Text {
+                index,
+                piece,
+                logprobs,
+            } => {
+                let piece = Some((piece.as_str(), logprobs.as_deref()));
+                route.chunk(&id, &model, index, piece, None)
+            }
             Event::End { index, finish, .. } => route.chunk(&id, &model, index, None, Some(finish)),
             Event::Failed(e) => json!({"error": {"message": e.message(), "type": "server_error"}}),
         };

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::input::ChatMessage;
+use super::logprobs::{self, TokenScore, MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS};
 use crate::generation::GenerationConfig;
 
 /// One string or a list of strings (`prompt`, `stop`).
@@ -53,6 +54,13 @@ pub struct Sampling {
     pub n: Option<usize>,
     /// Stop strings.
     pub stop: Option<OneOrMany>,
+    /// Token ids that end a sequence as its end-of-sequence ids do (as vLLM takes them; the
+    /// token is the sequence's last).
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// OpenAI's map from a token id (as a string) to a bias in [-100, 100] added to that
+    /// token's logit at every step, before the other processors (transformers' one-token
+    /// `sequence_bias`).
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// Seed of the sampler.
     pub seed: Option<u64>,
     /// Stream chunks as server-sent events.
@@ -126,6 +134,85 @@ impl Sampling {
         config.repetition_penalty = self.repetition_penalty.unwrap_or(config.repetition_penalty);
         config
     }
+    /// Applies `logit_bias` and `stop_token_ids` to `config`, refusing (naming the field) a
+    /// bias key that is not a token id below the model's `vocab_size`, a bias outside
+    /// [-100, 100] and a stop token id outside the vocabulary. A bias replaces the model's
+    /// own one-token bias of the same token; stop token ids join the end-of-sequence ids (the
+    /// configuration's, else the model's `model_eos`).
+    pub fn apply_token_options(
+        &self,
+        config: &mut GenerationConfig,
+        vocab_size: usize,
+        model_eos: &[u32],
+    ) -> Result<(), ApiError> {
+        let biases = self
+            .logit_bias
+            .iter()
+            .flatten()
+            .map(|(key, &bias)| bias_of(key, bias, vocab_size))
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        if let Some(&(token, _)) = biases
+            .iter()
+            .enumerate()
+            .find(|(i, (token, _))| biases[..*i].iter().any(|(t, _)| t == token))
+            .map(|(_, bias)| bias)
+        {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias names token {token} twice"),
+            ));
+        }
+        let biased =
+            |sequence: &[u32]| matches!(sequence, [id] if biases.iter().any(|&(t, _)| t == *id));
+        config
+            .sequence_bias
+            .retain(|(sequence, _)| !biased(sequence));
+        config
+            .sequence_bias
+            .extend(biases.iter().map(|&(token, bias)| (vec![token], bias)));
+        let Some(stops) = &self.stop_token_ids else {
+            return Ok(());
+        };
+        if let Some(id) = stops.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(ApiError::invalid(
+                "stop_token_ids",
+                format!("stop_token_ids {id} is outside the vocabulary of {vocab_size} tokens"),
+            ));
+        }
+        let mut eos = config
+            .eos_token_id
+            .clone()
+            .unwrap_or_else(|| model_eos.to_vec());
+        for &id in stops {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+        config.eos_token_id = Some(eos);
+        Ok(())
+    }
+}
+
+/// One entry of `logit_bias`: its key as a token id below `vocab_size`, its bias in
+/// [-100, 100].
+fn bias_of(key: &str, bias: f64, vocab_size: usize) -> Result<(u32, f32), ApiError> {
+    let token = key
+        .parse::<u32>()
+        .ok()
+        .filter(|&id| (id as usize) < vocab_size)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias keys must be token ids below the vocabulary size {vocab_size}, got {key:?}"),
+            )
+        })?;
+    if !(-100.0..=100.0).contains(&bias) {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!("logit_bias of token {token} must be between -100 and 100, got {bias}"),
+        ));
+    }
+    Ok((token, bias as f32))
 }
 
 /// The sampling a request that names none gets, as `/v1/models` and the startup line state it:
@@ -150,6 +237,9 @@ pub struct CompletionRequest {
     /// The prompt: a string, a list of token ids, or a list of one of those (read by
     /// [`super::input::Prompt::from_json`]).
     pub prompt: Value,
+    /// Report each token's log-probability and those of the `logprobs` most likely tokens of
+    /// its step (0 to 5; the legacy shape).
+    pub logprobs: Option<usize>,
     /// Sampling fields.
     #[serde(flatten)]
     pub sampling: Sampling,
@@ -160,9 +250,46 @@ pub struct CompletionRequest {
 pub struct ChatRequest {
     /// The conversation so far (checked by [`super::input::conversation`]).
     pub messages: Vec<ChatMessage>,
+    /// Report each token's log-probability.
+    pub logprobs: Option<bool>,
+    /// With `logprobs`, also the `top_logprobs` most likely tokens of each step (0 to 20).
+    pub top_logprobs: Option<usize>,
     /// Sampling fields.
     #[serde(flatten)]
     pub sampling: Sampling,
+}
+
+impl CompletionRequest {
+    /// How many alternatives each token reports, when `logprobs` asks for log-probabilities;
+    /// more than 5 is refused.
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match self.logprobs {
+            Some(n) if n > MAX_COMPLETION_LOGPROBS => Err(ApiError::invalid(
+                "logprobs",
+                format!("logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {n}"),
+            )),
+            other => Ok(other),
+        }
+    }
+}
+
+impl ChatRequest {
+    /// How many alternatives each token reports, when `logprobs` is true; `top_logprobs` over
+    /// 20, or given without `logprobs: true`, is refused.
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (_, Some(n)) if n > MAX_CHAT_TOP_LOGPROBS => Err(ApiError::invalid(
+                "top_logprobs",
+                format!("top_logprobs must be between 0 and {MAX_CHAT_TOP_LOGPROBS}, got {n}"),
+            )),
+            (false, Some(n)) => Err(ApiError::invalid(
+                "top_logprobs",
+                format!("top_logprobs ({n}) needs logprobs: true"),
+            )),
+            (true, top) => Ok(Some(top.unwrap_or(0))),
+            (false, None) => Ok(None),
+        }
+    }
 }
 
 /// `POST /v1/embeddings`.
@@ -238,40 +365,59 @@ impl Route {
         }
     }
 
-    /// One choice of a whole answer.
-    pub fn choice(self, index: usize, text: &str, finish: FinishReason) -> Value {
+    /// The `logprobs` of a choice or chunk whose tokens have `scores` (`null` without).
+    pub fn logprobs(self, scores: Option<&[TokenScore]>) -> Value {
+        match (self, scores) {
+            (_, None) => Value::Null,
+            (Route::Completions, Some(scores)) => logprobs::completion(scores),
+            (Route::Chat, Some(scores)) => logprobs::chat(scores),
+        }
+    }
+
+    /// One choice of a whole answer, with its tokens' `scores` when they were asked for.
+    pub fn choice(
+        self,
+        index: usize,
+        text: &str,
+        finish: FinishReason,
+        scores: Option<&[TokenScore]>,
+    ) -> Value {
+        let logprobs = self.logprobs(scores);
         match self {
             Route::Completions => {
-                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
             Route::Chat => json!({
                 "index": index,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }),
         }
     }
 
-    /// One streamed chunk: a piece of text of choice `index`, or its end.
+    /// One streamed chunk: a piece of text of choice `index` with the `scores` of its tokens
+    /// when they were asked for, or its end.
     pub fn chunk(
         self,
         id: &str,
         model: &str,
         index: usize,
-        piece: Option<&str>,
+        piece: Option<(&str, Option<&[TokenScore]>)>,
         finish: Option<FinishReason>,
     ) -> Value {
+        let logprobs = self.logprobs(piece.and_then(|(_, scores)| scores));
+        let piece = piece.map(|(text, _)| text);
         let choice = match self {
             Route::Completions => {
-                json!({"index": index, "text": piece.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": piece.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
             Route::Chat => {
                 let delta = match piece {
                     Some(p) => json!({"role": "assistant", "content": p}),
                     None => json!({}),
                 };
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         let object = match self {
@@ -484,6 +630,101 @@ mod tests {
         assert_eq!(param.as_deref(), Some("repetition_penalty"));
         assert!(message.contains("-1"), "{message}");
         assert_eq!(refusal(json!({"n": 0})).0.as_deref(), Some("n"));
+    }
+
+    /// `logit_bias` and `stop_token_ids` applied to `defaults` for a model of 100 tokens whose
+    /// end-of-sequence id is 2, or the refusal's field and message.
+    fn token_options(
+        request: serde_json::Value,
+        defaults: &GenerationConfig,
+    ) -> Result<GenerationConfig, (Option<String>, String)> {
+        let sampling: Sampling = serde_json::from_value(request).unwrap();
+        let mut config = defaults.clone();
+        match sampling.apply_token_options(&mut config, 100, &[2]) {
+            Ok(()) => Ok(config),
+            Err(e) => Err((e.param.clone(), e.message().to_string())),
+        }
+    }
+
+    #[test]
+    fn logit_biases_become_one_token_sequence_biases_and_stop_token_ids_end_sequences() {
+        let defaults = GenerationConfig {
+            sequence_bias: vec![(vec![7], 1.0), (vec![8, 9], -2.0)],
+            ..GenerationConfig::default()
+        };
+        let config = token_options(
+            json!({"logit_bias": {"7": -100, "50": 5.5}, "stop_token_ids": [11, 2]}),
+            &defaults,
+        )
+        .unwrap();
+        assert_eq!(
+            config.sequence_bias,
+            [(vec![8, 9], -2.0), (vec![50], 5.5), (vec![7], -100.0)],
+            "the request's bias of token 7 replaces the model's"
+        );
+        assert_eq!(config.eos_token_id, Some(vec![2, 11]));
+        let plain = token_options(json!({}), &defaults).unwrap();
+        assert_eq!(plain, defaults);
+    }
+
+    #[test]
+    fn bad_logit_biases_and_stop_token_ids_are_refused_by_name_and_value() {
+        let d = GenerationConfig::default();
+        let refused = |request| token_options(request, &d).unwrap_err();
+        let (param, message) = refused(json!({"logit_bias": {"abc": 1}}));
+        assert_eq!(param.as_deref(), Some("logit_bias"));
+        assert!(message.contains("\"abc\""), "{message}");
+        let (param, message) = refused(json!({"logit_bias": {"100": 1}}));
+        assert_eq!(param.as_deref(), Some("logit_bias"));
+        assert!(message.contains("\"100\""), "{message}");
+        assert_eq!(
+            refused(json!({"logit_bias": {"-1": 1}})).0.as_deref(),
+            Some("logit_bias")
+        );
+        let (param, message) = refused(json!({"logit_bias": {"7": 1, "07": 2}}));
+        assert_eq!(param.as_deref(), Some("logit_bias"));
+        assert!(message.contains("token 7 twice"), "{message}");
+        let (param, message) = refused(json!({"logit_bias": {"5": 100.5}}));
+        assert_eq!(param.as_deref(), Some("logit_bias"));
+        assert!(message.contains("100.5"), "{message}");
+        let (param, message) = refused(json!({"stop_token_ids": [3, 100]}));
+        assert_eq!(param.as_deref(), Some("stop_token_ids"));
+        assert!(message.contains("100"), "{message}");
+    }
+
+    #[test]
+    fn log_probability_requests_out_of_range_are_refused_by_name() {
+        let chat = |request: serde_json::Value| {
+            let mut request = request;
+            request["messages"] = json!([]);
+            serde_json::from_value::<ChatRequest>(request)
+                .unwrap()
+                .logprobs()
+                .map_err(|e| (e.param.clone(), e.message().to_string()))
+        };
+        assert_eq!(chat(json!({})), Ok(None));
+        assert_eq!(chat(json!({"logprobs": true})), Ok(Some(0)));
+        assert_eq!(
+            chat(json!({"logprobs": true, "top_logprobs": 20})),
+            Ok(Some(20))
+        );
+        let (param, message) = chat(json!({"logprobs": true, "top_logprobs": 21})).unwrap_err();
+        assert_eq!(param.as_deref(), Some("top_logprobs"));
+        assert!(message.contains("21"), "{message}");
+        let (param, message) = chat(json!({"top_logprobs": 2})).unwrap_err();
+        assert_eq!(param.as_deref(), Some("top_logprobs"));
+        assert!(message.contains("logprobs: true"), "{message}");
+        assert!(chat(json!({"logprobs": false, "top_logprobs": 1})).is_err());
+        let completion = |logprobs: usize| {
+            serde_json::from_value::<CompletionRequest>(
+                json!({"prompt": "a", "logprobs": logprobs}),
+            )
+            .unwrap()
+            .logprobs()
+            .map_err(|e| e.param.clone())
+        };
+        assert_eq!(completion(5), Ok(Some(5)));
+        assert_eq!(completion(6), Err(Some("logprobs".into())));
     }
 
     #[test]

@@ -24,8 +24,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::api::{ParallelModel, SequenceEnd, SessionDriver, SessionSequence};
 use crate::error::{Error, Result};
 use crate::generation::prefix_cache::PrefixCacheReport;
-use crate::generation::GenerationConfig;
+use crate::generation::{GenerationConfig, TokenLogprobs};
 use crate::serve::admission::BatchLimits;
+use crate::serve::logprobs::TokenScore;
 use crate::serve::metrics::Metrics;
 use crate::serve::openai::{ApiError, FinishReason};
 use crate::serve::pooling::{self, Pooling};
@@ -82,8 +83,11 @@ pub enum Event {
     Text {
         /// The choice (`0..n`).
         index: usize,
-        /// The new text.
+        /// The new text (empty when only scores are left to send).
         piece: String,
+        /// When the request asked for log-probabilities, those of the tokens generated since
+        /// the last piece (the text of a token can come out later than the token).
+        logprobs: Option<Vec<TokenScore>>,
     },
     /// Choice `index` is complete.
     End {
@@ -358,6 +362,10 @@ struct Choice {
     positions: usize,
     /// The server's stop finished it: its job hears an error, not an ending.
     cut: bool,
+    /// When the request asked for log-probabilities, those of its tokens not sent yet.
+    scores: Option<Vec<TokenScore>>,
+    /// Characters of its tokens' texts so far (where the next token's text starts).
+    text_offset: usize,
 }
 
 /// The scheduler's side of a session: hands queued jobs to the batch and relays each
@@ -427,6 +435,8 @@ impl SessionDriver for Session<'_> {
                     last_token: None,
                     positions,
                     cut: false,
+                    scores: config.logprobs.then(Vec::new),
+                    text_offset: 0,
                 };
                 self.live.insert(id, choice);
                 joining.push(SessionSequence {
@@ -463,6 +473,7 @@ impl SessionDriver for Session<'_> {
                 .send(Event::Text {
                     index: choice.index,
                     piece,
+                    logprobs: choice.scores.as_mut().map(std::mem::take),
                 })
                 .is_err(),
             None => events.is_closed(),
@@ -470,6 +481,17 @@ impl SessionDriver for Session<'_> {
         match gone {
             true => ControlFlow::Break(()),
             false => ControlFlow::Continue(()),
+        }
+    }
+
+    fn logprobs(&mut self, id: u32, logprobs: &TokenLogprobs) {
+        let Some(choice) = self.live.get_mut(&id) else {
+            return;
+        };
+        if let Some(scores) = choice.scores.as_mut() {
+            let score = TokenScore::new(logprobs, &self.text.tokenizer, choice.text_offset);
+            choice.text_offset += score.chosen.text.chars().count();
+            scores.push(score);
         }
     }
 
@@ -485,10 +507,13 @@ impl SessionDriver for Session<'_> {
         match end {
             Ok(end) => {
                 self.shared.metrics.completion_tokens(choice.tokens);
-                if let Some(rest) = choice.output.finish(&self.text.tokenizer) {
+                let rest = choice.output.finish(&self.text.tokenizer);
+                let scores = choice.scores.take().filter(|s| !s.is_empty());
+                if rest.is_some() || scores.is_some() {
                     let _ = events.send(Event::Text {
                         index: choice.index,
-                        piece: rest,
+                        piece: rest.unwrap_or_default(),
+                        logprobs: scores,
                     });
                 }
                 let finish = match (end, choice.output.stopped) {

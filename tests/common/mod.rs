@@ -358,3 +358,35 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// The largest difference between the log-probabilities `got` of one sequence and those
+/// transformers recorded for it (`want`: tests/fixtures/generation/scores.json's entries
+/// `{"token", "logprob", "top_logprobs": [[id, logprob], ...]}`), after checking that the
+/// tokens and the most likely tokens of each step are the same; `what` names the sequence.
+pub fn logprob_difference(
+    got: &[parallelformers::TokenLogprobs],
+    want: &serde_json::Value,
+    what: &str,
+) -> f64 {
+    let want = want.as_array().unwrap();
+    assert_eq!(got.len(), want.len(), "{what}: one entry per new token");
+    let mut largest = 0f64;
+    for (step, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            g.token as u64,
+            w["token"].as_u64().unwrap(),
+            "{what}, step {step}"
+        );
+        let mut pairs = vec![(g.logprob, w["logprob"].as_f64().unwrap())];
+        let top = w["top_logprobs"].as_array().unwrap();
+        assert_eq!(g.top_logprobs.len(), top.len(), "{what}, step {step}");
+        for (&(id, logprob), pair) in g.top_logprobs.iter().zip(top) {
+            assert_eq!(id as u64, pair[0].as_u64().unwrap(), "{what}, step {step}");
+            pairs.push((logprob, pair[1].as_f64().unwrap()));
+        }
+        for (g, w) in pairs {
+            largest = largest.max((g as f64 - w).abs());
+        }
+    }
+    largest
+}
