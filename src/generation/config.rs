@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
+use crate::generation::constraint::Constraint;
 
 /// When beam search stops (transformers' `early_stopping`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +138,9 @@ pub struct GenerationConfig {
     /// Seed of the sampler; `None` = the model's ([`Options::seed`](crate::Options::seed)),
     /// else a fresh one for every request.
     pub seed: Option<u64>,
+    /// What the new text must match (structured outputs): tokens it does not allow are never
+    /// chosen, and the sequence ends once it is complete.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerationConfig {
@@ -173,6 +177,7 @@ impl Default for GenerationConfig {
             renormalize_logits: false,
             stop: Vec::new(),
             seed: None,
+            constraint: None,
         }
     }
 }
@@ -406,6 +411,13 @@ impl GenerationConfig {
         }
         if self.num_beams > 1 && self.do_sample {
             return fail("sampling with beams (do_sample with num_beams > 1) is not supported; use one or the other".into());
+        }
+        if let Some(constraint) = self.constraint.as_ref().filter(|_| self.num_beams > 1) {
+            return fail(format!(
+                "a {} constraint cannot be combined with beam search (num_beams {})",
+                constraint.name(),
+                self.num_beams
+            ));
         }
         if self.num_beams > 1 && !self.stop.is_empty() {
             return fail("stop strings are not supported with beam search".into());
@@ -676,6 +688,14 @@ mod tests {
                 ..d()
             },
             "stop string",
+        );
+        check(
+            GenerationConfig {
+                num_beams: 2,
+                constraint: Some(Constraint::JsonObject),
+                ..d()
+            },
+            "a json_object constraint cannot be combined with beam search (num_beams 2)",
         );
         assert!(GenerationConfig {
             do_sample: true,

@@ -41,6 +41,7 @@ use tokio_stream::StreamExt;
 use crate::api::ParallelModel;
 use crate::checkpoint::source::WeightsLocation;
 use crate::error::{Error, Result};
+use crate::generation::constraint::Grammars;
 use crate::generation::GenerationConfig;
 use crate::text::TextSide;
 use admission::BatchLimits;
@@ -97,6 +98,8 @@ struct AppState {
     limits: BatchLimits,
     /// The sampling of a request that names none, as `/v1/models` states it.
     sampling: Value,
+    /// Compiles `response_format`s, to refuse those that do not compile before queueing.
+    grammars: Grammars,
 }
 
 /// Serves `model` until SIGINT or SIGTERM; `on_ready` is called with the bound address.
@@ -155,6 +158,7 @@ pub fn serve(
         pooling,
         limits: limits.clone(),
         sampling,
+        grammars: Grammars::from_tokenizer(text.tokenizer.clone(), model.config().vocab_size),
     });
     let model_thread = std::thread::Builder::new()
         .name("model".into())
@@ -501,10 +505,11 @@ async fn respond(
     if !state.shared.healthy.load(Ordering::Relaxed) {
         return Err(scheduler::outage());
     }
-    let config = sampling.config(
+    let mut config = sampling.config(
         &state.defaults,
         default_max.min(state.config.max_tokens_limit),
     );
+    config.constraint = sampling.constraint()?;
     if config.max_new_tokens > state.config.max_tokens_limit || config.max_new_tokens == 0 {
         return Err(ApiError::invalid(
             "max_tokens",
@@ -521,6 +526,12 @@ async fn respond(
             prompt.len(),
         )
         .map_err(|e| ApiError::invalid("", e.to_string()))?;
+    if let Some(constraint) = &config.constraint {
+        state
+            .grammars
+            .check(constraint)
+            .map_err(|e| ApiError::invalid("response_format", e.to_string()))?;
+    }
     state.limits.check_request(
         config.num_return_sequences.max(1),
         prompt.len() + config.max_new_tokens,
