@@ -146,6 +146,15 @@ fn complete_text(ids: &[u32]) -> String {
     tokenizer().decode(&ids[..ids.len() - 1], false).unwrap()
 }
 
+/// The JSON of a text the server answered: the fixture's end-of-sequence id is a byte of
+/// its vocabulary (not a special token), so the text ends with that byte's replacement
+/// character.
+fn served_json(text: &str) -> Value {
+    let end = tokenizer().decode(&[EOS], false).unwrap();
+    let json = text.strip_suffix(end.as_str()).unwrap_or(text);
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+}
+
 /// The options of a run: greedy, or sampled with `seed`.
 fn config(constraint: Constraint, seed: Option<u64>) -> GenerationConfig {
     GenerationConfig {
@@ -225,7 +234,11 @@ fn a_constrained_text_cut_by_max_new_tokens_is_a_prefix_of_a_valid_one() {
     let generated = model.generate(&[5, 9], &cut).unwrap();
     assert_eq!(generated.ids.len(), 6);
     let text = tokenizer().decode(&generated.ids, false).unwrap();
-    assert!(text.starts_with("{\"kind\":\""), "{text:?}");
+    let valid = [
+        "{\"kind\":\"cat\",\"owner\":{",
+        "{\"kind\":\"dog\",\"owner\":{",
+    ];
+    assert!(valid.iter().any(|v| v.starts_with(&text)), "{text:?}");
     model.deparallelize();
 }
 
@@ -355,8 +368,7 @@ fn the_server_constrains_each_sequence_of_the_running_batch_whole_and_streamed()
     let whole = server.post("/v1/completions", &request).unwrap();
     for choice in whole["choices"].as_array().unwrap() {
         assert_eq!(choice["finish_reason"], "stop", "{choice}");
-        let value: Value = serde_json::from_str(choice["text"].as_str().unwrap()).unwrap();
-        validate(&value, schema).unwrap();
+        validate(&served_json(choice["text"].as_str().unwrap()), schema).unwrap();
     }
     let mut streamed = request.clone();
     streamed["stream"] = json!(true);
@@ -369,7 +381,7 @@ fn the_server_constrains_each_sequence_of_the_running_batch_whole_and_streamed()
         let chunk: Value = serde_json::from_str(&event).unwrap();
         text.push_str(chunk["choices"][0]["text"].as_str().unwrap_or_default());
     }
-    validate(&serde_json::from_str(&text).unwrap(), schema).unwrap();
+    validate(&served_json(&text), schema).unwrap();
     // Cut by max_tokens: OpenAI's finish_reason "length".
     let mut short = request.clone();
     short["max_tokens"] = json!(4);
