@@ -272,16 +272,9 @@ pub(crate) struct RowConstraints {
 impl RowConstraints {
     /// The rows' states of `constraint`, compiled by `grammars` (a failure is reported at each
     /// row's first step, so that it reaches every rank the way a choice that fails does).
-    pub(crate) fn new(constraint: &Constraint, grammars: Option<&Grammars>) -> Self {
-        let compiled = match grammars {
-            Some(grammars) => grammars.compile(constraint).map_err(|e| e.to_string()),
-            None => Err(format!(
-                "{} needs the model's tokenizer, which this rank does not have",
-                constraint.name()
-            )),
-        };
+    pub(crate) fn new(constraint: &Constraint, grammars: &Grammars) -> Self {
         RowConstraints {
-            compiled,
+            compiled: grammars.compile(constraint).map_err(|e| e.to_string()),
             rows: Vec::new(),
         }
     }

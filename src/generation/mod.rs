@@ -115,7 +115,7 @@ pub fn generate(
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
     let mut chooser = (comm.rank() == 0)
-        .then(|| Chooser::new(&req.config, &req.eos_token_ids, req.seed, Some(grammars)));
+        .then(|| Chooser::new(&req.config, &req.eos_token_ids, req.seed, grammars));
     let mut overhead = Overhead::default();
     loop {
         overhead.start();
@@ -498,7 +498,7 @@ struct Chooser {
 impl Chooser {
     /// A chooser with `config`'s processors, its constraint compiled by `grammars`, and a
     /// generator seeded with `seed`.
-    fn new(config: &GenerationConfig, eos: &[u32], seed: u64, grammars: Option<&Grammars>) -> Self {
+    fn new(config: &GenerationConfig, eos: &[u32], seed: u64, grammars: &Grammars) -> Self {
         Chooser {
             pipeline: LogitsPipeline::new(config, eos),
             sample: config.do_sample,

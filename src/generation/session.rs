@@ -319,7 +319,7 @@ impl Row {
             eos: sequence.eos_token_ids.clone(),
             chooser: grammars.map(|grammars| {
                 let (config, eos) = (&sequence.config, &sequence.eos_token_ids);
-                Chooser::new(config, eos, sequence.seed, Some(grammars))
+                Chooser::new(config, eos, sequence.seed, grammars)
             }),
         }
     }
