@@ -20,7 +20,13 @@ pub struct TextSide {
 impl TextSide {
     /// Loads the tokenizer and chat template of `model`; `Ok(None)` when it has no tokenizer.
     pub fn load(model: &ResolvedModel) -> Result<Option<Self>> {
-        match &model.location {
+        Self::load_from(&model.location)
+    }
+
+    /// Loads the tokenizer and chat template beside the weights at `location`; `Ok(None)`
+    /// when there is no tokenizer.
+    pub fn load_from(location: &WeightsLocation) -> Result<Option<Self>> {
+        match location {
             WeightsLocation::Safetensors(dir) => {
                 let path = dir.join("tokenizer.json");
                 if !path.exists() {

@@ -131,6 +131,12 @@ impl RequestRules {
             .eos_token_id
             .clone()
             .unwrap_or_else(|| self.eos_token_ids.clone());
+        if let Some(constraint) = config.constraint.as_ref().filter(|_| eos.is_empty()) {
+            return Err(Error::InvalidInput(format!(
+                "a {} constraint ends the sequence with an end-of-sequence id once its text is complete, and neither the request nor the model has one (eos_token_id)",
+                constraint.name()
+            )));
+        }
         Ok((eos, config.seed.or(self.seed).unwrap_or_else(rand::random)))
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::checkpoint::source::{ModelSource, ResolvedModel, WeightsLocation};
 use crate::checkpoint::ModelConfig;
 use crate::error::{Error, Result};
+use crate::generation::constraint::Grammars;
 use crate::generation::{GenerateRequest, GeneratedBatch, GenerationConfig, TokenLogprobs};
 use crate::options::{Backend, Options, PrefillChunk, Verbosity};
 use crate::parallel::ipc::{ForwardInput, LoadSpec, Reply, Request, WireTensor};
@@ -61,6 +62,8 @@ pub struct ParallelModel {
     options: Options,
     /// The tokenizer, loaded the first time stop strings need it.
     text: Option<Arc<TextSide>>,
+    /// Compiles constraints, to refuse those that do not compile before any rank works.
+    grammars: Arc<Grammars>,
 }
 
 /// Splits the model `source` names (a checkpoint directory, a `.gguf` file, a Hub id, or
@@ -96,6 +99,7 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
     let (mut group, ranks) = start_group(&model, &options)?;
     let options = Options { ranks, ..options };
     let loaded = load(&mut group, &model, &options)?;
+    let grammars = Arc::new(Grammars::of_model(&model.location, model.config.vocab_size));
     Ok(ParallelModel {
         group,
         model,
@@ -103,6 +107,7 @@ pub fn parallelize_resolved(model: ResolvedModel, options: Options) -> Result<Pa
         generation_defaults,
         options,
         text: None,
+        grammars,
     })
 }
 
@@ -359,6 +364,9 @@ impl ParallelModel {
         mut on_token: impl FnMut(usize, u32) -> ControlFlow<()>,
     ) -> Result<GeneratedBatch> {
         let (eos, seed) = self.rules().check_batch(prompts, config)?;
+        if let Some(constraint) = &config.constraint {
+            self.grammars.check(constraint)?;
+        }
         let rows = prompts.len() * config.num_return_sequences;
         let mut stops = match config.stop.is_empty() {
             true => None,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::stops::StopWatch;
 use super::{ParallelModel, RequestRules};
 use crate::error::{Error, Result};
+use crate::generation::constraint::Grammars;
 use crate::generation::prefix_cache::PrefixCacheReport;
 use crate::generation::session::{EndReason, SequenceRequest, SessionSummary};
 use crate::generation::GenerationConfig;
@@ -123,6 +124,7 @@ impl ParallelModel {
         let text = self.text_side().map_err(|e| e.to_string());
         let mut listener = SessionListener {
             rules: self.rules(),
+            grammars: self.grammars.clone(),
             text,
             driver,
             live: HashMap::new(),
@@ -183,6 +185,8 @@ struct Live {
 /// The main process's side of a running session.
 struct SessionListener<'a> {
     rules: RequestRules,
+    /// Compiles the sequences' constraints (to refuse those that do not compile).
+    grammars: Arc<Grammars>,
     /// The tokenizer for stop strings, or why there is none.
     text: std::result::Result<Arc<TextSide>, String>,
     driver: &'a mut dyn SessionDriver,
@@ -244,6 +248,9 @@ impl SessionListener<'_> {
         }
         self.rules.check_ids(&prompt)?;
         let (eos_token_ids, seed) = self.rules.options(&config, prompt.len())?;
+        if let Some(constraint) = &config.constraint {
+            self.grammars.check(constraint)?;
+        }
         let stops = match (config.stop.is_empty(), &self.text) {
             (true, _) => None,
             (false, Ok(text)) => Some(StopWatch::new(text.clone(), &config.stop)),

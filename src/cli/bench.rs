@@ -1,5 +1,6 @@
 //! `parallelformers bench`: prefill latency of a fixed-length prompt, greedy decode speed at
-//! batch 1, and each rank's peak memory.
+//! batch 1, and each rank's peak memory; with a constraint flag, what the constraint's token
+//! masks cost per decoded token.
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -9,10 +10,13 @@ use clap::Args;
 use parallelformers::api::{check_generation, parallelize_resolved};
 use parallelformers::bandwidth::measure_read_bandwidth;
 use parallelformers::checkpoint::ModelConfig;
+use parallelformers::generation::constraint::Constraint;
 use parallelformers::options::WeightDType;
 use parallelformers::parallel::memory::RankMemory;
-use parallelformers::{Backend, GenerationConfig};
+use parallelformers::text::TextSide;
+use parallelformers::{Backend, GenerationConfig, ParallelModel};
 
+use super::constraint_args::ConstraintArgs;
 use super::ModelArgs;
 
 /// Arguments of `bench`.
@@ -41,6 +45,11 @@ pub struct BenchArgs {
     /// greedily, to measure the cost of processing the logits.
     #[arg(long)]
     sampling: bool,
+    /// With a constraint flag, also decode under it (ending where its text ends, at most
+    /// --new-tokens) and compare with an unconstrained decode of as many tokens: the time the
+    /// masks add per token, and its share of the decode time.
+    #[command(flatten)]
+    constraint: ConstraintArgs,
 }
 
 /// `batch` deterministic prompts of `len` ids spread over the vocabulary, each its own.
@@ -110,6 +119,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.prompt_len
     );
     let resolved = args.model.resolve()?;
+    let text = TextSide::load(&resolved)?;
+    let constraint = args
+        .constraint
+        .resolve(text.as_ref(), resolved.config.vocab_size)?;
     let batch = prompts(args.batch, args.prompt_len, resolved.config.vocab_size);
     let params = decode_config(args.new_tokens, args.sampling);
     check_generation(&resolved, &batch, &params).with_context(|| {
@@ -133,18 +146,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ..params.clone()
     };
     model.generate_batch(&batch, &warm_up, |_, _| ControlFlow::Continue(()))?;
-    let mut prefill = f64::INFINITY;
-    let mut decode = f64::INFINITY;
-    let mut overhead = 0.0;
-    for _ in 0..args.repeats.max(1) {
-        let run = model.generate_batch(&batch, &params, |_, _| ControlFlow::Continue(()))?;
-        prefill = prefill.min(run.prefill_seconds);
-        let per_step = run.decode_seconds / (args.new_tokens - 1) as f64;
-        if per_step < decode {
-            decode = per_step;
-            overhead = run.overhead_seconds / run.decode_seconds;
-        }
-    }
+    let best = best_run(&mut model, &batch, &params, args.repeats)?;
+    let (prefill, decode) = (best.prefill_seconds, best.step_seconds);
+    let overhead = best.overhead_seconds / best.step_seconds;
+    let constrained = constraint
+        .map(|c| constraint_cost(&mut model, &batch, &params, c, args.repeats))
+        .transpose()?;
     let memory = model.memory_report()?;
     let model_name = model.model().location.path().display().to_string();
     let model_config = model.config().clone();
@@ -176,6 +183,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "bandwidth_limit_tokens_per_s": limit,
                 "sampling": args.sampling,
                 "decode_overhead_fraction": overhead,
+                "constraint": constrained.as_ref().map(ConstraintCost::json),
             })
         )?;
     } else {
@@ -203,9 +211,142 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 100.0 * decode_tokens_per_s / limit
             )?;
         }
+        if let Some(cost) = &constrained {
+            writeln!(out, "{}", cost.line())?;
+        }
         for m in &memory {
             writeln!(out, "{}", m.simple_line())?;
         }
     }
     Ok(())
+}
+
+/// The fastest of `repeats` runs of `config` (by time per decode step), in seconds.
+#[derive(Debug, Clone, Copy)]
+struct Best {
+    prefill_seconds: f64,
+    /// Time of one decode step.
+    step_seconds: f64,
+    /// Of `step_seconds`, the time rank 0 spent outside the model.
+    overhead_seconds: f64,
+    /// Tokens of the longest sequence.
+    tokens: usize,
+}
+
+/// Runs `config` on `batch` `repeats` times; the fastest prefill, and the run with the
+/// fastest decode steps.
+fn best_run(
+    model: &mut ParallelModel,
+    batch: &[Vec<u32>],
+    config: &GenerationConfig,
+    repeats: usize,
+) -> anyhow::Result<Best> {
+    let mut best: Option<Best> = None;
+    for _ in 0..repeats.max(1) {
+        let run = model.generate_batch(batch, config, |_, _| ControlFlow::Continue(()))?;
+        let tokens = run.sequences.iter().map(Vec::len).max().unwrap_or(0);
+        anyhow::ensure!(
+            tokens >= 2,
+            "a run generated {tokens} token(s); at least 2 are needed to time a decode step"
+        );
+        let steps = (tokens - 1) as f64;
+        let this = Best {
+            prefill_seconds: run.prefill_seconds,
+            step_seconds: run.decode_seconds / steps,
+            overhead_seconds: run.overhead_seconds / steps,
+            tokens,
+        };
+        let prefill_seconds = best.map_or(this.prefill_seconds, |b| {
+            b.prefill_seconds.min(this.prefill_seconds)
+        });
+        best = Some(match best {
+            Some(b) if b.step_seconds <= this.step_seconds => Best {
+                prefill_seconds,
+                ..b
+            },
+            _ => Best {
+                prefill_seconds,
+                ..this
+            },
+        });
+    }
+    best.context("no run")
+}
+
+/// What a constraint costs per decoded token: the constrained decode against an
+/// unconstrained decode of as many tokens.
+struct ConstraintCost {
+    constraint: &'static str,
+    constrained: Best,
+    plain: Best,
+}
+
+/// Decodes `batch` under `constraint` (the options of `params` otherwise, ending at the end
+/// of the constrained text), then without it for as many tokens.
+fn constraint_cost(
+    model: &mut ParallelModel,
+    batch: &[Vec<u32>],
+    params: &GenerationConfig,
+    constraint: Constraint,
+    repeats: usize,
+) -> anyhow::Result<ConstraintCost> {
+    let name = constraint.name();
+    let constrained_config = GenerationConfig {
+        min_new_tokens: 0,
+        eos_token_id: None,
+        constraint: Some(constraint),
+        ..params.clone()
+    };
+    let constrained = best_run(model, batch, &constrained_config, repeats)?;
+    let plain_config = GenerationConfig {
+        max_new_tokens: constrained.tokens,
+        min_new_tokens: constrained.tokens,
+        ..params.clone()
+    };
+    let plain = best_run(model, batch, &plain_config, repeats)?;
+    Ok(ConstraintCost {
+        constraint: name,
+        constrained,
+        plain,
+    })
+}
+
+impl ConstraintCost {
+    /// Time the masks add per decode step, in seconds: the difference of rank 0's time outside
+    /// the model, which the masks are part of (steadier than the difference of whole steps).
+    fn mask_seconds(&self) -> f64 {
+        self.constrained.overhead_seconds - self.plain.overhead_seconds
+    }
+
+    /// The masks' share of the constrained decode time.
+    fn fraction(&self) -> f64 {
+        self.mask_seconds() / self.constrained.step_seconds
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kind": self.constraint,
+            "tokens": self.constrained.tokens,
+            "constrained_ms_per_token": self.constrained.step_seconds * 1e3,
+            "constrained_overhead_ms_per_token": self.constrained.overhead_seconds * 1e3,
+            "unconstrained_ms_per_token": self.plain.step_seconds * 1e3,
+            "unconstrained_overhead_ms_per_token": self.plain.overhead_seconds * 1e3,
+            "mask_ms_per_token": self.mask_seconds() * 1e3,
+            "mask_fraction_of_decode": self.fraction(),
+        })
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{} constraint ({} tokens): {:.2} ms/token ({:.2} ms outside the model), unconstrained {:.2} ms/token ({:.2} ms outside); the masks cost {:.3} ms/token, {:.1} % of the constrained decode",
+            self.constraint,
+            self.constrained.tokens,
+            self.constrained.step_seconds * 1e3,
+            self.constrained.overhead_seconds * 1e3,
+            self.plain.step_seconds * 1e3,
+            self.plain.overhead_seconds * 1e3,
+            self.mask_seconds() * 1e3,
+            100.0 * self.fraction()
+        )
+    }
 }

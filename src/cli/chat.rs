@@ -77,10 +77,13 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         text.template.is_some(),
         "{path} has no chat template (tokenizer.chat_template / tokenizer_config.json); use `generate` for raw prompts"
     );
-    let config = args.generation.apply(&GenerationConfig {
+    let mut config = args.generation.apply(&GenerationConfig {
         max_new_tokens: CHAT_MAX_NEW_TOKENS,
         ..generation_defaults(&resolved)?
     });
+    config.constraint = args
+        .generation
+        .constraint(Some(&text), resolved.config.vocab_size)?;
     let mut messages: Vec<Message> = args.system.iter().map(|s| message("system", s)).collect();
     // The first answer's prompt (the shortest any answer has) is checked with the options.
     let first = [

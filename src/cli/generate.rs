@@ -48,9 +48,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (None, Some(_), None) => bail!("{}: pass the prompt as --input-ids", no_tokenizer()),
         (None, None, _) => bail!("give a PROMPT or --input-ids"),
     };
-    let config = args
+    let mut config = args
         .scores
         .apply(args.generation.apply(&generation_defaults(&resolved)?));
+    config.constraint = args
+        .generation
+        .constraint(text.as_ref(), resolved.config.vocab_size)?;
     if text.is_none() && !config.stop.is_empty() {
         bail!("{}: --stop needs one", no_tokenizer());
     }

@@ -3,7 +3,11 @@
 //! model-wide `--seed`.)
 
 use clap::Args;
+use parallelformers::generation::constraint::Constraint;
+use parallelformers::text::TextSide;
 use parallelformers::{EarlyStopping, GenerationConfig};
+
+use super::constraint_args::ConstraintArgs;
 
 /// Sequences of token ids, one flag value (an alias, so that clap does not take each sequence
 /// for a value of its own).
@@ -102,6 +106,8 @@ pub struct GenerationArgs {
     /// Stop a sequence once its text contains this string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
+    #[command(flatten)]
+    constraint: ConstraintArgs,
 }
 
 impl GenerationArgs {
@@ -179,6 +185,18 @@ impl ScoreArgs {
         config.logprobs |= self.logprobs;
         config.top_logprobs = self.top_logprobs.unwrap_or(config.top_logprobs);
         config
+    }
+}
+
+impl GenerationArgs {
+    /// The constraint of `--json-schema`, `--grammar` or `--regex`, compiled against `text`'s
+    /// tokenizer for logits `vocab_size` wide (see [`ConstraintArgs::resolve`]).
+    pub fn constraint(
+        &self,
+        text: Option<&TextSide>,
+        vocab_size: usize,
+    ) -> anyhow::Result<Option<Constraint>> {
+        self.constraint.resolve(text, vocab_size)
     }
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod chat;
 mod comm_bench;
+mod constraint_args;
 mod forward;
 mod generate;
 mod generation_args;

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
+use crate::generation::constraint::Constraint;
 use crate::generation::logprobs::MAX_TOP_LOGPROBS;
 
 /// When beam search stops (transformers' `early_stopping`).
@@ -146,6 +147,9 @@ pub struct GenerationConfig {
     /// With `logprobs`, also report the `top_logprobs` most likely tokens of each step, at most
     /// [`MAX_TOP_LOGPROBS`].
     pub top_logprobs: usize,
+    /// What the new text must match (structured outputs): tokens it does not allow are never
+    /// chosen, and the sequence ends once it is complete.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerationConfig {
@@ -184,6 +188,7 @@ impl Default for GenerationConfig {
             seed: None,
             logprobs: false,
             top_logprobs: 0,
+            constraint: None,
         }
     }
 }
@@ -417,6 +422,13 @@ impl GenerationConfig {
         }
         if self.num_beams > 1 && self.do_sample {
             return fail("sampling with beams (do_sample with num_beams > 1) is not supported; use one or the other".into());
+        }
+        if let Some(constraint) = self.constraint.as_ref().filter(|_| self.num_beams > 1) {
+            return fail(format!(
+                "a {} constraint cannot be combined with beam search (num_beams {})",
+                constraint.name(),
+                self.num_beams
+            ));
         }
         if self.num_beams > 1 && !self.stop.is_empty() {
             return fail("stop strings are not supported with beam search".into());
@@ -714,6 +726,14 @@ mod tests {
                 ..d()
             },
             "top_logprobs (--top-logprobs) 3 needs logprobs (--logprobs)",
+        );
+        check(
+            GenerationConfig {
+                num_beams: 2,
+                constraint: Some(Constraint::JsonObject),
+                ..d()
+            },
+            "a json_object constraint cannot be combined with beam search (num_beams 2)",
         );
         assert!(GenerationConfig {
             do_sample: true,

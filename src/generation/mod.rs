@@ -9,6 +9,7 @@
 
 mod beam;
 pub mod config;
+pub mod constraint;
 pub mod logprobs;
 pub mod prefix_cache;
 pub mod processors;
@@ -28,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::models::attention::LayerCaches;
 use crate::models::{Batch, ShardedModel};
 pub use config::{EarlyStopping, GenerationConfig};
+use constraint::{Grammars, RowConstraints};
 use logprobs::StepDistribution;
 pub use logprobs::TokenLogprobs;
 use prefix_cache::PrefixCache;
@@ -86,14 +88,15 @@ pub struct Hooks<'a> {
 }
 
 /// Generates for every prompt of `req` (greedy or sampling, as its options say). Every rank
-/// returns the same sequences; the hooks are called on rank 0 only. A single prompt with a
-/// single returned sequence of a decoder-only model starts from what `prefix` holds of it, and
-/// leaves its blocks there.
+/// returns the same sequences; the hooks are called on rank 0 only, and only rank 0 compiles
+/// the request's constraint, with `grammars`. A single prompt with a single returned sequence
+/// of a decoder-only model starts from what `prefix` holds of it, and leaves its blocks there.
 pub fn generate(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
     req: &GenerateRequest,
     prefix: &mut PrefixCache,
+    grammars: &Grammars,
     hooks: Hooks,
 ) -> Result<GeneratedBatch> {
     if req.prompts.is_empty() || req.prompts.iter().any(Vec::is_empty) {
@@ -118,8 +121,8 @@ pub fn generate(
     let mut logits = rows.forward_prompts(model, comm, cached)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let decode_start = Instant::now();
-    let mut chooser =
-        (comm.rank() == 0).then(|| Chooser::new(&req.config, &req.eos_token_ids, req.seed));
+    let mut chooser = (comm.rank() == 0)
+        .then(|| Chooser::new(&req.config, &req.eos_token_ids, req.seed, grammars));
     let mut overhead = Overhead::default();
     // Rank 0's log-probabilities of each row's tokens, when asked for.
     let mut logprobs =
@@ -533,15 +536,25 @@ struct Chooser {
     rng: StdRng,
     /// With `logprobs`, how many of the most likely tokens each step reports.
     top_logprobs: Option<usize>,
+    /// End-of-sequence ids (what a constraint allows once its text may end).
+    eos: Vec<u32>,
+    /// Each row's place in the request's constraint, if it has one.
+    constraints: Option<RowConstraints>,
 }
 
 impl Chooser {
-    /// A chooser with `config`'s processors and a generator seeded with `seed`.
-    fn new(config: &GenerationConfig, eos: &[u32], seed: u64) -> Self {
+    /// A chooser with `config`'s processors, its constraint compiled by `grammars`, and a
+    /// generator seeded with `seed`.
+    fn new(config: &GenerationConfig, eos: &[u32], seed: u64, grammars: &Grammars) -> Self {
         Chooser {
             pipeline: LogitsPipeline::new(config, eos),
             sample: config.do_sample,
             rng: StdRng::seed_from_u64(seed),
+            eos: eos.to_vec(),
+            constraints: config
+                .constraint
+                .as_ref()
+                .map(|c| RowConstraints::new(c, grammars)),
             top_logprobs: config.logprobs.then_some(config.top_logprobs),
         }
     }
@@ -552,14 +565,26 @@ impl Chooser {
             .map(|top| StepDistribution::from_logits(logits, top).score(token))
     }
 
-    /// The next token of a sequence with `history`, given its `scores`.
-    fn choose(&mut self, scores: &[f32], history: History) -> Result<u32> {
+    /// The next token of `row`, a sequence with `history`, given its `scores`: what the
+    /// row's constraint allows, processed, then chosen.
+    fn choose(&mut self, row: usize, scores: &[f32], history: History) -> Result<u32> {
         let mut scores = scores.to_vec();
+        let mut constraint = self.constraints.as_mut().map(|r| r.row(row)).transpose()?;
+        if let Some(state) = constraint.as_deref_mut() {
+            state.restrict(&mut scores, &self.eos)?;
+        }
         self.pipeline.apply(&mut scores, history);
-        match self.sample {
+        if let Some(state) = constraint.as_deref() {
+            state.enforce(&mut scores, &self.eos);
+        }
+        let token = match self.sample {
             true => sample(&scores, &mut self.rng),
             false => argmax(&scores),
+        }?;
+        if let Some(state) = constraint {
+            state.advance(token, &self.eos)?;
         }
+        Ok(token)
     }
 
     /// `[more, token of row 0, token of row 1, ...]`: `more` is 0 once every row will be done
@@ -590,7 +615,7 @@ impl Chooser {
                 padding,
                 new_tokens: rows.new[row].len(),
             };
-            let token = self.choose(scores, history)?;
+            let token = self.choose(row, scores, history)?;
             scored.push(self.score(scores, token));
             decision.push(token);
             more |= !rows.ends(row, token);

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::generation::constraint::Grammars;
 use crate::generation::logprobs::TokenLogprobs;
 use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::processors::History;
@@ -131,13 +132,15 @@ const FAILED: u32 = u32::MAX - 1;
 /// Runs a continuous-batching session that starts with `initial`. Every rank runs it; rank 0
 /// passes its `link` to the main process, the others `None`. `chunk` says how many prompt
 /// tokens are prefilled with each decode step; prompts start from what `prefix` holds of
-/// them, and leave their blocks there.
+/// them, and leave their blocks there. Rank 0 compiles the sequences' constraints with
+/// `grammars`.
 pub fn run(
     model: &mut dyn ShardedModel,
     comm: &dyn Communicator,
     initial: Vec<SequenceRequest>,
     chunk: PrefillChunk,
     prefix: &mut PrefixCache,
+    grammars: &Grammars,
     mut link: Option<&mut dyn SessionLink>,
 ) -> Result<SessionSummary> {
     model.clear_cache();
@@ -152,7 +155,8 @@ pub fn run(
     };
     loop {
         let started = Instant::now();
-        summary.cached_prompt_tokens += joining.add(&news.joining, prefix, link.is_some())?;
+        let chooser = link.is_some().then_some(grammars);
+        summary.cached_prompt_tokens += joining.add(&news.joining, prefix, chooser)?;
         for row in joining.cancel(&news.cancelled)? {
             if let Some(link) = link.as_deref_mut() {
                 link.ended(row.id, &EndReason::Finished)?;
@@ -331,7 +335,9 @@ struct Row {
 }
 
 impl Row {
-    fn new(sequence: &SequenceRequest, chooses: bool) -> Self {
+    /// The row of `sequence`; on rank 0, which chooses its tokens, `grammars` compiles its
+    /// constraint.
+    fn new(sequence: &SequenceRequest, grammars: Option<&Grammars>) -> Self {
         Row {
             id: sequence.id,
             ids: sequence.prompt.clone(),
@@ -339,8 +345,10 @@ impl Row {
             cached: 0,
             limit: sequence.config.max_new_tokens,
             eos: sequence.eos_token_ids.clone(),
-            chooser: chooses
-                .then(|| Chooser::new(&sequence.config, &sequence.eos_token_ids, sequence.seed)),
+            chooser: grammars.map(|grammars| {
+                let (config, eos) = (&sequence.config, &sequence.eos_token_ids);
+                Chooser::new(config, eos, sequence.seed, grammars)
+            }),
             logprobs: None,
         }
     }
@@ -415,7 +423,7 @@ impl RunningBatch {
                 new_tokens: row.ids.len() - row.prompt_len,
             };
             let chosen = match row.chooser.as_mut() {
-                Some(chooser) => chooser.choose(scores, history).inspect(|&token| {
+                Some(chooser) => chooser.choose(0, scores, history).inspect(|&token| {
                     row.logprobs = chooser.score(scores, token);
                 }),
                 None => Err(Error::Launch("only rank 0 chooses tokens".into())),

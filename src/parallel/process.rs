@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use crate::comm::{Communicator, Heartbeat, ShmCommunicator, SingleRank};
 use crate::error::{Error, Result};
+use crate::generation::constraint::Grammars;
 use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::session::{self, Control, EndReason, SessionLink};
 use crate::generation::{self, Hooks, TokenLogprobs};
@@ -140,6 +141,8 @@ struct Shard {
     prefill_chunk: PrefillChunk,
     /// Keys and values of earlier sequences, kept between requests.
     prefix: PrefixCache,
+    /// Compiles the constraints of requests (on rank 0, which chooses the tokens).
+    grammars: Grammars,
 }
 
 fn run_worker() -> Result<()> {
@@ -289,6 +292,7 @@ pub fn serve(
                     shard.comm.as_ref(),
                     &req,
                     &mut shard.prefix,
+                    &shard.grammars,
                     hooks,
                 ) {
                     Ok(generated) => Reply::Generated(generated),
@@ -301,8 +305,16 @@ pub fn serve(
                 };
                 let link = (rank == 0).then_some(&mut link as &mut dyn SessionLink);
                 let (model, comm) = (shard.model.as_mut(), shard.comm.as_ref());
-                let chunk = shard.prefill_chunk;
-                match session::run(model, comm, initial, chunk, &mut shard.prefix, link) {
+                let (chunk, grammars) = (shard.prefill_chunk, &shard.grammars);
+                match session::run(
+                    model,
+                    comm,
+                    initial,
+                    chunk,
+                    &mut shard.prefix,
+                    grammars,
+                    link,
+                ) {
                     Ok(summary) => Reply::SessionEnded(summary),
                     Err(e) => Reply::Error(e.to_string()),
                 }
@@ -470,6 +482,7 @@ fn load_shard(
         experts,
         prefill_chunk: spec.prefill.chunk,
         prefix,
+        grammars: Grammars::of_model(&spec.location, spec.config.vocab_size),
     })
 }
 

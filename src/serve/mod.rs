@@ -42,6 +42,7 @@ use tokio_stream::StreamExt;
 use crate::api::ParallelModel;
 use crate::checkpoint::source::WeightsLocation;
 use crate::error::{Error, Result};
+use crate::generation::constraint::Grammars;
 use crate::generation::GenerationConfig;
 use crate::text::TextSide;
 use admission::BatchLimits;
@@ -104,6 +105,8 @@ struct AppState {
     vocab_size: usize,
     /// The model's end-of-sequence ids, which `stop_token_ids` join.
     eos_token_ids: Vec<u32>,
+    /// Compiles `response_format`s, to refuse those that do not compile before queueing.
+    grammars: Grammars,
 }
 
 /// Serves `model` until SIGINT or SIGTERM; `on_ready` is called with the bound address.
@@ -164,6 +167,7 @@ pub fn serve(
         sampling,
         vocab_size: model.config().vocab_size,
         eos_token_ids: model.model().eos_token_ids.clone(),
+        grammars: Grammars::from_tokenizer(text.tokenizer.clone(), model.config().vocab_size),
     });
     let model_thread = std::thread::Builder::new()
         .name("model".into())
@@ -522,6 +526,7 @@ async fn respond(
     config.logprobs = logprobs.is_some();
     config.top_logprobs = logprobs.unwrap_or(0);
     sampling.apply_token_options(&mut config, state.vocab_size, &state.eos_token_ids)?;
+    config.constraint = sampling.constraint()?;
     if config.max_new_tokens > state.config.max_tokens_limit || config.max_new_tokens == 0 {
         return Err(ApiError::invalid(
             "max_tokens",
@@ -538,6 +543,12 @@ async fn respond(
             prompt.len(),
         )
         .map_err(|e| ApiError::invalid("", e.to_string()))?;
+    if let Some(constraint) = &config.constraint {
+        state
+            .grammars
+            .check(constraint)
+            .map_err(|e| ApiError::invalid("response_format", e.to_string()))?;
+    }
     state.limits.check_request(
         config.num_return_sequences.max(1),
         prompt.len() + config.max_new_tokens,

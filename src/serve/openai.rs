@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::input::ChatMessage;
 use super::logprobs::{self, TokenScore, MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS};
+use crate::generation::constraint::Constraint;
 use crate::generation::GenerationConfig;
 
 /// One string or a list of strings (`prompt`, `stop`).
@@ -66,6 +67,10 @@ pub struct Sampling {
     /// Stream chunks as server-sent events.
     #[serde(default)]
     pub stream: bool,
+    /// Structured outputs: `{"type": "text"}`, `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` (read by
+    /// [`Sampling::constraint`]).
+    pub response_format: Option<Value>,
 }
 
 impl Sampling {
@@ -98,6 +103,62 @@ impl Sampling {
             return out("n", "at least 1", &0);
         }
         Ok(())
+    }
+
+    /// The constraint `response_format` asks for: none for `text` (or no field), any JSON
+    /// object for `json_object`, JSON valid against the schema of `json_schema` (always
+    /// enforced, whatever its `strict`). A 400 names the field that is missing or wrong.
+    pub fn constraint(&self) -> Result<Option<Constraint>, ApiError> {
+        let Some(format) = &self.response_format else {
+            return Ok(None);
+        };
+        if !format.is_object() {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!("response_format must be an object such as {{\"type\": \"json_object\"}}, got {format}"),
+            ));
+        }
+        let kind = format["type"].as_str().ok_or_else(|| {
+            ApiError::invalid(
+                "response_format.type",
+                format!(
+                    "response_format.type must be text, json_object or json_schema, got {}",
+                    format["type"]
+                ),
+            )
+        })?;
+        let spec = &format["json_schema"];
+        match kind {
+            "text" => Ok(None),
+            "json_object" => Ok(Some(Constraint::JsonObject)),
+            "json_schema" if !spec.is_object() => Err(ApiError::invalid(
+                "response_format.json_schema",
+                "response_format.json_schema must be an object with a name and a schema",
+            )),
+            "json_schema" if !spec["name"].is_string() => Err(ApiError::invalid(
+                "response_format.json_schema.name",
+                format!("response_format.json_schema.name must be a string, got {}", spec["name"]),
+            )),
+            "json_schema" if !(spec["strict"].is_boolean() || spec["strict"].is_null()) => {
+                Err(ApiError::invalid(
+                    "response_format.json_schema.strict",
+                    format!("response_format.json_schema.strict must be true or false, got {}", spec["strict"]),
+                ))
+            }
+            "json_schema" => match &spec["schema"] {
+                schema @ (Value::Object(_) | Value::Bool(_)) => {
+                    Ok(Some(Constraint::JsonSchema(schema.to_string())))
+                }
+                other => Err(ApiError::invalid(
+                    "response_format.json_schema.schema",
+                    format!("response_format.json_schema.schema must be a JSON schema object, got {other}"),
+                )),
+            },
+            other => Err(ApiError::invalid(
+                "response_format.type",
+                format!("response_format.type must be text, json_object or json_schema, not {other:?}"),
+            )),
+        }
     }
 
     /// The generation options of this request: each field it gives, else the model's default
@@ -725,6 +786,55 @@ mod tests {
         };
         assert_eq!(completion(5), Ok(Some(5)));
         assert_eq!(completion(6), Err(Some("logprobs".into())));
+    }
+
+    #[test]
+    fn response_formats_give_constraints_and_bad_ones_name_their_field() {
+        let constraint = |format: serde_json::Value| {
+            serde_json::from_value::<Sampling>(json!({"response_format": format}))
+                .unwrap()
+                .constraint()
+        };
+        assert_eq!(constraint(json!(null)).unwrap(), None);
+        assert_eq!(constraint(json!({"type": "text"})).unwrap(), None);
+        assert_eq!(
+            constraint(json!({"type": "json_object"})).unwrap(),
+            Some(Constraint::JsonObject)
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let given = json!({"type": "json_schema",
+            "json_schema": {"name": "thing", "schema": schema, "strict": true}});
+        assert_eq!(
+            constraint(given).unwrap(),
+            Some(Constraint::JsonSchema(schema.to_string()))
+        );
+        let refused = |format: serde_json::Value| {
+            let error = constraint(format).unwrap_err();
+            (error.param.unwrap_or_default(), error.message)
+        };
+        let (param, message) = refused(json!({"type": "xml"}));
+        assert_eq!(param, "response_format.type");
+        assert!(message.contains("\"xml\""), "{message}");
+        assert_eq!(refused(json!("json")).0, "response_format");
+        assert_eq!(refused(json!({"type": 3})).0, "response_format.type");
+        assert_eq!(
+            refused(json!({"type": "json_schema"})).0,
+            "response_format.json_schema"
+        );
+        assert_eq!(
+            refused(json!({"type": "json_schema", "json_schema": {"schema": {}}})).0,
+            "response_format.json_schema.name"
+        );
+        assert_eq!(
+            refused(json!({"type": "json_schema", "json_schema": {"name": "x", "schema": 3}})).0,
+            "response_format.json_schema.schema"
+        );
+        assert_eq!(
+            refused(json!({"type": "json_schema",
+                "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}))
+            .0,
+            "response_format.json_schema.strict"
+        );
     }
 
     #[test]

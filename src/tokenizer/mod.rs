@@ -7,6 +7,7 @@
 //!   that `transformers`' `apply_chat_template` uses.
 //! * [`stream`] turns generated token ids into text pieces that never split a character, for
 //!   streaming output.
+//! * [`token_bytes`] reads the bytes each token stands for, for constrained decoding.
 //!
 //! The modules depend only on `tokenizers`, `minijinja`, `minijinja-contrib`, `serde`,
 //! `serde_json`, `thiserror` and `std`.
@@ -14,6 +15,7 @@
 pub mod gguf_vocab;
 pub mod stream;
 pub mod template;
+pub mod token_bytes;
 
 pub use gguf_vocab::{tokenizer_from_gguf, tokenizer_from_gguf_for_architecture, GgufVocab};
 pub use stream::TextStream;

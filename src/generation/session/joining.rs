@@ -12,6 +12,7 @@ use candle_core::Tensor;
 use super::{Row, SequenceRequest};
 use crate::comm::Communicator;
 use crate::error::Result;
+use crate::generation::constraint::Grammars;
 use crate::generation::prefix_cache::PrefixCache;
 use crate::generation::{caches_of, PrefillInput};
 use crate::models::attention::LayerCaches;
@@ -155,19 +156,19 @@ impl Joining {
             .any(|g| g.rows.iter().any(|r| r.id == id))
     }
 
-    /// Adds `sequences` (rank 0 `chooses` their tokens): those whose prompt starts with blocks
-    /// of `prefix` in groups of their own, seeded with them, the others in one group. Returns
-    /// the prompt tokens seeded.
+    /// Adds `sequences` (on rank 0, which chooses their tokens, with the `grammars` of their
+    /// constraints): those whose prompt starts with blocks of `prefix` in groups of their own,
+    /// seeded with them, the others in one group. Returns the prompt tokens seeded.
     pub fn add(
         &mut self,
         sequences: &[SequenceRequest],
         prefix: &mut PrefixCache,
-        chooses: bool,
+        grammars: Option<&Grammars>,
     ) -> Result<usize> {
         let mut fresh = Vec::new();
         let mut seeded = 0;
         for sequence in sequences {
-            let row = Row::new(sequence, chooses);
+            let row = Row::new(sequence, grammars);
             match prefix.seed(&sequence.prompt)? {
                 Some((caches, cached)) => {
                     seeded += cached;

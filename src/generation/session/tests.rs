@@ -171,6 +171,7 @@ fn run_scripted<F: FnMut(&[Heard], bool) -> Vec<Control>>(
             tokens => PrefillChunk::Tokens(tokens),
         },
         prefix,
+        &Grammars::new(0, || Err(Error::InvalidInput("no tokenizer here".into()))),
         Some(&mut link),
     )
     .unwrap();
@@ -388,7 +389,7 @@ fn prompts_prefilled_in_chunks_give_the_logits_of_one_pass_within_rounding() {
     let prefill = |model: &mut dyn ShardedModel, budget: usize| {
         let mut joining = Joining::default();
         joining
-            .add(&sequences, &mut no_prefix_cache(), false)
+            .add(&sequences, &mut no_prefix_cache(), None)
             .unwrap();
         let mut passes = 0;
         loop {
