@@ -90,20 +90,26 @@ def base_config(model, **options) -> GenerationConfig:
     return config
 
 
-@torch.no_grad()
-def run(model, prompts: list[list[int]], **options):
-    """`generate` on padded prompts (on the left; an encoder's on the right); the new tokens of each returned sequence, cut after
-    its first end-of-sequence, and the beam scores when beams are used."""
-    config = base_config(model, **options)
+def padded(model, prompts: list[list[int]]):
+    """The prompts as `input_ids` and `attention_mask`, padded to one width, and that width: on
+    the left for a decoder, on the right for an encoder, as their tokenizers pad them (BART's
+    learned positions count from the first column, so left padding would shift them)."""
     width = max(len(p) for p in prompts)
     if model.config.is_encoder_decoder:
-        # An encoder's prompts padded on the right, as their tokenizers pad them (BART's learned
-        # positions count from the first column, so left padding would shift them).
         ids = torch.tensor([p + [PAD] * (width - len(p)) for p in prompts])
         mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
     else:
         ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask, width
+
+
+@torch.no_grad()
+def run(model, prompts: list[list[int]], **options):
+    """`generate` on padded prompts (on the left; an encoder's on the right); the new tokens of each returned sequence, cut after
+    its first end-of-sequence, and the beam scores when beams are used."""
+    config = base_config(model, **options)
+    ids, mask, width = padded(model, prompts)
     model.generation_config = config
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                          return_dict_in_generate=True, output_scores=config.num_beams > 1)
@@ -128,13 +134,7 @@ def run_with_logprobs(model, prompts: list[list[int]], top: int, **options):
     for the chosen tokens, and the `top` most likely tokens of the same step and row, as
     `[id, log-probability]` pairs, most likely first."""
     config = base_config(model, **options)
-    width = max(len(p) for p in prompts)
-    if model.config.is_encoder_decoder:
-        ids = torch.tensor([p + [PAD] * (width - len(p)) for p in prompts])
-        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
-    else:
-        ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask, width = padded(model, prompts)
     model.generation_config = config
     torch.manual_seed(0)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
