@@ -936,8 +936,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_agrees_with_scalar() {
-        if !has_avx512() {
-            eprintln!("AVX-512F not available; skipping");
+        if crate::models::kernels::skips_without_avx512("avx512_agrees_with_scalar") {
             return;
         }
         let mut rng = Rng(5);

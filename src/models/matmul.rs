@@ -458,7 +458,9 @@ mod tests {
 
     #[test]
     fn f32_product_matches_a_double_precision_reference() {
-        if !available() {
+        if crate::models::kernels::skips_without_avx512(
+            "f32_product_matches_a_double_precision_reference",
+        ) {
             return;
         }
         for (m, k, n) in SHAPES {
@@ -470,7 +472,7 @@ mod tests {
 
     #[test]
     fn sixteen_bit_weights_are_widened_exactly() {
-        if !available() {
+        if crate::models::kernels::skips_without_avx512("sixteen_bit_weights_are_widened_exactly") {
             return;
         }
         for (m, k, n) in SHAPES {
@@ -500,7 +502,8 @@ mod tests {
 
     #[test]
     fn dequantized_blocks_give_the_dense_product() {
-        if !available() {
+        if crate::models::kernels::skips_without_avx512("dequantized_blocks_give_the_dense_product")
+        {
             return;
         }
         let (m, k, n) = (6, 96, 100);
