@@ -90,6 +90,17 @@ def base_config(model, **options) -> GenerationConfig:
     return config
 
 
+def model_and_prompts(name: str, seed: int):
+    """The fixture `name` in f32, ready to generate, and a function that draws a random prompt of
+    n ids (never the pad id 0) from a generator seeded with `seed`."""
+    kind = AutoModelForSeq2SeqLM if name in SEQ2SEQ_MODELS else AutoModelForCausalLM
+    model = kind.from_pretrained(FIXTURES / name, dtype=torch.float32)
+    model.eval()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    return model, lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()
+
+
 def padded(model, prompts: list[list[int]]):
     """The prompts as `input_ids` and `attention_mask`, padded to one width, and that width: on
     the left for a decoder, on the right for an encoder, as their tokenizers pad them (BART's
@@ -168,12 +179,7 @@ def score_model_cases(name: str) -> dict:
     """Log-probabilities with greedy decoding (alone, with a repetition penalty, which changes the
     choice but not the model's distribution, and a left-padded batch), sampling whose draw is certain
     (top-k 1 at temperature 0.7, seeded), and beams."""
-    kind = AutoModelForSeq2SeqLM if name in SEQ2SEQ_MODELS else AutoModelForCausalLM
-    model = kind.from_pretrained(FIXTURES / name, dtype=torch.float32)
-    model.eval()
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(33)
-    prompt = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    model, prompt = model_and_prompts(name, seed=33)
     one = [prompt(6)]
     cases = {
         "greedy": run_with_logprobs(model, one, 5),
@@ -197,12 +203,7 @@ def score_cases() -> dict:
 
 
 def model_cases(name: str) -> dict:
-    kind = AutoModelForSeq2SeqLM if name in SEQ2SEQ_MODELS else AutoModelForCausalLM
-    model = kind.from_pretrained(FIXTURES / name, dtype=torch.float32)
-    model.eval()
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(7)
-    prompt = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    model, prompt = model_and_prompts(name, seed=7)
     one = [prompt(6)]
     cases = {
         "greedy": run(model, one),
@@ -235,12 +236,7 @@ def processor_model_cases(name: str) -> dict:
     bad words, the exponential decay length penalty, renormalised beam scores, the encoder
     processors and max_time for one model; the suppressed tokens are those greedy decoding would choose, so that suppressing
     them changes the output."""
-    kind = AutoModelForSeq2SeqLM if name in SEQ2SEQ_MODELS else AutoModelForCausalLM
-    model = kind.from_pretrained(FIXTURES / name, dtype=torch.float32)
-    model.eval()
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(21)
-    prompt = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()  # noqa: E402,E731
+    model, prompt = model_and_prompts(name, seed=21)
     one = [prompt(6)]
     eos = model.generation_config.eos_token_id
     greedy = run(model, one)["sequences"][0]
