@@ -299,11 +299,8 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn gpt2() -> Grammars {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/gpt2/tokenizer.json"
-        );
-        Grammars::from_tokenizer(Tokenizer::from_file(path).unwrap(), 300)
+        let tokenizer = crate::tokenizer::token_bytes::gpt2_fixture_tokenizer();
+        Grammars::from_tokenizer(tokenizer, 300)
     }
 
     /// Text a constrained "model" of random scores writes: each step the best allowed token

@@ -475,11 +475,12 @@ fn prefill(
     padding: &[usize],
     columns: Range<usize>,
 ) -> Result<Tensor> {
-    model.forward(&PrefillInput::new(ids, padding, columns).batch(), comm)
+    model.forward(&CachedPass::prefill(ids, padding, columns).batch(), comm)
 }
 
-/// The model input of a [`prefill`] pass.
-struct PrefillInput {
+/// The model input of a pass that extends the caches and keeps only the last column's logits:
+/// a [`prefill`] chunk, or a decode step of a session's running batch.
+struct CachedPass {
     ids: Vec<u32>,
     rows: usize,
     columns: usize,
@@ -488,9 +489,9 @@ struct PrefillInput {
     mask: Option<Vec<u32>>,
 }
 
-impl PrefillInput {
+impl CachedPass {
     /// Columns `columns` of the prompts `ids`, each with `padding` pad ids in front.
-    fn new(ids: &[Vec<u32>], padding: &[usize], columns: Range<usize>) -> Self {
+    fn prefill(ids: &[Vec<u32>], padding: &[usize], columns: Range<usize>) -> Self {
         // Position ids count real tokens only (the padding's positions are never attended).
         let positions = padding
             .iter()
@@ -502,7 +503,7 @@ impl PrefillInput {
                 .flat_map(|&pad| (0..columns.end).map(move |i| u32::from(i >= pad)))
                 .collect()
         });
-        PrefillInput {
+        CachedPass {
             ids: ids
                 .iter()
                 .flat_map(|row| row[columns.clone()].iter().copied())
@@ -514,7 +515,7 @@ impl PrefillInput {
         }
     }
 
-    /// The batch the model runs (extending the caches, logits of the last column only).
+    /// The batch the model runs.
     fn batch(&self) -> Batch<'_> {
         Batch {
             ids: &self.ids,

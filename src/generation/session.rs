@@ -30,8 +30,8 @@ use crate::generation::constraint::Grammars;
 use crate::generation::logprobs::TokenLogprobs;
 use crate::generation::prefix_cache::{PrefixCache, PrefixCacheReport};
 use crate::generation::processors::History;
-use crate::generation::{broadcast_words, caches_of, Chooser, GenerationConfig};
-use crate::models::{Batch, ShardedModel};
+use crate::generation::{broadcast_words, caches_of, CachedPass, Chooser, GenerationConfig};
+use crate::models::ShardedModel;
 use crate::options::PrefillChunk;
 use joining::{Group, Joining};
 use pacing::Pacer;
@@ -166,7 +166,7 @@ pub fn run(
         let decode = (!batch.rows.is_empty()).then(|| batch.decode_input());
         let mut logits = None;
         if !joining.is_empty() {
-            let beside = decode.as_ref().map(DecodeInput::batch);
+            let beside = decode.as_ref().map(CachedPass::batch);
             let advanced = joining.advance(model, comm, pacer.budget(), beside.as_ref())?;
             let seconds = started.elapsed().as_secs_f64();
             summary.prefill_chunks += advanced.chunks;
@@ -491,11 +491,13 @@ impl RunningBatch {
     }
 
     /// The input of a decode step: each row's last token.
-    fn decode_input(&self) -> DecodeInput {
+    fn decode_input(&self) -> CachedPass {
         let width = self.width + 1;
         let padded = self.rows.iter().any(|r| r.cached < self.width);
-        DecodeInput {
-            tokens: self.rows.iter().map(|r| r.ids[r.ids.len() - 1]).collect(),
+        CachedPass {
+            ids: self.rows.iter().map(|r| r.ids[r.ids.len() - 1]).collect(),
+            rows: self.rows.len(),
+            columns: 1,
             positions: self.rows.iter().map(|r| r.cached as u32).collect(),
             mask: padded.then(|| {
                 self.rows
@@ -517,30 +519,6 @@ impl RunningBatch {
         self.rows.iter_mut().for_each(|r| r.cached += 1);
         let vocab = logits.dim(2)?;
         Ok(logits.reshape((self.rows.len(), vocab))?)
-    }
-}
-
-/// The model input of a decode step of the running batch.
-struct DecodeInput {
-    tokens: Vec<u32>,
-    positions: Vec<u32>,
-    /// `None` when no row is padded.
-    mask: Option<Vec<u32>>,
-}
-
-impl DecodeInput {
-    /// The batch the model runs: one position per row, extending the caches.
-    fn batch(&self) -> Batch<'_> {
-        Batch {
-            ids: &self.tokens,
-            batch: self.tokens.len(),
-            seq_len: 1,
-            attention_mask: self.mask.as_deref(),
-            use_cache: true,
-            last_only: true,
-            positions: Some(&self.positions),
-            decoder_ids: None,
-        }
     }
 }
 

@@ -380,23 +380,26 @@ struct Segment {
 
 impl Segment {
     /// What `layer`'s attention reads of this batch, extending `cache`.
-    fn attention<'a>(&'a self, layer: &Layer, cache: &'a mut KvCache) -> SegmentAttention<'a> {
+    fn attention<'a>(
+        &'a self,
+        layer: &Layer,
+        cache: &'a mut KvCache,
+    ) -> Result<SegmentAttention<'a>> {
         let angles = match layer.rope {
             LayerRope::Full => Some(&self.angles),
             LayerRope::Sliding => self.sliding_angles.as_ref().or(Some(&self.angles)),
             LayerRope::None => None,
         };
-        let mask = self
+        let (_, mask) = self
             .masks
             .iter()
             .find(|(window, _)| *window == layer.window)
-            .map(|(_, mask)| mask)
-            .unwrap_or(&self.masks[0].1);
-        SegmentAttention {
+            .ok_or_else(|| Error::InvalidInput(format!("no mask for window {:?}", layer.window)))?;
+        Ok(SegmentAttention {
             angles,
             mask,
             cache: self.use_cache.then_some(cache),
-        }
+        })
     }
 }
 
@@ -416,9 +419,6 @@ impl Llama {
             if !masks.iter().any(|(window, _)| *window == layer.window) {
                 masks.push((layer.window, input.mask(past, true, layer.window)?));
             }
-        }
-        if masks.is_empty() {
-            masks.push((None, input.mask(past, true, None)?));
         }
         Ok(Segment {
             angles,
@@ -451,8 +451,7 @@ impl Llama {
                 self.segment(input, cached)
             })
             .collect::<Result<Vec<_>>>()?;
-        let own = &mut self.caches;
-        let mut own = Some(own);
+        let mut own = Some(&mut self.caches);
         let mut caches: Vec<&mut LayerCaches> = caches
             .into_iter()
             .map(|cache| cache.or_else(|| own.take()))
@@ -481,7 +480,7 @@ impl Llama {
                 .iter()
                 .zip(caches.iter_mut())
                 .map(|(segment, cache)| segment.attention(layer, cache.layer(i)))
-                .collect();
+                .collect::<Result<_>>()?;
             let norms = &layer.norms;
             let normed = maybe(&norms.input, &x)?;
             let attn = layer.attention(&normed, &shape, attending, &packing, comm)?;

@@ -135,16 +135,22 @@ fn byte_level_alphabet() -> Vec<Option<u8>> {
     alphabet
 }
 
+/// The byte-level BPE tokenizer of the `gpt2` test fixture.
+#[cfg(test)]
+pub(crate) fn gpt2_fixture_tokenizer() -> Tokenizer {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/gpt2/tokenizer.json"
+    );
+    Tokenizer::from_file(path).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn gpt2() -> Tokenizer {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/gpt2/tokenizer.json"
-        );
-        Tokenizer::from_file(path).unwrap()
+        gpt2_fixture_tokenizer()
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::comm::Communicator;
 use crate::error::Result;
 use crate::generation::constraint::Grammars;
 use crate::generation::prefix_cache::PrefixCache;
-use crate::generation::{caches_of, PrefillInput};
+use crate::generation::{caches_of, CachedPass};
 use crate::models::attention::LayerCaches;
 use crate::models::{Batch, ShardedModel};
 
@@ -77,11 +77,11 @@ impl Group {
 
     /// The input of a pass that prefills the next `columns` columns in the group's own
     /// caches (empty caches of the model's `layers` for a group that starts).
-    fn next_input(&mut self, columns: usize, layers: usize) -> PrefillInput {
+    fn next_input(&mut self, columns: usize, layers: usize) -> CachedPass {
         if self.done == 0 {
             self.caches = LayerCaches::new(layers);
         }
-        PrefillInput::new(&self.ids, &self.padding, self.done..self.done + columns)
+        CachedPass::prefill(&self.ids, &self.padding, self.done..self.done + columns)
     }
 
     /// Records that a pass put the next `columns` columns in the caches and gave `logits`;
@@ -217,11 +217,11 @@ impl Joining {
         }
         let layers = caches_of(model)?.layer_count();
         let planned = self.groups.iter_mut().zip(&plan);
-        let inputs: Vec<PrefillInput> = planned.map(|(g, &c)| g.next_input(c, layers)).collect();
+        let inputs: Vec<CachedPass> = planned.map(|(g, &c)| g.next_input(c, layers)).collect();
         let batches: Vec<Batch> = decode
             .copied()
             .into_iter()
-            .chain(inputs.iter().map(PrefillInput::batch))
+            .chain(inputs.iter().map(CachedPass::batch))
             .collect();
         let caches = decode
             .map(|_| None)
@@ -234,10 +234,7 @@ impl Joining {
             )
             .collect();
         let mut outputs = model.forward_segments(&batches, caches, comm)?.into_iter();
-        let decoded = match decode {
-            Some(_) => outputs.next(),
-            None => None,
-        };
+        let decoded = decode.and_then(|_| outputs.next());
         let mut complete = Vec::new();
         let mut index = 0;
         for (&columns, logits) in plan.iter().zip(outputs) {
